@@ -1,0 +1,3 @@
+from imgtrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""The imgtrain command line: one sub-command per designer module. Thin: parse, call, report.
+
+Errors print one line, ``error: <Name>: <what is wrong>. <how to fix it>``, and exit 1
+(``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from imgtrain import __version__
+from imgtrain.errors import ImgtrainError
+from imgtrain.models.names import DENSENET_DEFAULT, DENSENET_NAMES, RESNET_DEFAULT, RESNET_NAMES
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _convert(args) -> None:
+    from imgtrain.data.convert import convert_to_image_directory
+
+    result = convert_to_image_directory(args.source, args.output, overwrite=args.overwrite)
+    print(f"{result.summary()}; ImageDirectory written to {result.output}")
+
+
+def _split(args) -> None:
+    from imgtrain.data.split import split_image_directory
+
+    a, b = split_image_directory(args.source, args.output_a, args.output_b, fraction=args.fraction,
+                                 random_seed=args.random_seed, overwrite=args.overwrite)
+    print(f"Split into {a:,} images ({args.output_a}) and {b:,} images ({args.output_b})")
+
+
+def _densenet(args) -> None:
+    from imgtrain.models.untrained import densenet
+
+    spec = densenet(args.output, model_name=args.model_name, pretrained=args.pretrained,
+                    memory_efficient=args.memory_efficient, overwrite=args.overwrite)
+    print(f"Untrained {spec.architecture} ({'pretrained' if spec.pretrained else 'from scratch'}) "
+          f"written to {args.output}")
+
+
+def _resnet(args) -> None:
+    from imgtrain.models.untrained import resnet
+
+    spec = resnet(args.output, model_name=args.model_name, pretrained=args.pretrained,
+                  zero_init_residual=args.zero_init_residual, overwrite=args.overwrite)
+    print(f"Untrained {spec.architecture} ({'pretrained' if spec.pretrained else 'from scratch'}) "
+          f"written to {args.output}")
+
+
+def _train(args) -> None:
+    from imgtrain.training.train import TrainingParameters, train_pytorch_model
+
+    params = TrainingParameters(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        random_seed=args.random_seed, patience=args.patience, warmup_epochs=args.warmup_epochs,
+        image_size=args.image_size, device=args.device, optimizer=args.optimizer,
+        augmentation=args.augmentation, num_workers=args.num_workers)
+    result = train_pytorch_model(args.untrained_model, args.training_data, args.validation_data,
+                                 args.output, params, overwrite=args.overwrite)
+    best = result.history[result.best_epoch - 1]
+    print(f"Trained model written to {result.output} (best epoch {result.best_epoch} of "
+          f"{result.stopped_epoch}, validation loss {best.validation_loss:.4f}, "
+          f"top-1 accuracy {best.validation_top1_accuracy:.2%})")
+
+
+def _score(args) -> None:
+    from imgtrain.scoring.score import SCORED_FILE, score_image_model
+
+    result = score_image_model(args.trained_model, args.dataset, args.output, batch_size=args.batch_size,
+                               device=args.device, num_workers=args.num_workers, overwrite=args.overwrite)
+    print(f"Scored {result.num_images:,} images; scores written to {result.output / SCORED_FILE}")
+
+
+def _evaluate(args) -> None:
+    from imgtrain.scoring.evaluate import METRICS_JSON, evaluate_model
+
+    metrics = evaluate_model(args.scored_dataset, args.output, overwrite=args.overwrite)
+    print(f"Accuracy {metrics['accuracy']:.2%} (macro F1 {metrics['f1_macro']:.4f}) on "
+          f"{metrics['num_images']:,} images; metrics written to {args.output}/{METRICS_JSON}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgtrain", formatter_class=_Formatter,
+        description="Train, score and evaluate PyTorch image classifiers: the Azure ML designer's "
+                    "image modules, as a command line.",
+        epilog="Pipeline: convert-to-image-directory -> split-image-directory -> densenet | resnet -> "
+               "train-pytorch-model -> score-image-model -> evaluate-model.\n"
+               "Run `imgtrain <command> --help` for a command's parameters.")
+    parser.add_argument("--version", action="version", version=f"imgtrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+
+    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("convert-to-image-directory", _convert,
+                "Convert a folder with one sub-folder per category (or a flat folder, or a .zip/.tar/.tar.gz/"
+                ".tgz/.tar.bz2 archive of one) into an ImageDirectory.")
+    p.add_argument("source", help="folder or archive of images")
+    p.add_argument("--output", required=True, help="the ImageDirectory to write")
+    _common(p)
+
+    p = command("split-image-directory", _split,
+                "Split an ImageDirectory in two, stratified by category and seeded; both keep every category.")
+    p.add_argument("source", help="the ImageDirectory to split")
+    p.add_argument("--fraction", type=float, default=0.9, help="share of each category in the first output, in (0, 1)")
+    p.add_argument("--random-seed", type=_int, default=1, help="seed of the split")
+    p.add_argument("--output-a", required=True, help="ImageDirectory receiving the fraction (e.g. training)")
+    p.add_argument("--output-b", required=True, help="ImageDirectory receiving the rest (e.g. validation)")
+    _common(p)
+
+    for name, func, names, default, extra in [
+        ("densenet", _densenet, DENSENET_NAMES, DENSENET_DEFAULT,
+         ("--memory-efficient", "gradient checkpointing: less memory, slower training")),
+        ("resnet", _resnet, RESNET_NAMES, RESNET_DEFAULT,
+         ("--zero-init-residual", "start each residual block's last BatchNorm at zero (from scratch only)")),
+    ]:
+        p = command(name, func, f"Write an untrained {name.capitalize()} model directory (a spec, no code).")
+        p.add_argument("--model-name", choices=names, default=default, help="architecture")
+        p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                       help="start from torchvision's ImageNet weights (downloaded once into torch's cache)")
+        p.add_argument(extra[0], action="store_true", help=extra[1])
+        p.add_argument("--output", required=True, help="the model directory to write")
+        _common(p)
+
+    p = command("train-pytorch-model", _train,
+                "Train an untrained model directory on a labelled ImageDirectory; keep the epoch with the "
+                "lowest validation loss; stop after --patience epochs without improvement.")
+    p.add_argument("--untrained-model", required=True, help="output of `imgtrain densenet` or `imgtrain resnet`")
+    p.add_argument("--training-data", required=True, help="labelled ImageDirectory to learn from")
+    p.add_argument("--validation-data", required=True, help="labelled ImageDirectory with the same categories")
+    p.add_argument("--output", required=True, help="the trained model directory to write")
+    p.add_argument("--epochs", type=_int, default=5, help="passes over the training set, > 0")
+    p.add_argument("--batch-size", type=_int, default=16,
+                   help="images per step, > 0 and at most the number of training images")
+    p.add_argument("--learning-rate", type=float, default=0.001,
+                   help="peak learning rate, > 0 (pretrained backbones use a tenth of it)")
+    p.add_argument("--random-seed", type=_int, default=1, help="same seed, same machine: same weights")
+    p.add_argument("--patience", type=_int, default=3,
+                   help="epochs without a lower validation loss before stopping early, > 0")
+    p.add_argument("--warmup-epochs", type=_int, default=0,
+                   help="epochs of linear learning-rate warm-up before the cosine decay, >= 0")
+    p.add_argument("--image-size", type=_int, default=None,
+                   help="side of the square images the model sees (default: the median shorter side of the "
+                        "training images, rounded up to a multiple of 32, between 32 and 224)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="adamw (weight decay 0.05) or the designer's SGD (momentum 0.9, Nesterov, 1e-4)")
+    p.add_argument("--augmentation", choices=("shift", "shift-flip", "none"), default="shift",
+                   help="per-epoch augmentation: shift moves images by up to 1/16 of their side (safe for "
+                        "digits and text); shift-flip adds horizontal flips (photos only)")
+    p.add_argument("--num-workers", type=_int, default=None,
+                   help="DataLoader worker processes (default: one per CPU core, at most 8)")
+    _common(p)
+
+    p = command("score-image-model", _score,
+                "Score images with a trained model: one probability column per category and the predicted label.")
+    p.add_argument("--trained-model", required=True, help="output of `imgtrain train-pytorch-model`")
+    p.add_argument("--dataset", required=True,
+                   help="an ImageDirectory, or a folder of images (one sub-folder per category, or flat)")
+    p.add_argument("--output", required=True, help="directory to write scored.csv into")
+    p.add_argument("--batch-size", type=_int, default=64, help="images per batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--num-workers", type=_int, default=None, help="DataLoader worker processes")
+    _common(p)
+
+    p = command("evaluate-model", _evaluate,
+                "Evaluate scored images: accuracy, micro/macro precision, recall, F1, per-class figures and a "
+                "confusion matrix (metrics.json, confusion_matrix.png).")
+    p.add_argument("--scored-dataset", required=True, help="output of `imgtrain score-image-model`")
+    p.add_argument("--output", required=True, help="directory to write the metrics into")
+    _common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ImgtrainError as exc:
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,1 @@
+"""Data: convert, split, decode, transform and stream images."""

@@ -1,0 +1,65 @@
+"""Split Image Directory: two ImageDirectories from one, stratified by category and seeded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from imgtrain.directories.atomic import atomic_output_dir
+from imgtrain.directories.image_directory import ImageDirectory, write_image_directory_files
+from imgtrain.errors import InvalidDatasetError, check_range
+
+
+def split_image_directory(
+    source: Path | str,
+    output_a: Path | str,
+    output_b: Path | str,
+    *,
+    fraction: float = 0.9,
+    random_seed: int = 1,
+    overwrite: bool = False,
+) -> tuple[int, int]:
+    """Put ``fraction`` of each category's images in ``output_a``, the rest in ``output_b``.
+
+    Both outputs keep the full category list, so they can serve as training and validation
+    sets even when a small category ends up on one side only. Returns the two sizes.
+    """
+    check_range("fraction", fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    data = ImageDirectory.load(source)
+    if len(data) < 2:
+        raise InvalidDatasetError(f"{source} holds {len(data)} image; a split needs at least 2",
+                                  "add images before splitting")
+    rng = np.random.default_rng(random_seed)
+    groups = [np.arange(len(data))] if data.labels is None else [
+        np.flatnonzero(data.labels == c) for c in range(len(data.categories))
+    ]
+    first: list[np.ndarray] = []
+    for members in groups:
+        members = rng.permutation(members)
+        first.append(members[: int(round(len(members) * fraction))])
+    in_a = np.zeros(len(data), dtype=bool)
+    in_a[np.concatenate(first)] = True
+    parts = (np.flatnonzero(in_a), np.flatnonzero(~in_a))
+    with atomic_output_dir(output_a, overwrite=overwrite) as tmp_a, \
+            atomic_output_dir(output_b, overwrite=overwrite) as tmp_b:
+        for tmp, rows in zip((tmp_a, tmp_b), parts, strict=True):
+            files = []
+            for i in rows:
+                name = data.files[i]
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(data.path(i), tmp / name)
+                files.append(name)
+            labels = None if data.labels is None else data.labels[rows]
+            write_image_directory_files(tmp, files, data.categories or None, labels, data.ids[rows])
+    return len(parts[0]), len(parts[1])
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link when possible (images never change in place), copy otherwise."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

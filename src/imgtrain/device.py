@@ -1,0 +1,21 @@
+"""Choosing the device the model runs on."""
+
+from __future__ import annotations
+
+import torch
+
+from imgtrain.errors import InvalidParameterError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` is the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:")):
+        raise InvalidParameterError(f"device {name!r} is not known", f"choose one of {', '.join(DEVICES)}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidParameterError(f"device {name} was asked for but no CUDA GPU is available",
+                                    "pass --device cpu or --device auto")
+    return torch.device(name)

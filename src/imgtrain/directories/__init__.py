@@ -1,0 +1,1 @@
+"""The on-disk artefacts: ImageDirectory and model directories, written atomically."""

@@ -1,0 +1,196 @@
+"""Model directories: an untrained spec (DenseNet / ResNet modules) or a trained model.
+
+Layout::
+
+    _meta.yaml          type: ModelDirectory, model: model_spec.yaml
+    model_spec.yaml     architecture, options, and once trained: classes, input, training record
+    model.safetensors   the weights (trained only)
+    index_to_label.csv  class index -> label (trained only)
+    metrics.csv         one row per epoch (trained only)
+
+Opening one reads YAML with ``safe_load`` and tensors with safetensors: nothing in the
+directory is ever imported, unpickled or executed.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from imgtrain.errors import InvalidModelDirectoryError
+
+META_FILE = "_meta.yaml"
+SPEC_FILE = "model_spec.yaml"
+WEIGHTS_FILE = "model.safetensors"
+LABELS_FILE = "index_to_label.csv"
+METRICS_FILE = "metrics.csv"
+FLAVOR = "imgtrain"
+FORMAT_VERSION = 1
+_HINT = "make one with `imgtrain densenet` or `imgtrain resnet` (untrained) or `imgtrain train-pytorch-model`"
+
+
+@dataclass
+class InputSpec:
+    """How an image must be prepared for the model: what travels with the weights."""
+
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    resize: str = "squash"  # the whole image is resized to image_size x image_size
+    color_mode: str = "RGB"
+
+
+@dataclass
+class ModelSpec:
+    architecture: str
+    pretrained: bool
+    options: dict = field(default_factory=dict)  # memory_efficient / zero_init_residual
+    trained: bool = False
+    labels: list[str] = field(default_factory=list)
+    input: InputSpec | None = None
+    weights: str | None = None
+    training: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict:
+        d = {"flavor": FLAVOR, "format_version": FORMAT_VERSION, **asdict(self)}
+        d["num_classes"] = self.num_classes
+        if not self.trained:
+            for key in ("labels", "input", "weights", "training", "num_classes"):
+                d.pop(key)
+        return d
+
+
+def library_versions() -> dict[str, str]:
+    """The versions that made a model directory, recorded in its spec."""
+    import platform
+
+    import torch
+    import torchvision
+
+    from imgtrain import __version__
+
+    return {"imgtrain": __version__, "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+
+
+def write_model_directory(root: Path, spec: ModelSpec) -> None:
+    """Write the meta and spec files (and the label map of a trained model) into ``root``."""
+    (root / META_FILE).write_text(
+        yaml.safe_dump({"type": "ModelDirectory", "model": SPEC_FILE}, sort_keys=False), encoding="utf-8")
+    (root / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False), encoding="utf-8")
+    if spec.trained:
+        with open(root / LABELS_FILE, "w", newline="", encoding="utf-8") as out:
+            writer = csv.writer(out)
+            writer.writerow(["index", "label"])
+            writer.writerows(enumerate(spec.labels))
+
+
+def load_model_spec(root: Path | str, *, need_trained: bool | None = None) -> ModelSpec:
+    """Read and check a model directory's spec; ``need_trained`` demands one kind."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidModelDirectoryError(f"{root} is not a directory", _HINT)
+    meta = _read_yaml(root / META_FILE, root)
+    if not isinstance(meta, dict) or meta.get("type") != "ModelDirectory":
+        kind = meta.get("type") if isinstance(meta, dict) else None
+        raise InvalidModelDirectoryError(f"{root} is not a model directory (its type is {kind!r})", _HINT)
+    raw = _read_yaml(root / SPEC_FILE, root)
+    if not isinstance(raw, dict):
+        raise InvalidModelDirectoryError(f"{root / SPEC_FILE} is not a mapping", _HINT)
+    if raw.get("flavor") != FLAVOR:
+        raise InvalidModelDirectoryError(
+            f"{root} was not made by imgtrain (flavor {raw.get('flavor')!r}); a designer model file is a "
+            "pickle, which imgtrain never opens because unpickling can run any code",
+            "retrain the model with imgtrain",
+        )
+    spec = _spec_from_dict(raw, root)
+    if need_trained is True and not spec.trained:
+        raise InvalidModelDirectoryError(f"{root} is an untrained model directory",
+                                         "train it first with `imgtrain train-pytorch-model`")
+    if need_trained is False and spec.trained:
+        raise InvalidModelDirectoryError(f"{root} is already a trained model directory",
+                                         "pass the output of `imgtrain densenet` or `imgtrain resnet`")
+    return spec
+
+
+def _read_yaml(path: Path, root: Path):
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidModelDirectoryError(f"{root} is not a model directory (no {path.name})", _HINT) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InvalidModelDirectoryError(f"{path} is not valid YAML ({exc})", _HINT) from None
+
+
+def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:
+    from imgtrain.models.registry import ARCHITECTURES
+
+    def bad(what: str) -> InvalidModelDirectoryError:
+        return InvalidModelDirectoryError(f"{root / SPEC_FILE}: {what}", _HINT)
+
+    arch = raw.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise bad(f"unknown architecture {arch!r}; imgtrain knows {', '.join(ARCHITECTURES)}")
+    options = raw.get("options") or {}
+    allowed = {"memory_efficient", "zero_init_residual"}
+    if not isinstance(options, dict) or set(options) - allowed or not all(
+            isinstance(v, bool) for v in options.values()):
+        raise bad(f"options must be booleans among {sorted(allowed)}")
+    spec = ModelSpec(architecture=arch, pretrained=bool(raw.get("pretrained", False)), options=options,
+                     trained=bool(raw.get("trained", False)), versions=raw.get("versions") or {})
+    if not spec.trained:
+        return spec
+    labels = raw.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise bad("labels must be a non-empty list of strings")
+    inp = raw.get("input")
+    try:
+        spec.input = InputSpec(**inp)
+        size_ok = isinstance(spec.input.image_size, int) and 8 <= spec.input.image_size <= 4096
+        stats_ok = all(len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+                       for v in (spec.input.mean, spec.input.std)) and min(spec.input.std) > 0
+    except TypeError:
+        size_ok = stats_ok = False
+    if not (size_ok and stats_ok):
+        raise bad("input must give image_size (8..4096) and 3 means and 3 positive stds")
+    weights = raw.get("weights")
+    if not isinstance(weights, str) or Path(weights).name != weights:
+        raise bad("weights must name a file inside the directory")
+    spec.labels, spec.weights = labels, weights
+    spec.training = raw.get("training") or {}
+    return spec
+
+
+def load_trained_model(root: Path | str) -> tuple[nn.Module, ModelSpec]:
+    """Build the architecture from the registry and load its safetensors weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from imgtrain.models.registry import build_model
+
+    root = Path(root)
+    spec = load_model_spec(root, need_trained=True)
+    model = build_model(spec.architecture, spec.num_classes, **spec.options)
+    path = root / spec.weights
+    try:
+        state = load_file(path)
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise InvalidModelDirectoryError(f"cannot read weights {path} ({exc})", _HINT) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise InvalidModelDirectoryError(
+            f"weights {path} do not fit {spec.architecture} with {spec.num_classes} classes "
+            f"({first[1].strip() if len(first) > 1 else first[0]})", _HINT) from None
+    model.eval()
+    return model, spec

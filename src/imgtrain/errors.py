@@ -1,0 +1,68 @@
+"""The named errors of imgtrain, as the designer names them.
+
+Every error carries a message (what is wrong, naming the file or parameter) and a hint
+(how to fix it). The CLI prints them as one line: ``error: <Name>: <message>. <hint>``.
+"""
+
+from __future__ import annotations
+
+
+class ImgtrainError(Exception):
+    """Base of every error imgtrain raises on purpose."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = self.message.rstrip(".")
+        return f"{text}. {self.hint}" if self.hint else text
+
+
+class InvalidModelDirectoryError(ImgtrainError):
+    """The directory is not a model directory of the kind the module needs."""
+
+
+class InvalidDatasetError(ImgtrainError):
+    """The data set is missing, empty, malformed, or does not match another one."""
+
+
+class NotLabeledDatasetError(ImgtrainError):
+    """The module needs labelled images and the data set has none."""
+
+
+class NotInRangeValueError(ImgtrainError):
+    """A parameter is outside its allowed range."""
+
+    def __init__(self, name: str, value: object, allowed: str, hint: str = "") -> None:
+        super().__init__(
+            f"parameter {name} is {value!r}, allowed: {allowed}",
+            hint or f"pass a value of {name} in {allowed}",
+        )
+        self.name = name
+
+
+class InvalidParameterError(ImgtrainError):
+    """A parameter value is not one the module knows (a device, a model name, ...)."""
+
+
+class WeightsUnavailableError(ImgtrainError):
+    """Pretrained weights are neither cached nor downloadable."""
+
+
+class OutputExistsError(ImgtrainError):
+    """The output directory exists and would be replaced."""
+
+
+def check_range(
+    name: str, value: float, *, low: float | None = None, high: float | None = None,
+    low_inclusive: bool = True, high_inclusive: bool = True, hint: str = "",
+) -> None:
+    """Raise NotInRangeValueError unless value lies in the range (ends inclusive by default)."""
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        lo = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low:g}"
+        hi = "inf)" if high is None else f"{high:g}" + ("]" if high_inclusive else ")")
+        raise NotInRangeValueError(name, value, f"{lo}, {hi}", hint)

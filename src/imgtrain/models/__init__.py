@@ -1,0 +1,1 @@
+"""The architecture registry (DenseNet, ResNet) and the modules that make untrained models."""

@@ -1,0 +1,1 @@
+"""Train PyTorch Model: the loop, early stopping, seeding."""
