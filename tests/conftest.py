@@ -1,0 +1,79 @@
+"""Shared fixtures: small real image folders written with Pillow, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Never reach for the network: pretrained weights come from files the tests place.
+os.environ["IMGTRAIN_OFFLINE"] = "1"
+
+FORMATS = [("png", "RGB"), ("jpg", "RGB"), ("png", "L"), ("bmp", "RGB"), ("png", "RGBA"), ("png", "P"),
+           ("webp", "RGB"), ("tiff", "RGB")]
+LEVELS = {"dark": 40, "mid": 128, "bright": 215}
+
+
+def make_image(path: Path, level: int, rng: np.random.Generator, mode: str = "RGB",
+               size: tuple[int, int] | None = None) -> Path:
+    """A noisy image whose mean brightness is ``level``: its class survives any colour mode."""
+    w, h = size or (int(rng.integers(20, 48)), int(rng.integers(20, 48)))
+    pixels = np.clip(rng.normal(level, 18, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    image = image.convert("P") if mode == "P" else image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def make_labelled_folder(root: Path, per_class: int = 12, classes=("dark", "mid", "bright"), seed: int = 0,
+                         swap: dict[str, str] | None = None) -> Path:
+    """``root/<class>/<n>.<ext>`` in mixed formats, modes and sizes. ``swap`` renames folders
+    (the pixels of class k filed under another name), to make a validation set that disagrees."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        for n in range(per_class):
+            ext, mode = FORMATS[n % len(FORMATS)]
+            folder = (swap or {}).get(name, name)
+            make_image(root / folder / f"{n:03d}.{ext}", LEVELS[name], rng, mode)
+    return root
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "imgtrain", *map(str, args)], capture_output=True,
+                            text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"imgtrain {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def labelled_folder(tmp_path_factory) -> Path:
+    return make_labelled_folder(tmp_path_factory.mktemp("src") / "shades")
+
+
+@pytest.fixture(scope="session")
+def image_dirs(tmp_path_factory, labelled_folder) -> dict[str, Path]:
+    """A converted and split data set plus an untrained ResNet-18, made once for the session."""
+    from imgtrain import convert_to_image_directory, resnet, split_image_directory
+
+    root = tmp_path_factory.mktemp("dirs")
+    convert_to_image_directory(labelled_folder, root / "all")
+    split_image_directory(root / "all", root / "train", root / "val", fraction=0.75, random_seed=1)
+    resnet(root / "untrained", model_name="resnet18", pretrained=False)
+    return {"all": root / "all", "train": root / "train", "val": root / "val", "untrained": root / "untrained"}
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, image_dirs) -> Path:
+    from imgtrain import train_pytorch_model
+
+    out = tmp_path_factory.mktemp("trained") / "model"
+    train_pytorch_model(image_dirs["untrained"], image_dirs["train"], image_dirs["val"], out,
+                        epochs=3, batch_size=8, image_size=32, num_workers=0, log=lambda m: None)
+    return out

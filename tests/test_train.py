@@ -1,0 +1,164 @@
+"""Train PyTorch Model: input checks, determinism, early stopping, the trained model directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import make_labelled_folder, run_cli
+from imgtrain import convert_to_image_directory, load_trained_model, train_pytorch_model
+from imgtrain.data.dataset import ImageDataset
+from imgtrain.data.transforms import Normalize, build_transform
+from imgtrain.directories.image_directory import ImageDirectory
+from imgtrain.errors import (
+    InvalidDatasetError,
+    InvalidModelDirectoryError,
+    InvalidParameterError,
+    NotInRangeValueError,
+    NotLabeledDatasetError,
+    OutputExistsError,
+)
+from imgtrain.training.train import evaluate_loss
+
+QUIET = {"log": lambda m: None}
+
+
+def train(dirs, out, **kw):
+    args = {"epochs": 2, "batch_size": 8, "image_size": 32, "num_workers": 0, **kw}
+    return train_pytorch_model(dirs["untrained"], dirs["train"], dirs["val"], out, **args, **QUIET)
+
+
+@pytest.fixture(scope="module")
+def unlabeled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flat")
+    make_labelled_folder(root / "src", per_class=4, classes=("dark",))
+    convert_to_image_directory(root / "src" / "dark", root / "dir", log=lambda m: None)
+    return root / "dir"
+
+
+def test_input_errors_name_the_problem(tmp_path, image_dirs, unlabeled):
+    d = image_dirs
+    with pytest.raises(InvalidModelDirectoryError, match="not a model directory"):
+        train_pytorch_model(d["train"], d["train"], d["val"], tmp_path / "o", **QUIET)
+    with pytest.raises(NotLabeledDatasetError, match="training data .* has no categories"):
+        train_pytorch_model(d["untrained"], unlabeled, d["val"], tmp_path / "o", **QUIET)
+    with pytest.raises(NotLabeledDatasetError, match="validation data"):
+        train_pytorch_model(d["untrained"], d["train"], unlabeled, tmp_path / "o", **QUIET)
+    other = make_labelled_folder(tmp_path / "other", per_class=2, classes=("dark", "mid"))
+    (other / "dark").rename(other / "black")
+    convert_to_image_directory(other, tmp_path / "other-dir", log=lambda m: None)
+    with pytest.raises(InvalidDatasetError, match=r"missing: \['bright', 'dark'\]; extra: \['black'\]"):
+        train_pytorch_model(d["untrained"], d["train"], tmp_path / "other-dir", tmp_path / "o", **QUIET)
+    n = len(ImageDirectory.load(d["train"]))
+    for name, value, allowed in [("epochs", 0, "[1, inf)"), ("batch_size", n + 1, f"[1, {n}]"),
+                                 ("learning_rate", 0.0, "(0, 10]"), ("patience", 0, "[1, inf)")]:
+        with pytest.raises(NotInRangeValueError, match=rf"parameter {name} is .*allowed: {allowed}".replace(
+                "[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            train(d, tmp_path / "o", **{name: value})
+    with pytest.raises(InvalidParameterError, match="no CUDA GPU"):
+        train(d, tmp_path / "o", device="cuda" if not torch.cuda.is_available() else "tpu")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    with pytest.raises(OutputExistsError):
+        train(d, tmp_path / "taken")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path, image_dirs):
+    d = image_dirs
+    common = ["--training-data", d["train"], "--validation-data", d["val"], "--output", tmp_path / "o"]
+    cases = [
+        (["--untrained-model", d["train"], *common], "error: InvalidModelDirectoryError: "),
+        (["--untrained-model", d["untrained"], *common, "--batch-size", "10000"],
+         "error: NotInRangeValueError: parameter batch_size is 10000, allowed: [1, 27]. pass a batch size of at "
+         "most 27, the number of training images"),
+        (["--untrained-model", d["untrained"], *common, "--learning-rate", "-1"],
+         "error: NotInRangeValueError: parameter learning_rate is -1.0"),
+    ]
+    for args, start in cases:
+        r = run_cli("train-pytorch-model", *args, check=False)
+        assert r.returncode == 1 and r.stderr.startswith(start), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_trained_directory_is_complete_and_self_describing(trained_model, image_dirs):
+    files = sorted(p.name for p in trained_model.iterdir())
+    assert files == ["_meta.yaml", "index_to_label.csv", "metrics.csv", "model.safetensors", "model_spec.yaml"]
+    model, spec = load_trained_model(trained_model)
+    assert spec.labels == ["bright", "dark", "mid"] and spec.input.image_size == 32
+    assert spec.input.mean == [0.485, 0.456, 0.406]
+    assert spec.training["epochs"] == 3 and spec.training["batch_size"] == 8
+    assert spec.versions["torch"].startswith("2.14.1")
+    with open(trained_model / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "learning_rate", "train_images_per_second", "train_loss", "train_error",
+                             "validation_loss", "validation_top1_accuracy", "validation_top5_accuracy", "seconds"]
+    assert len(rows) == spec.training["stopped_epoch"] == 3
+    best = min(rows, key=lambda r: float(r["validation_loss"]))
+    assert int(best["epoch"]) == spec.training["best_epoch"]
+    assert float(best["validation_top1_accuracy"]) > 0.9  # shades of grey are easy
+    assert all(float(r["validation_top5_accuracy"]) == 1.0 for r in rows)  # 3 classes: top-5 is trivial
+    assert (trained_model / "index_to_label.csv").read_text().splitlines() == [
+        "index,label", "0,bright", "1,dark", "2,mid"]
+
+
+def test_same_seed_same_weights_with_workers(tmp_path, image_dirs):
+    runs = [train(image_dirs, tmp_path / f"run{i}", random_seed=seed, num_workers=2)
+            for i, seed in enumerate([7, 7, 8])]
+    weights = [(r.output / "model.safetensors").read_bytes() for r in runs]
+    assert weights[0] == weights[1]
+    assert weights[0] != weights[2]
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path, labelled_folder, image_dirs):
+    # A validation set whose labels contradict the training set: validation loss rises as training learns.
+    swapped = make_labelled_folder(tmp_path / "swapped", per_class=6, classes=("dark", "bright", "mid"),
+                                   swap={"dark": "bright", "bright": "dark"})
+    convert_to_image_directory(swapped, tmp_path / "val", log=lambda m: None)
+    dirs = {**image_dirs, "val": tmp_path / "val"}
+    result = train(dirs, tmp_path / "out", epochs=12, patience=2)
+    assert result.stopped_epoch == result.best_epoch + 2 < 12
+    losses = [m.validation_loss for m in result.history]
+    assert len(losses) == result.stopped_epoch and min(losses) == losses[result.best_epoch - 1]
+    spec = json.loads(json.dumps(load_trained_model(result.output)[1].training))
+    assert (spec["best_epoch"], spec["stopped_epoch"]) == (result.best_epoch, result.stopped_epoch)
+    # The saved weights are the best epoch's: they reproduce its validation loss.
+    model, spec = load_trained_model(result.output)
+    val = ImageDirectory.load(tmp_path / "val")
+    labels = torch.tensor([spec.labels.index(val.categories[i]) for i in val.labels]).numpy()
+    loader = DataLoader(ImageDataset([val.path(i) for i in range(len(val))], labels, build_transform(32), 32),
+                        batch_size=8)
+    loss, _, _ = evaluate_loss(model, loader, Normalize(spec.input.mean, spec.input.std), torch.device("cpu"),
+                               torch.nn.CrossEntropyLoss())
+    assert loss == pytest.approx(losses[result.best_epoch - 1], rel=1e-4)
+    assert loss < losses[-1]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "model_spec.yaml").write_text("flavor: pytorch\nmodel_module: os\n"), "never opens"),
+    (lambda r: (r / "model_spec.yaml").write_text(
+        (r / "model_spec.yaml").read_text().replace("architecture: resnet18", "architecture: evil")),
+     "unknown architecture 'evil'"),
+    (lambda r: (r / "model_spec.yaml").write_text(
+        (r / "model_spec.yaml").read_text().replace("weights: model.safetensors", "weights: ../x.safetensors")),
+     "must name a file inside"),
+    (lambda r: (r / "model.safetensors").write_bytes(b"\x80\x04 pickle"), "cannot read weights"),
+    (lambda r: (r / "model_spec.yaml").write_text(
+        (r / "model_spec.yaml").read_text().replace("- mid\n", "- mid\n- extra\n")), "do not fit resnet18"),
+    (lambda r: (r / "_meta.yaml").write_text(": :"), "not valid YAML"),
+    (lambda r: (r / "model_spec.yaml").write_text(
+        (r / "model_spec.yaml").read_text().replace("image_size: 32", "image_size: -3")), "image_size"),
+])
+def test_hostile_model_directories_give_named_errors(tmp_path, trained_model, damage, message):
+    import shutil
+
+    root = tmp_path / "m"
+    shutil.copytree(trained_model, root)
+    damage(root)
+    with pytest.raises(InvalidModelDirectoryError, match=message):
+        load_trained_model(root)
