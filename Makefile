@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests examples bench
+	$(PY) -m ruff check
 	$(PY) -m pytest
 
 bench: $(STAMP)
