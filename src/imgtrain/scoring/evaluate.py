@@ -55,6 +55,7 @@ def evaluate_model(
 
     truth, predicted, model_labels = _read_scored(Path(scored_dataset))
     check_output_writable(Path(output), overwrite=overwrite)
+    log(f"Evaluating {len(truth):,} scored images")
     labels = model_labels + sorted(set(truth) - set(model_labels))  # unknown true labels count as errors
     metrics: dict = {"num_images": len(truth), "accuracy": float(accuracy_score(truth, predicted))}
     for average in ("micro", "macro", "weighted"):
@@ -75,8 +76,6 @@ def evaluate_model(
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         (tmp / METRICS_JSON).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         _plot_confusion(counts, normalised, labels, tmp / CONFUSION_PNG)
-    log(f"accuracy {metrics['accuracy']:.2%}, macro F1 {metrics['f1_macro']:.4f} on {len(truth):,} images; "
-        f"metrics written to {Path(output) / METRICS_JSON}")
     return metrics
 
 

@@ -114,5 +114,4 @@ def score_image_model(
                 "scored_label_column": SCORED_LABEL, "labels": list(spec.labels),
                 "trained_model": str(Path(trained_model).resolve())}
         (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
-    log(f"scores written to {Path(output) / SCORED_FILE}")
     return ScoreResult(Path(output), len(rows.paths), rows.categories is not None)

@@ -217,8 +217,6 @@ def train_pytorch_model(
         }
         spec.versions = library_versions()
         write_model_directory(tmp, spec)
-    log(f"best epoch {stopper.best_epoch} (validation loss {stopper.best_loss:.4f}, top-1 "
-        f"{history[stopper.best_epoch - 1].validation_top1_accuracy:.2%}); model written to {output}")
     return TrainResult(output, stopper.best_epoch, epoch, stopper.best_loss, history)
 
 
