@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import make_image, make_labelled_folder, run_cli
 from imgtrain import ImageDirectory, convert_to_image_directory
@@ -26,10 +28,14 @@ def test_labelled_folder_becomes_designer_layout(tmp_path, labelled_folder):
         "type": "ImageDirectory", "extension": {}, "image_list": "images.lst",
         "samples": "_samples.json", "schema": "_schema.json"}
     rows = [json.loads(line) for line in (out / "images.lst").read_text().splitlines()]
-    assert len(rows) == 36 and rows[0] == {"image_info": {"file_name": "image/0_0.png"}, "category": "bright", "id": 0}
+    assert len(rows) == 36 and (rows[0]["category"], rows[0]["id"]) == ("bright", 0)
     # files keep their bytes and suffix, named {category id}_{running id}{suffix}
     first_src = sorted((labelled_folder / "bright").iterdir())[0]
     assert (out / "image/0_0.png").read_bytes() == first_src.read_bytes()
+    with Image.open(first_src) as im:
+        size = im.size
+    assert rows[0]["image_info"] == {"file_name": "image/0_0.png", "width": size[0], "height": size[1],
+                                     "sha256": hashlib.sha256(first_src.read_bytes()).hexdigest()}
     schema = json.loads((out / "_schema.json").read_text())
     cats = schema["columnAttributes"][2]["properties"]["categories"]
     assert cats == [{"id": 0, "name": "bright"}, {"id": 1, "name": "dark"}, {"id": 2, "name": "mid"}]

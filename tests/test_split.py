@@ -26,10 +26,12 @@ def test_stratified_and_keeps_categories(tmp_path, unbalanced):
     assert np.bincount(a.labels, minlength=3).tolist() == [1, 14, 14]
     assert np.bincount(b.labels, minlength=3).tolist() == [0, 6, 6]
     assert not set(a.ids) & set(b.ids) and len(set(a.ids) | set(b.ids)) == 41
-    for part in (a, b):  # every file is there with the bytes of the original
-        whole = ImageDirectory.load(unbalanced)
-        by_id = {int(i): whole.path(k).read_bytes() for k, i in enumerate(whole.ids)}
-        assert all(part.path(k).read_bytes() == by_id[int(i)] for k, i in enumerate(part.ids))
+    whole = ImageDirectory.load(unbalanced)
+    by_id = {int(i): k for k, i in enumerate(whole.ids)}
+    for part in (a, b):  # every file is there with the bytes and the recorded size and sha256 of the original
+        for k, i in enumerate(part.ids):
+            assert part.path(k).read_bytes() == whole.path(by_id[int(i)]).read_bytes()
+            assert part.info(k) == whole.info(by_id[int(i)]) and set(part.info(k)) == {"width", "height", "sha256"}
 
 
 def test_seeded(tmp_path, unbalanced):

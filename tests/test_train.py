@@ -97,7 +97,8 @@ def test_trained_directory_is_complete_and_self_describing(trained_model, image_
     with open(trained_model / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "learning_rate", "train_images_per_second", "train_loss", "train_error",
-                             "validation_loss", "validation_top1_accuracy", "validation_top5_accuracy", "seconds"]
+                             "validation_loss", "validation_top1_accuracy", "validation_top5_accuracy",
+                             "data_wait_fraction", "seconds"]
     assert len(rows) == spec.training["stopped_epoch"] == 3
     best = min(rows, key=lambda r: float(r["validation_loss"]))
     assert int(best["epoch"]) == spec.training["best_epoch"]
@@ -134,7 +135,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, labelled_folder, image_di
     loader = DataLoader(ImageDataset([val.path(i) for i in range(len(val))], labels, build_transform(32), 32),
                         batch_size=8)
     loss, _, _ = evaluate_loss(model, loader, Normalize(spec.input.mean, spec.input.std), torch.device("cpu"),
-                               torch.nn.CrossEntropyLoss())
+                               torch.nn.CrossEntropyLoss(), spec.training["precision"])
     assert loss == pytest.approx(losses[result.best_epoch - 1], rel=1e-4)
     assert loss < losses[-1]
 

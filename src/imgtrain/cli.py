@@ -25,6 +25,11 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
+def _on_bad_image(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--on-bad-image", choices=("skip", "fail"), default="skip",
+                   help=f"an image that cannot be decoded: skip leaves it out and names it, fail {what}")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -33,7 +38,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _convert(args) -> None:
     from imgtrain.data.convert import convert_to_image_directory
 
-    result = convert_to_image_directory(args.source, args.output, overwrite=args.overwrite)
+    result = convert_to_image_directory(args.source, args.output, on_bad_image=args.on_bad_image,
+                                        overwrite=args.overwrite)
     print(f"{result.summary()}; ImageDirectory written to {result.output}")
 
 
@@ -69,11 +75,13 @@ def _train(args) -> None:
     params = TrainingParameters(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         random_seed=args.random_seed, patience=args.patience, warmup_epochs=args.warmup_epochs,
-        image_size=args.image_size, device=args.device, optimizer=args.optimizer,
-        augmentation=args.augmentation, num_workers=args.num_workers)
+        image_size=args.image_size, device=args.device, precision=args.precision, optimizer=args.optimizer,
+        augmentation=args.augmentation, num_workers=args.num_workers, on_bad_image=args.on_bad_image)
     result = train_pytorch_model(args.untrained_model, args.training_data, args.validation_data,
-                                 args.output, params, overwrite=args.overwrite)
+                                 args.output, params, overwrite=args.overwrite, resume=args.resume)
     best = result.history[result.best_epoch - 1]
+    if result.already_complete:
+        print(f"{result.output} is already complete; nothing was changed")
     print(f"Trained model written to {result.output} (best epoch {result.best_epoch} of "
           f"{result.stopped_epoch}, validation loss {best.validation_loss:.4f}, "
           f"top-1 accuracy {best.validation_top1_accuracy:.2%})")
@@ -83,7 +91,9 @@ def _score(args) -> None:
     from imgtrain.scoring.score import SCORED_FILE, score_image_model
 
     result = score_image_model(args.trained_model, args.dataset, args.output, batch_size=args.batch_size,
-                               device=args.device, num_workers=args.num_workers, overwrite=args.overwrite)
+                               device=args.device, num_workers=args.num_workers, precision=args.precision,
+                               on_bad_image=args.on_bad_image,
+                               overwrite=args.overwrite)
     print(f"Scored {result.num_images:,} images; scores written to {result.output / SCORED_FILE}")
 
 
@@ -116,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                 ".tgz/.tar.bz2 archive of one) into an ImageDirectory.")
     p.add_argument("source", help="folder or archive of images")
     p.add_argument("--output", required=True, help="the ImageDirectory to write")
+    _on_bad_image(p, "stops before anything is written")
     _common(p)
 
     p = command("split-image-directory", _split,
@@ -162,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of the square images the model sees (default: the median shorter side of the "
                         "training images, rounded up to a multiple of 32, between 32 and 224)")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 autocast where the CPU or GPU runs it natively, fp16 with loss scaling on "
+                        "GPUs without bf16, fp32 otherwise")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                    help="adamw (weight decay 0.05) or the designer's SGD (momentum 0.9, Nesterov, 1e-4)")
     p.add_argument("--augmentation", choices=("shift", "shift-flip", "none"), default="shift",
@@ -169,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "digits and text); shift-flip adds horizontal flips (photos only)")
     p.add_argument("--num-workers", type=_int, default=None,
                    help="DataLoader worker processes (default: one per CPU core, at most 8)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from its last checkpoint (an epoch)")
+    _on_bad_image(p, "stops the run")
     _common(p)
 
     p = command("score-image-model", _score,
@@ -179,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory to write scored.csv into")
     p.add_argument("--batch-size", type=_int, default=64, help="images per batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 where the CPU or GPU runs it natively, fp16 on other GPUs, else fp32")
     p.add_argument("--num-workers", type=_int, default=None, help="DataLoader worker processes")
+    _on_bad_image(p, "stops the run")
     _common(p)
 
     p = command("evaluate-model", _evaluate,

@@ -55,6 +55,22 @@ class OutputExistsError(ImgtrainError):
     """The output directory exists and would be replaced."""
 
 
+class OutputNotWritableError(ImgtrainError):
+    """The output cannot be written where it was asked for."""
+
+
+class TrainingDivergedError(ImgtrainError):
+    """The loss became NaN or infinite."""
+
+
+class OutOfMemoryError(ImgtrainError):
+    """The device ran out of memory."""
+
+
+class CheckpointMismatchError(ImgtrainError):
+    """--resume found a checkpoint made with other data or parameters."""
+
+
 def check_range(
     name: str, value: float, *, low: float | None = None, high: float | None = None,
     low_inclusive: bool = True, high_inclusive: bool = True, hint: str = "",

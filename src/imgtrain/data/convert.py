@@ -1,26 +1,40 @@
-"""Convert to Image Directory: a folder or archive of images becomes an ImageDirectory."""
+"""Convert to Image Directory: a folder or archive of images becomes an ImageDirectory.
+
+Every image is read once and decoded fully; files that fail are left out (``skip``, the
+default) or stop the conversion before anything is written (``fail``). An audit
+(``audit.json`` in the output) lists every rejected file with its reason, the images per
+category, duplicates, and what was ignored.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import tarfile
 import zipfile
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgtrain.data.decode import probe_image
+from imgtrain.data.decode import ImageCheck, check_image
 from imgtrain.directories.atomic import atomic_output_dir
 from imgtrain.directories.image_directory import (
     IMAGE_EXTENSIONS,
     IMAGE_FOLDER,
     write_image_directory_files,
 )
-from imgtrain.errors import InvalidDatasetError
+from imgtrain.errors import InvalidDatasetError, InvalidParameterError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz")
+ON_BAD_IMAGE = ("skip", "fail")
+AUDIT_FILE = "audit.json"
+MAX_ARCHIVE_ENTRIES = 5_000_000
+MAX_ARCHIVE_BYTES = 200 * 2**30
 _IGNORED_NAMES = {"__MACOSX"}
+_PARALLEL_FROM = 256  # files; fewer are checked in this process
 
 
 @dataclass
@@ -30,6 +44,7 @@ class ConvertResult:
     counts: dict[str, int]  # images per category
     num_images: int
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    audit: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         what = f"{len(self.categories):,} categories" if self.categories else "no categories (unlabeled)"
@@ -43,25 +58,33 @@ class FoundImages:
     root: Path
     categories: list[str]
     items: list[tuple[Path, str | None]]
-    ignored: list[Path] = field(default_factory=list)
+    outside_categories: list[Path] = field(default_factory=list)  # images beside the category folders
+    empty_categories: list[str] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)  # hidden files and folders passed over
+    not_images: int = 0  # files without an image extension
 
 
-def _visible(entry: os.DirEntry | Path) -> bool:
-    return not entry.name.startswith(".") and entry.name not in _IGNORED_NAMES
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name in _IGNORED_NAMES
 
 
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _images_below(folder: Path) -> list[Path]:
-    found = []
+def _images_below(folder: Path, found: FoundImages) -> list[Path]:
+    images = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _IGNORED_NAMES)
-        found.extend(
-            Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and is_image_file(Path(f))
-        )
-    return found
+        found.hidden += [os.path.join(dirpath, d) for d in dirnames if d.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
+        for f in sorted(filenames):
+            if f.startswith("."):
+                found.hidden.append(os.path.join(dirpath, f))
+            elif is_image_file(Path(f)):
+                images.append(Path(dirpath, f))
+            else:
+                found.not_images += 1
+    return images
 
 
 def find_images(root: Path | str) -> FoundImages:
@@ -74,94 +97,141 @@ def find_images(root: Path | str) -> FoundImages:
         raise InvalidDatasetError(f"{root} is not a folder or a supported archive",
                                   f"pass a folder, or an archive ending in {', '.join(ARCHIVE_SUFFIXES)}")
     while True:
-        entries = sorted((e for e in os.scandir(root) if _visible(e)), key=lambda e: e.name)
-        folders = [Path(e.path) for e in entries if e.is_dir()]
-        images = [Path(e.path) for e in entries if e.is_file() and is_image_file(Path(e.name))]
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        folders = [Path(e.path) for e in entries if e.is_dir() and not _ignored(e.name)]
+        images = [Path(e.path) for e in entries if e.is_file() and not _ignored(e.name) and is_image_file(Path(e.name))]
         if len(folders) == 1 and not images:
             root = folders[0]
             continue
         break
-    per_folder = {folder.name: _images_below(folder) for folder in folders}
-    categories = [name for name, found in per_folder.items() if found]
-    if categories:
-        items = [(path, name) for name in categories for path in per_folder[name]]
-        return FoundImages(root, categories, items, ignored=images)
-    return FoundImages(root, [], [(path, None) for path in images])
+    found = FoundImages(root, [], [])
+    found.hidden = [e.path for e in entries if e.name.startswith(".")]
+    per_folder = {folder.name: _images_below(folder, found) for folder in folders}
+    found.categories = [name for name, images_in in per_folder.items() if images_in]
+    found.empty_categories = [name for name, images_in in per_folder.items() if not images_in]
+    if found.categories:
+        found.items = [(path, name) for name in found.categories for path in per_folder[name]]
+        found.outside_categories = images
+    else:
+        found.items = [(path, None) for path in images]
+        found.empty_categories = []
+    return found
+
+
+def _check_all(paths: list[Path]) -> list[ImageCheck]:
+    if len(paths) < _PARALLEL_FROM or (os.cpu_count() or 1) < 2:
+        return [check_image(p) for p in paths]
+    with ProcessPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(check_image, paths, chunksize=64))
 
 
 def convert_to_image_directory(
-    source: Path | str, output: Path | str, *, overwrite: bool = False, log=None
+    source: Path | str, output: Path | str, *, on_bad_image: str = "skip", overwrite: bool = False, log=None,
 ) -> ConvertResult:
     """Convert a folder (one sub-folder per category, or flat) or an archive of one."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     source, output = Path(source), Path(output)
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise InvalidParameterError(f"on_bad_image {on_bad_image!r} is not known", "choose skip or fail")
     if not source.exists():
         raise InvalidDatasetError(f"{source} does not exist", "pass an existing folder or archive")
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
-        if source.is_file():
-            extracted = tmp / ".extracted"
-            extract_archive(source, extracted)
-            found = find_images(extracted)
-        else:
-            found = find_images(source)
-        if found.ignored:
-            log(f"warning: {len(found.ignored)} image(s) beside the category folders of {found.root} "
-                f"belong to no category and are left out, e.g. {found.ignored[0].name}")
+        from_archive = source.is_file()
+        if from_archive:
+            extract_archive(source, tmp / ".extracted")
+        found = find_images(tmp / ".extracted" if from_archive else source)
+        checks = _check_all([path for path, _ in found.items])
+        rejected = [(str(path), c.reason) for (path, _), c in zip(found.items, checks, strict=True) if c.reason]
+        if rejected and on_bad_image == "fail":
+            shown = "; ".join(f"{f}: {r}" for f, r in rejected[:3])
+            raise InvalidDatasetError(
+                f"{len(rejected)} file(s) in {source} are not readable images ({shown})",
+                "remove or replace them, or pass --on-bad-image skip to leave them out")
         image_dir = tmp / IMAGE_FOLDER
         image_dir.mkdir()
         index = {name: i for i, name in enumerate(found.categories)}
-        files, labels, skipped = [], [], []
-        counts = dict.fromkeys(found.categories, 0)
-        for path, category in found.items:
-            reason = probe_image(path)
-            if reason is not None:
-                skipped.append((str(path), reason))
-                continue
+        kept = [(path, cat, c) for (path, cat), c in zip(found.items, checks, strict=True) if not c.reason]
+        categories = [c for c in found.categories if any(cat == c for _, cat, _ in kept)]
+        if len(categories) != len(found.categories):  # a category whose every file was bad
+            index = {name: i for i, name in enumerate(categories)}
+        files, labels, infos = [], [], []
+        for path, category, check in kept:
             label = index[category] if category is not None else 0
             name = f"{IMAGE_FOLDER}/{label}_{len(files)}{path.suffix.lower()}"
-            if source.is_file():
-                os.replace(path, tmp / name)
-            else:
-                shutil.copyfile(path, tmp / name)
+            (os.replace if from_archive else shutil.copyfile)(path, tmp / name)
             files.append(name)
             labels.append(label)
-            if category is not None:
-                counts[category] += 1
-        if skipped:
-            log(f"warning: {len(skipped)} file(s) are not readable images and are left out:")
-            for file, reason in skipped[:10]:
-                log(f"  {file}: {reason}")
+            infos.append({"width": check.width, "height": check.height, "sha256": check.sha256})
         if not files:
             raise InvalidDatasetError(
                 f"no valid image found in {source}",
-                f"image files end in {' '.join(IMAGE_EXTENSIONS)}; "
-                "put them in one sub-folder per category",
-            )
-        categories = [c for c in found.categories if counts[c]]
-        if len(categories) != len(found.categories):
-            # A category whose every file was bad: renumber so ids stay 0..n-1.
-            remap = {index[c]: i for i, c in enumerate(categories)}
-            labels = [remap[x] for x in labels]
+                f"image files end in {' '.join(IMAGE_EXTENSIONS)}; put them in one sub-folder per category")
         shutil.rmtree(tmp / ".extracted", ignore_errors=True)
-        write_image_directory_files(tmp, files, categories or None, labels if categories else None)
-    return ConvertResult(output, categories, {c: counts[c] for c in categories}, len(files), skipped)
+        write_image_directory_files(tmp, files, categories or None, labels if categories else None, infos=infos)
+        counts = {c: labels.count(i) for i, c in enumerate(categories)}
+        audit = _audit(source, found, kept, counts, rejected)
+        (tmp / AUDIT_FILE).write_text(json.dumps(audit, indent=2), encoding="utf-8")
+    _report(audit, output / AUDIT_FILE, log)
+    return ConvertResult(output, categories, counts, len(files), rejected, audit)
+
+
+def _audit(source: Path, found: FoundImages, kept, counts: dict[str, int], rejected) -> dict:
+    by_digest: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
+    for path, category, check in kept:
+        by_digest[check.sha256].append((str(path), category))
+    groups = [g for g in by_digest.values() if len(g) > 1]
+    sizes = list(counts.values())
+    return {
+        "source": str(source),
+        "images": sum(sizes) if counts else len(kept),
+        "categories": counts,
+        "imbalance": round(max(sizes) / min(sizes), 3) if sizes else None,  # largest / smallest category
+        "rejected": [{"file": f, "reason": r} for f, r in rejected],
+        "duplicates": [[f for f, _ in g] for g in groups],
+        "duplicates_with_different_categories": [[f for f, _ in g] for g in groups if len({c for _, c in g}) > 1],
+        "empty_categories": found.empty_categories,
+        "ignored": {"hidden": found.hidden, "files_without_image_extension": found.not_images,
+                    "images_outside_category_folders": [str(p) for p in found.outside_categories]},
+    }
+
+
+def _report(audit: dict, audit_path: Path, log) -> None:
+    """Say loudly what was left out or looks wrong; the audit has every file."""
+    if audit["rejected"]:
+        log(f"warning: {len(audit['rejected'])} file(s) are not readable images and were left out "
+            f"(every one with its reason in {audit_path}):")
+        for row in audit["rejected"][:5]:
+            log(f"  {row['file']}: {row['reason']}")
+    if audit["empty_categories"]:
+        log(f"warning: empty category folder(s) left out: {', '.join(audit['empty_categories'])}")
+    if audit["duplicates"]:
+        log(f"warning: {len(audit['duplicates'])} group(s) of files with the same bytes, "
+            f"{len(audit['duplicates_with_different_categories'])} of them in different categories, "
+            f"e.g. {' = '.join(audit['duplicates'][0][:2])}")
+    if audit["ignored"]["images_outside_category_folders"]:
+        outside = audit["ignored"]["images_outside_category_folders"]
+        log(f"warning: {len(outside)} image(s) beside the category folders belong to no category and were "
+            f"left out, e.g. {outside[0]}")
+    if audit["imbalance"] and audit["imbalance"] >= 10:
+        log(f"warning: the largest category has {audit['imbalance']:g}x the images of the smallest")
 
 
 def extract_archive(archive: Path, dest: Path) -> None:
-    """Extract a zip or tar archive, refusing entries that would land outside ``dest``."""
+    """Extract a zip or tar archive, refusing entries that would land outside ``dest``,
+    links and devices, and archives over MAX_ARCHIVE_ENTRIES entries or MAX_ARCHIVE_BYTES."""
     name = archive.name.lower()
     dest.mkdir(parents=True)
     if name.endswith(".zip"):
         try:
             with zipfile.ZipFile(archive) as zf:
                 root = dest.resolve()
-                for info in zf.infolist():
+                total = 0
+                for n, info in enumerate(zf.infolist(), 1):
+                    total += info.file_size
                     target = (dest / info.filename).resolve()
                     if info.filename.startswith(("/", "\\")) or not target.is_relative_to(root):
-                        raise InvalidDatasetError(
-                            f"archive {archive} entry {info.filename!r} points outside the folder",
-                            "the archive is unsafe; re-create it with relative paths",
-                        )
+                        raise _unsafe(archive, info.filename, "points outside the folder")
+                    _check_limits(archive, info.filename, n, total)
                 zf.extractall(dest)
         except zipfile.BadZipFile as exc:
             raise InvalidDatasetError(f"{archive} is not a valid zip archive ({exc})",
@@ -169,12 +239,9 @@ def extract_archive(archive: Path, dest: Path) -> None:
     elif name.endswith(ARCHIVE_SUFFIXES):
         try:
             with tarfile.open(archive) as tf:
-                tf.extractall(dest, filter="data")
+                tf.extractall(dest, members=_limited(tf, archive), filter="data")
         except tarfile.FilterError as exc:
-            raise InvalidDatasetError(
-                f"archive {archive} entry {exc.tarinfo.name!r} is unsafe ({exc})",
-                "re-create the archive with plain files and relative paths",
-            ) from None
+            raise _unsafe(archive, exc.tarinfo.name, f"is unsafe ({exc})") from None
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise InvalidDatasetError(f"{archive} is not a valid tar archive ({exc})",
                                       "check that the file downloaded completely") from None
@@ -183,3 +250,25 @@ def extract_archive(archive: Path, dest: Path) -> None:
             f"{archive} is neither a folder nor a supported archive",
             f"pass a folder, or an archive ending in {', '.join(ARCHIVE_SUFFIXES)}",
         )
+
+
+def _limited(tf: tarfile.TarFile, archive: Path):
+    total = 0
+    for n, member in enumerate(tf, 1):
+        if member.name.startswith(("/", "\\")):  # the tar filter would strip the slash: refuse instead
+            raise _unsafe(archive, member.name, "has an absolute path")
+        total += member.size
+        _check_limits(archive, member.name, n, total)
+        yield member
+
+
+def _check_limits(archive: Path, entry: str, count: int, total: int) -> None:
+    if count > MAX_ARCHIVE_ENTRIES:
+        raise _unsafe(archive, entry, f"is past the limit of {MAX_ARCHIVE_ENTRIES:,} entries")
+    if total > MAX_ARCHIVE_BYTES:
+        raise _unsafe(archive, entry, f"takes the archive past {MAX_ARCHIVE_BYTES:,} bytes uncompressed")
+
+
+def _unsafe(archive: Path, entry: str, what: str) -> InvalidDatasetError:
+    return InvalidDatasetError(f"archive {archive}: entry {entry!r} {what}",
+                               "the archive is unsafe or too large; extract what you trust and convert the folder")

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgtrain.errors import InvalidDatasetError
 
+# Larger images are refused as likely decompression bombs (Pillow's own threshold).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
 
 class BadImageError(InvalidDatasetError):
-    """An image file that cannot be decoded; the message names the file."""
+    """An image file that cannot be decoded; the message names the file and the reason."""
 
 
-def load_rgb(path: Path | str) -> Image.Image:
-    """Decode an image fully, apply its EXIF orientation, and return it as RGB."""
-    try:
-        with Image.open(path) as im:
+def _open_rgb(source, name: str) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as im:
+            width, height = im.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(f"over the pixel limit: {width} x {height} = {width * height:,} pixels > "
+                                 f"{MAX_PIXELS:,} (a decompression bomb?)")
+            im.load()
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 # 16-bit and float greyscale: scale to 8 bits instead of clipping to white.
@@ -27,10 +39,37 @@ def load_rgb(path: Path | str) -> Image.Image:
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(background, rgba)
             return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+
+
+def describe_failure(exc: BaseException, size: int | None = None) -> str:
+    """A short, human reason why an image could not be decoded."""
+    if size == 0:
+        return "empty file (0 bytes)"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (no decoder recognises it)"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"over the pixel limit ({exc})"
+    text = str(exc)
+    if "pixel limit" in text:
+        return text
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return f"truncated ({text})"
+    return f"cannot be decoded ({text})"
+
+
+_FAILURES = (OSError, UnidentifiedImageError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError,
+             Image.DecompressionBombWarning)
+
+
+def load_rgb(path: Path | str) -> Image.Image:
+    """Decode an image fully, apply its EXIF orientation, and return it as RGB."""
+    try:
+        return _open_rgb(path, str(path))
+    except _FAILURES as exc:
+        size = Path(path).stat().st_size if Path(path).is_file() else None
         raise BadImageError(
-            f"cannot decode image {path}: {exc}",
-            "remove or replace the file, then convert the folder again",
+            f"cannot decode image {path}: {describe_failure(exc, size)}",
+            "remove or replace the file (or pass --on-bad-image skip to leave it out)",
         ) from None
 
 
@@ -43,13 +82,27 @@ def _to_uint8(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), mode="L")
 
 
-def probe_image(path: Path | str) -> str | None:
-    """Return why the file is not a readable image, or None when its header is fine."""
+@dataclass(frozen=True)
+class ImageCheck:
+    """What a full decode of one file found."""
+
+    reason: str | None  # None: a good image
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
+
+
+def check_image(path: Path | str) -> ImageCheck:
+    """Read a file once: hash its bytes and decode it fully (not just its header)."""
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if width < 1 or height < 1:
-        return "image has no pixels"
-    return None
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return ImageCheck(f"cannot be read ({exc.strerror or exc})")
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return ImageCheck("empty file (0 bytes)", sha256=digest)
+    try:
+        im = _open_rgb(io.BytesIO(data), str(path))
+    except _FAILURES as exc:
+        return ImageCheck(describe_failure(exc), sha256=digest)
+    return ImageCheck(None, im.width, im.height, digest)

@@ -53,7 +53,8 @@ def split_image_directory(
                 _link_or_copy(data.path(i), tmp / name)
                 files.append(name)
             labels = None if data.labels is None else data.labels[rows]
-            write_image_directory_files(tmp, files, data.categories or None, labels, data.ids[rows])
+            write_image_directory_files(tmp, files, data.categories or None, labels, data.ids[rows],
+                                        infos=[data.info(i) for i in rows])
     return len(parts[0]), len(parts[1])
 
 

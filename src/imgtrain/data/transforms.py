@@ -26,7 +26,8 @@ def build_transform(image_size: int, *, augmentation: str = "none") -> v2.Compos
 
 
 class Normalize(torch.nn.Module):
-    """uint8 NCHW batch -> float, scaled to [0, 1] then standardised with the model's statistics."""
+    """uint8 NCHW batch -> float, scaled to [0, 1] then standardised with the model's statistics,
+    in channels-last layout (faster convolutions on CPUs and tensor-core GPUs)."""
 
     def __init__(self, mean, std) -> None:
         super().__init__()
@@ -34,4 +35,4 @@ class Normalize(torch.nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)

@@ -2,7 +2,8 @@
 
 A module writes into a temporary directory beside its target and renames it into place
 only when everything is written: a failed or interrupted run never leaves a half-written
-output, and never replaces an existing one.
+output, and never replaces an existing one unless asked to (``overwrite``). Temporary
+directories of runs that were killed are removed by the next run for the same target.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from imgtrain.errors import OutputExistsError
+from imgtrain.errors import OutputExistsError, OutputNotWritableError
 
 TMP_PREFIX = ".imgtrain-tmp-"
+OWNER_FILE = ".owner-pid"
 
 
 def check_output_writable(target: Path, *, overwrite: bool = False) -> None:
-    """Fail before any work when the output exists or its parent cannot be written."""
+    """Fail before any work when the output exists or its folder cannot be written."""
     target = Path(target)
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
         raise OutputExistsError(
@@ -28,11 +30,53 @@ def check_output_writable(target: Path, *, overwrite: bool = False) -> None:
             "choose another output path, or pass --overwrite to replace it",
         )
     parent = target.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputExistsError(
-            f"cannot write into {parent}", "choose an output path in a writable directory"
-        )
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=TMP_PREFIX + "probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise OutputNotWritableError(
+            f"cannot write the output {target} ({exc.strerror or exc})",
+            "choose an output path in a folder you can write to",
+        ) from None
+
+
+def _owner_alive(folder: Path) -> bool:
+    try:
+        pid = int((folder / OWNER_FILE).read_text())
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError):
+        return True  # unknown owner: leave it alone
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete temporary directories that killed runs left for ``target``."""
+    target = Path(target).absolute()
+    for leftover in target.parent.glob(f"{TMP_PREFIX}{target.name}-*"):
+        if leftover.is_dir() and not _owner_alive(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def make_owned_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / OWNER_FILE).write_text(str(os.getpid()))
+    return path
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Move a finished temporary directory into place, replacing ``target`` if it exists."""
+    (tmp / OWNER_FILE).unlink(missing_ok=True)
+    if target.exists():
+        # Move the old output aside first, so that there is no moment with neither.
+        old = make_owned_dir(Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-old-", dir=tmp.parent)))
+        os.rename(target, old / "x")
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
 
 
 @contextlib.contextmanager
@@ -40,17 +84,12 @@ def atomic_output_dir(target: Path | str, *, overwrite: bool = False) -> Iterato
     """Yield a fresh temporary directory that becomes ``target`` when the block succeeds."""
     target = Path(target)
     check_output_writable(target, overwrite=overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.absolute().parent))
+    remove_stale_temporaries(target)
+    tmp = make_owned_dir(Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-",
+                                               dir=target.absolute().parent)))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        # Move the old output aside first, so that there is no moment with neither.
-        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-old-", dir=tmp.parent))
-        os.rename(target, old / "x")
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
+    publish(tmp, target)

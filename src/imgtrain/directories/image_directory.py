@@ -17,7 +17,7 @@ import base64
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import yaml
@@ -42,6 +42,8 @@ class ImageDirectory:
     ids: np.ndarray  # int64, the designer's running id of each image
     labels: np.ndarray | None  # int64 index into categories, or None when unlabeled
     categories: list[str] = field(default_factory=list)
+    sizes: np.ndarray | None = None  # (n, 2) width and height, when every row records them
+    digests: list[str] | None = None  # sha256 of each file's bytes, when every row records it
 
     def __len__(self) -> int:
         return len(self.files)
@@ -52,6 +54,15 @@ class ImageDirectory:
 
     def path(self, i: int) -> Path:
         return self.root / self.files[i]
+
+    def info(self, i: int) -> dict:
+        """The image_info fields besides file_name that this directory records for image i."""
+        info: dict = {}
+        if self.sizes is not None:
+            info["width"], info["height"] = int(self.sizes[i][0]), int(self.sizes[i][1])
+        if self.digests is not None:
+            info["sha256"] = self.digests[i]
+        return info
 
     def require_labels(self, what: str) -> np.ndarray:
         if self.labels is None:
@@ -73,13 +84,16 @@ class ImageDirectory:
         files: list[str] = []
         ids: list[int] = []
         labels: list[int] = []
+        sizes: list[tuple] = []
+        digests: list = []
         with open(list_path, encoding="utf-8") as lines:
             for n, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
-                    name = row["image_info"]["file_name"]
+                    info = row["image_info"]
+                    name = info["file_name"]
                     image_id = int(row.get("id", n - 1))
                 except (ValueError, KeyError, TypeError) as exc:
                     raise InvalidDatasetError(
@@ -90,6 +104,8 @@ class ImageDirectory:
                 _inside(root, name, f"{IMAGE_LIST} line {n}")
                 files.append(name)
                 ids.append(image_id)
+                sizes.append((info.get("width"), info.get("height")))
+                digests.append(info.get("sha256"))
                 if categories:
                     category = row.get("category")
                     if category not in index:
@@ -107,6 +123,9 @@ class ImageDirectory:
             ids=np.asarray(ids, dtype=np.int64),
             labels=np.asarray(labels, dtype=np.int64) if categories else None,
             categories=categories,
+            sizes=np.asarray(sizes, dtype=np.int64) if all(
+                isinstance(w, int) and isinstance(h, int) for w, h in sizes) else None,
+            digests=digests if all(isinstance(d, str) for d in digests) else None,
         )
 
 
@@ -127,13 +146,13 @@ def _read_meta(root: Path) -> dict:
 
 
 def _inside(root: Path, name: object, what: str) -> Path:
-    """Resolve a file name from a meta file, refusing names that leave the directory."""
+    """A file name from a meta file as a path, refusing names that leave the directory."""
     if not isinstance(name, str) or not name:
         raise InvalidDatasetError(f"{root}: {what} is not a file name", _HINT)
-    path = (root / name).resolve()
-    if not path.is_relative_to(root.resolve()):
+    parts = PurePosixPath(name.replace("\\", "/"))
+    if parts.is_absolute() or ".." in parts.parts or ":" in parts.parts[0]:
         raise InvalidDatasetError(f"{root}: {what} {name!r} points outside the directory", _HINT)
-    return path
+    return root / name
 
 
 def _categories_from_schema(schema_path: Path) -> list[str]:
@@ -164,14 +183,18 @@ def write_image_directory_files(
     categories: Sequence[str] | None,
     labels: Iterable[int] | None,
     ids: Iterable[int] | None = None,
+    infos: Sequence[dict] | None = None,
 ) -> None:
-    """Write the meta files of an ImageDirectory whose images already sit under ``root``."""
+    """Write the meta files of an ImageDirectory whose images already sit under ``root``.
+
+    ``infos`` adds fields to each row's image_info (width, height, sha256).
+    """
     root = Path(root)
     ids = list(range(len(files))) if ids is None else [int(i) for i in ids]
     labels = None if labels is None else [int(i) for i in labels]
     rows = []
     for k, name in enumerate(files):
-        row: dict = {"image_info": {"file_name": name}}
+        row: dict = {"image_info": {"file_name": name, **(infos[k] if infos else {})}}
         if categories and labels is not None:
             row["category"] = categories[labels[k]]
         row["id"] = ids[k]

@@ -16,13 +16,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imgtrain.data.convert import find_images
-from imgtrain.data.dataset import ImageDataset, raise_for_bad_images
+from imgtrain.data.dataset import ON_BAD_IMAGE, BadImagePolicy, ImageDataset
 from imgtrain.data.transforms import Normalize, build_transform
 from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import atomic_output_dir, check_output_writable
 from imgtrain.directories.image_directory import META_FILE, ImageDirectory
 from imgtrain.directories.model_directory import load_trained_model
-from imgtrain.errors import InvalidDatasetError, check_range
+from imgtrain.errors import InvalidDatasetError, InvalidParameterError, check_range
+from imgtrain.training.precision import PRECISIONS, autocast, resolve_precision
 
 SCORED_FILE = "scored.csv"
 LABEL_COLUMN = "category"
@@ -69,12 +70,22 @@ def score_image_model(
     batch_size: int = 64,
     device: str = "auto",
     num_workers: int | None = None,
+    precision: str = "auto",
+    on_bad_image: str = "skip",
     overwrite: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> ScoreResult:
-    """Score an ImageDirectory or a plain folder (labelled sub-folders or flat) with a trained model."""
+    """Score an ImageDirectory or a plain folder (labelled sub-folders or flat) with a trained model.
+
+    An image that cannot be decoded is left out of the scores and named (``skip``), or stops
+    the run (``fail``).
+    """
     check_range("batch_size", batch_size, low=1)
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise InvalidParameterError(f"on_bad_image {on_bad_image!r} is not known", "choose skip or fail")
+    if precision not in PRECISIONS:
+        raise InvalidParameterError(f"precision {precision!r} is not known", f"choose one of {', '.join(PRECISIONS)}")
     model, spec = load_trained_model(trained_model)
     dataset = Path(dataset)
     if not dataset.is_dir():
@@ -82,20 +93,28 @@ def score_image_model(
     rows = _rows(dataset)
     check_output_writable(Path(output), overwrite=overwrite)
     dev = resolve_device(device)
-    model.to(dev)
+    precision = resolve_precision(precision, dev)
+    model.to(dev, memory_format=torch.channels_last)
     normalize = Normalize(spec.input.mean, spec.input.std).to(dev)
     size = spec.input.image_size
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     images = ImageDataset(rows.paths, None, build_transform(size), size)
     loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
-    log(f"Scoring {len(rows.paths):,} images with {spec.architecture} ({spec.num_classes} classes) on {dev}")
+    log(f"Scoring {len(rows.paths):,} images with {spec.architecture} ({spec.num_classes} classes) on {dev}, "
+        f"precision {precision}")
     probabilities = np.zeros((len(rows.paths), spec.num_classes), dtype=np.float32)
+    scored = np.zeros(len(rows.paths), dtype=bool)
+    bad_images = BadImagePolicy(on_bad_image, images, log)
     with torch.inference_mode():
-        for x, _, index, ok in tqdm(loader, desc="scoring", unit="batch", leave=False,
-                                    disable=(not sys.stderr.isatty()) if progress is None else not progress):
-            raise_for_bad_images(ok, index, images)
-            probs = model(normalize(x.to(dev, non_blocking=True))).float().softmax(dim=1)
-            probabilities[index.numpy()] = probs.cpu().numpy()
+        for batch in tqdm(loader, desc="scoring", unit="batch", leave=False,
+                          disable=(not sys.stderr.isatty()) if progress is None else not progress):
+            x, _, index = bad_images.filter(batch)
+            if len(index):
+                with autocast(precision, dev):
+                    logits = model(normalize(x.to(dev, non_blocking=True)))
+                probs = logits.float().softmax(dim=1)
+                probabilities[index.numpy()] = probs.cpu().numpy()
+                scored[index.numpy()] = True
     predicted = probabilities.argmax(axis=1)
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         header = (["id"] if rows.ids is not None else []) + ["image"]
@@ -105,6 +124,8 @@ def score_image_model(
             writer = csv.writer(out)
             writer.writerow(header)
             for i, name in enumerate(rows.names):
+                if not scored[i]:
+                    continue
                 row: list = ([rows.ids[i]] if rows.ids is not None else []) + [name]
                 row += [rows.categories[i]] if rows.categories is not None else []
                 row += [f"{p:.6g}" for p in probabilities[i]] + [spec.labels[predicted[i]]]
@@ -114,4 +135,4 @@ def score_image_model(
                 "scored_label_column": SCORED_LABEL, "labels": list(spec.labels),
                 "trained_model": str(Path(trained_model).resolve())}
         (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
-    return ScoreResult(Path(output), len(rows.paths), rows.categories is not None)
+    return ScoreResult(Path(output), int(scored.sum()), rows.categories is not None)

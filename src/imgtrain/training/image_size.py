@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from pathlib import Path
 
 from PIL import Image
+
+from imgtrain.directories.image_directory import ImageDirectory
 
 SAMPLE = 200
 MIN_SIZE, MAX_SIZE = 32, 224
 
 
-def auto_image_size(paths: Sequence[Path]) -> int:
+def auto_image_size(data: ImageDirectory) -> int:
     """The median shorter side of up to 200 images, rounded up to a multiple of 32, in [32, 224].
 
     28 px digits train at 32 px instead of being blown up to 224; photos train at 224,
-    the size ImageNet weights were made for. Only headers are read.
+    the size ImageNet weights were made for. Sizes come from images.lst when it records
+    them, else from the files' headers.
     """
-    step = max(1, len(paths) // SAMPLE)
-    sides = []
-    for path in paths[::step][:SAMPLE]:
-        try:
-            with Image.open(path) as im:
-                sides.append(min(im.size))
-        except OSError:
-            continue
+    step = max(1, len(data) // SAMPLE)
+    rows = range(0, len(data), step)[:SAMPLE]
+    if data.sizes is not None:
+        sides = [int(min(data.sizes[i])) for i in rows]
+    else:
+        sides = []
+        for i in rows:
+            try:
+                with Image.open(data.path(i)) as im:
+                    sides.append(min(im.size))
+            except OSError:
+                continue
     if not sides:
         return MAX_SIZE
     median = sorted(sides)[len(sides) // 2]

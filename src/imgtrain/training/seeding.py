@@ -9,8 +9,11 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch (CPU and every GPU); return the generator for data order."""
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every GPU), and ask for deterministic kernels.
+
+    Data order and augmentation are seeded per epoch and per image by the sampler.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -19,13 +22,3 @@ def seed_everything(seed: int) -> torch.Generator:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: derive python and numpy seeds from the worker's torch seed."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)

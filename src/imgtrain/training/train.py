@@ -1,7 +1,8 @@
 """Train PyTorch Model: the training loop, readable top to bottom.
 
-Set-up (check inputs, seed, build), then per epoch: train, validate, keep the best weights,
-stop early. Outputs are built in a temporary directory and moved into place at the end.
+Set-up (check inputs, seed, build, maybe resume), then per epoch: train, validate, keep
+the best weights, checkpoint, stop early. The run is built in a work directory beside the
+output (``.imgtrain-resume-<name>``) and moved into place only when complete.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -22,13 +24,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from imgtrain.data.dataset import ImageDataset, raise_for_bad_images
+from imgtrain.data.dataset import ON_BAD_IMAGE, BadImagePolicy, ImageDataset, SeededSampler
 from imgtrain.data.transforms import AUGMENTATIONS, DEFAULT_AUGMENTATION, Normalize, build_transform
 from imgtrain.device import resolve_device
-from imgtrain.directories.atomic import atomic_output_dir, check_output_writable
-from imgtrain.directories.image_directory import ImageDirectory
+from imgtrain.directories.atomic import check_output_writable, make_owned_dir, publish
+from imgtrain.directories.image_directory import IMAGE_LIST, SCHEMA_FILE, ImageDirectory
 from imgtrain.directories.model_directory import (
     METRICS_FILE,
+    SPEC_FILE,
     WEIGHTS_FILE,
     InputSpec,
     ModelSpec,
@@ -37,13 +40,26 @@ from imgtrain.directories.model_directory import (
     load_trained_model,
     write_model_directory,
 )
-from imgtrain.errors import InvalidDatasetError, InvalidParameterError, check_range
+from imgtrain.errors import (
+    CheckpointMismatchError,
+    ImgtrainError,
+    InvalidDatasetError,
+    InvalidParameterError,
+    OutOfMemoryError,
+    TrainingDivergedError,
+    check_range,
+)
 from imgtrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_model, get_architecture
+from imgtrain.training.checkpoint import CHECKPOINT_FILE, file_digest, fingerprint, load_checkpoint, save_checkpoint
 from imgtrain.training.early_stopping import EarlyStopping
 from imgtrain.training.image_size import auto_image_size
-from imgtrain.training.seeding import seed_everything, seed_worker
+from imgtrain.training.precision import PRECISIONS, autocast, resolve_precision
+from imgtrain.training.seeding import seed_everything
 
 OPTIMIZERS = ("adamw", "sgd")
+RESUME_PREFIX = ".imgtrain-resume-"
+# Parameters that do not change the result: a run may resume with other values.
+_FREE_PARAMETERS = ("num_workers", "device", "on_bad_image")
 
 
 @dataclass
@@ -58,9 +74,11 @@ class TrainingParameters:
     warmup_epochs: int = 0
     image_size: int | None = None  # None: chosen from the training images
     device: str = "auto"
+    precision: str = "auto"
     optimizer: str = "adamw"
     augmentation: str = DEFAULT_AUGMENTATION
     num_workers: int | None = None  # None: one per CPU core, at most 8
+    on_bad_image: str = "skip"
 
     def check(self, training_size: int) -> None:
         check_range("epochs", self.epochs, low=1)
@@ -74,7 +92,9 @@ class TrainingParameters:
         if self.num_workers is not None:
             check_range("num_workers", self.num_workers, low=0, high=64)
         for name, value, allowed in [("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("augmentation", self.augmentation, AUGMENTATIONS)]:
+                                     ("augmentation", self.augmentation, AUGMENTATIONS),
+                                     ("precision", self.precision, PRECISIONS),
+                                     ("on_bad_image", self.on_bad_image, ON_BAD_IMAGE)]:
             if value not in allowed:
                 raise InvalidParameterError(f"{name} {value!r} is not known", f"choose one of {', '.join(allowed)}")
 
@@ -89,6 +109,7 @@ class EpochMetrics:
     validation_loss: float
     validation_top1_accuracy: float
     validation_top5_accuracy: float
+    data_wait_fraction: float  # share of the training time spent waiting for images
     seconds: float
 
 
@@ -99,10 +120,16 @@ class TrainResult:
     stopped_epoch: int
     best_validation_loss: float
     history: list[EpochMetrics] = field(default_factory=list)
+    already_complete: bool = False
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def resume_dir_for(output: Path) -> Path:
+    output = Path(output).absolute()
+    return output.parent / f"{RESUME_PREFIX}{output.name}"
 
 
 def train_pytorch_model(
@@ -113,13 +140,16 @@ def train_pytorch_model(
     params: TrainingParameters | None = None,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     log: Callable[[str], None] = _stderr,
     progress: bool | None = None,
     **overrides,
 ) -> TrainResult:
     """Train a model directory on a labelled ImageDirectory; keep the best validation-loss epoch.
 
-    Parameters may come as a TrainingParameters or as keywords (``epochs=10``).
+    Parameters come as a TrainingParameters or as keywords (``epochs=10``). With ``resume``,
+    a run that was interrupted continues from its last checkpoint and ends with the same
+    weights as an uninterrupted run.
     """
     params = TrainingParameters(**{**(asdict(params) if params else {}), **overrides})
     base = load_model_spec(untrained_model)
@@ -129,95 +159,198 @@ def train_pytorch_model(
     val_labels = _labels_in_order(val_set, train_set.categories)
     params.check(len(train_set))
     output = Path(output)
+    run_id = fingerprint({
+        "parameters": {k: v for k, v in asdict(params).items() if k not in _FREE_PARAMETERS},
+        "training data": file_digest(train_set.root / IMAGE_LIST, train_set.root / SCHEMA_FILE),
+        "validation data": file_digest(val_set.root / IMAGE_LIST, val_set.root / SCHEMA_FILE),
+        "untrained model": file_digest(Path(untrained_model) / SPEC_FILE),
+    })
+    if resume and _is_complete(output, run_id):
+        log(f"{output} is already complete: nothing to do")
+        return _result_of(output)
     check_output_writable(output, overwrite=overwrite)
-
-    generator = seed_everything(params.random_seed)
     device = resolve_device(params.device)
+    precision = resolve_precision(params.precision, device)
+    _warn_about_shared_images(train_set, val_set, log)
+
+    seed_everything(params.random_seed)
     categories = train_set.categories
-    image_size = params.image_size or auto_image_size([train_set.path(i) for i in range(len(train_set))])
-    model = _initial_model(base, untrained_model, len(categories)).to(device)
-    spec = ModelSpec(architecture=base.architecture, pretrained=base.pretrained, options=base.options,
-                     trained=True, labels=list(categories), weights=WEIGHTS_FILE,
-                     input=InputSpec(image_size=image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)))
-    normalize = Normalize(spec.input.mean, spec.input.std).to(device)
+    image_size = params.image_size or auto_image_size(train_set)
+    model = _initial_model(base, untrained_model, len(categories)).to(device, memory_format=torch.channels_last)
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
 
     workers = params.num_workers if params.num_workers is not None else min(8, os.cpu_count() or 1)
-    loader_args = dict(batch_size=params.batch_size, num_workers=workers, worker_init_fn=seed_worker,
-                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    train_loader = DataLoader(
-        ImageDataset([train_set.path(i) for i in range(len(train_set))], train_labels,
-                     build_transform(image_size, augmentation=params.augmentation), image_size),
-        shuffle=True, generator=generator, drop_last=len(train_set) % params.batch_size == 1, **loader_args)
-    val_dataset = ImageDataset([val_set.path(i) for i in range(len(val_set))], val_labels,
-                               build_transform(image_size), image_size)
-    val_loader = DataLoader(val_dataset, shuffle=False, **loader_args)
+    loader_args = dict(batch_size=params.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                       persistent_workers=workers > 0)
+    train_images = ImageDataset([train_set.path(i) for i in range(len(train_set))], train_labels,
+                                build_transform(image_size, augmentation=params.augmentation), image_size)
+    train_sampler = SeededSampler(len(train_set), params.random_seed, shuffle=True)
+    train_loader = DataLoader(train_images, sampler=train_sampler,
+                              drop_last=len(train_set) % params.batch_size == 1, **loader_args)
+    val_images = ImageDataset([val_set.path(i) for i in range(len(val_set))], val_labels,
+                              build_transform(image_size), image_size)
+    val_loader = DataLoader(val_images, sampler=SeededSampler(len(val_set), 0, shuffle=False), **loader_args)
+    train_bad = BadImagePolicy(params.on_bad_image, train_images, log)
+    val_bad = BadImagePolicy(params.on_bad_image, val_images, log)
 
     optimizer = _make_optimizer(model, base, params)
     steps_per_epoch = len(train_loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = nn.CrossEntropyLoss()
     stopper = EarlyStopping(params.patience)
     history: list[EpochMetrics] = []
+    epoch = 0
+
+    work = resume_dir_for(output)
+    checkpoint = work / CHECKPOINT_FILE
+    if resume and checkpoint.is_file():
+        state = load_checkpoint(checkpoint, model, optimizer, schedule)
+        _check_same_run(state["run_id"], run_id, checkpoint)
+        scaler.load_state_dict(state["scaler"])
+        epoch, stopper = state["epoch"], EarlyStopping(**state["early_stopping"])
+        history = [EpochMetrics(**m) for m in state["history"]]
+        log(f"resuming {output} after epoch {epoch} from its checkpoint")
+    else:
+        if resume:
+            log(f"no checkpoint of {output} found: starting from scratch")
+        elif checkpoint.is_file():
+            log(f"removing the checkpoint of an interrupted run of {output} (pass --resume to continue it)")
+        shutil.rmtree(work, ignore_errors=True)
+    make_owned_dir(work)
 
     start = "fine-tuning ImageNet weights" if base.pretrained else "from scratch"
     if base.trained:
         start = f"from the trained model {untrained_model}"
     log(f"Training {base.architecture} ({start}) on {len(train_set):,} images in {len(categories):,} "
         f"categories, validating on {len(val_set):,}")
-    log(f"device {device}, precision fp32, image size {image_size}, batch size {params.batch_size}, "
+    log(f"device {device}, precision {precision}, image size {image_size}, batch size {params.batch_size}, "
         f"learning rate {params.learning_rate:g}, {params.optimizer}, augmentation {params.augmentation}, "
         f"up to {params.epochs} epochs, patience {params.patience}, {workers} data workers")
 
-    with atomic_output_dir(output, overwrite=overwrite) as tmp:
-        for epoch in range(1, params.epochs + 1):
+    try:
+        while epoch < params.epochs and not stopper.should_stop:
+            epoch += 1
             started = time.perf_counter()
             lr = optimizer.param_groups[-1]["lr"]
+            train_sampler.set_epoch(epoch)
+            model.train()
+            seen, loss_sum, wrong, waited = 0, 0.0, 0, 0.0
             bar = tqdm(train_loader, desc=f"epoch {epoch}/{params.epochs}", leave=False, unit="batch",
                        disable=(not sys.stderr.isatty()) if progress is None else not progress)
-            model.train()
-            seen, loss_sum, wrong = 0, 0.0, 0
-            for x, y, index, ok in bar:
-                raise_for_bad_images(ok, index, train_loader.dataset)
+            fetch_started = time.perf_counter()
+            for step, batch in enumerate(bar, 1):
+                waited += time.perf_counter() - fetch_started
+                x, y, _ = train_bad.filter(batch)
+                if len(y) == 0:
+                    continue
                 x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-                logits = model(x)
-                loss = loss_fn(logits, y)
+                with autocast(precision, device):
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                batch_loss = loss.item()
+                if not math.isfinite(batch_loss):
+                    raise TrainingDivergedError(
+                        f"the training loss became {batch_loss} in epoch {epoch}, batch {step}",
+                        f"pass a lower --learning-rate than {params.learning_rate:g}; "
+                        f"the checkpoint of the last good epoch stays in {work}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 schedule.step()
                 seen += len(y)
-                loss_sum += loss.item() * len(y)
+                loss_sum += batch_loss * len(y)
                 wrong += int((logits.argmax(1) != y).sum())
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+                fetch_started = time.perf_counter()
             train_seconds = time.perf_counter() - started
-            val_loss, top1, top5 = evaluate_loss(model, val_loader, normalize, device, loss_fn)
+            val_loss, top1, top5 = evaluate_loss(model, val_loader, normalize, device, loss_fn, precision, val_bad)
             improved = stopper.update(epoch, val_loss)
             if improved:
-                _save_weights(model, tmp / WEIGHTS_FILE)
-            metrics = EpochMetrics(epoch, lr, seen / train_seconds, loss_sum / seen, wrong / seen,
-                                   val_loss, top1, top5, time.perf_counter() - started)
-            history.append(metrics)
-            _write_metrics(tmp / METRICS_FILE, history)
-            log(f"epoch {epoch}/{params.epochs}  lr {lr:.2e}  train loss {metrics.train_loss:.4f} "
-                f"error {metrics.train_error:.2%}  {metrics.train_images_per_second:,.0f} img/s  "
+                _save_weights(model, work / WEIGHTS_FILE)
+            history.append(EpochMetrics(epoch, lr, seen / train_seconds, loss_sum / max(seen, 1),
+                                        wrong / max(seen, 1), val_loss, top1, top5, waited / train_seconds,
+                                        time.perf_counter() - started))
+            _write_metrics(work / METRICS_FILE, history)
+            save_checkpoint(checkpoint, model, optimizer, schedule, {
+                "run_id": run_id, "epoch": epoch, "early_stopping": asdict(stopper),
+                "history": [asdict(m) for m in history], "scaler": scaler.state_dict()})
+            m = history[-1]
+            log(f"epoch {epoch}/{params.epochs}  lr {lr:.2e}  train loss {m.train_loss:.4f} "
+                f"error {m.train_error:.2%}  {m.train_images_per_second:,.0f} img/s  "
                 f"val loss {val_loss:.4f} top-1 {top1:.2%} top-5 {top5:.2%}" + ("  *best*" if improved else ""))
-            if not math.isfinite(metrics.train_loss):
-                raise InvalidParameterError(f"the training loss became {metrics.train_loss} in epoch {epoch}",
-                                            "pass a lower --learning-rate")
-            if stopper.should_stop:
-                log(f"early stop: no lower validation loss for {params.patience} epochs")
-                break
-        spec.training = {
-            **asdict(params), "image_size": image_size, "num_workers": workers, "device": str(device),
-            "precision": "fp32", "best_epoch": stopper.best_epoch, "stopped_epoch": epoch,
-            "best_validation_loss": stopper.best_loss,
-            "best_validation_top1_accuracy": history[stopper.best_epoch - 1].validation_top1_accuracy,
-            "training_images": len(train_set), "validation_images": len(val_set),
-        }
-        spec.versions = library_versions()
-        write_model_directory(tmp, spec)
+        if stopper.should_stop and epoch < params.epochs:
+            log(f"early stop: no lower validation loss for {params.patience} epochs")
+    except torch.OutOfMemoryError:
+        raise _out_of_memory(device, params, image_size) from None
+    except RuntimeError as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
+            raise _out_of_memory(device, params, image_size) from None
+        raise
+
+    if stopper.best_epoch == 0:
+        raise TrainingDivergedError("the validation loss was never a finite number",
+                                    f"pass a lower --learning-rate than {params.learning_rate:g}")
+    best = history[stopper.best_epoch - 1]
+    spec = ModelSpec(
+        architecture=base.architecture, pretrained=base.pretrained, options=base.options, trained=True,
+        labels=list(categories), weights=WEIGHTS_FILE, versions=library_versions(),
+        input=InputSpec(image_size=image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+        training={**asdict(params), "image_size": image_size, "num_workers": workers, "device": str(device),
+                  "precision": precision, "best_epoch": stopper.best_epoch, "stopped_epoch": epoch,
+                  "best_validation_loss": stopper.best_loss,
+                  "best_validation_top1_accuracy": best.validation_top1_accuracy,
+                  "training_images": len(train_set), "validation_images": len(val_set), "run_id": run_id})
+    write_model_directory(work, spec)
+    checkpoint.unlink()
+    check_output_writable(output, overwrite=overwrite)
+    publish(work, output)
     return TrainResult(output, stopper.best_epoch, epoch, stopper.best_loss, history)
+
+
+def _is_complete(output: Path, run_id: dict) -> bool:
+    try:
+        spec = load_model_spec(output, need_trained=True)
+    except ImgtrainError:
+        return False
+    return spec.training.get("run_id") == run_id
+
+
+def _result_of(output: Path) -> TrainResult:
+    spec = load_model_spec(output, need_trained=True)
+    with open(output / METRICS_FILE, newline="", encoding="utf-8") as f:
+        history = [EpochMetrics(**{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})
+                   for row in csv.DictReader(f)]
+    t = spec.training
+    return TrainResult(output, t["best_epoch"], t["stopped_epoch"], t["best_validation_loss"], history,
+                       already_complete=True)
+
+
+def _check_same_run(saved: dict, current: dict, checkpoint: Path) -> None:
+    differ = [name for name in current if saved.get(name) != current[name]]
+    if differ:
+        raise CheckpointMismatchError(
+            f"the checkpoint {checkpoint} was made with other {' and '.join(differ)}",
+            "run with the same data and parameters to resume, or without --resume to start again")
+
+
+def _warn_about_shared_images(train_set: ImageDirectory, val_set: ImageDirectory, log) -> None:
+    """The same image in both sets inflates validation accuracy: say which files."""
+    if train_set.digests is None or val_set.digests is None:
+        return
+    seen = {d: i for i, d in enumerate(train_set.digests)}
+    shared = [(train_set.path(seen[d]), val_set.path(j)) for j, d in enumerate(val_set.digests) if d in seen]
+    if shared:
+        log(f"warning: {len(shared)} validation image(s) are also in the training data (same bytes), "
+            f"e.g. {shared[0][1]} = {shared[0][0]}")
+
+
+def _out_of_memory(device: torch.device, params: TrainingParameters, image_size: int) -> OutOfMemoryError:
+    return OutOfMemoryError(
+        f"the {device.type} ran out of memory at batch size {params.batch_size} and image size {image_size}",
+        "pass a smaller --batch-size (or --image-size)")
 
 
 def _labels_in_order(val_set: ImageDirectory, categories: list[str]) -> np.ndarray:
@@ -279,32 +412,41 @@ def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader: DataLoader, normalize: Normalize, device: torch.device,
-                  loss_fn: nn.Module) -> tuple[float, float, float]:
+                  loss_fn: nn.Module, precision: str = "fp32",
+                  bad_images: BadImagePolicy | None = None) -> tuple[float, float, float]:
     """Mean loss, top-1 and top-5 accuracy over every validation image exactly once."""
     model.eval()
+    bad_images = bad_images or BadImagePolicy("fail", loader.dataset, _stderr)
     n, loss_sum, top1, top5 = 0, 0.0, 0, 0
-    for x, y, index, ok in loader:
-        raise_for_bad_images(ok, index, loader.dataset)
+    for batch in loader:
+        x, y, _ = bad_images.filter(batch)
+        if len(y) == 0:
+            continue
         x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        logits = model(x)
+        with autocast(precision, device):
+            logits = model(x).float()
         loss_sum += float(loss_fn(logits, y)) * len(y)
         k = min(5, logits.shape[1])
         best = logits.topk(k, dim=1).indices
         top1 += int((best[:, 0] == y).sum())
         top5 += int((best == y[:, None]).any(dim=1).sum())
         n += len(y)
+    if n == 0:
+        raise InvalidDatasetError("no validation image could be decoded", "check the validation data")
     return loss_sum / n, top1 / n, top5 / n
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".partial")
+    tmp = path.with_name(path.name + ".partial")
     save_file(state, str(tmp))
     os.replace(tmp, path)
 
 
 def _write_metrics(path: Path, history: list[EpochMetrics]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as out:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", newline="", encoding="utf-8") as out:
         writer = csv.DictWriter(out, fieldnames=list(asdict(history[0])))
         writer.writeheader()
         writer.writerows(asdict(m) for m in history)
+    os.replace(tmp, path)

@@ -1,0 +1,92 @@
+"""Checkpoints for exact resume: everything the next epoch depends on, in one safetensors file.
+
+Tensors (model, optimizer state, torch random states) are safetensors tensors; the rest
+(scheduler, early stopping, history, python and numpy random states, the run's
+fingerprint) is JSON in the file's metadata. Nothing is pickled. Data order and
+augmentation are pure functions of (seed, epoch, image), so they need no saved state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def fingerprint(parts: dict[str, object]) -> dict[str, str]:
+    """A short digest of each named part of a run (parameters, data, model spec)."""
+    return {name: hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for name, value in parts.items()}
+
+
+def file_digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    """Write a checkpoint atomically (temporary file, then rename)."""
+    tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    skeleton: dict = {"param_groups": opt["param_groups"], "state": {}}
+    for pid, entries in opt["state"].items():
+        skeleton["state"][str(pid)] = {}
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{pid}/{key}"] = value.detach().to("cpu").contiguous()
+                skeleton["state"][str(pid)][key] = None
+            else:
+                skeleton["state"][str(pid)][key] = value
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    np_state = np.random.get_state()
+    meta = {
+        **state,
+        "optimizer": skeleton,
+        "scheduler": scheduler.state_dict(),
+        "rng_python": random.getstate(),
+        "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    """Restore model, optimizer, scheduler and random states; return the JSON state."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    skeleton = meta.pop("optimizer")
+    opt_state = {"param_groups": skeleton["param_groups"], "state": {}}
+    for pid, entries in skeleton["state"].items():
+        opt_state["state"][int(pid)] = {
+            key: tensors[f"optimizer/{pid}/{key}"] if value is None else value for key, value in entries.items()}
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(meta.pop("scheduler"))
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    py = meta.pop("rng_python")
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = meta.pop("rng_numpy")
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
+    return meta

@@ -1,0 +1,399 @@
+"""Nothing lost: bad images, unsafe archives, training faults, atomic outputs, exact resume.
+
+Each test here is a row of docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imgtrain.data.convert as convert_module
+import imgtrain.data.decode as decode_module
+from conftest import make_image, make_labelled_folder, run_cli
+from imgtrain import convert_to_image_directory, score_image_model, train_pytorch_model
+from imgtrain.data.decode import BadImageError, load_rgb
+from imgtrain.errors import (
+    CheckpointMismatchError,
+    InvalidDatasetError,
+    OutputExistsError,
+    OutputNotWritableError,
+    TrainingDivergedError,
+)
+
+QUIET = {"log": lambda m: None}
+TRAIN = {"epochs": 2, "batch_size": 8, "image_size": 32, "num_workers": 0}
+
+
+# --- images -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    """Good images plus every kind of bad file, an empty category, hidden entries, duplicates."""
+    src = make_labelled_folder(tmp_path / "src", per_class=4, classes=("dark", "bright"))
+    good = (src / "dark" / "000.png").read_bytes()
+    (src / "dark" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (src / "dark" / "empty.jpg").write_bytes(b"")
+    (src / "bright" / "text.png").write_text("this is not an image")
+    make_image(src / "bright" / "huge.png", 200, np.random.default_rng(0), size=(60, 60))
+    (src / "empty-category").mkdir()
+    (src / ".git").mkdir()
+    (src / ".git" / "x.png").write_bytes(good)
+    (src / "bright" / ".DS_Store").write_bytes(b"junk")
+    shutil.copyfile(src / "dark" / "001.jpg", src / "dark" / "copy-of-001.jpg")
+    shutil.copyfile(src / "dark" / "002.png", src / "bright" / "mislabelled.png")
+    return src
+
+
+def test_convert_decodes_every_image_and_audits(tmp_path, messy_folder, monkeypatch):
+    monkeypatch.setattr(decode_module, "MAX_PIXELS", 50 * 50)
+    logs: list[str] = []
+    result = convert_to_image_directory(messy_folder, tmp_path / "out", log=logs.append)
+    audit = json.loads((tmp_path / "out" / "audit.json").read_text())
+    reasons = {Path(r["file"]).name: r["reason"] for r in audit["rejected"]}
+    assert set(reasons) == {"truncated.png", "empty.jpg", "text.png", "huge.png"}
+    assert reasons["empty.jpg"] == "empty file (0 bytes)"
+    assert reasons["text.png"].startswith("not an image")
+    assert reasons["truncated.png"].startswith("truncated")
+    assert "over the pixel limit: 60 x 60 = 3,600 pixels > 2,500" in reasons["huge.png"]
+    assert result.num_images == 10 and audit["categories"] == {"bright": 5, "dark": 5}
+    assert audit["empty_categories"] == ["empty-category"]
+    assert any(h.endswith(".git") for h in audit["ignored"]["hidden"])
+    assert any(h.endswith(".DS_Store") for h in audit["ignored"]["hidden"])
+    dup_names = sorted(sorted(Path(f).name for f in g) for g in audit["duplicates"])
+    assert dup_names == [["001.jpg", "copy-of-001.jpg"], ["002.png", "mislabelled.png"]]
+    assert [sorted(Path(f).name for f in g) for g in audit["duplicates_with_different_categories"]] == [
+        ["002.png", "mislabelled.png"]]
+    text = "\n".join(logs)
+    assert "4 file(s) are not readable images" in text and str(tmp_path / "out" / "audit.json") in text
+    assert "empty category folder(s) left out: empty-category" in text
+    assert "2 group(s) of files with the same bytes, 1 of them in different categories" in text
+
+
+def test_convert_fail_policy_writes_nothing(tmp_path, messy_folder):
+    r = run_cli("convert-to-image-directory", messy_folder, "--output", tmp_path / "out", "--on-bad-image", "fail",
+                check=False)
+    assert r.returncode == 1 and "3 file(s) in" in r.stderr and "not readable images" in r.stderr
+    assert "truncated.png" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".imgtrain-tmp-*"))
+
+
+def _modes_folder(root: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(1)
+    pixels = np.clip(rng.normal(128, 30, (20, 30, 3)), 0, 255).astype(np.uint8)
+    rgb = Image.fromarray(pixels)
+    root.mkdir(parents=True)
+    paths = {}
+    for mode, ext in [("L", "png"), ("LA", "png"), ("P", "png"), ("RGBA", "png"), ("CMYK", "jpg"), ("1", "bmp"),
+                      ("I;16", "png"), ("RGB", "webp"), ("RGB", "tiff")]:
+        image = rgb.convert("L").convert(mode) if mode in ("I;16", "1") else rgb.convert(mode)
+        if mode == "I;16":
+            image = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+        paths[mode + ext] = root / f"{mode.replace(';', '')}.{ext}"
+        image.save(paths[mode + ext])
+    return paths
+
+
+def test_every_mode_becomes_rgb_the_same_way(tmp_path):
+    for name, path in _modes_folder(tmp_path / "modes").items():
+        image = load_rgb(path)
+        assert image.mode == "RGB" and image.size == (30, 20), name
+    sixteen = np.asarray(load_rgb(tmp_path / "modes" / "I16.png"))
+    grey = np.asarray(load_rgb(tmp_path / "modes" / "L.png"))
+    assert np.abs(sixteen.astype(int) - grey.astype(int)).max() <= 1  # 16-bit scaled, not clipped to white
+    transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    transparent.save(tmp_path / "t.png")
+    assert load_rgb(tmp_path / "t.png").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    assert load_rgb(tmp_path / "rotated.jpg").size == (20, 40)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(decode_module, "MAX_PIXELS", 100)
+    make_image(tmp_path / "big.png", 100, np.random.default_rng(0), size=(20, 20))
+    with pytest.raises(BadImageError, match="over the pixel limit: 20 x 20 = 400 pixels > 100"):
+        load_rgb(tmp_path / "big.png")
+
+
+def _corrupt_copy(image_dir: Path, dest: Path, which: int = 0) -> Path:
+    shutil.copytree(image_dir, dest)
+    victim = sorted((dest / "image").iterdir())[which]
+    victim.write_bytes(victim.read_bytes()[:-200])
+    return victim
+
+
+def test_a_bad_image_that_slipped_in_later_is_named(tmp_path, image_dirs):
+    victim = _corrupt_copy(image_dirs["train"], tmp_path / "train")
+    logs: list[str] = []
+    train_pytorch_model(image_dirs["untrained"], tmp_path / "train", image_dirs["val"], tmp_path / "m1",
+                        log=logs.append, **TRAIN)
+    assert sum(f"skipping image {victim}" in line for line in logs) == 1  # named once, not every epoch
+    with pytest.raises(BadImageError, match=f"cannot decode image {victim}: truncated"):
+        train_pytorch_model(image_dirs["untrained"], tmp_path / "train", image_dirs["val"], tmp_path / "m2",
+                            on_bad_image="fail", **TRAIN, **QUIET)
+    assert not (tmp_path / "m2").exists()
+    bad_val = _corrupt_copy(image_dirs["val"], tmp_path / "val", which=1)
+    logs.clear()
+    result = score_image_model(tmp_path / "m1", tmp_path / "val", tmp_path / "s", num_workers=0, log=logs.append)
+    assert result.num_images == 8 and any(str(bad_val) in line for line in logs)
+    assert bad_val.name not in (tmp_path / "s" / "scored.csv").read_text()
+    r = run_cli("score-image-model", "--trained-model", tmp_path / "m1", "--dataset", tmp_path / "val", "--output",
+                tmp_path / "s2", "--on-bad-image", "fail", check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: BadImageError: cannot decode image {bad_val}")
+
+
+def test_same_image_in_training_and_validation_is_a_warning(tmp_path, image_dirs):
+    from imgtrain import split_image_directory
+
+    shutil.copytree(image_dirs["val"], tmp_path / "val")
+    train_first = sorted((image_dirs["train"] / "image").iterdir())[0]
+    val_first = sorted((tmp_path / "val" / "image").iterdir())[0]
+    shutil.copyfile(train_first, val_first)  # same bytes; the recorded sha256 must follow
+    lst = (tmp_path / "val" / "images.lst").read_text().splitlines()
+    train_rows = {json.loads(r)["image_info"]["file_name"]: json.loads(r)
+                  for r in (image_dirs["train"] / "images.lst").read_text().splitlines()}
+    rows = [json.loads(r) for r in lst]
+    for row in rows:
+        if row["image_info"]["file_name"] == f"image/{val_first.name}":
+            row["image_info"]["sha256"] = train_rows[f"image/{train_first.name}"]["image_info"]["sha256"]
+    (tmp_path / "val" / "images.lst").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logs: list[str] = []
+    train_pytorch_model(image_dirs["untrained"], image_dirs["train"], tmp_path / "val", tmp_path / "m",
+                        log=logs.append, **{**TRAIN, "epochs": 1})
+    assert any("1 validation image(s) are also in the training data" in line and val_first.name in line
+               for line in logs)
+    del split_image_directory
+
+
+# --- archives ---------------------------------------------------------------------------------
+
+def _tar_with(tmp_path: Path, name: str, add) -> Path:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        add(tf)
+    path = tmp_path / name
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def _entry(name: str, kind=tarfile.REGTYPE, link: str = "", data: bytes = b"abc") -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, io.BytesIO(data) if kind == tarfile.REGTYPE else None
+
+
+@pytest.mark.parametrize("name, entry, message", [
+    ("abs.tar", _entry("/tmp/imgtrain-escape.png"), "imgtrain-escape.png"),
+    ("dotdot.tar", _entry("cat/../../escape.png"), "escape.png"),
+    ("symlink.tar", _entry("cat/link.png", tarfile.SYMTYPE, "/etc/passwd"), "link.png"),
+    ("hardlink.tar", _entry("cat/hard.png", tarfile.LNKTYPE, "../../etc/passwd"), "hard.png"),
+    ("device.tar", _entry("cat/dev.png", tarfile.CHRTYPE), "dev.png"),
+])
+def test_unsafe_tar_entries_are_refused_by_name(tmp_path, name, entry, message):
+    archive = _tar_with(tmp_path, name, lambda tf: tf.addfile(*entry))
+    with pytest.raises(InvalidDatasetError, match=f"entry .*{message}"):
+        convert_to_image_directory(archive, tmp_path / "out", **QUIET)
+    assert not (tmp_path / "out").exists() and not Path("/tmp/imgtrain-escape.png").exists()
+
+
+def test_archive_limits(tmp_path, labelled_folder, monkeypatch):
+    with zipfile.ZipFile(tmp_path / "many.zip", "w") as zf:
+        for f in sorted(labelled_folder.rglob("*.png")):
+            zf.write(f, f.relative_to(labelled_folder))
+    monkeypatch.setattr(convert_module, "MAX_ARCHIVE_ENTRIES", 5)
+    with pytest.raises(InvalidDatasetError, match="past the limit of 5 entries"):
+        convert_to_image_directory(tmp_path / "many.zip", tmp_path / "out", **QUIET)
+    monkeypatch.setattr(convert_module, "MAX_ARCHIVE_ENTRIES", 1000)
+    monkeypatch.setattr(convert_module, "MAX_ARCHIVE_BYTES", 2000)
+    with tarfile.open(tmp_path / "big.tar.gz", "w:gz") as tf:
+        tf.add(labelled_folder, arcname="x")
+    for archive in ("many.zip", "big.tar.gz"):
+        with pytest.raises(InvalidDatasetError, match="past 2,000 bytes uncompressed"):
+            convert_to_image_directory(tmp_path / archive, tmp_path / "out", **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+# --- training faults --------------------------------------------------------------------------
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, image_dirs, monkeypatch):
+    import torch
+    import torchvision
+
+    from imgtrain import resnet
+    from imgtrain.models.registry import weights_cache_path
+    from test_models import place_fake_imagenet_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    state = place_fake_imagenet_weights("resnet18")
+    state["conv1.weight"] = state["conv1.weight"] * 1e38  # overflows to inf in the first layer
+    torch.save(state, weights_cache_path("resnet18"))
+    resnet(tmp_path / "u", model_name="resnet18")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "keep.txt").write_text("an earlier output")
+    with pytest.raises(TrainingDivergedError, match=r"the training loss became nan in epoch 1, batch 1") as err:
+        train_pytorch_model(tmp_path / "u", image_dirs["train"], image_dirs["val"], tmp_path / "model",
+                            overwrite=True, **TRAIN, **QUIET)
+    assert "lower --learning-rate" in str(err.value)
+    assert (tmp_path / "model" / "keep.txt").read_text() == "an earlier output"  # not replaced by a failed run
+    del torchvision
+
+
+def test_out_of_memory_gets_a_clear_error(tmp_path, image_dirs):
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (5000 * 2**20, 5000 * 2**20))
+
+    cmd = [sys.executable, "-m", "imgtrain", "train-pytorch-model", "--untrained-model", image_dirs["untrained"],
+           "--training-data", image_dirs["train"], "--validation-data", image_dirs["val"], "--output",
+           tmp_path / "m", "--batch-size", "27", "--image-size", "1536", "--epochs", "1", "--num-workers", "0"]
+    r = subprocess.run(cmd, preexec_fn=limit_memory, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: OutOfMemoryError: the cpu ran out of memory at batch size 27 and image size 1536. "
+        "pass a smaller --batch-size (or --image-size)")
+    assert not (tmp_path / "m").exists()
+
+
+def test_unwritable_output_is_detected_before_training(tmp_path, image_dirs):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputNotWritableError, match="cannot write the output"):
+        train_pytorch_model(image_dirs["untrained"], image_dirs["train"], image_dirs["val"],
+                            tmp_path / "a-file" / "model", **TRAIN, **QUIET)
+    r = run_cli("convert-to-image-directory", tmp_path, "--output", "/proc/imgtrain-out", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: OutputNotWritableError: cannot write the output")
+
+
+# --- atomic outputs ---------------------------------------------------------------------------
+
+def test_temporaries_of_killed_runs_are_cleaned_up(tmp_path, labelled_folder):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / ".imgtrain-tmp-out-abc123"
+    stale.mkdir()
+    (stale / ".owner-pid").write_text(str(dead.pid))
+    alive = tmp_path / ".imgtrain-tmp-out-def456"
+    alive.mkdir()
+    (alive / ".owner-pid").write_text(str(os.getpid()))
+    convert_to_image_directory(labelled_folder, tmp_path / "out", **QUIET)
+    assert not stale.exists() and alive.exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, image_dirs):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "keep.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        train_pytorch_model(image_dirs["untrained"], image_dirs["train"], image_dirs["val"], tmp_path / "m",
+                            **TRAIN, **QUIET)
+    assert (tmp_path / "m" / "keep.txt").exists()
+
+
+# --- checkpoints and exact resume -------------------------------------------------------------
+
+class Interrupt(BaseException):
+    pass
+
+
+def _interrupt_after(epoch: int):
+    def log(message: str) -> None:
+        if message.startswith(f"epoch {epoch}/"):
+            raise Interrupt
+    return log
+
+
+def test_resume_continues_exactly(tmp_path, image_dirs):
+    d, args = image_dirs, {**TRAIN, "epochs": 4, "num_workers": 2}
+    reference = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "ref", **args, **QUIET)
+    with pytest.raises(Interrupt):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(2), **args)
+    assert not (tmp_path / "m").exists() and (tmp_path / ".imgtrain-resume-m" / "checkpoint.safetensors").exists()
+    logs: list[str] = []
+    resumed = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
+                                  log=logs.append, **args)
+    assert any("resuming" in line and "after epoch 2" in line for line in logs)
+    assert sum(line.startswith("epoch ") for line in logs) == 2  # epochs 3 and 4 only
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    assert [m.validation_loss for m in resumed.history] == [m.validation_loss for m in reference.history]
+    assert not (tmp_path / ".imgtrain-resume-m").exists() and not (tmp_path / "m" / "checkpoint.safetensors").exists()
+
+
+def test_resume_when_complete_changes_nothing(tmp_path, image_dirs):
+    d = image_dirs
+    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "m").iterdir()}
+    r = run_cli("train-pytorch-model", "--untrained-model", d["untrained"], "--training-data", d["train"],
+                "--validation-data", d["val"], "--output", tmp_path / "m", "--epochs", "2", "--batch-size", "8",
+                "--image-size", "32", "--resume")
+    assert "already complete" in r.stdout
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "m").iterdir()}
+
+
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path, image_dirs):
+    logs: list[str] = []
+    d = image_dirs
+    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, log=logs.append,
+                        **{**TRAIN, "epochs": 1})
+    assert any("no checkpoint" in line and "starting from scratch" in line for line in logs)
+
+
+def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
+    d, args = image_dirs, {**TRAIN, "epochs": 3}
+    with pytest.raises(Interrupt):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1), **args)
+    with pytest.raises(CheckpointMismatchError, match="made with other parameters"):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
+                            **{**args, "learning_rate": 0.01}, **QUIET)
+    with pytest.raises(CheckpointMismatchError, match="other training data and validation data"):
+        train_pytorch_model(d["untrained"], d["val"], d["train"], tmp_path / "m", resume=True, **args, **QUIET)
+    # the checkpoint is still there, and the same command resumes it
+    result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, **args, **QUIET)
+    assert result.stopped_epoch == 3
+
+
+def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path, image_dirs):
+    d = image_dirs
+    args = ["train-pytorch-model", "--untrained-model", d["untrained"], "--training-data", d["train"],
+            "--validation-data", d["val"], "--epochs", "8", "--patience", "8", "--batch-size", "4",
+            "--image-size", "32", "--num-workers", "1"]
+    run_cli(*args, "--output", tmp_path / "reference")
+    rng = random.Random(20261123)
+    kills, finished = 0, False
+    for _ in range(15):
+        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", *map(str, args), "--output", tmp_path / "m",
+                                 "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=rng.uniform(2.0, 5.0))
+            assert proc.returncode == 0
+            finished = True
+            break
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            time.sleep(0.1)
+    assert finished and kills >= 2, f"{kills} kills, finished: {finished}"
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == (
+        tmp_path / "reference" / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing piles up
