@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from conftest import make_labelled_folder, run_cli
 from imgtrain import convert_to_image_directory, load_trained_model, train_pytorch_model
 from imgtrain.data.dataset import ImageDataset
-from imgtrain.data.transforms import Normalize, build_transform
+from imgtrain.data.transforms import Normalize
 from imgtrain.directories.image_directory import ImageDirectory
 from imgtrain.errors import (
     InvalidDatasetError,
@@ -132,7 +132,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, labelled_folder, image_di
     model, spec = load_trained_model(result.output)
     val = ImageDirectory.load(tmp_path / "val")
     labels = torch.tensor([spec.labels.index(val.categories[i]) for i in val.labels]).numpy()
-    loader = DataLoader(ImageDataset([val.path(i) for i in range(len(val))], labels, build_transform(32), 32),
+    loader = DataLoader(ImageDataset([val.path(i) for i in range(len(val))], labels, 32),
                         batch_size=8)
     loss, _, _ = evaluate_loss(model, loader, Normalize(spec.input.mean, spec.input.std), torch.device("cpu"),
                                torch.nn.CrossEntropyLoss(), spec.training["precision"])

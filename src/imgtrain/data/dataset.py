@@ -7,6 +7,7 @@ there are, and whether a run was interrupted and resumed change nothing in the r
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from imgtrain.data.cache import DecodedImageCache
 from imgtrain.data.decode import BadImageError, load_rgb
+from imgtrain.data.transforms import Augmentation, prepare
 
 
 class SeededSampler(Sampler):
@@ -40,33 +43,44 @@ class SeededSampler(Sampler):
 class ImageDataset(Dataset):
     """Yields ``(uint8 CHW image, label, index, ok)``; ``ok`` is False when decoding failed.
 
-    A bad file is reported back to the main process (which names it and applies the
-    bad-image policy) instead of raising inside a DataLoader worker.
+    An image is decoded and resized once (or read from the decoded-image cache), then
+    augmented with its own seed. A bad file is reported back to the main process (which
+    names it and applies the bad-image policy) instead of raising inside a worker.
     """
 
-    def __init__(self, paths: Sequence[Path | str], labels: np.ndarray | None, transform: Callable,
-                 image_size: int) -> None:
+    def __init__(self, paths: Sequence[Path | str], labels: np.ndarray | None, image_size: int, *,
+                 augment: Augmentation | None = None,
+                 cache: DecodedImageCache | None = None) -> None:
         self.paths = list(paths)
         self.labels = labels
-        self.transform = transform
         self.image_size = image_size
+        self.augment = augment
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _prepared(self, i: int) -> torch.Tensor | None:
+        cached = self.cache.get(i) if self.cache is not None else None
+        if cached is not None:
+            return cached if cached is not False else None
+        try:
+            x = prepare(load_rgb(self.paths[i], draft_size=self.image_size), self.image_size)
+        except BadImageError:
+            x = None
+        if self.cache is not None:
+            self.cache.put(i, x)
+        return x
+
     def __getitem__(self, item: int | tuple[int, int]):
         i, seed = item if isinstance(item, tuple) else (item, 0)
         label = -1 if self.labels is None else int(self.labels[i])
-        try:
-            image = load_rgb(self.paths[i])
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                x = self.transform(image)
-            ok = True
-        except BadImageError:
-            x = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
-            ok = False
-        return x, label, i, ok
+        x = self._prepared(i)
+        if x is None:
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), label, i, False
+        if self.augment is not None:
+            x = self.augment(x, random.Random(seed))
+        return x, label, i, True
 
 
 ON_BAD_IMAGE = ("skip", "fail")

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from imgtrain.data.convert import find_images
 from imgtrain.data.dataset import ON_BAD_IMAGE, BadImagePolicy, ImageDataset
-from imgtrain.data.transforms import Normalize, build_transform
+from imgtrain.data.transforms import Normalize
 from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import atomic_output_dir, check_output_writable
 from imgtrain.directories.image_directory import META_FILE, ImageDirectory
@@ -98,7 +98,7 @@ def score_image_model(
     normalize = Normalize(spec.input.mean, spec.input.std).to(dev)
     size = spec.input.image_size
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    images = ImageDataset(rows.paths, None, build_transform(size), size)
+    images = ImageDataset(rows.paths, None, size)
     loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
     log(f"Scoring {len(rows.paths):,} images with {spec.architecture} ({spec.num_classes} classes) on {dev}, "
         f"precision {precision}")

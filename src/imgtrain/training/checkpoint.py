@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from imgtrain.errors import CheckpointMismatchError
+
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
@@ -67,11 +69,19 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
-    """Restore model, optimizer, scheduler and random states; return the JSON state."""
+    """Restore model, optimizer, scheduler and random states; return the JSON state.
+
+    Refuses, naming what differs, a checkpoint whose run had other data or parameters.
+    """
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["state"])
+        differ = [name for name in run_id if meta["run_id"].get(name) != run_id[name]]
+        if differ:
+            raise CheckpointMismatchError(
+                f"the checkpoint {path} was made with other {' and '.join(differ)}",
+                "run with the same data and parameters to resume, or without --resume to start again")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     skeleton = meta.pop("optimizer")
@@ -80,6 +90,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         opt_state["state"][int(pid)] = {
             key: tensors[f"optimizer/{pid}/{key}"] if value is None else value for key, value in entries.items()}
     optimizer.load_state_dict(opt_state)
+    # Moments saved contiguous go back in their parameter's layout (channels-last convolutions):
+    # fused optimizers must see the same memory layout as the uninterrupted run to match it bit for bit.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
     scheduler.load_state_dict(meta.pop("scheduler"))
     torch.set_rng_state(tensors["rng/torch"])
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]

@@ -24,8 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from imgtrain.data.cache import DecodedImageCache
 from imgtrain.data.dataset import ON_BAD_IMAGE, BadImagePolicy, ImageDataset, SeededSampler
-from imgtrain.data.transforms import AUGMENTATIONS, DEFAULT_AUGMENTATION, Normalize, build_transform
+from imgtrain.data.transforms import AUGMENTATIONS, DEFAULT_AUGMENTATION, Normalize, build_augmentation
 from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import check_output_writable, make_owned_dir, publish
 from imgtrain.directories.image_directory import IMAGE_LIST, SCHEMA_FILE, ImageDirectory
@@ -41,7 +42,6 @@ from imgtrain.directories.model_directory import (
     write_model_directory,
 )
 from imgtrain.errors import (
-    CheckpointMismatchError,
     ImgtrainError,
     InvalidDatasetError,
     InvalidParameterError,
@@ -59,7 +59,7 @@ from imgtrain.training.seeding import seed_everything
 OPTIMIZERS = ("adamw", "sgd")
 RESUME_PREFIX = ".imgtrain-resume-"
 # Parameters that do not change the result: a run may resume with other values.
-_FREE_PARAMETERS = ("num_workers", "device", "on_bad_image")
+_FREE_PARAMETERS = ("num_workers", "device", "on_bad_image", "cache")
 
 
 @dataclass
@@ -79,6 +79,7 @@ class TrainingParameters:
     augmentation: str = DEFAULT_AUGMENTATION
     num_workers: int | None = None  # None: one per CPU core, at most 8
     on_bad_image: str = "skip"
+    cache: bool = True  # keep decoded images at training size in a memory-mapped file
 
     def check(self, training_size: int) -> None:
         check_range("epochs", self.epochs, low=1)
@@ -180,21 +181,38 @@ def train_pytorch_model(
     normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
 
     workers = params.num_workers if params.num_workers is not None else min(8, os.cpu_count() or 1)
-    loader_args = dict(batch_size=params.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                       persistent_workers=workers > 0)
-    train_images = ImageDataset([train_set.path(i) for i in range(len(train_set))], train_labels,
-                                build_transform(image_size, augmentation=params.augmentation), image_size)
+    work = resume_dir_for(output)
+    checkpoint = work / CHECKPOINT_FILE
+    if not (resume and checkpoint.is_file()):
+        if resume:
+            log(f"no checkpoint of {output} found: starting from scratch")
+        elif checkpoint.is_file():
+            log(f"removing the checkpoint of an interrupted run of {output} (pass --resume to continue it)")
+        shutil.rmtree(work, ignore_errors=True)
+    make_owned_dir(work)
+    caches = [DecodedImageCache.create_if_it_fits(work / f"cache-{name}-{image_size}", len(data), image_size, log)
+              if params.cache else None for name, data in (("training", train_set), ("validation", val_set))]
+    train_images = ImageDataset([train_set.path(i) for i in range(len(train_set))], train_labels, image_size,
+                                augment=build_augmentation(image_size, params.augmentation), cache=caches[0])
+    val_images = ImageDataset([val_set.path(i) for i in range(len(val_set))], val_labels, image_size,
+                              cache=caches[1])
     train_sampler = SeededSampler(len(train_set), params.random_seed, shuffle=True)
-    train_loader = DataLoader(train_images, sampler=train_sampler,
-                              drop_last=len(train_set) % params.batch_size == 1, **loader_args)
-    val_images = ImageDataset([val_set.path(i) for i in range(len(val_set))], val_labels,
-                              build_transform(image_size), image_size)
-    val_loader = DataLoader(val_images, sampler=SeededSampler(len(val_set), 0, shuffle=False), **loader_args)
+    val_sampler = SeededSampler(len(val_set), 0, shuffle=False)
+    drop_last = len(train_set) % params.batch_size == 1  # a batch of one breaks BatchNorm
+
+    def loader(images: ImageDataset, sampler: SeededSampler) -> DataLoader:
+        # Once the cache holds every image, reading it costs less than starting workers, and on
+        # the CPU the worker processes would only take cores from the training threads.
+        cached = images.cache is not None and images.cache.complete() and device.type == "cpu"
+        return DataLoader(images, batch_size=params.batch_size, sampler=sampler, num_workers=0 if cached else workers,
+                          pin_memory=device.type == "cuda", drop_last=drop_last and sampler is train_sampler)
+
     train_bad = BadImagePolicy(params.on_bad_image, train_images, log)
     val_bad = BadImagePolicy(params.on_bad_image, val_images, log)
 
-    optimizer = _make_optimizer(model, base, params)
-    steps_per_epoch = len(train_loader)
+    optimizer = _make_optimizer(model, base, params, device)
+    steps_per_epoch = (len(train_set) // params.batch_size if drop_last
+                       else math.ceil(len(train_set) / params.batch_size))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -202,23 +220,12 @@ def train_pytorch_model(
     stopper = EarlyStopping(params.patience)
     history: list[EpochMetrics] = []
     epoch = 0
-
-    work = resume_dir_for(output)
-    checkpoint = work / CHECKPOINT_FILE
     if resume and checkpoint.is_file():
-        state = load_checkpoint(checkpoint, model, optimizer, schedule)
-        _check_same_run(state["run_id"], run_id, checkpoint)
+        state = load_checkpoint(checkpoint, run_id, model, optimizer, schedule)
         scaler.load_state_dict(state["scaler"])
         epoch, stopper = state["epoch"], EarlyStopping(**state["early_stopping"])
         history = [EpochMetrics(**m) for m in state["history"]]
         log(f"resuming {output} after epoch {epoch} from its checkpoint")
-    else:
-        if resume:
-            log(f"no checkpoint of {output} found: starting from scratch")
-        elif checkpoint.is_file():
-            log(f"removing the checkpoint of an interrupted run of {output} (pass --resume to continue it)")
-        shutil.rmtree(work, ignore_errors=True)
-    make_owned_dir(work)
 
     start = "fine-tuning ImageNet weights" if base.pretrained else "from scratch"
     if base.trained:
@@ -227,7 +234,8 @@ def train_pytorch_model(
         f"categories, validating on {len(val_set):,}")
     log(f"device {device}, precision {precision}, image size {image_size}, batch size {params.batch_size}, "
         f"learning rate {params.learning_rate:g}, {params.optimizer}, augmentation {params.augmentation}, "
-        f"up to {params.epochs} epochs, patience {params.patience}, {workers} data workers")
+        f"up to {params.epochs} epochs, patience {params.patience}, {workers} data workers, "
+        f"decoded-image cache {'on' if any(caches) else 'off'}")
 
     try:
         while epoch < params.epochs and not stopper.should_stop:
@@ -237,8 +245,8 @@ def train_pytorch_model(
             train_sampler.set_epoch(epoch)
             model.train()
             seen, loss_sum, wrong, waited = 0, 0.0, 0, 0.0
-            bar = tqdm(train_loader, desc=f"epoch {epoch}/{params.epochs}", leave=False, unit="batch",
-                       disable=(not sys.stderr.isatty()) if progress is None else not progress)
+            bar = tqdm(loader(train_images, train_sampler), desc=f"epoch {epoch}/{params.epochs}", leave=False,
+                       unit="batch", disable=(not sys.stderr.isatty()) if progress is None else not progress)
             fetch_started = time.perf_counter()
             for step, batch in enumerate(bar, 1):
                 waited += time.perf_counter() - fetch_started
@@ -266,7 +274,8 @@ def train_pytorch_model(
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
                 fetch_started = time.perf_counter()
             train_seconds = time.perf_counter() - started
-            val_loss, top1, top5 = evaluate_loss(model, val_loader, normalize, device, loss_fn, precision, val_bad)
+            val_loss, top1, top5 = evaluate_loss(model, loader(val_images, val_sampler), normalize, device, loss_fn,
+                                                 precision, val_bad)
             improved = stopper.update(epoch, val_loss)
             if improved:
                 _save_weights(model, work / WEIGHTS_FILE)
@@ -305,6 +314,9 @@ def train_pytorch_model(
                   "training_images": len(train_set), "validation_images": len(val_set), "run_id": run_id})
     write_model_directory(work, spec)
     checkpoint.unlink()
+    for cache in caches:
+        if cache is not None:
+            cache.remove()
     check_output_writable(output, overwrite=overwrite)
     publish(work, output)
     return TrainResult(output, stopper.best_epoch, epoch, stopper.best_loss, history)
@@ -326,14 +338,6 @@ def _result_of(output: Path) -> TrainResult:
     t = spec.training
     return TrainResult(output, t["best_epoch"], t["stopped_epoch"], t["best_validation_loss"], history,
                        already_complete=True)
-
-
-def _check_same_run(saved: dict, current: dict, checkpoint: Path) -> None:
-    differ = [name for name in current if saved.get(name) != current[name]]
-    if differ:
-        raise CheckpointMismatchError(
-            f"the checkpoint {checkpoint} was made with other {' and '.join(differ)}",
-            "run with the same data and parameters to resume, or without --resume to start again")
 
 
 def _warn_about_shared_images(train_set: ImageDirectory, val_set: ImageDirectory, log) -> None:
@@ -378,10 +382,12 @@ def _initial_model(base: ModelSpec, path, num_classes: int) -> nn.Module:
     return model
 
 
-def _make_optimizer(model: nn.Module, base: ModelSpec, params: TrainingParameters) -> torch.optim.Optimizer:
+def _make_optimizer(model: nn.Module, base: ModelSpec, params: TrainingParameters,
+                    device: torch.device) -> torch.optim.Optimizer:
     """AdamW by default; pretrained backbones learn at a tenth of the head's rate.
 
-    Biases and normalisation weights get no weight decay.
+    Biases and normalisation weights get no weight decay. The fused implementations update
+    all parameters in one kernel: on a CPU, 3x faster than the per-tensor loop.
     """
     head = get_architecture(base.architecture).head
     backbone_lr = params.learning_rate * (0.1 if base.pretrained or base.trained else 1.0)
@@ -395,9 +401,10 @@ def _make_optimizer(model: nn.Module, base: ModelSpec, params: TrainingParameter
          "weight_decay": 0.0 if no_decay else decay}
         for (in_head, no_decay), ps in sorted(groups.items())
     ]  # sorted: the head's groups come last, so param_groups[-1] carries the head's rate
+    fused = device.type in ("cpu", "cuda")
     if params.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=params.learning_rate, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(param_groups, lr=params.learning_rate)
+        return torch.optim.SGD(param_groups, lr=params.learning_rate, momentum=0.9, nesterov=True, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=params.learning_rate, fused=fused)
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

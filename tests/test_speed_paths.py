@@ -1,0 +1,89 @@
+"""The fast paths change speed, never results: cache, precision, augmentation, JPEG draft decoding."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgtrain import load_trained_model, train_pytorch_model
+from imgtrain.data.cache import DecodedImageCache
+from imgtrain.data.decode import load_rgb
+from imgtrain.data.transforms import Augmentation, build_augmentation
+from imgtrain.training.precision import resolve_precision
+
+QUIET = {"log": lambda m: None}
+TRAIN = {"epochs": 2, "batch_size": 8, "image_size": 32}
+
+
+def test_cache_stores_prepared_images_and_bad_files(tmp_path):
+    cache = DecodedImageCache(tmp_path / "c", count=3, size=4)
+    assert cache.get(0) is None and not cache.complete()
+    image = torch.arange(48, dtype=torch.uint8).view(3, 4, 4)
+    cache.put(0, image)
+    cache.put(1, None)  # a file that cannot be decoded
+    again = DecodedImageCache(tmp_path / "c", count=3, size=4)  # another process opening the same files
+    assert torch.equal(again.get(0), image) and again.get(1) is False and again.get(2) is None
+    again.put(2, image)
+    assert cache.complete()
+    cache.remove()
+    assert not list(tmp_path.iterdir())
+
+
+def test_cache_changes_no_result(tmp_path, image_dirs):
+    d = image_dirs
+    runs = [train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / f"m{cache}", cache=cache,
+                                num_workers=workers, **TRAIN, **QUIET)
+            for cache, workers in ((True, 2), (False, 0))]
+    weights = [(r.output / "model.safetensors").read_bytes() for r in runs]
+    assert weights[0] == weights[1]
+    assert not list(tmp_path.glob(".imgtrain-*"))  # the cache went with the work directory
+
+
+def test_precision_choices(tmp_path, image_dirs):
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("fp16", cpu) == "fp16"
+    assert resolve_precision("auto", cpu) in ("bf16", "fp32")
+    d = image_dirs
+    for precision in ("fp16", "fp32"):  # fp16 runs the GPU's loss-scaling path, here on the CPU
+        result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / precision, precision=precision,
+                                     num_workers=0, **TRAIN, **QUIET)
+        _, spec = load_trained_model(result.output)
+        assert spec.training["precision"] == precision
+        assert np.isfinite(result.best_validation_loss)
+
+
+def test_augmentation_shifts_and_flips_only_when_asked():
+    x = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 32, 32)
+    shift = build_augmentation(32, "shift")
+    outs = [shift(x, random.Random(seed)) for seed in range(20)]
+    assert all(o.shape == x.shape and o.dtype == torch.uint8 for o in outs)
+    assert torch.equal(shift(x, random.Random(3)), outs[3])  # a pure function of the seed
+    assert sum(torch.equal(o, x) for o in outs) < 5  # usually moved
+    for o in outs:  # moved by at most 2 px (32 / 16), never flipped
+        assert any(torch.equal(o[:, 2:-2, 2:-2], x[:, 2 - dy:30 - dy, 2 - dx:30 - dx])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+    flip = Augmentation(32, "shift-flip")
+    flipped = [flip(x, random.Random(seed)) for seed in range(20)]
+    assert any(torch.equal(o[:, 2:-2, 2:-2], x.flip(2)[:, 2 - dy:30 - dy, 2 - dx:30 - dx])
+               for o in flipped for dy in range(-2, 3) for dx in range(-2, 3))
+    assert build_augmentation(32, "none") is None
+
+
+def test_large_jpegs_decode_at_reduced_scale(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).save(tmp_path / "big.jpg")
+    full, draft = load_rgb(tmp_path / "big.jpg"), load_rgb(tmp_path / "big.jpg", draft_size=224)
+    assert full.size == (1600, 1200)
+    assert draft.size == (400, 300) and min(draft.size) >= 224  # 1/4 scale, still larger than the target
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_wait_is_measured(tmp_path, image_dirs, workers):
+    d = image_dirs
+    result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", num_workers=workers,
+                                 **TRAIN, **QUIET)
+    assert all(0 <= m.data_wait_fraction < 1 for m in result.history)
