@@ -76,7 +76,8 @@ def _train(args) -> None:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         random_seed=args.random_seed, patience=args.patience, warmup_epochs=args.warmup_epochs,
         image_size=args.image_size, device=args.device, precision=args.precision, optimizer=args.optimizer,
-        augmentation=args.augmentation, num_workers=args.num_workers, on_bad_image=args.on_bad_image)
+        augmentation=args.augmentation, num_workers=args.num_workers, on_bad_image=args.on_bad_image,
+        cache=args.cache)
     result = train_pytorch_model(args.untrained_model, args.training_data, args.validation_data,
                                  args.output, params, overwrite=args.overwrite, resume=args.resume)
     best = result.history[result.best_epoch - 1]
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "digits and text); shift-flip adds horizontal flips (photos only)")
     p.add_argument("--num-workers", type=_int, default=None,
                    help="DataLoader worker processes (default: one per CPU core, at most 8)")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the decoded images at training size in a memory-mapped file beside the output "
+                        "after the first epoch, instead of decoding them again every epoch")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last checkpoint (an epoch)")
     _on_bad_image(p, "stops the run")

@@ -227,6 +227,9 @@ def train_pytorch_model(
         history = [EpochMetrics(**m) for m in state["history"]]
         log(f"resuming {output} after epoch {epoch} from its checkpoint")
 
+    stepper = _Stepper(model, optimizer, scaler, schedule, loss_fn, normalize, device, precision,
+                       params.learning_rate)
+
     start = "fine-tuning ImageNet weights" if base.pretrained else "from scratch"
     if base.trained:
         start = f"from the trained model {untrained_model}"
@@ -243,36 +246,9 @@ def train_pytorch_model(
             started = time.perf_counter()
             lr = optimizer.param_groups[-1]["lr"]
             train_sampler.set_epoch(epoch)
-            model.train()
-            seen, loss_sum, wrong, waited = 0, 0.0, 0, 0.0
             bar = tqdm(loader(train_images, train_sampler), desc=f"epoch {epoch}/{params.epochs}", leave=False,
                        unit="batch", disable=(not sys.stderr.isatty()) if progress is None else not progress)
-            fetch_started = time.perf_counter()
-            for step, batch in enumerate(bar, 1):
-                waited += time.perf_counter() - fetch_started
-                x, y, _ = train_bad.filter(batch)
-                if len(y) == 0:
-                    continue
-                x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-                with autocast(precision, device):
-                    logits = model(x)
-                    loss = loss_fn(logits, y)
-                batch_loss = loss.item()
-                if not math.isfinite(batch_loss):
-                    raise TrainingDivergedError(
-                        f"the training loss became {batch_loss} in epoch {epoch}, batch {step}",
-                        f"pass a lower --learning-rate than {params.learning_rate:g}; "
-                        f"the checkpoint of the last good epoch stays in {work}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                seen += len(y)
-                loss_sum += batch_loss * len(y)
-                wrong += int((logits.argmax(1) != y).sum())
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
-                fetch_started = time.perf_counter()
+            seen, loss_sum, wrong, waited = stepper.train_epoch(bar, train_bad, epoch, work)
             train_seconds = time.perf_counter() - started
             val_loss, top1, top5 = evaluate_loss(model, loader(val_images, val_sampler), normalize, device, loss_fn,
                                                  precision, val_bad)
@@ -320,6 +296,52 @@ def train_pytorch_model(
     check_output_writable(output, overwrite=overwrite)
     publish(work, output)
     return TrainResult(output, stopper.best_epoch, epoch, stopper.best_loss, history)
+
+
+@dataclass
+class _Stepper:
+    """One training epoch: forward, loss, backward and optimiser step for every batch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    normalize: Normalize
+    device: torch.device
+    precision: str
+    learning_rate: float
+
+    def train_epoch(self, batches, bad_images: BadImagePolicy, epoch: int, work: Path):
+        """Return images seen, summed loss, wrong predictions, and seconds spent waiting for data."""
+        self.model.train()
+        seen, loss_sum, wrong, waited = 0, 0.0, 0, 0.0
+        fetch_started = time.perf_counter()
+        for step, batch in enumerate(batches, 1):
+            waited += time.perf_counter() - fetch_started
+            x, y, _ = bad_images.filter(batch)
+            if len(y):
+                x, y = self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+                with autocast(self.precision, self.device):
+                    logits = self.model(x)
+                    loss = self.loss_fn(logits, y)
+                batch_loss = loss.item()
+                if not math.isfinite(batch_loss):
+                    raise TrainingDivergedError(
+                        f"the training loss became {batch_loss} in epoch {epoch}, batch {step}",
+                        f"pass a lower --learning-rate than {self.learning_rate:g}; "
+                        f"the checkpoint of the last good epoch stays in {work}")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
+                self.scaler.update()
+                self.schedule.step()
+                seen += len(y)
+                loss_sum += batch_loss * len(y)
+                wrong += int((logits.argmax(1) != y).sum())
+                batches.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+            fetch_started = time.perf_counter()
+        return seen, loss_sum, wrong, waited
 
 
 def _is_complete(output: Path, run_id: dict) -> bool:

