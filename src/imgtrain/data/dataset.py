@@ -51,7 +51,7 @@ class ImageDataset(Dataset):
     def __init__(self, paths: Sequence[Path | str], labels: np.ndarray | None, image_size: int, *,
                  augment: Augmentation | None = None,
                  cache: DecodedImageCache | None = None) -> None:
-        self.paths = list(paths)
+        self.paths = [str(p) for p in paths]  # strings: a third of the memory of Path objects
         self.labels = labels
         self.image_size = image_size
         self.augment = augment

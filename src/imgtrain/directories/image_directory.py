@@ -86,35 +86,27 @@ class ImageDirectory:
         labels: list[int] = []
         sizes: list[tuple] = []
         digests: list = []
-        with open(list_path, encoding="utf-8") as lines:
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    info = row["image_info"]
-                    name = info["file_name"]
-                    image_id = int(row.get("id", n - 1))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise InvalidDatasetError(
-                        f"{list_path} line {n} is not an image entry ({exc})", _HINT
-                    ) from None
-                if not isinstance(name, str):
-                    raise InvalidDatasetError(f"{list_path} line {n}: file_name is not a string", _HINT)
-                _inside(root, name, f"{IMAGE_LIST} line {n}")
-                files.append(name)
-                ids.append(image_id)
-                sizes.append((info.get("width"), info.get("height")))
-                digests.append(info.get("sha256"))
-                if categories:
-                    category = row.get("category")
-                    if category not in index:
-                        raise InvalidDatasetError(
-                            f"{list_path} line {n}: category {category!r} is not in the schema's "
-                            f"categories {categories}",
-                            _HINT,
-                        )
-                    labels.append(index[category])
+        try:
+            with open(list_path, encoding="utf-8") as lines:
+                for n, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    name, image_id, info, category = _parse_row(line, n, list_path)
+                    _inside(root, name, f"{IMAGE_LIST} line {n}")
+                    files.append(name)
+                    ids.append(image_id)
+                    sizes.append((info.get("width"), info.get("height")))
+                    digests.append(info.get("sha256"))
+                    if categories:
+                        if not isinstance(category, str) or category not in index:
+                            raise InvalidDatasetError(
+                                f"{list_path} line {n}: category {category!r} is not in the schema's "
+                                f"categories {categories}", _HINT)
+                        labels.append(index[category])
+        except FileNotFoundError:
+            raise InvalidDatasetError(f"{list_path} is missing", _HINT) from None
+        except UnicodeDecodeError as exc:
+            raise InvalidDatasetError(f"{list_path} is not UTF-8 text ({exc.reason})", _HINT) from None
         if not files:
             raise InvalidDatasetError(f"{root} holds no images (its {IMAGE_LIST} is empty)", _HINT)
         return cls(
@@ -129,6 +121,20 @@ class ImageDirectory:
         )
 
 
+def _parse_row(line: str, n: int, list_path: Path) -> tuple[str, int, dict, object]:
+    """One images.lst line: file name, id, image_info, category (checked by the caller)."""
+    try:
+        row = json.loads(line)
+        info = row["image_info"]
+        name = info["file_name"]
+        image_id = int(row.get("id", n - 1))
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        raise InvalidDatasetError(f"{list_path} line {n} is not an image entry ({exc!r})", _HINT) from None
+    if not isinstance(name, str) or not isinstance(info, dict):
+        raise InvalidDatasetError(f"{list_path} line {n}: file_name is not a string", _HINT)
+    return name, image_id, info, row.get("category")
+
+
 def _read_meta(root: Path) -> dict:
     meta_path = root / META_FILE
     if not root.is_dir():
@@ -137,7 +143,7 @@ def _read_meta(root: Path) -> dict:
         raise InvalidDatasetError(f"{root} is not an ImageDirectory (no {META_FILE})", _HINT)
     try:
         meta = yaml.safe_load(meta_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError covers UnicodeDecodeError
         raise InvalidDatasetError(f"{meta_path} is not valid YAML ({exc})", _HINT) from None
     if not isinstance(meta, dict) or meta.get("type") != "ImageDirectory":
         kind = meta.get("type") if isinstance(meta, dict) else None
@@ -156,25 +162,22 @@ def _inside(root: Path, name: object, what: str) -> Path:
 
 
 def _categories_from_schema(schema_path: Path) -> list[str]:
+    """The category names in the order of their ids; empty when the data set is unlabeled."""
     try:
         schema = json.loads(schema_path.read_text(encoding="utf-8"))
         columns = schema["columnAttributes"]
+        column = next((c for c in columns if isinstance(c, dict) and c.get("name") == "category"), None)
+        if column is None:
+            return []
+        raw = (column.get("properties") or {}).get("categories") or []
+        names = [str(c["name"]) for c in sorted(raw, key=lambda c: int(c["id"]))]
     except FileNotFoundError:
         raise InvalidDatasetError(f"{schema_path} is missing", _HINT) from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidDatasetError(f"{schema_path} is not a valid schema ({exc})", _HINT) from None
-    for column in columns:
-        if isinstance(column, dict) and column.get("name") == "category":
-            raw = (column.get("properties") or {}).get("categories") or []
-            try:
-                ordered = sorted(raw, key=lambda c: int(c["id"]))
-                names = [str(c["name"]) for c in ordered]
-            except (KeyError, TypeError, ValueError):
-                raise InvalidDatasetError(f"{schema_path}: malformed category list", _HINT) from None
-            if len(set(names)) != len(names):
-                raise InvalidDatasetError(f"{schema_path}: duplicate category names", _HINT)
-            return names
-    return []
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        raise InvalidDatasetError(f"{schema_path} is not a valid schema ({exc!r})", _HINT) from None
+    if len(set(names)) != len(names):
+        raise InvalidDatasetError(f"{schema_path}: duplicate category names", _HINT)
+    return names
 
 
 def write_image_directory_files(

@@ -127,7 +127,7 @@ def _read_yaml(path: Path, root: Path):
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InvalidModelDirectoryError(f"{root} is not a model directory (no {path.name})", _HINT) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError covers UnicodeDecodeError
         raise InvalidModelDirectoryError(f"{path} is not valid YAML ({exc})", _HINT) from None
 
 
@@ -138,7 +138,7 @@ def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:
         return InvalidModelDirectoryError(f"{root / SPEC_FILE}: {what}", _HINT)
 
     arch = raw.get("architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise bad(f"unknown architecture {arch!r}; imgtrain knows {', '.join(ARCHITECTURES)}")
     options = raw.get("options") or {}
     allowed = {"memory_efficient", "zero_init_residual"}
@@ -155,8 +155,8 @@ def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:
     inp = raw.get("input")
     try:
         spec.input = InputSpec(**inp)
-        size_ok = isinstance(spec.input.image_size, int) and 8 <= spec.input.image_size <= 4096
-        stats_ok = all(len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+        size_ok = type(spec.input.image_size) is int and 8 <= spec.input.image_size <= 4096
+        stats_ok = all(isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) for x in v)
                        for v in (spec.input.mean, spec.input.std)) and min(spec.input.std) > 0
     except TypeError:
         size_ok = stats_ok = False
@@ -165,8 +165,10 @@ def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:
     weights = raw.get("weights")
     if not isinstance(weights, str) or Path(weights).name != weights:
         raise bad("weights must name a file inside the directory")
-    spec.labels, spec.weights = labels, weights
-    spec.training = raw.get("training") or {}
+    training = raw.get("training") or {}
+    if not isinstance(training, dict):
+        raise bad("training must be a mapping")
+    spec.labels, spec.weights, spec.training = labels, weights, training
     return spec
 
 

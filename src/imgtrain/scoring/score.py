@@ -23,7 +23,7 @@ from imgtrain.directories.atomic import atomic_output_dir, check_output_writable
 from imgtrain.directories.image_directory import META_FILE, ImageDirectory
 from imgtrain.directories.model_directory import load_trained_model
 from imgtrain.errors import InvalidDatasetError, InvalidParameterError, check_range
-from imgtrain.training.precision import PRECISIONS, autocast, resolve_precision
+from imgtrain.training.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
 
 SCORED_FILE = "scored.csv"
 LABEL_COLUMN = "category"
@@ -105,7 +105,7 @@ def score_image_model(
     probabilities = np.zeros((len(rows.paths), spec.num_classes), dtype=np.float32)
     scored = np.zeros(len(rows.paths), dtype=bool)
     bad_images = BadImagePolicy(on_bad_image, images, log)
-    with torch.inference_mode():
+    with torch.inference_mode(), denormals_flushed():
         for batch in tqdm(loader, desc="scoring", unit="batch", leave=False,
                           disable=(not sys.stderr.isatty()) if progress is None else not progress):
             x, _, index = bad_images.filter(batch)

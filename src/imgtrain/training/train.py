@@ -53,7 +53,7 @@ from imgtrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_model, g
 from imgtrain.training.checkpoint import CHECKPOINT_FILE, file_digest, fingerprint, load_checkpoint, save_checkpoint
 from imgtrain.training.early_stopping import EarlyStopping
 from imgtrain.training.image_size import auto_image_size
-from imgtrain.training.precision import PRECISIONS, autocast, resolve_precision
+from imgtrain.training.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
 from imgtrain.training.seeding import seed_everything
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -200,12 +200,20 @@ def train_pytorch_model(
     val_sampler = SeededSampler(len(val_set), 0, shuffle=False)
     drop_last = len(train_set) % params.batch_size == 1  # a batch of one breaks BatchNorm
 
+    loaders: dict[tuple[int, bool], DataLoader] = {}
+
     def loader(images: ImageDataset, sampler: SeededSampler) -> DataLoader:
-        # Once the cache holds every image, reading it costs less than starting workers, and on
-        # the CPU the worker processes would only take cores from the training threads.
-        cached = images.cache is not None and images.cache.complete() and device.type == "cpu"
-        return DataLoader(images, batch_size=params.batch_size, sampler=sampler, num_workers=0 if cached else workers,
-                          pin_memory=device.type == "cuda", drop_last=drop_last and sampler is train_sampler)
+        # Persistent workers decode; once the cache holds every image, reading it in this process
+        # costs less, and on the CPU the worker processes would only take cores from training.
+        inline = workers == 0 or (images.cache is not None and images.cache.complete() and device.type == "cpu")
+        if inline:
+            loaders.pop((id(images), False), None)  # ends that loader's worker processes
+        if (id(images), inline) not in loaders:
+            loaders[id(images), inline] = DataLoader(
+                images, batch_size=params.batch_size, sampler=sampler, num_workers=0 if inline else workers,
+                persistent_workers=not inline, pin_memory=device.type == "cuda",
+                drop_last=drop_last and sampler is train_sampler)
+        return loaders[id(images), inline]
 
     train_bad = BadImagePolicy(params.on_bad_image, train_images, log)
     val_bad = BadImagePolicy(params.on_bad_image, val_images, log)
@@ -241,33 +249,34 @@ def train_pytorch_model(
         f"decoded-image cache {'on' if any(caches) else 'off'}")
 
     try:
-        while epoch < params.epochs and not stopper.should_stop:
-            epoch += 1
-            started = time.perf_counter()
-            lr = optimizer.param_groups[-1]["lr"]
-            train_sampler.set_epoch(epoch)
-            bar = tqdm(loader(train_images, train_sampler), desc=f"epoch {epoch}/{params.epochs}", leave=False,
-                       unit="batch", disable=(not sys.stderr.isatty()) if progress is None else not progress)
-            seen, loss_sum, wrong, waited = stepper.train_epoch(bar, train_bad, epoch, work)
-            train_seconds = time.perf_counter() - started
-            val_loss, top1, top5 = evaluate_loss(model, loader(val_images, val_sampler), normalize, device, loss_fn,
-                                                 precision, val_bad)
-            improved = stopper.update(epoch, val_loss)
-            if improved:
-                _save_weights(model, work / WEIGHTS_FILE)
-            history.append(EpochMetrics(epoch, lr, seen / train_seconds, loss_sum / max(seen, 1),
-                                        wrong / max(seen, 1), val_loss, top1, top5, waited / train_seconds,
-                                        time.perf_counter() - started))
-            _write_metrics(work / METRICS_FILE, history)
-            save_checkpoint(checkpoint, model, optimizer, schedule, {
-                "run_id": run_id, "epoch": epoch, "early_stopping": asdict(stopper),
-                "history": [asdict(m) for m in history], "scaler": scaler.state_dict()})
-            m = history[-1]
-            log(f"epoch {epoch}/{params.epochs}  lr {lr:.2e}  train loss {m.train_loss:.4f} "
-                f"error {m.train_error:.2%}  {m.train_images_per_second:,.0f} img/s  "
-                f"val loss {val_loss:.4f} top-1 {top1:.2%} top-5 {top5:.2%}" + ("  *best*" if improved else ""))
-        if stopper.should_stop and epoch < params.epochs:
-            log(f"early stop: no lower validation loss for {params.patience} epochs")
+        with denormals_flushed():
+            while epoch < params.epochs and not stopper.should_stop:
+                epoch += 1
+                started = time.perf_counter()
+                lr = optimizer.param_groups[-1]["lr"]
+                train_sampler.set_epoch(epoch)
+                bar = tqdm(loader(train_images, train_sampler), desc=f"epoch {epoch}/{params.epochs}", leave=False,
+                           unit="batch", disable=(not sys.stderr.isatty()) if progress is None else not progress)
+                seen, loss_sum, wrong, waited = stepper.train_epoch(bar, train_bad, epoch, work)
+                train_seconds = time.perf_counter() - started
+                val_loss, top1, top5 = evaluate_loss(model, loader(val_images, val_sampler), normalize, device, loss_fn,
+                                                     precision, val_bad)
+                improved = stopper.update(epoch, val_loss)
+                if improved:
+                    _save_weights(model, work / WEIGHTS_FILE)
+                history.append(EpochMetrics(epoch, lr, seen / train_seconds, loss_sum / max(seen, 1),
+                                            wrong / max(seen, 1), val_loss, top1, top5, waited / train_seconds,
+                                            time.perf_counter() - started))
+                _write_metrics(work / METRICS_FILE, history)
+                save_checkpoint(checkpoint, model, optimizer, schedule, {
+                    "run_id": run_id, "epoch": epoch, "early_stopping": asdict(stopper),
+                    "history": [asdict(m) for m in history], "scaler": scaler.state_dict()})
+                m = history[-1]
+                log(f"epoch {epoch}/{params.epochs}  lr {lr:.2e}  train loss {m.train_loss:.4f} "
+                    f"error {m.train_error:.2%}  {m.train_images_per_second:,.0f} img/s  "
+                    f"val loss {val_loss:.4f} top-1 {top1:.2%} top-5 {top5:.2%}" + ("  *best*" if improved else ""))
+            if stopper.should_stop and epoch < params.epochs:
+                log(f"early stop: no lower validation loss for {params.patience} epochs")
     except torch.OutOfMemoryError:
         raise _out_of_memory(device, params, image_size) from None
     except RuntimeError as exc:
