@@ -397,3 +397,96 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == (
         tmp_path / "reference" / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing piles up
+
+
+# --- found in review ----------------------------------------------------------------------------
+
+def test_hand_placed_weights_are_never_unpickled(tmp_path, monkeypatch):
+    import pickle
+
+    from imgtrain.errors import WeightsUnavailableError
+    from imgtrain.models.registry import build_model, weights_cache_path
+
+    class RunsCode:
+        def __reduce__(self):
+            return (Path(tmp_path / "pwned").write_text, ("ran",))
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = weights_cache_path("resnet18")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(pickle.dumps({"conv1.weight": RunsCode()}))
+    with pytest.raises(WeightsUnavailableError, match="cannot be loaded"):
+        build_model("resnet18", 3, pretrained=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_split_refuses_an_empty_side_and_one_path_for_both(tmp_path):
+    from imgtrain import split_image_directory
+    from imgtrain.errors import InvalidParameterError
+
+    convert_to_image_directory(make_labelled_folder(tmp_path / "src", per_class=4), tmp_path / "all", **QUIET)
+    with pytest.raises(InvalidDatasetError, match="leaves the second output empty"):
+        split_image_directory(tmp_path / "all", tmp_path / "a", tmp_path / "b", fraction=0.9)
+    with pytest.raises(InvalidParameterError, match="three different directories"):
+        split_image_directory(tmp_path / "all", tmp_path / "same", tmp_path / "same", fraction=0.5)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "same").exists()
+
+
+def test_links_inside_an_archive_keep_their_images(tmp_path, labelled_folder):
+    def add(tf):
+        tf.add(labelled_folder, arcname="data")
+        info = tarfile.TarInfo("data/dark/link.png")
+        info.type, info.linkname = tarfile.SYMTYPE, "000.png"
+        tf.addfile(info)
+    archive = _tar_with(tmp_path, "links.tar", add)
+    result = convert_to_image_directory(archive, tmp_path / "out", **QUIET)
+    assert result.num_images == 37 and not result.skipped
+    assert all(p.is_file() and not p.is_symlink() for p in (tmp_path / "out" / "image").iterdir())
+
+
+def test_all_training_images_bad_is_an_error(tmp_path, image_dirs):
+    shutil.copytree(image_dirs["train"], tmp_path / "train")
+    for f in (tmp_path / "train" / "image").iterdir():
+        f.write_bytes(b"garbage")
+    with pytest.raises(InvalidDatasetError, match="no training image of .* could be decoded"):
+        train_pytorch_model(image_dirs["untrained"], tmp_path / "train", image_dirs["val"], tmp_path / "m",
+                            **TRAIN, **QUIET)
+    assert not (tmp_path / "m").exists()
+
+
+def test_sixteen_bit_and_keyed_transparency(tmp_path):
+    for value in (200, 300, 60000):
+        Image.fromarray(np.full((4, 4), value, dtype=np.uint16)).save(tmp_path / f"{value}.png")
+        assert load_rgb(tmp_path / f"{value}.png").getpixel((0, 0))[0] == round(value / 257)
+    keyed = Image.new("RGB", (4, 4), (10, 20, 30))
+    keyed.info["transparency"] = (10, 20, 30)
+    keyed.save(tmp_path / "keyed.png", transparency=(10, 20, 30))
+    assert load_rgb(tmp_path / "keyed.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_more_user_errors_are_one_line(tmp_path, image_dirs, trained_model):
+    long_name = tmp_path / ("x" * 300)
+    encrypted = tmp_path / "locked.zip"
+    with zipfile.ZipFile(encrypted, "w") as zf:
+        zf.writestr("cat/a.png", b"x")
+    data = bytearray(encrypted.read_bytes())
+    data[6] |= 1  # the general-purpose flag: encrypted
+    data[data.rfind(b"PK\x01\x02") + 8] |= 1
+    encrypted.write_bytes(bytes(data))
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    (scored / "scored.csv").write_text("image,category,Scored Probabilities_$5_to_$10,Scored Labels\n"
+                                       "a.png,$5_to_$10,1.0,$5_to_$10\n")
+    for args, start in [
+        (["convert-to-image-directory", image_dirs["train"], "--output", long_name], "error: OSError"),
+        (["convert-to-image-directory", encrypted, "--output", tmp_path / "o"], "error: InvalidDatasetError"),
+        (["split-image-directory", image_dirs["all"], "--random-seed", "-1", "--output-a", tmp_path / "a",
+          "--output-b", tmp_path / "b"], "error: NotInRangeValueError: parameter random_seed"),
+        (["score-image-model", "--trained-model", trained_model, "--dataset", image_dirs["val"], "--output",
+          tmp_path / "s", "--num-workers", "-1"], "error: NotInRangeValueError: parameter num_workers"),
+    ]:
+        r = run_cli(*args, check=False)
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(start), r.stderr
+        assert "Traceback" not in r.stderr
+    metrics = run_cli("evaluate-model", "--scored-dataset", scored, "--output", tmp_path / "e")
+    assert "Accuracy 100.00%" in metrics.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -54,10 +55,10 @@ def test_input_errors_name_the_problem(tmp_path, image_dirs, unlabeled):
     with pytest.raises(InvalidDatasetError, match=r"missing: \['bright', 'dark'\]; extra: \['black'\]"):
         train_pytorch_model(d["untrained"], d["train"], tmp_path / "other-dir", tmp_path / "o", **QUIET)
     n = len(ImageDirectory.load(d["train"]))
-    for name, value, allowed in [("epochs", 0, "[1, inf)"), ("batch_size", n + 1, f"[1, {n}]"),
+    for name, value, allowed in [("epochs", 0, "[1, inf)"), ("batch_size", n + 1, f"[2, {n}]"),
+                                 ("batch_size", 1, f"[2, {n}]"), ("random_seed", -1, "[0, 4,294,967,295]"),
                                  ("learning_rate", 0.0, "(0, 10]"), ("patience", 0, "[1, inf)")]:
-        with pytest.raises(NotInRangeValueError, match=rf"parameter {name} is .*allowed: {allowed}".replace(
-                "[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(NotInRangeValueError, match=rf"parameter {name} is .*allowed: {re.escape(allowed)}"):
             train(d, tmp_path / "o", **{name: value})
     with pytest.raises(InvalidParameterError, match="no CUDA GPU"):
         train(d, tmp_path / "o", device="cuda" if not torch.cuda.is_available() else "tpu")
@@ -74,8 +75,12 @@ def test_cli_errors_are_one_line(tmp_path, image_dirs):
     cases = [
         (["--untrained-model", d["train"], *common], "error: InvalidModelDirectoryError: "),
         (["--untrained-model", d["untrained"], *common, "--batch-size", "10000"],
-         "error: NotInRangeValueError: parameter batch_size is 10000, allowed: [1, 27]. pass a batch size of at "
-         "most 27, the number of training images"),
+         "error: NotInRangeValueError: parameter batch_size is 10000, allowed: [2, 27]. pass a batch size from 2 "
+         "(BatchNorm needs two images a batch) to 27, the number of training images"),
+        (["--untrained-model", d["untrained"], *common, "--learning-rate", "nan"],
+         "error: NotInRangeValueError: parameter learning_rate is nan, allowed: a number"),
+        (["--untrained-model", d["untrained"], *common, "--image-size", "16"],
+         "error: NotInRangeValueError: parameter image_size is 16, allowed: [32, 4,096]"),
         (["--untrained-model", d["untrained"], *common, "--learning-rate", "-1"],
          "error: NotInRangeValueError: parameter learning_rate is -1.0"),
     ]

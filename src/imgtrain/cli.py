@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the trained model directory to write")
     p.add_argument("--epochs", type=_int, default=5, help="passes over the training set, > 0")
     p.add_argument("--batch-size", type=_int, default=16,
-                   help="images per step, > 0 and at most the number of training images")
+                   help="images per step, from 2 (BatchNorm needs two) to the number of training images")
     p.add_argument("--learning-rate", type=float, default=0.001,
                    help="peak learning rate, > 0 (pretrained backbones use a tenth of it)")
     p.add_argument("--random-seed", type=_int, default=1, help="same seed, same machine: same weights")
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=_int, default=0,
                    help="epochs of linear learning-rate warm-up before the cosine decay, >= 0")
     p.add_argument("--image-size", type=_int, default=None,
-                   help="side of the square images the model sees (default: the median shorter side of the "
+                   help="side of the square images the model sees, >= 32 (default: the median shorter side of the "
                         "training images, rounded up to a multiple of 32, between 32 and 224)")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -225,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
+        resumable = args.command == "train-pytorch-model"
+        again = " (re-run with --resume to continue from the last epoch)" if resumable else ""
+        print(f"error: interrupted; no output was written{again}", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system said no: a full disk, a name too long, a permission
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -18,4 +18,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidParameterError(f"device {name} was asked for but no CUDA GPU is available",
                                     "pass --device cpu or --device auto")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"there are {torch.cuda.device_count()} GPUs")
+    except RuntimeError as exc:
+        raise InvalidParameterError(f"device {name!r} cannot be used ({exc})",
+                                    "pass --device auto, cpu, cuda or cuda:N with an existing N") from None
+    return device

@@ -76,9 +76,15 @@ def check_range(
     low_inclusive: bool = True, high_inclusive: bool = True, hint: str = "",
 ) -> None:
     """Raise NotInRangeValueError unless value lies in the range (ends inclusive by default)."""
+    if isinstance(value, float) and value != value:  # NaN compares false with everything
+        raise NotInRangeValueError(name, value, "a number", hint)
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:
-        lo = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low:g}"
-        hi = "inf)" if high is None else f"{high:g}" + ("]" if high_inclusive else ")")
+        lo = "(-inf" if low is None else ("[" if low_inclusive else "(") + _number(low)
+        hi = "inf)" if high is None else _number(high) + ("]" if high_inclusive else ")")
         raise NotInRangeValueError(name, value, f"{lo}, {hi}", hint)
+
+
+def _number(x: float) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"

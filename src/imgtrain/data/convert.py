@@ -62,6 +62,7 @@ class FoundImages:
     empty_categories: list[str] = field(default_factory=list)
     hidden: list[str] = field(default_factory=list)  # hidden files and folders passed over
     not_images: int = 0  # files without an image extension
+    start: Path | None = None  # the folder given, before walking through wrapper folders
 
 
 def _ignored(name: str) -> bool:
@@ -92,7 +93,7 @@ def find_images(root: Path | str) -> FoundImages:
 
     Single wrapper folders (one sub-folder and no images) are walked through.
     """
-    root = Path(root)
+    root = start = Path(root)
     if not root.is_dir():
         raise InvalidDatasetError(f"{root} is not a folder or a supported archive",
                                   f"pass a folder, or an archive ending in {', '.join(ARCHIVE_SUFFIXES)}")
@@ -101,13 +102,19 @@ def find_images(root: Path | str) -> FoundImages:
         folders = [Path(e.path) for e in entries if e.is_dir() and not _ignored(e.name)]
         images = [Path(e.path) for e in entries if e.is_file() and not _ignored(e.name) and is_image_file(Path(e.name))]
         if len(folders) == 1 and not images:
-            root = folders[0]
+            root = folders[0]  # a wrapper folder (the designer's rule; a lone category reads as unlabeled)
             continue
         break
-    found = FoundImages(root, [], [])
+    found = FoundImages(root, [], [], start=start)
     found.hidden = [e.path for e in entries if e.name.startswith(".")]
     per_folder = {folder.name: _images_below(folder, found) for folder in folders}
     found.categories = [name for name, images_in in per_folder.items() if images_in]
+    for name in found.categories:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidDatasetError(f"the category folder {os.fsencode(root / name)!r} has a name that is "
+                                      "not valid UTF-8", "rename the folder") from None
     found.empty_categories = [name for name, images_in in per_folder.items() if not images_in]
     if found.categories:
         found.items = [(path, name) for name in found.categories for path in per_folder[name]]
@@ -141,7 +148,9 @@ def convert_to_image_directory(
             extract_archive(source, tmp / ".extracted")
         found = find_images(tmp / ".extracted" if from_archive else source)
         checks = _check_all([path for path, _ in found.items])
-        rejected = [(str(path), c.reason) for (path, _), c in zip(found.items, checks, strict=True) if c.reason]
+        shown_root = tmp / ".extracted" if from_archive else None
+        rejected = [(_shown(path, source, shown_root), c.reason)
+                    for (path, _), c in zip(found.items, checks, strict=True) if c.reason]
         if rejected and on_bad_image == "fail":
             shown = "; ".join(f"{f}: {r}" for f, r in rejected[:3])
             raise InvalidDatasetError(
@@ -158,7 +167,7 @@ def convert_to_image_directory(
         for path, category, check in kept:
             label = index[category] if category is not None else 0
             name = f"{IMAGE_FOLDER}/{label}_{len(files)}{path.suffix.lower()}"
-            (os.replace if from_archive else shutil.copyfile)(path, tmp / name)
+            shutil.copyfile(path, tmp / name)  # follows a link inside the archive to its file
             files.append(name)
             labels.append(label)
             infos.append({"width": check.width, "height": check.height, "sha256": check.sha256})
@@ -169,16 +178,23 @@ def convert_to_image_directory(
         shutil.rmtree(tmp / ".extracted", ignore_errors=True)
         write_image_directory_files(tmp, files, categories or None, labels if categories else None, infos=infos)
         counts = {c: labels.count(i) for i, c in enumerate(categories)}
-        audit = _audit(source, found, kept, counts, rejected)
+        audit = _audit(source, found, kept, counts, rejected, shown_root)
         (tmp / AUDIT_FILE).write_text(json.dumps(audit, indent=2), encoding="utf-8")
     _report(audit, output / AUDIT_FILE, log)
     return ConvertResult(output, categories, counts, len(files), rejected, audit)
 
 
-def _audit(source: Path, found: FoundImages, kept, counts: dict[str, int], rejected) -> dict:
+def _shown(path: Path, source: Path, extracted: Path | None) -> str:
+    """A file as the user knows it: inside the archive, not in our temporary folder."""
+    return f"{source}:{path.relative_to(extracted)}" if extracted and path != extracted else str(
+        source if extracted else path)
+
+
+def _audit(source: Path, found: FoundImages, kept, counts: dict[str, int], rejected,
+           extracted: Path | None = None) -> dict:
     by_digest: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
     for path, category, check in kept:
-        by_digest[check.sha256].append((str(path), category))
+        by_digest[check.sha256].append((_shown(path, source, extracted), category))
     groups = [g for g in by_digest.values() if len(g) > 1]
     sizes = list(counts.values())
     return {
@@ -190,8 +206,11 @@ def _audit(source: Path, found: FoundImages, kept, counts: dict[str, int], rejec
         "duplicates": [[f for f, _ in g] for g in groups],
         "duplicates_with_different_categories": [[f for f, _ in g] for g in groups if len({c for _, c in g}) > 1],
         "empty_categories": found.empty_categories,
-        "ignored": {"hidden": found.hidden, "files_without_image_extension": found.not_images,
-                    "images_outside_category_folders": [str(p) for p in found.outside_categories]},
+        "walked_through": _shown(found.root, source, extracted) if found.root != found.start else None,
+        "ignored": {"hidden": [_shown(Path(h), source, extracted) for h in found.hidden],
+                    "files_without_image_extension": found.not_images,
+                    "images_outside_category_folders": [_shown(p, source, extracted)
+                                                        for p in found.outside_categories]},
     }
 
 
@@ -212,6 +231,9 @@ def _report(audit: dict, audit_path: Path, log) -> None:
         outside = audit["ignored"]["images_outside_category_folders"]
         log(f"warning: {len(outside)} image(s) beside the category folders belong to no category and were "
             f"left out, e.g. {outside[0]}")
+    if not audit["categories"] and audit["walked_through"]:
+        log(f"note: {audit['walked_through']} holds images and no sub-folders, so they are unlabeled; "
+            "labelled images need one sub-folder per category beside it")
     if audit["imbalance"] and audit["imbalance"] >= 10:
         log(f"warning: the largest category has {audit['imbalance']:g}x the images of the smallest")
 
@@ -233,9 +255,9 @@ def extract_archive(archive: Path, dest: Path) -> None:
                         raise _unsafe(archive, info.filename, "points outside the folder")
                     _check_limits(archive, info.filename, n, total)
                 zf.extractall(dest)
-        except zipfile.BadZipFile as exc:
-            raise InvalidDatasetError(f"{archive} is not a valid zip archive ({exc})",
-                                      "check that the file downloaded completely") from None
+        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError) as exc:  # encrypted, odd codecs
+            raise InvalidDatasetError(f"{archive} cannot be extracted as a zip archive ({exc})",
+                                      "check that the file downloaded completely and is not encrypted") from None
     elif name.endswith(ARCHIVE_SUFFIXES):
         try:
             with tarfile.open(archive) as tf:

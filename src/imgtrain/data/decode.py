@@ -36,7 +36,7 @@ def _open_rgb(source, draft_size: int | None = None) -> Image.Image:
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 # 16-bit and float greyscale: scale to 8 bits instead of clipping to white.
                 im = _to_uint8(im)
-            elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            elif im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
                 # Transparent pixels become white, not whatever colour they happen to hold.
                 rgba = im.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -60,8 +60,9 @@ def describe_failure(exc: BaseException, size: int | None = None) -> str:
     return f"cannot be decoded ({text})"
 
 
-_FAILURES = (OSError, UnidentifiedImageError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError,
-             Image.DecompressionBombWarning)
+# Decoders raise many kinds of exception on hostile files (struct.error, KeyError in EXIF, ...):
+# any of them means "this file cannot be decoded".
+_FAILURES = (Exception,)
 
 
 def load_rgb(path: Path | str, draft_size: int | None = None) -> Image.Image:
@@ -81,11 +82,11 @@ def load_rgb(path: Path | str, draft_size: int | None = None) -> Image.Image:
 
 
 def _to_uint8(im: Image.Image) -> Image.Image:
+    """By mode, never by content: integer images are 16-bit (0..65535), float images 0..1."""
     import numpy as np
 
     a = np.asarray(im, dtype=np.float64)
-    if a.max(initial=0) > 255:  # 16-bit range: map 0..65535 onto 0..255
-        a = a / 257.0
+    a = a * 255.0 if im.mode == "F" else a / 257.0
     return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), mode="L")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from imgtrain.directories.atomic import atomic_output_dir
 from imgtrain.directories.image_directory import ImageDirectory, write_image_directory_files
-from imgtrain.errors import InvalidDatasetError, check_range
+from imgtrain.errors import InvalidDatasetError, InvalidParameterError, check_range
 
 
 def split_image_directory(
@@ -28,6 +28,10 @@ def split_image_directory(
     sets even when a small category ends up on one side only. Returns the two sizes.
     """
     check_range("fraction", fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    check_range("random_seed", random_seed, low=0, high=2**32 - 1)
+    if len({Path(p).absolute() for p in (source, output_a, output_b)}) < 3:
+        raise InvalidParameterError("the source and the two outputs must be three different directories",
+                                    "pass another --output-a or --output-b")
     data = ImageDirectory.load(source)
     if len(data) < 2:
         raise InvalidDatasetError(f"{source} holds {len(data)} image; a split needs at least 2",
@@ -43,6 +47,11 @@ def split_image_directory(
     in_a = np.zeros(len(data), dtype=bool)
     in_a[np.concatenate(first)] = True
     parts = (np.flatnonzero(in_a), np.flatnonzero(~in_a))
+    if not len(parts[0]) or not len(parts[1]):
+        raise InvalidDatasetError(
+            f"a fraction of {fraction:g} leaves the {'first' if not len(parts[0]) else 'second'} output empty "
+            f"({len(data)} images, at most {max(np.bincount(data.labels)) if data.labels is not None else len(data)} "
+            "in a category)", "pass a fraction further from 0 and 1, or add images")
     with atomic_output_dir(output_a, overwrite=overwrite) as tmp_a, \
             atomic_output_dir(output_b, overwrite=overwrite) as tmp_b:
         for tmp, rows in zip((tmp_a, tmp_b), parts, strict=True):
@@ -50,7 +59,11 @@ def split_image_directory(
             for i in rows:
                 name = data.files[i]
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(data.path(i), tmp / name)
+                try:
+                    _link_or_copy(data.path(i), tmp / name)
+                except FileNotFoundError:
+                    raise InvalidDatasetError(f"{data.path(i)} is listed in {source} but missing",
+                                              "convert the folder again") from None
                 files.append(name)
             labels = None if data.labels is None else data.labels[rows]
             write_image_directory_files(tmp, files, data.categories or None, labels, data.ids[rows],

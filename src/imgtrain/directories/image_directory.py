@@ -177,6 +177,11 @@ def _categories_from_schema(schema_path: Path) -> list[str]:
         raise InvalidDatasetError(f"{schema_path} is not a valid schema ({exc!r})", _HINT) from None
     if len(set(names)) != len(names):
         raise InvalidDatasetError(f"{schema_path}: duplicate category names", _HINT)
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidDatasetError(f"{schema_path}: category {name!r} is not valid Unicode text", _HINT) from None
     return names
 
 

@@ -7,6 +7,7 @@ a model directory never imports a module or runs code named in a file.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,12 +99,27 @@ def ensure_pretrained_weights(name: str) -> Path:
         raise WeightsUnavailableError(
             f"pretrained weights for {name} are not cached and {OFFLINE_ENV} forbids downloading", hint)
     try:
-        torch.hub.load_state_dict_from_url(arch.weights.url, progress=True, map_location="cpu")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prefix = Path(arch.weights.url).stem.rsplit("-", 1)[-1]  # torchvision names files <name>-<sha256 prefix>
+        torch.hub.download_url_to_file(arch.weights.url, str(path), hash_prefix=prefix, progress=True)
     except Exception as exc:  # any network or file failure: the hint says what to do
         raise WeightsUnavailableError(
             f"pretrained weights for {name} could not be downloaded ({type(exc).__name__}: {exc})", hint
         ) from None
     return path
+
+
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _new_densenet_keys(state: dict) -> dict:
+    """torchvision's DenseNet files use old key names ('norm.1.weight' for 'norm1.weight')."""
+    renamed = {}
+    for key, value in state.items():
+        match = _OLD_DENSENET_KEY.match(key)
+        renamed[match.group(1) + match.group(2) if match else key] = value
+    return renamed
 
 
 def build_model(
@@ -123,12 +139,15 @@ def build_model(
     kwargs = {"memory_efficient": memory_efficient} if arch.family == "densenet" else {
         "zero_init_residual": zero_init_residual}
     if pretrained:
-        ensure_pretrained_weights(name)
+        path = ensure_pretrained_weights(name)
+        model = arch.builder(weights=None, **kwargs)
         try:
-            model = arch.builder(weights=arch.weights, **kwargs)
-        except Exception as exc:  # a damaged cached file
+            # weights_only: tensors are read, no pickled code is ever run (the file may have been placed by hand).
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(_new_densenet_keys(state) if arch.family == "densenet" else state)
+        except Exception as exc:  # a damaged, hostile or wrong file
             raise WeightsUnavailableError(
-                f"the cached weights {weights_cache_path(name)} cannot be loaded ({exc})",
+                f"the cached weights {path} cannot be loaded ({type(exc).__name__})",
                 "delete the file so that it is downloaded again, or pass --no-pretrained",
             ) from None
         old = getattr(model, arch.head)

@@ -85,6 +85,11 @@ def _plot_confusion(counts: np.ndarray, normalised: np.ndarray, labels: list[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with matplotlib.rc_context({"text.parse_math": False}):  # a label like "$5_to_$10" is text, not TeX
+        _draw_confusion(plt, counts, normalised, labels, path)
+
+
+def _draw_confusion(plt, counts: np.ndarray, normalised: np.ndarray, labels: list[str], path: Path) -> None:
     n = len(labels)
     side = min(20, max(4, 0.5 * n + 2))
     fig, ax = plt.subplots(figsize=(side, side * 0.85))

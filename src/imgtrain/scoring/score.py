@@ -82,6 +82,8 @@ def score_image_model(
     the run (``fail``).
     """
     check_range("batch_size", batch_size, low=1)
+    if num_workers is not None:
+        check_range("num_workers", num_workers, low=0, high=64)
     if on_bad_image not in ON_BAD_IMAGE:
         raise InvalidParameterError(f"on_bad_image {on_bad_image!r} is not known", "choose skip or fail")
     if precision not in PRECISIONS:
@@ -120,7 +122,7 @@ def score_image_model(
         header = (["id"] if rows.ids is not None else []) + ["image"]
         header += [LABEL_COLUMN] if rows.categories is not None else []
         header += [PROBABILITY_PREFIX + label for label in spec.labels] + [SCORED_LABEL]
-        with open(tmp / SCORED_FILE, "w", newline="", encoding="utf-8") as out:
+        with open(tmp / SCORED_FILE, "w", newline="", encoding="utf-8", errors="backslashreplace") as out:
             writer = csv.writer(out)
             writer.writerow(header)
             for i, name in enumerate(rows.names):

@@ -29,7 +29,7 @@ def auto_image_size(data: ImageDirectory) -> int:
             try:
                 with Image.open(data.path(i)) as im:
                     sides.append(min(im.size))
-            except OSError:
+            except Exception:  # not readable: decoding will name it later
                 continue
     if not sides:
         return MAX_SIZE

@@ -39,7 +39,8 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 @contextlib.contextmanager
 def denormals_flushed():
     """Flush denormal numbers to zero while training or scoring on the CPU: a nearly converged
-    model's tiny gradients otherwise slow steps down up to 50x. The caller's mode is restored."""
+    model's tiny gradients otherwise slow steps down up to 50x (measured on ResNet-18). The flag
+    is the calling thread's; it is set back to the default (off) afterwards."""
     torch.set_flush_denormal(True)
     try:
         yield

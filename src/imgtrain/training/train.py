@@ -83,13 +83,16 @@ class TrainingParameters:
 
     def check(self, training_size: int) -> None:
         check_range("epochs", self.epochs, low=1)
-        check_range("batch_size", self.batch_size, low=1, high=training_size,
-                    hint=f"pass a batch size of at most {training_size}, the number of training images")
+        check_range("batch_size", self.batch_size, low=2, high=training_size,
+                    hint=f"pass a batch size from 2 (BatchNorm needs two images a batch) to {training_size}, "
+                         "the number of training images")
+        check_range("random_seed", self.random_seed, low=0, high=2**32 - 1)
         check_range("learning_rate", self.learning_rate, low=0, low_inclusive=False, high=10)
         check_range("patience", self.patience, low=1)
         check_range("warmup_epochs", self.warmup_epochs, low=0)
         if self.image_size is not None:
-            check_range("image_size", self.image_size, low=8, high=4096)
+            check_range("image_size", self.image_size, low=32, high=4096,
+                        hint="pass an image size of at least 32 (DenseNet and ResNet shrink images 32-fold)")
         if self.num_workers is not None:
             check_range("num_workers", self.num_workers, low=0, high=64)
         for name, value, allowed in [("optimizer", self.optimizer, OPTIMIZERS),
@@ -160,8 +163,11 @@ def train_pytorch_model(
     val_labels = _labels_in_order(val_set, train_set.categories)
     params.check(len(train_set))
     output = Path(output)
+    device = resolve_device(params.device)
+    precision = resolve_precision(params.precision, device)
     run_id = fingerprint({
-        "parameters": {k: v for k, v in asdict(params).items() if k not in _FREE_PARAMETERS},
+        "parameters": {**{k: v for k, v in asdict(params).items() if k not in _FREE_PARAMETERS},
+                       "precision": precision},
         "training data": file_digest(train_set.root / IMAGE_LIST, train_set.root / SCHEMA_FILE),
         "validation data": file_digest(val_set.root / IMAGE_LIST, val_set.root / SCHEMA_FILE),
         "untrained model": file_digest(Path(untrained_model) / SPEC_FILE),
@@ -169,9 +175,13 @@ def train_pytorch_model(
     if resume and _is_complete(output, run_id):
         log(f"{output} is already complete: nothing to do")
         return _result_of(output)
+    work = resume_dir_for(output)
+    if resume and _is_complete(work, run_id):  # killed after finishing, before moving into place
+        check_output_writable(output, overwrite=overwrite)
+        publish(work, output)
+        log(f"{output} was complete in {work}: moved into place")
+        return _result_of(output)
     check_output_writable(output, overwrite=overwrite)
-    device = resolve_device(params.device)
-    precision = resolve_precision(params.precision, device)
     _warn_about_shared_images(train_set, val_set, log)
 
     seed_everything(params.random_seed)
@@ -181,7 +191,6 @@ def train_pytorch_model(
     normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
 
     workers = params.num_workers if params.num_workers is not None else min(8, os.cpu_count() or 1)
-    work = resume_dir_for(output)
     checkpoint = work / CHECKPOINT_FILE
     if not (resume and checkpoint.is_file()):
         if resume:
@@ -257,7 +266,10 @@ def train_pytorch_model(
                 train_sampler.set_epoch(epoch)
                 bar = tqdm(loader(train_images, train_sampler), desc=f"epoch {epoch}/{params.epochs}", leave=False,
                            unit="batch", disable=(not sys.stderr.isatty()) if progress is None else not progress)
-                seen, loss_sum, wrong, waited = stepper.train_epoch(bar, train_bad, epoch, work)
+                seen, loss_sum, wrong, waited = stepper.train_epoch(bar, train_bad, epoch)
+                if seen == 0:
+                    raise InvalidDatasetError(f"no training image of {training_data} could be decoded",
+                                              "check the training data (see the warnings above)")
                 train_seconds = time.perf_counter() - started
                 val_loss, top1, top5 = evaluate_loss(model, loader(val_images, val_sampler), normalize, device, loss_fn,
                                                      precision, val_bad)
@@ -321,7 +333,7 @@ class _Stepper:
     precision: str
     learning_rate: float
 
-    def train_epoch(self, batches, bad_images: BadImagePolicy, epoch: int, work: Path):
+    def train_epoch(self, batches, bad_images: BadImagePolicy, epoch: int):
         """Return images seen, summed loss, wrong predictions, and seconds spent waiting for data."""
         self.model.train()
         seen, loss_sum, wrong, waited = 0, 0.0, 0, 0.0
@@ -329,7 +341,7 @@ class _Stepper:
         for step, batch in enumerate(batches, 1):
             waited += time.perf_counter() - fetch_started
             x, y, _ = bad_images.filter(batch)
-            if len(y):
+            if len(y) >= 2:  # a batch that bad images left with one image cannot train BatchNorm
                 x, y = self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
                 with autocast(self.precision, self.device):
                     logits = self.model(x)
@@ -338,8 +350,7 @@ class _Stepper:
                 if not math.isfinite(batch_loss):
                     raise TrainingDivergedError(
                         f"the training loss became {batch_loss} in epoch {epoch}, batch {step}",
-                        f"pass a lower --learning-rate than {self.learning_rate:g}; "
-                        f"the checkpoint of the last good epoch stays in {work}")
+                        f"train again with a lower --learning-rate than {self.learning_rate:g}")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
