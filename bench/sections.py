@@ -89,6 +89,17 @@ def training_throughput(ctx: Context) -> Section:
 
 # --- 2. FLOP/s against the machine's peak --------------------------------------------------------------------
 
+def _sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+              bf16: bool) -> None:
+    """One synchronous training step (the loss is read back, as a training loop does)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    loss.item()
+
+
 def flops(ctx: Context) -> Section:
     cfg = ctx.config
     peak, peak_rows = {}, []
@@ -194,12 +205,7 @@ def _compute_only_rate(case: Case, steps: int, *, bf16: bool, batch: int = 16) -
     y = torch.randint(0, case.num_classes, (batch,))
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()
+        _sgd_step(model, optimizer, x, y, bf16)
 
     step()  # warm-up: allocations, oneDNN primitive creation
     started = time.perf_counter()
@@ -275,12 +281,7 @@ def _timed_loop(loader, model: nn.Module, prepare: Callable, max_batches: int, *
         started = time.perf_counter()
         x, y = prepare(next(batches))
         ready = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()
+        _sgd_step(model, optimizer, x, y, bf16)
         waits.append(ready - started)
         steps.append(time.perf_counter() - ready)
     del batches  # shuts the workers down

@@ -71,6 +71,12 @@ class CheckpointMismatchError(ImgtrainError):
     """--resume found a checkpoint made with other data or parameters."""
 
 
+def check_choice(name: str, value: object, allowed: tuple) -> None:
+    """Raise InvalidParameterError unless value is one of allowed."""
+    if value not in allowed:
+        raise InvalidParameterError(f"{name} {value!r} is not known", f"choose one of {', '.join(allowed)}")
+
+
 def check_range(
     name: str, value: float, *, low: float | None = None, high: float | None = None,
     low_inclusive: bool = True, high_inclusive: bool = True, hint: str = "",

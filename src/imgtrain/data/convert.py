@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imgtrain.data.dataset import ON_BAD_IMAGE
 from imgtrain.data.decode import ImageCheck, check_image
 from imgtrain.directories.atomic import atomic_output_dir
 from imgtrain.directories.image_directory import (
@@ -26,10 +27,9 @@ from imgtrain.directories.image_directory import (
     IMAGE_FOLDER,
     write_image_directory_files,
 )
-from imgtrain.errors import InvalidDatasetError, InvalidParameterError
+from imgtrain.errors import InvalidDatasetError, check_choice
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz")
-ON_BAD_IMAGE = ("skip", "fail")
 AUDIT_FILE = "audit.json"
 MAX_ARCHIVE_ENTRIES = 5_000_000
 MAX_ARCHIVE_BYTES = 200 * 2**30
@@ -138,8 +138,7 @@ def convert_to_image_directory(
     """Convert a folder (one sub-folder per category, or flat) or an archive of one."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     source, output = Path(source), Path(output)
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise InvalidParameterError(f"on_bad_image {on_bad_image!r} is not known", "choose skip or fail")
+    check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
     if not source.exists():
         raise InvalidDatasetError(f"{source} does not exist", "pass an existing folder or archive")
     with atomic_output_dir(output, overwrite=overwrite) as tmp:

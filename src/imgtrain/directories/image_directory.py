@@ -48,10 +48,6 @@ class ImageDirectory:
     def __len__(self) -> int:
         return len(self.files)
 
-    @property
-    def is_labeled(self) -> bool:
-        return self.labels is not None
-
     def path(self, i: int) -> Path:
         return self.root / self.files[i]
 

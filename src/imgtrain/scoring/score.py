@@ -22,7 +22,7 @@ from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import atomic_output_dir, check_output_writable
 from imgtrain.directories.image_directory import META_FILE, ImageDirectory
 from imgtrain.directories.model_directory import load_trained_model
-from imgtrain.errors import InvalidDatasetError, InvalidParameterError, check_range
+from imgtrain.errors import InvalidDatasetError, check_choice, check_range
 from imgtrain.training.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
 
 SCORED_FILE = "scored.csv"
@@ -84,10 +84,8 @@ def score_image_model(
     check_range("batch_size", batch_size, low=1)
     if num_workers is not None:
         check_range("num_workers", num_workers, low=0, high=64)
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise InvalidParameterError(f"on_bad_image {on_bad_image!r} is not known", "choose skip or fail")
-    if precision not in PRECISIONS:
-        raise InvalidParameterError(f"precision {precision!r} is not known", f"choose one of {', '.join(PRECISIONS)}")
+    check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
+    check_choice("precision", precision, PRECISIONS)
     model, spec = load_trained_model(trained_model)
     dataset = Path(dataset)
     if not dataset.is_dir():

@@ -44,9 +44,9 @@ from imgtrain.directories.model_directory import (
 from imgtrain.errors import (
     ImgtrainError,
     InvalidDatasetError,
-    InvalidParameterError,
     OutOfMemoryError,
     TrainingDivergedError,
+    check_choice,
     check_range,
 )
 from imgtrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_model, get_architecture
@@ -95,12 +95,10 @@ class TrainingParameters:
                         hint="pass an image size of at least 32 (DenseNet and ResNet shrink images 32-fold)")
         if self.num_workers is not None:
             check_range("num_workers", self.num_workers, low=0, high=64)
-        for name, value, allowed in [("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("augmentation", self.augmentation, AUGMENTATIONS),
-                                     ("precision", self.precision, PRECISIONS),
-                                     ("on_bad_image", self.on_bad_image, ON_BAD_IMAGE)]:
-            if value not in allowed:
-                raise InvalidParameterError(f"{name} {value!r} is not known", f"choose one of {', '.join(allowed)}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("augmentation", self.augmentation, AUGMENTATIONS)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("on_bad_image", self.on_bad_image, ON_BAD_IMAGE)
 
 
 @dataclass
