@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -38,6 +41,15 @@ file_contents = st.one_of(
 )
 
 
+@contextmanager
+def _copy_of(source: Path, tmp_path_factory):
+    """A fresh copy of `source` for one example, deleted after it: hundreds of examples, one copy on disk."""
+    with tempfile.TemporaryDirectory(dir=tmp_path_factory.getbasetemp()) as scratch:
+        root = Path(scratch) / source.name
+        shutil.copytree(source, root)
+        yield root
+
+
 def _opens_or_names_the_error(open_it) -> None:
     try:
         open_it()
@@ -48,34 +60,31 @@ def _opens_or_names_the_error(open_it) -> None:
 @FUZZ
 @given(target=st.sampled_from(["_meta.yaml", "images.lst", "_schema.json"]), content=file_contents)
 def test_image_directory_files_with_any_content(tmp_path_factory, image_dirs, target, content):
-    root = tmp_path_factory.mktemp("fuzz") / "d"
-    shutil.copytree(image_dirs["val"], root)
-    (root / target).write_bytes(content)
-    _opens_or_names_the_error(lambda: ImageDirectory.load(root))
+    with _copy_of(image_dirs["val"], tmp_path_factory) as root:
+        (root / target).write_bytes(content)
+        _opens_or_names_the_error(lambda: ImageDirectory.load(root))
 
 
 @FUZZ
 @given(lines=st.lists(rows, min_size=1, max_size=4))
 def test_image_lists_with_hostile_rows(tmp_path_factory, image_dirs, lines):
-    root = tmp_path_factory.mktemp("fuzz") / "d"
-    shutil.copytree(image_dirs["val"], root)
-    (root / "images.lst").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    try:
-        data = ImageDirectory.load(root)
-    except ImgtrainError:
-        return
-    for i in range(len(data)):  # whatever was accepted stays inside the directory
-        assert data.path(i).resolve().is_relative_to(root.resolve())
+    with _copy_of(image_dirs["val"], tmp_path_factory) as root:
+        (root / "images.lst").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        try:
+            data = ImageDirectory.load(root)
+        except ImgtrainError:
+            return
+        for i in range(len(data)):  # whatever was accepted stays inside the directory
+            assert data.path(i).resolve().is_relative_to(root.resolve())
 
 
 @FUZZ
 @given(target=st.sampled_from(["_meta.yaml", "model_spec.yaml", "model.safetensors", "index_to_label.csv"]),
        content=file_contents)
 def test_model_directory_files_with_any_content(tmp_path_factory, trained_model, target, content):
-    root = tmp_path_factory.mktemp("fuzz") / "m"
-    shutil.copytree(trained_model, root)
-    (root / target).write_bytes(content)
-    _opens_or_names_the_error(lambda: load_trained_model(root))
+    with _copy_of(trained_model, tmp_path_factory) as root:
+        (root / target).write_bytes(content)
+        _opens_or_names_the_error(lambda: load_trained_model(root))
 
 
 @FUZZ
@@ -83,9 +92,8 @@ def test_model_directory_files_with_any_content(tmp_path_factory, trained_model,
                                                 "input", "weights", "flavor", "training", "versions"]),
                                json_values | names, min_size=1, max_size=3))
 def test_model_specs_with_hostile_fields(tmp_path_factory, trained_model, changes):
-    root = tmp_path_factory.mktemp("fuzz") / "m"
-    shutil.copytree(trained_model, root)
-    spec = yaml.safe_load((root / "model_spec.yaml").read_text())
-    spec.update(changes)
-    (root / "model_spec.yaml").write_text(yaml.safe_dump(spec))
-    _opens_or_names_the_error(lambda: load_trained_model(root))
+    with _copy_of(trained_model, tmp_path_factory) as root:
+        spec = yaml.safe_load((root / "model_spec.yaml").read_text())
+        spec.update(changes)
+        (root / "model_spec.yaml").write_text(yaml.safe_dump(spec))
+        _opens_or_names_the_error(lambda: load_trained_model(root))
