@@ -399,6 +399,83 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing piles up
 
 
+# --- a full disk ------------------------------------------------------------------------------
+
+def _with_a_small_disk(disk: Path, megabytes: int, script: str) -> None:
+    """Run a shell script in a private mount namespace in which `disk` is a tmpfs of `megabytes` MB:
+    a real file system that really fills up, gone with the script."""
+    disk.mkdir()
+    mount = f"mount -t tmpfs -o size={megabytes}m tmpfs {disk} || exit 99\n"
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", mount + script],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode == 99:
+        pytest.skip(f"this machine cannot mount a small file system for the test: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_a_full_disk_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, image_dirs):
+    d, disk = image_dirs, tmp_path / "disk"
+    args = ["train-pytorch-model", "--untrained-model", d["untrained"], "--training-data", d["train"],
+            "--validation-data", d["val"], "--epochs", "3", "--batch-size", "8", "--image-size", "32",
+            "--num-workers", "0"]
+    run_cli(*args, "--output", tmp_path / "reference")
+    command = " ".join(map(str, [sys.executable, "-m", "imgtrain", *args, "--output", disk / "m"]))
+    # ResNet-18: the weights take 45 MB and a checkpoint 135 MB, so 250 MB hold epoch 1 but not epoch 2's
+    # checkpoint beside epoch 1's. Then the disk grows (space was freed) and the same command resumes.
+    _with_a_small_disk(disk, 250, f"""
+        {command} > {tmp_path}/first.out 2> {tmp_path}/first.err; echo $? > {tmp_path}/first.rc
+        ls -A {disk} > {tmp_path}/first.ls
+        mount -o remount,size=600m {disk}
+        {command} --resume > {tmp_path}/second.out 2> {tmp_path}/second.err; echo $? > {tmp_path}/second.rc
+        ls -A {disk} > {tmp_path}/second.ls
+        cp {disk}/m/model.safetensors {tmp_path}/resumed.safetensors
+    """)
+    first_error = (tmp_path / "first.err").read_text().strip().splitlines()[-1]
+    assert (tmp_path / "first.rc").read_text().strip() == "1", first_error
+    assert first_error == (
+        f"error: OSError: [Errno 28] No space left on device: '{disk}/.imgtrain-resume-m/checkpoint.safetensors'. "
+        "free space on that disk or choose another --output; no output was written "
+        "(re-run with --resume to continue from the last epoch)")
+    assert (tmp_path / "first.ls").read_text().split() == [".imgtrain-resume-m"]  # no output, no partial file
+    assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()
+    assert "after epoch 1" in (tmp_path / "second.err").read_text()  # the progress log
+    assert (tmp_path / "second.ls").read_text().split() == ["m"]
+    reference = (tmp_path / "reference" / "model.safetensors").read_bytes()
+    assert (tmp_path / "resumed.safetensors").read_bytes() == reference
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_decoded_image_cache_survives_a_disk_that_fills_up(tmp_path):
+    # The cache is a memory-mapped file: were its blocks allocated only when written, an image
+    # written after the disk filled up would kill the process with SIGBUS.
+    disk = tmp_path / "disk"
+    script = f"""
+import os, torch
+from pathlib import Path
+from imgtrain.data.cache import DecodedImageCache
+disk = Path({str(disk)!r})
+cache = DecodedImageCache(disk / "c", count=40, size=64)  # 480 KB
+fd = os.open(disk / "other-program", os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, bytes(65536))
+except OSError:
+    pass  # the disk is full
+for i in range(40):
+    cache.put(i, torch.full((3, 64, 64), i, dtype=torch.uint8))
+assert cache.complete() and int(cache.get(39)[2, 63, 63]) == 39
+try:
+    DecodedImageCache(disk / "more", count=40, size=64)
+except OSError as e:
+    assert e.errno == 28 and not (disk / "more.pixels").stat().st_size
+    print("refused")
+"""
+    (tmp_path / "script.py").write_text(script)
+    _with_a_small_disk(disk, 1, f"{sys.executable} {tmp_path}/script.py > {tmp_path}/out")
+    assert (tmp_path / "out").read_text() == "refused\n"
+
+
 # --- found in review ----------------------------------------------------------------------------
 
 def test_hand_placed_weights_are_never_unpickled(tmp_path, monkeypatch):

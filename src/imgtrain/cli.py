@@ -7,6 +7,7 @@ Errors print one line, ``error: <Name>: <what is wrong>. <how to fix it>``, and 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from imgtrain import __version__
@@ -215,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    resumable = args.command == "train-pytorch-model"
+    return " (re-run with --resume to continue from the last epoch)" if resumable else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -225,13 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        resumable = args.command == "train-pytorch-model"
-        again = " (re-run with --resume to continue from the last epoch)" if resumable else ""
-        print(f"error: interrupted; no output was written{again}", file=sys.stderr)
+        print(f"error: interrupted; no output was written{_resume_hint(args)}", file=sys.stderr)
         return 130
     except OSError as exc:  # the file system said no: a full disk, a name too long, a permission
         if args.debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        hint = ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = f". free space on that disk or choose another --output; no output was written{_resume_hint(args)}"
+        print(f"error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return 1
     return 0

@@ -2,7 +2,9 @@
 
 The first epoch decodes and resizes every image once and stores the result; later epochs
 read it back instead of decoding again. Memory stays bounded (the operating system pages
-the file in and out); the file lives in the run's work directory and goes with it.
+the file in and out); the file lives in the run's work directory and goes with it. Its disk
+blocks are reserved when it is made, so a disk that fills up later (another program, a
+checkpoint) cannot kill the run with SIGBUS while an image is written into the mapping.
 Augmentation is applied after the cache, so every epoch still sees new random crops.
 """
 
@@ -19,6 +21,19 @@ MAX_CACHE_BYTES = 64 * 2**30
 _EMPTY, _FILLED, _BAD = 0, 1, 2
 
 
+def _reserve(file: Path, nbytes: int) -> None:
+    """Make `file` exactly `nbytes` long with every block allocated, keeping what it already holds
+    when its size is right (a resumed run); raises OSError when the disk has no room."""
+    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size != nbytes:
+            os.ftruncate(fd, 0)
+        if nbytes:
+            os.posix_fallocate(fd, 0, nbytes)
+    finally:
+        os.close(fd)
+
+
 class DecodedImageCache:
     """``count`` images of 3 x size x size uint8, shared by the DataLoader worker processes."""
 
@@ -26,9 +41,7 @@ class DecodedImageCache:
         self.pixels_path, self.state_path = path.with_suffix(".pixels"), path.with_suffix(".state")
         self.count, self.size = count, size
         for file, nbytes in ((self.pixels_path, self.nbytes(count, size)), (self.state_path, count)):
-            if not file.exists() or file.stat().st_size != nbytes:
-                with open(file, "wb") as f:
-                    f.truncate(nbytes)  # sparse: takes disk space only as it fills
+            _reserve(file, nbytes)
         self._opened_by: int | None = None
 
     @staticmethod
@@ -43,7 +56,13 @@ class DecodedImageCache:
             log(f"decoded-image cache off: it would take {need / 2**30:.1f} GiB "
                 f"(limit {min(MAX_CACHE_BYTES, free // 2) / 2**30:.1f} GiB)")
             return None
-        return cls(path, count, size)
+        try:
+            return cls(path, count, size)
+        except OSError as e:  # the disk filled up since it was measured, or cannot reserve space
+            log(f"decoded-image cache off: cannot reserve {need / 2**30:.1f} GiB in {path.parent} ({e.strerror})")
+            for file in (path.with_suffix(".pixels"), path.with_suffix(".state")):
+                file.unlink(missing_ok=True)
+            return None
 
     def _open(self) -> None:
         # Each process maps the files itself (DataLoader workers may be forked or spawned).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -93,3 +94,28 @@ def atomic_output_dir(target: Path | str, *, overwrite: bool = False) -> Iterato
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     publish(tmp, target)
+
+
+def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically: complete at ``path``, or not there at all.
+
+    safetensors reports a failed write (a full disk, say) as its own error type; it is
+    raised here as the OSError it is, naming the file, and the partial file is removed.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as exc:
+        tmp.unlink(missing_ok=True)
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)

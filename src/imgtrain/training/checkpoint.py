@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from imgtrain.directories.atomic import write_safetensors
 from imgtrain.errors import CheckpointMismatchError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -64,9 +63,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         "rng_python": random.getstate(),
         "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
-    os.replace(tmp, path)
+    write_safetensors(tensors, path, metadata={"state": json.dumps(meta)})
 
 
 def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimizer: torch.optim.Optimizer,

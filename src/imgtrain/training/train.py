@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -28,7 +27,7 @@ from imgtrain.data.cache import DecodedImageCache
 from imgtrain.data.dataset import ON_BAD_IMAGE, BadImagePolicy, ImageDataset, SeededSampler
 from imgtrain.data.transforms import AUGMENTATIONS, DEFAULT_AUGMENTATION, Normalize, build_augmentation
 from imgtrain.device import resolve_device
-from imgtrain.directories.atomic import check_output_writable, make_owned_dir, publish
+from imgtrain.directories.atomic import check_output_writable, make_owned_dir, publish, write_safetensors
 from imgtrain.directories.image_directory import IMAGE_LIST, SCHEMA_FILE, ImageDirectory
 from imgtrain.directories.model_directory import (
     METRICS_FILE,
@@ -484,10 +483,7 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, normalize: Normalize, de
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    write_safetensors({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, path)
 
 
 def _write_metrics(path: Path, history: list[EpochMetrics]) -> None:
