@@ -357,6 +357,19 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path, image_dirs):
     assert any("no checkpoint" in line and "starting from scratch" in line for line in logs)
 
 
+def test_killed_between_the_last_epoch_and_publishing_then_resume_publishes(tmp_path, image_dirs):
+    d = image_dirs
+    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
+    weights = (tmp_path / "m" / "model.safetensors").read_bytes()
+    # What a kill leaves at that moment: the finished model directory still in the work directory.
+    os.rename(tmp_path / "m", tmp_path / ".imgtrain-resume-m")
+    logs: list[str] = []
+    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, log=logs.append, **TRAIN)
+    assert any("moved into place" in line for line in logs) and not any(line.startswith("epoch ") for line in logs)
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == weights
+    assert not (tmp_path / ".imgtrain-resume-m").exists()
+
+
 def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
     d, args = image_dirs, {**TRAIN, "epochs": 3}
     with pytest.raises(Interrupt):
