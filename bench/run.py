@@ -22,9 +22,21 @@ import time
 import traceback
 from pathlib import Path
 
-from context import BENCH, Config, Context
+from context import BENCH, Case, Config, Context
 from measure import OtherLoad, machine_details, table
 from sections import SECTIONS, Section
+
+
+def _cases(text: str) -> tuple[Case, ...]:
+    cases = []
+    for item in text.split(","):
+        try:
+            model_size, data, train, val = item.strip().split(":")
+            model, size = model_size.split("@")
+            cases.append(Case(model, int(size), data, int(train), int(val)))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{item!r}: {exc or 'expected MODEL@PX:DATA:TRAIN:VAL'}") from None
+    return tuple(cases)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--convert-images", type=int, help="small PNG files for the conversion memory test")
     parser.add_argument("--score-images", type=int, help="images scored in section 4")
     parser.add_argument("--parity-epochs", type=int, help="epochs of each fp32/bf16 run in section 6")
+    parser.add_argument("--cases", type=_cases, metavar="MODEL@PX:DATA:TRAIN:VAL[,...]",
+                        help="the training cases instead of the configured ones, e.g. "
+                             "'resnet18@224:photos:800:200' (DATA: mnist or photos)")
     parser.add_argument("--imgtrain-defaults", action="store_true",
                         help="time imgtrain at its defaults (AdamW, shift augmentation) instead of with the "
                              "baseline's optimiser and no augmentation")
@@ -60,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_config(args: argparse.Namespace) -> Config:
     config = Config.smoke() if args.quick else Config.full()
-    overrides = {name: getattr(args, name) for name in ("reps", "epochs", "convert_images", "score_images",
+    overrides = {name: getattr(args, name) for name in ("reps", "epochs", "cases", "convert_images", "score_images",
                                                         "parity_epochs") if getattr(args, name) is not None}
     if args.imgtrain_defaults:
         overrides["imgtrain_recipe"] = "defaults"
