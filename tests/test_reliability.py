@@ -361,12 +361,17 @@ def test_killed_between_the_last_epoch_and_publishing_then_resume_publishes(tmp_
     d = image_dirs
     train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
     weights = (tmp_path / "m" / "model.safetensors").read_bytes()
-    # What a kill leaves at that moment: the finished model directory still in the work directory.
+    # What a kill leaves at that moment: the finished model directory still in the work directory,
+    # perhaps with the checkpoint, a cache and a partial file not yet removed.
     os.rename(tmp_path / "m", tmp_path / ".imgtrain-resume-m")
+    for leftover in ("checkpoint.safetensors", "cache-training-32.pixels", "metrics.csv.partial"):
+        (tmp_path / ".imgtrain-resume-m" / leftover).write_bytes(b"x")
     logs: list[str] = []
     train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, log=logs.append, **TRAIN)
     assert any("moved into place" in line for line in logs) and not any(line.startswith("epoch ") for line in logs)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == weights
+    assert sorted(f.name for f in (tmp_path / "m").iterdir()) == [
+        "_meta.yaml", "index_to_label.csv", "metrics.csv", "model.safetensors", "model_spec.yaml"]
     assert not (tmp_path / ".imgtrain-resume-m").exists()
 
 
@@ -374,14 +379,35 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
     d, args = image_dirs, {**TRAIN, "epochs": 3}
     with pytest.raises(Interrupt):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1), **args)
-    with pytest.raises(CheckpointMismatchError, match="made with other parameters"):
+    work = tmp_path / ".imgtrain-resume-m"
+    caches_before = sorted(f.name for f in work.glob("cache-*"))
+    with pytest.raises(CheckpointMismatchError, match="made with other parameters: --learning-rate 0.001 then, "
+                                                      "0.01 now; --image-size 32 then, 64 now"):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
-                            **{**args, "learning_rate": 0.01}, **QUIET)
+                            **{**args, "learning_rate": 0.01, "image_size": 64}, **QUIET)
+    assert sorted(f.name for f in work.glob("cache-*")) == caches_before  # a refused resume reserves nothing
     with pytest.raises(CheckpointMismatchError, match="other training data and validation data"):
         train_pytorch_model(d["untrained"], d["val"], d["train"], tmp_path / "m", resume=True, **args, **QUIET)
-    # the checkpoint is still there, and the same command resumes it
-    result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, **args, **QUIET)
+    # the checkpoint is still there, and the same command resumes it (without the cache: it goes)
+    result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, cache=False,
+                                 **args, **QUIET)
     assert result.stopped_epoch == 3
+    assert sorted(f.name for f in (tmp_path / "m").iterdir()) == [
+        "_meta.yaml", "index_to_label.csv", "metrics.csv", "model.safetensors", "model_spec.yaml"]
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path, image_dirs):
+    d = image_dirs
+    with pytest.raises(Interrupt):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1), **TRAIN)
+    (tmp_path / ".imgtrain-resume-m" / "checkpoint.safetensors").write_bytes(b"")
+    r = run_cli("train-pytorch-model", "--untrained-model", d["untrained"], "--training-data", d["train"],
+                "--validation-data", d["val"], "--output", tmp_path / "m", "--epochs", "2", "--batch-size", "8",
+                "--image-size", "32", "--resume", check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        "error: CheckpointDamagedError: the checkpoint "), r.stderr
+    assert r.stderr.strip().endswith("cannot be read (SafetensorError: Error while deserializing header: header too "
+                                     "small). run without --resume to start again")
 
 
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path, image_dirs):
@@ -448,14 +474,34 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, ima
     assert (tmp_path / "first.rc").read_text().strip() == "1", first_error
     assert first_error == (
         f"error: OSError: [Errno 28] No space left on device: '{disk}/.imgtrain-resume-m/checkpoint.safetensors'. "
-        "free space on that disk or choose another --output; no output was written "
-        "(re-run with --resume to continue from the last epoch)")
+        "no output was written; free space on that disk, then re-run with --resume to continue from the last epoch")
     assert (tmp_path / "first.ls").read_text().split() == [".imgtrain-resume-m"]  # no output, no partial file
     assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()
     assert "after epoch 1" in (tmp_path / "second.err").read_text()  # the progress log
     assert (tmp_path / "second.ls").read_text().split() == ["m"]
     reference = (tmp_path / "reference" / "model.safetensors").read_bytes()
     assert (tmp_path / "resumed.safetensors").read_bytes() == reference
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_a_full_disk_while_converting_is_not_called_a_bad_archive(tmp_path):
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for i in range(12):  # noise compresses badly: 12 x 190 KB
+        (src / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(src / "ab"[i % 2] / f"{i}.png")
+    shutil.make_archive(str(tmp_path / "images"), "zip", src)
+    shutil.make_archive(str(tmp_path / "images"), "gztar", src)
+    disk = tmp_path / "disk"
+    lines = "\n".join(f"{sys.executable} -m imgtrain convert-to-image-directory {tmp_path / name} --output {disk}/out "
+                      f"2> {tmp_path}/{name}.err; ls -A {disk} > {tmp_path}/{name}.ls"
+                      for name in ("images.zip", "images.tar.gz", "src"))
+    _with_a_small_disk(disk, 1, lines)
+    for name in ("images.zip", "images.tar.gz", "src"):
+        error = (tmp_path / f"{name}.err").read_text().strip().splitlines()[-1]
+        assert error.startswith("error: OSError: [Errno 28] No space left on device"), error
+        assert error.endswith(". no output was written; free space on that disk, or write the output to another one")
+        assert (tmp_path / f"{name}.ls").read_text() == ""  # nothing left behind
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
@@ -580,3 +626,19 @@ def test_more_user_errors_are_one_line(tmp_path, image_dirs, trained_model):
         assert "Traceback" not in r.stderr
     metrics = run_cli("evaluate-model", "--scored-dataset", scored, "--output", tmp_path / "e")
     assert "Accuracy 100.00%" in metrics.stdout
+    with open(scored / "scored.csv", "a") as f:
+        f.write("b.png,$5_to_$10\n")
+    r = run_cli("evaluate-model", "--scored-dataset", scored, "--output", tmp_path / "e2", check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"error: InvalidDatasetError: {scored / 'scored.csv'}: data row 2 has fewer fields than the header. "
+        "pass the output of `imgtrain score-image-model`")
+    for output in (".", "/"):
+        r = run_cli("convert-to-image-directory", image_dirs["train"], "--output", output, check=False)
+        assert r.returncode == 1 and r.stderr.startswith("error: OutputNotWritableError: the output "), r.stderr
+    assert oct((trained_model / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

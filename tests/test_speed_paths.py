@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -19,7 +20,10 @@ QUIET = {"log": lambda m: None}
 TRAIN = {"epochs": 2, "batch_size": 8, "image_size": 32}
 
 
-def test_cache_stores_prepared_images_and_bad_files(tmp_path):
+@pytest.mark.parametrize("fallocate", [True, False], ids=["reserved", "sparse (macOS, Windows)"])
+def test_cache_stores_prepared_images_and_bad_files(tmp_path, monkeypatch, fallocate):
+    if not fallocate:
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
     cache = DecodedImageCache(tmp_path / "c", count=3, size=4)
     assert cache.get(0) is None and not cache.complete()
     image = torch.arange(48, dtype=torch.uint8).view(3, 4, 4)

@@ -7,16 +7,17 @@ Errors print one line, ``error: <Name>: <what is wrong>. <how to fix it>``, and 
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 
 from imgtrain import __version__
-from imgtrain.errors import ImgtrainError
+from imgtrain.errors import DISK_FULL, ImgtrainError
 from imgtrain.models.names import DENSENET_DEFAULT, DENSENET_NAMES, RESNET_DEFAULT, RESNET_NAMES
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # A default of None is explained in the help text itself ("default: ...").
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _int(text: str) -> int:
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=_int, default=0,
                    help="epochs of linear learning-rate warm-up before the cosine decay, >= 0")
     p.add_argument("--image-size", type=_int, default=None,
-                   help="side of the square images the model sees, >= 32 (default: the median shorter side of the "
+                   help="side of the square images the model sees, 32 to 4096 (default: the median shorter side of the "
                         "training images, rounded up to a multiple of 32, between 32 and 224)")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -203,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 where the CPU or GPU runs it natively, fp16 on other GPUs, else fp32")
-    p.add_argument("--num-workers", type=_int, default=None, help="DataLoader worker processes")
+    p.add_argument("--num-workers", type=_int, default=None,
+                   help="DataLoader worker processes (default: one per CPU core, at most 8)")
     _on_bad_image(p, "stops the run")
     _common(p)
 
@@ -216,11 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resume_hint(args: argparse.Namespace) -> str:
-    resumable = args.command == "train-pytorch-model"
-    return " (re-run with --resume to continue from the last epoch)" if resumable else ""
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -231,14 +228,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"error: interrupted; no output was written{_resume_hint(args)}", file=sys.stderr)
+        resumable = args.command == "train-pytorch-model"
+        again = " (re-run with --resume to continue from the last epoch)" if resumable else ""
+        print(f"error: interrupted; no output was written{again}", file=sys.stderr)
         return 130
     except OSError as exc:  # the file system said no: a full disk, a name too long, a permission
         if args.debug:
             raise
         hint = ""
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            hint = f". free space on that disk or choose another --output; no output was written{_resume_hint(args)}"
+        if exc.errno in DISK_FULL:
+            hint = (". no output was written; free space on that disk, then re-run with --resume to continue from "
+                    "the last epoch" if args.command == "train-pytorch-model" else
+                    ". no output was written; free space on that disk, or write the output to another one")
         print(f"error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return 1
     return 0

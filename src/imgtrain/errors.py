@@ -6,6 +6,10 @@ Every error carries a message (what is wrong, naming the file or parameter) and 
 
 from __future__ import annotations
 
+import errno
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # OSError numbers that mean "free space, then try again"
+
 
 class ImgtrainError(Exception):
     """Base of every error imgtrain raises on purpose."""
@@ -69,6 +73,10 @@ class OutOfMemoryError(ImgtrainError):
 
 class CheckpointMismatchError(ImgtrainError):
     """--resume found a checkpoint made with other data or parameters."""
+
+
+class CheckpointDamagedError(ImgtrainError):
+    """--resume found a checkpoint that cannot be read."""
 
 
 def check_choice(name: str, value: object, allowed: tuple) -> None:

@@ -28,10 +28,17 @@ def _reserve(file: Path, nbytes: int) -> None:
     try:
         if os.fstat(fd).st_size != nbytes:
             os.ftruncate(fd, 0)
-        if nbytes:
+        if hasattr(os, "posix_fallocate") and nbytes:
             os.posix_fallocate(fd, 0, nbytes)
+        else:  # macOS, Windows: a sparse file, its blocks allocated as it fills
+            os.ftruncate(fd, nbytes)
     finally:
         os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    for file in (path.with_suffix(".pixels"), path.with_suffix(".state")):
+        file.unlink(missing_ok=True)
 
 
 class DecodedImageCache:
@@ -51,17 +58,19 @@ class DecodedImageCache:
     @classmethod
     def create_if_it_fits(cls, path: Path, count: int, size: int, log) -> DecodedImageCache | None:
         need = cls.nbytes(count, size)
-        free = shutil.disk_usage(path.parent).free
+        pixels = path.with_suffix(".pixels")
+        reused = need if pixels.exists() and pixels.stat().st_size == need else 0
+        free = shutil.disk_usage(path.parent).free + reused  # a resumed run's cache is reused in place
         if need > min(MAX_CACHE_BYTES, free // 2):
             log(f"decoded-image cache off: it would take {need / 2**30:.1f} GiB "
                 f"(limit {min(MAX_CACHE_BYTES, free // 2) / 2**30:.1f} GiB)")
+            _unlink(path)
             return None
         try:
             return cls(path, count, size)
         except OSError as e:  # the disk filled up since it was measured, or cannot reserve space
             log(f"decoded-image cache off: cannot reserve {need / 2**30:.1f} GiB in {path.parent} ({e.strerror})")
-            for file in (path.with_suffix(".pixels"), path.with_suffix(".state")):
-                file.unlink(missing_ok=True)
+            _unlink(path)
             return None
 
     def _open(self) -> None:

@@ -27,7 +27,7 @@ from imgtrain.directories.image_directory import (
     IMAGE_FOLDER,
     write_image_directory_files,
 )
-from imgtrain.errors import InvalidDatasetError, check_choice
+from imgtrain.errors import DISK_FULL, InvalidDatasetError, check_choice
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz")
 AUDIT_FILE = "audit.json"
@@ -255,6 +255,8 @@ def extract_archive(archive: Path, dest: Path) -> None:
                     _check_limits(archive, info.filename, n, total)
                 zf.extractall(dest)
         except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError) as exc:  # encrypted, odd codecs
+            if getattr(exc, "errno", None) in DISK_FULL:
+                raise
             raise InvalidDatasetError(f"{archive} cannot be extracted as a zip archive ({exc})",
                                       "check that the file downloaded completely and is not encrypted") from None
     elif name.endswith(ARCHIVE_SUFFIXES):
@@ -264,6 +266,8 @@ def extract_archive(archive: Path, dest: Path) -> None:
         except tarfile.FilterError as exc:
             raise _unsafe(archive, exc.tarinfo.name, f"is unsafe ({exc})") from None
         except (tarfile.TarError, EOFError, OSError) as exc:
+            if getattr(exc, "errno", None) in DISK_FULL:
+                raise
             raise InvalidDatasetError(f"{archive} is not a valid tar archive ({exc})",
                                       "check that the file downloaded completely") from None
     else:

@@ -25,6 +25,10 @@ OWNER_FILE = ".owner-pid"
 def check_output_writable(target: Path, *, overwrite: bool = False) -> None:
     """Fail before any work when the output exists or its folder cannot be written."""
     target = Path(target)
+    if target.absolute().resolve() in (Path.cwd().resolve(), Path(target.absolute().anchor)):
+        raise OutputNotWritableError(
+            f"the output {target} is the current folder or the root: an output is a folder of its own, "
+            "moved into place when complete", "name a new folder, e.g. --output ./model")
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
         raise OutputExistsError(
             f"output {target} already exists",
@@ -69,15 +73,19 @@ def make_owned_dir(path: Path) -> Path:
 
 def publish(tmp: Path, target: Path) -> None:
     """Move a finished temporary directory into place, replacing ``target`` if it exists."""
-    (tmp / OWNER_FILE).unlink(missing_ok=True)
     if target.exists():
         # Move the old output aside first, so that there is no moment with neither.
         old = make_owned_dir(Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-old-", dir=tmp.parent)))
         os.rename(target, old / "x")
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old / "x", target)  # the old output back in its place
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, target)
+    (target / OWNER_FILE).unlink(missing_ok=True)  # until here, a failure leaves tmp for the next run to remove
 
 
 @contextlib.contextmanager
@@ -90,17 +98,19 @@ def atomic_output_dir(target: Path | str, *, overwrite: bool = False) -> Iterato
                                                dir=target.absolute().parent)))
     try:
         yield tmp
+        publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    publish(tmp, target)
 
 
 def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically: complete at ``path``, or not there at all.
+    """Write a safetensors file atomically and durably: complete at ``path``, or not there at all.
 
     safetensors reports a failed write (a full disk, say) as its own error type; it is
     raised here as the OSError it is, naming the file, and the partial file is removed.
+    The file is flushed to the disk before it takes its name (a power cut cannot leave an
+    empty checkpoint), and readable as the umask allows (safetensors makes it private).
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -108,9 +118,15 @@ def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None
     tmp = path.with_name(path.name + ".partial")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     except SafetensorError as exc:
         tmp.unlink(missing_ok=True)
-        code = re.search(r"os error (\d+)", str(exc))
+        # "... (os error 28)" in safetensors 0.8, "IoError(Os { code: 28, ... })" in 0.4 and 0.5
+        code = re.search(r"(?:os error |code: )(\d+)", str(exc))
         if code is None:
             raise
         number = int(code.group(1))

@@ -15,6 +15,7 @@ directory is ever imported, unpickled or executed.
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,15 +84,18 @@ def library_versions() -> dict[str, str]:
 
 
 def write_model_directory(root: Path, spec: ModelSpec) -> None:
-    """Write the meta and spec files (and the label map of a trained model) into ``root``."""
-    (root / META_FILE).write_text(
-        yaml.safe_dump({"type": "ModelDirectory", "model": SPEC_FILE}, sort_keys=False), encoding="utf-8")
-    (root / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False), encoding="utf-8")
+    """Write the label map (of a trained model), the meta file and, last and atomically, the spec
+    into ``root``: a directory with a spec is complete."""
     if spec.trained:
         with open(root / LABELS_FILE, "w", newline="", encoding="utf-8") as out:
             writer = csv.writer(out)
             writer.writerow(["index", "label"])
             writer.writerows(enumerate(spec.labels))
+    (root / META_FILE).write_text(
+        yaml.safe_dump({"type": "ModelDirectory", "model": SPEC_FILE}, sort_keys=False), encoding="utf-8")
+    partial = root / (SPEC_FILE + ".partial")
+    partial.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False), encoding="utf-8")
+    os.replace(partial, root / SPEC_FILE)
 
 
 def load_model_spec(root: Path | str, *, need_trained: bool | None = None) -> ModelSpec:

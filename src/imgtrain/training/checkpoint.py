@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from imgtrain.directories.atomic import write_safetensors
-from imgtrain.errors import CheckpointMismatchError
+from imgtrain.errors import CheckpointDamagedError, CheckpointMismatchError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -66,20 +66,35 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     write_safetensors(tensors, path, metadata={"state": json.dumps(meta)})
 
 
+def _what_differs(meta: dict, parameters: dict | None) -> str:
+    """': --learning-rate 0.001 then, 0.01 now' for the parameters that differ (when the checkpoint says)."""
+    before = meta.get("parameters")
+    if not isinstance(before, dict) or parameters is None:
+        return ""
+    changed = [f"--{name.replace('_', '-')} {before.get(name)} then, {parameters[name]} now"
+               for name in parameters if before.get(name) != parameters[name]]
+    return ": " + "; ".join(changed) if changed else ""
+
+
 def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, parameters: dict | None = None) -> dict:
     """Restore model, optimizer, scheduler and random states; return the JSON state.
 
     Refuses, naming what differs, a checkpoint whose run had other data or parameters.
     """
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["state"])
-        differ = [name for name in run_id if meta["run_id"].get(name) != run_id[name]]
-        if differ:
-            raise CheckpointMismatchError(
-                f"the checkpoint {path} was made with other {' and '.join(differ)}",
-                "run with the same data and parameters to resume, or without --resume to start again")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+            differ = [name for name in run_id if meta["run_id"].get(name) != run_id[name]]
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if not differ else {}
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        raise CheckpointDamagedError(
+            f"the checkpoint {path} cannot be read ({type(exc).__name__}: {exc})",
+            "run without --resume to start again") from None
+    if differ:
+        raise CheckpointMismatchError(
+            f"the checkpoint {path} was made with other {' and '.join(differ)}{_what_differs(meta, parameters)}",
+            "run with the same data and parameters to resume, or without --resume to start again")
     model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     skeleton = meta.pop("optimizer")
     opt_state = {"param_groups": skeleton["param_groups"], "state": {}}

@@ -91,7 +91,7 @@ class TrainingParameters:
         check_range("warmup_epochs", self.warmup_epochs, low=0)
         if self.image_size is not None:
             check_range("image_size", self.image_size, low=32, high=4096,
-                        hint="pass an image size of at least 32 (DenseNet and ResNet shrink images 32-fold)")
+                        hint="pass an image size from 32 (DenseNet and ResNet shrink images 32-fold) to 4096")
         if self.num_workers is not None:
             check_range("num_workers", self.num_workers, low=0, high=64)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -162,9 +162,10 @@ def train_pytorch_model(
     output = Path(output)
     device = resolve_device(params.device)
     precision = resolve_precision(params.precision, device)
+    run_parameters = {**{k: v for k, v in asdict(params).items() if k not in _FREE_PARAMETERS},
+                      "precision": precision}
     run_id = fingerprint({
-        "parameters": {**{k: v for k, v in asdict(params).items() if k not in _FREE_PARAMETERS},
-                       "precision": precision},
+        "parameters": run_parameters,
         "training data": file_digest(train_set.root / IMAGE_LIST, train_set.root / SCHEMA_FILE),
         "validation data": file_digest(val_set.root / IMAGE_LIST, val_set.root / SCHEMA_FILE),
         "untrained model": file_digest(Path(untrained_model) / SPEC_FILE),
@@ -175,6 +176,7 @@ def train_pytorch_model(
     work = resume_dir_for(output)
     if resume and _is_complete(work, run_id):  # killed after finishing, before moving into place
         check_output_writable(output, overwrite=overwrite)
+        _remove_leftovers(work)
         publish(work, output)
         log(f"{output} was complete in {work}: moved into place")
         return _result_of(output)
@@ -196,15 +198,36 @@ def train_pytorch_model(
             log(f"removing the checkpoint of an interrupted run of {output} (pass --resume to continue it)")
         shutil.rmtree(work, ignore_errors=True)
     make_owned_dir(work)
+
+    drop_last = len(train_set) % params.batch_size == 1  # a batch of one breaks BatchNorm
+    optimizer = _make_optimizer(model, base, params, device)
+    steps_per_epoch = (len(train_set) // params.batch_size if drop_last
+                       else math.ceil(len(train_set) / params.batch_size))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_fn = nn.CrossEntropyLoss()
+    stopper = EarlyStopping(params.patience)
+    history: list[EpochMetrics] = []
+    epoch = 0
+    if resume and checkpoint.is_file():
+        state = load_checkpoint(checkpoint, run_id, model, optimizer, schedule, run_parameters)
+        scaler.load_state_dict(state["scaler"])
+        epoch, stopper = state["epoch"], EarlyStopping(**state["early_stopping"])
+        history = [EpochMetrics(**m) for m in state["history"]]
+        log(f"resuming {output} after epoch {epoch} from its checkpoint")
+
+    # The caches come after the checkpoint was accepted: a refused resume reserves no disk space.
+    cache_names = {"training": train_set, "validation": val_set} if params.cache else {}
+    _remove_caches(work, keep=[f"cache-{name}-{image_size}" for name in cache_names])
     caches = [DecodedImageCache.create_if_it_fits(work / f"cache-{name}-{image_size}", len(data), image_size, log)
-              if params.cache else None for name, data in (("training", train_set), ("validation", val_set))]
+              if name in cache_names else None for name, data in (("training", train_set), ("validation", val_set))]
     train_images = ImageDataset([train_set.path(i) for i in range(len(train_set))], train_labels, image_size,
                                 augment=build_augmentation(image_size, params.augmentation), cache=caches[0])
     val_images = ImageDataset([val_set.path(i) for i in range(len(val_set))], val_labels, image_size,
                               cache=caches[1])
     train_sampler = SeededSampler(len(train_set), params.random_seed, shuffle=True)
     val_sampler = SeededSampler(len(val_set), 0, shuffle=False)
-    drop_last = len(train_set) % params.batch_size == 1  # a batch of one breaks BatchNorm
 
     loaders: dict[tuple[int, bool], DataLoader] = {}
 
@@ -223,23 +246,6 @@ def train_pytorch_model(
 
     train_bad = BadImagePolicy(params.on_bad_image, train_images, log)
     val_bad = BadImagePolicy(params.on_bad_image, val_images, log)
-
-    optimizer = _make_optimizer(model, base, params, device)
-    steps_per_epoch = (len(train_set) // params.batch_size if drop_last
-                       else math.ceil(len(train_set) / params.batch_size))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    loss_fn = nn.CrossEntropyLoss()
-    stopper = EarlyStopping(params.patience)
-    history: list[EpochMetrics] = []
-    epoch = 0
-    if resume and checkpoint.is_file():
-        state = load_checkpoint(checkpoint, run_id, model, optimizer, schedule)
-        scaler.load_state_dict(state["scaler"])
-        epoch, stopper = state["epoch"], EarlyStopping(**state["early_stopping"])
-        history = [EpochMetrics(**m) for m in state["history"]]
-        log(f"resuming {output} after epoch {epoch} from its checkpoint")
 
     stepper = _Stepper(model, optimizer, scaler, schedule, loss_fn, normalize, device, precision,
                        params.learning_rate)
@@ -278,7 +284,7 @@ def train_pytorch_model(
                                             time.perf_counter() - started))
                 _write_metrics(work / METRICS_FILE, history)
                 save_checkpoint(checkpoint, model, optimizer, schedule, {
-                    "run_id": run_id, "epoch": epoch, "early_stopping": asdict(stopper),
+                    "run_id": run_id, "parameters": run_parameters, "epoch": epoch, "early_stopping": asdict(stopper),
                     "history": [asdict(m) for m in history], "scaler": scaler.state_dict()})
                 m = history[-1]
                 log(f"epoch {epoch}/{params.epochs}  lr {lr:.2e}  train loss {m.train_loss:.4f} "
@@ -306,11 +312,11 @@ def train_pytorch_model(
                   "best_validation_loss": stopper.best_loss,
                   "best_validation_top1_accuracy": best.validation_top1_accuracy,
                   "training_images": len(train_set), "validation_images": len(val_set), "run_id": run_id})
-    write_model_directory(work, spec)
-    checkpoint.unlink()
     for cache in caches:
         if cache is not None:
             cache.remove()
+    write_model_directory(work, spec)  # the spec goes last: a work directory with one is complete
+    _remove_leftovers(work)
     check_output_writable(output, overwrite=overwrite)
     publish(work, output)
     return TrainResult(output, stopper.best_epoch, epoch, stopper.best_loss, history)
@@ -359,6 +365,22 @@ class _Stepper:
                 batches.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
             fetch_started = time.perf_counter()
         return seen, loss_sum, wrong, waited
+
+
+def _remove_caches(work: Path, keep: list[str] = ()) -> None:
+    """Delete decoded-image cache files in ``work`` but those named in ``keep`` (file stems), such as
+    the caches of an earlier attempt at another image size, or with --no-cache on resume."""
+    for file in work.glob("cache-*"):
+        if file.stem not in keep:
+            file.unlink(missing_ok=True)
+
+
+def _remove_leftovers(work: Path) -> None:
+    """Before a finished work directory becomes the output: no checkpoint, cache or partial file."""
+    (work / CHECKPOINT_FILE).unlink(missing_ok=True)
+    _remove_caches(work)
+    for partial in work.glob("*.partial"):
+        partial.unlink()
 
 
 def _is_complete(output: Path, run_id: dict) -> bool:
