@@ -79,7 +79,8 @@ def test_flat_folder_is_unlabeled_and_odd_entries_are_ignored(tmp_path):
     assert (result.num_images, result.categories) == (4, [])
     assert [Path(f).name for f, _ in result.skipped] == ["broken.png"]
     data = ImageDirectory.load(tmp_path / "out")
-    assert data.labels is None and sorted(Path(f).suffix for f in data.files) == [".jpeg", ".jpg", ".png", ".tiff"]
+    # the original suffixes, as the designer keeps them
+    assert data.labels is None and sorted(Path(f).suffix for f in data.files) == [".Jpg", ".PNG", ".TIFF", ".jpeg"]
     assert "category" not in (tmp_path / "out" / "images.lst").read_text()
 
 

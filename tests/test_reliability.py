@@ -88,8 +88,8 @@ def test_convert_decodes_every_image_and_audits(tmp_path, messy_folder, monkeypa
 def test_convert_fail_policy_writes_nothing(tmp_path, messy_folder):
     r = run_cli("convert-to-image-directory", messy_folder, "--output", tmp_path / "out", "--on-bad-image", "fail",
                 check=False)
-    assert r.returncode == 1 and "3 file(s) in" in r.stderr and "not readable images" in r.stderr
-    assert "truncated.png" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and r.stderr.startswith("error: BadImageError: 3 file(s) in")
+    assert "not readable images" in r.stderr and "truncated.png" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".imgtrain-tmp-*"))
 
 
@@ -556,16 +556,21 @@ def test_hand_placed_weights_are_never_unpickled(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_split_refuses_an_empty_side_and_one_path_for_both(tmp_path):
+def test_split_never_leaves_an_output_empty_and_refuses_one_path_for_both(tmp_path):
     from imgtrain import split_image_directory
     from imgtrain.errors import InvalidParameterError
 
     convert_to_image_directory(make_labelled_folder(tmp_path / "src", per_class=4), tmp_path / "all", **QUIET)
-    with pytest.raises(InvalidDatasetError, match="leaves the second output empty"):
-        split_image_directory(tmp_path / "all", tmp_path / "a", tmp_path / "b", fraction=0.9)
+    # 3 categories of 4: 0.9 of each rounds to all 4, which would leave the second output empty
+    assert split_image_directory(tmp_path / "all", tmp_path / "a", tmp_path / "b", fraction=0.9) == (11, 1)
+    convert_to_image_directory(make_labelled_folder(tmp_path / "two", per_class=1, classes=("dark", "bright")),
+                               tmp_path / "two-images", **QUIET)
+    for fraction in (0.1, 0.5, 0.9):  # two one-image categories: one image each side
+        assert split_image_directory(tmp_path / "two-images", tmp_path / f"a{fraction}", tmp_path / f"b{fraction}",
+                                     fraction=fraction) == (1, 1)
     with pytest.raises(InvalidParameterError, match="three different directories"):
         split_image_directory(tmp_path / "all", tmp_path / "same", tmp_path / "same", fraction=0.5)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "same").exists()
+    assert not (tmp_path / "same").exists()
 
 
 def test_links_inside_an_archive_keep_their_images(tmp_path, labelled_folder):
@@ -616,8 +621,9 @@ def test_more_user_errors_are_one_line(tmp_path, image_dirs, trained_model):
     for args, start in [
         (["convert-to-image-directory", image_dirs["train"], "--output", long_name], "error: OSError"),
         (["convert-to-image-directory", encrypted, "--output", tmp_path / "o"], "error: InvalidDatasetError"),
-        (["split-image-directory", image_dirs["all"], "--random-seed", "-1", "--output-a", tmp_path / "a",
-          "--output-b", tmp_path / "b"], "error: NotInRangeValueError: parameter random_seed"),
+        (["train-pytorch-model", "--untrained-model", image_dirs["untrained"], "--training-data", image_dirs["train"],
+          "--validation-data", image_dirs["val"], "--output", tmp_path / "t", "--learning-rate", "inf"],
+         "error: NotInRangeValueError: parameter learning_rate is inf, allowed: (0, inf)"),
         (["score-image-model", "--trained-model", trained_model, "--dataset", image_dirs["val"], "--output",
           tmp_path / "s", "--num-workers", "-1"], "error: NotInRangeValueError: parameter num_workers"),
     ]:

@@ -56,8 +56,8 @@ def test_input_errors_name_the_problem(tmp_path, image_dirs, unlabeled):
         train_pytorch_model(d["untrained"], d["train"], tmp_path / "other-dir", tmp_path / "o", **QUIET)
     n = len(ImageDirectory.load(d["train"]))
     for name, value, allowed in [("epochs", 0, "[1, inf)"), ("batch_size", n + 1, f"[2, {n}]"),
-                                 ("batch_size", 1, f"[2, {n}]"), ("random_seed", -1, "[0, 4,294,967,295]"),
-                                 ("learning_rate", 0.0, "(0, 10]"), ("patience", 0, "[1, inf)")]:
+                                 ("batch_size", 1, f"[2, {n}]"), ("learning_rate", 0.0, "(0, inf)"),
+                                 ("patience", 0, "[1, inf)")]:
         with pytest.raises(NotInRangeValueError, match=rf"parameter {name} is .*allowed: {re.escape(allowed)}"):
             train(d, tmp_path / "o", **{name: value})
     with pytest.raises(InvalidParameterError, match="no CUDA GPU"):
@@ -115,7 +115,7 @@ def test_trained_directory_is_complete_and_self_describing(trained_model, image_
 
 def test_same_seed_same_weights_with_workers(tmp_path, image_dirs):
     runs = [train(image_dirs, tmp_path / f"run{i}", random_seed=seed, num_workers=2)
-            for i, seed in enumerate([7, 7, 8])]
+            for i, seed in enumerate([7, 7 - 2**32, 8])]  # any integer, taken modulo 2**32
     weights = [(r.output / "model.safetensors").read_bytes() for r in runs]
     assert weights[0] == weights[1]
     assert weights[0] != weights[2]

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Split an ImageDirectory in two, stratified by category and seeded; both keep every category.")
     p.add_argument("source", help="the ImageDirectory to split")
     p.add_argument("--fraction", type=float, default=0.9, help="share of each category in the first output, in (0, 1)")
-    p.add_argument("--random-seed", type=_int, default=1, help="seed of the split")
+    p.add_argument("--random-seed", type=_int, default=1, help="seed of the split, any integer")
     p.add_argument("--output-a", required=True, help="ImageDirectory receiving the fraction (e.g. training)")
     p.add_argument("--output-b", required=True, help="ImageDirectory receiving the rest (e.g. validation)")
     _common(p)
@@ -167,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per step, from 2 (BatchNorm needs two) to the number of training images")
     p.add_argument("--learning-rate", type=float, default=0.001,
                    help="peak learning rate, > 0 (pretrained backbones use a tenth of it)")
-    p.add_argument("--random-seed", type=_int, default=1, help="same seed, same machine: same weights")
+    p.add_argument("--random-seed", type=_int, default=1,
+                   help="any integer (taken modulo 2**32); same seed, same machine: same weights")
     p.add_argument("--patience", type=_int, default=3,
                    help="epochs without a lower validation loss before stopping early, > 0")
-    p.add_argument("--warmup-epochs", type=_int, default=0,
-                   help="epochs of linear learning-rate warm-up before the cosine decay, >= 0")
+    p.add_argument("--warmup-steps", "--warmup-epochs", dest="warmup_epochs", type=_int, default=0,
+                   help="the designer's 'Warmup steps', counted in epochs as there: epochs of linear "
+                        "learning-rate warm-up before the cosine decay, >= 0")
     p.add_argument("--image-size", type=_int, default=None,
                    help="side of the square images the model sees, 32 to 4096 (default: the median shorter side of the "
                         "training images, rounded up to a multiple of 32, between 32 and 224)")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgtrain.data.dataset import ON_BAD_IMAGE
-from imgtrain.data.decode import ImageCheck, check_image
+from imgtrain.data.decode import BadImageError, ImageCheck, check_image
 from imgtrain.directories.atomic import atomic_output_dir
 from imgtrain.directories.image_directory import (
     IMAGE_EXTENSIONS,
@@ -152,7 +152,7 @@ def convert_to_image_directory(
                     for (path, _), c in zip(found.items, checks, strict=True) if c.reason]
         if rejected and on_bad_image == "fail":
             shown = "; ".join(f"{f}: {r}" for f, r in rejected[:3])
-            raise InvalidDatasetError(
+            raise BadImageError(
                 f"{len(rejected)} file(s) in {source} are not readable images ({shown})",
                 "remove or replace them, or pass --on-bad-image skip to leave them out")
         image_dir = tmp / IMAGE_FOLDER
@@ -165,7 +165,7 @@ def convert_to_image_directory(
         files, labels, infos = [], [], []
         for path, category, check in kept:
             label = index[category] if category is not None else 0
-            name = f"{IMAGE_FOLDER}/{label}_{len(files)}{path.suffix.lower()}"
+            name = f"{IMAGE_FOLDER}/{label}_{len(files)}{path.suffix}"  # the original suffix, as the designer
             shutil.copyfile(path, tmp / name)  # follows a link inside the archive to its file
             files.append(name)
             labels.append(label)

@@ -28,7 +28,6 @@ def split_image_directory(
     sets even when a small category ends up on one side only. Returns the two sizes.
     """
     check_range("fraction", fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-    check_range("random_seed", random_seed, low=0, high=2**32 - 1)
     if len({Path(p).absolute() for p in (source, output_a, output_b)}) < 3:
         raise InvalidParameterError("the source and the two outputs must be three different directories",
                                     "pass another --output-a or --output-b")
@@ -36,22 +35,15 @@ def split_image_directory(
     if len(data) < 2:
         raise InvalidDatasetError(f"{source} holds {len(data)} image; a split needs at least 2",
                                   "add images before splitting")
-    rng = np.random.default_rng(random_seed)
+    rng = np.random.default_rng(random_seed % 2**32)
     groups = [np.arange(len(data))] if data.labels is None else [
         np.flatnonzero(data.labels == c) for c in range(len(data.categories))
     ]
-    first: list[np.ndarray] = []
-    for members in groups:
-        members = rng.permutation(members)
-        first.append(members[: int(round(len(members) * fraction))])
+    sizes = _first_output_sizes(np.array([len(g) for g in groups]), fraction, rng)
     in_a = np.zeros(len(data), dtype=bool)
-    in_a[np.concatenate(first)] = True
+    for members, size in zip(groups, sizes, strict=True):
+        in_a[rng.permutation(members)[:size]] = True
     parts = (np.flatnonzero(in_a), np.flatnonzero(~in_a))
-    if not len(parts[0]) or not len(parts[1]):
-        raise InvalidDatasetError(
-            f"a fraction of {fraction:g} leaves the {'first' if not len(parts[0]) else 'second'} output empty "
-            f"({len(data)} images, at most {max(np.bincount(data.labels)) if data.labels is not None else len(data)} "
-            "in a category)", "pass a fraction further from 0 and 1, or add images")
     with atomic_output_dir(output_a, overwrite=overwrite) as tmp_a, \
             atomic_output_dir(output_b, overwrite=overwrite) as tmp_b:
         for tmp, rows in zip((tmp_a, tmp_b), parts, strict=True):
@@ -69,6 +61,22 @@ def split_image_directory(
             write_image_directory_files(tmp, files, data.categories or None, labels, data.ids[rows],
                                         infos=[data.info(i) for i in rows])
     return len(parts[0]), len(parts[1])
+
+
+def _first_output_sizes(counts: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """How many images of each category go to the first output.
+
+    Each category gets its share rounded down or up (largest remainders first, ties in seeded
+    random order) so that the total is round(N * fraction), kept between 1 and N - 1: both
+    outputs get images even when every category is too small to split on its own.
+    """
+    quota = counts * fraction
+    sizes = np.floor(quota).astype(int)
+    total = min(max(round(int(counts.sum()) * fraction), 1), int(counts.sum()) - 1)
+    order = np.lexsort((rng.permutation(len(counts)), sizes - quota))  # largest remainder first
+    for c in order[: max(total - int(sizes.sum()), 0)]:
+        sizes[c] += 1
+    return sizes
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -85,8 +85,8 @@ class TrainingParameters:
         check_range("batch_size", self.batch_size, low=2, high=training_size,
                     hint=f"pass a batch size from 2 (BatchNorm needs two images a batch) to {training_size}, "
                          "the number of training images")
-        check_range("random_seed", self.random_seed, low=0, high=2**32 - 1)
-        check_range("learning_rate", self.learning_rate, low=0, low_inclusive=False, high=10)
+        check_range("learning_rate", self.learning_rate, low=0, low_inclusive=False, high=math.inf,
+                    high_inclusive=False)
         check_range("patience", self.patience, low=1)
         check_range("warmup_epochs", self.warmup_epochs, low=0)
         if self.image_size is not None:
@@ -183,7 +183,8 @@ def train_pytorch_model(
     check_output_writable(output, overwrite=overwrite)
     _warn_about_shared_images(train_set, val_set, log)
 
-    seed_everything(params.random_seed)
+    seed = params.random_seed % 2**32  # any integer, as in the designer; numpy's generators take 32 bits
+    seed_everything(seed)
     categories = train_set.categories
     image_size = params.image_size or auto_image_size(train_set)
     model = _initial_model(base, untrained_model, len(categories)).to(device, memory_format=torch.channels_last)
@@ -226,7 +227,7 @@ def train_pytorch_model(
                                 augment=build_augmentation(image_size, params.augmentation), cache=caches[0])
     val_images = ImageDataset([val_set.path(i) for i in range(len(val_set))], val_labels, image_size,
                               cache=caches[1])
-    train_sampler = SeededSampler(len(train_set), params.random_seed, shuffle=True)
+    train_sampler = SeededSampler(len(train_set), seed, shuffle=True)
     val_sampler = SeededSampler(len(val_set), 0, shuffle=False)
 
     loaders: dict[tuple[int, bool], DataLoader] = {}
