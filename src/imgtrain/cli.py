@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("convert-to-image-directory", _convert,
                 "Convert a folder with one sub-folder per category (or a flat folder, or a .zip/.tar/.tar.gz/"
-                ".tgz/.tar.bz2 archive of one) into an ImageDirectory.")
+                ".tgz/.tar.bz2/.tbz2/.tar.xz archive of one) into an ImageDirectory.")
     p.add_argument("source", help="folder or archive of images")
     p.add_argument("--output", required=True, help="the ImageDirectory to write")
     _on_bad_image(p, "stops before anything is written")
