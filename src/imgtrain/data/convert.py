@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgtrain.data.dataset import ON_BAD_IMAGE
+from imgtrain.data.dataset import ON_BAD_IMAGE, worker_count
 from imgtrain.data.decode import BadImageError, ImageCheck, check_image
 from imgtrain.directories.atomic import atomic_output_dir
 from imgtrain.directories.image_directory import (
@@ -128,7 +128,7 @@ def find_images(root: Path | str) -> FoundImages:
 def _check_all(paths: list[Path]) -> list[ImageCheck]:
     if len(paths) < _PARALLEL_FROM or (os.cpu_count() or 1) < 2:
         return [check_image(p) for p in paths]
-    with ProcessPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ProcessPoolExecutor(max_workers=worker_count(None)) as pool:
         return list(pool.map(check_image, paths, chunksize=64))
 
 

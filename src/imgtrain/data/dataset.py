@@ -7,6 +7,7 @@ there are, and whether a run was interrupted and resumed change nothing in the r
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -84,6 +85,11 @@ class ImageDataset(Dataset):
 
 
 ON_BAD_IMAGE = ("skip", "fail")
+
+
+def worker_count(requested: int | None) -> int:
+    """Worker processes for loading or checking images: as asked, else one per CPU core, at most 8."""
+    return requested if requested is not None else min(8, os.cpu_count() or 1)
 
 
 class BadImagePolicy:

@@ -11,6 +11,7 @@ import numpy as np
 from imgtrain.directories.atomic import atomic_output_dir
 from imgtrain.directories.image_directory import ImageDirectory, write_image_directory_files
 from imgtrain.errors import InvalidDatasetError, InvalidParameterError, check_range
+from imgtrain.training.seeding import as_uint32
 
 
 def split_image_directory(
@@ -35,7 +36,7 @@ def split_image_directory(
     if len(data) < 2:
         raise InvalidDatasetError(f"{source} holds {len(data)} image; a split needs at least 2",
                                   "add images before splitting")
-    rng = np.random.default_rng(random_seed % 2**32)
+    rng = np.random.default_rng(as_uint32(random_seed))
     groups = [np.arange(len(data))] if data.labels is None else [
         np.flatnonzero(data.labels == c) for c in range(len(data.categories))
     ]

@@ -20,6 +20,7 @@ from imgtrain.errors import OutputExistsError, OutputNotWritableError
 
 TMP_PREFIX = ".imgtrain-tmp-"
 OWNER_FILE = ".owner-pid"
+PARTIAL_SUFFIX = ".partial"
 
 
 def check_output_writable(target: Path, *, overwrite: bool = False) -> None:
@@ -105,32 +106,39 @@ def atomic_output_dir(target: Path | str, *, overwrite: bool = False) -> Iterato
 
 
 def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically and durably: complete at ``path``, or not there at all.
+    """Write a safetensors file with ``atomic_file``: complete at ``path``, or not there at all.
 
     safetensors reports a failed write (a full disk, say) as its own error type; it is
-    raised here as the OSError it is, naming the file, and the partial file is removed.
-    The file is flushed to the disk before it takes its name (a power cut cannot leave an
-    empty checkpoint), and readable as the umask allows (safetensors makes it private).
+    raised here as the OSError it is, naming the file. The file is readable as the umask
+    allows (safetensors alone makes it private).
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".partial")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
     except SafetensorError as exc:
-        tmp.unlink(missing_ok=True)
         # "... (os error 28)" in safetensors 0.8, "IoError(Os { code: 28, ... })" in 0.4 and 0.5
         code = re.search(r"(?:os error |code: )(\d+)", str(exc))
         if code is None:
             raise
         number = int(code.group(1))
         raise OSError(number, os.strerror(number), str(path)) from None
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary name beside ``path`` to write a file under. When the block succeeds,
+    the file is flushed to the disk and takes ``path``'s name; when it fails, it is removed."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -15,13 +15,13 @@ directory is ever imported, unpickled or executed.
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 from torch import nn
 
+from imgtrain.directories.atomic import atomic_file
 from imgtrain.errors import InvalidModelDirectoryError
 
 META_FILE = "_meta.yaml"
@@ -93,9 +93,8 @@ def write_model_directory(root: Path, spec: ModelSpec) -> None:
             writer.writerows(enumerate(spec.labels))
     (root / META_FILE).write_text(
         yaml.safe_dump({"type": "ModelDirectory", "model": SPEC_FILE}, sort_keys=False), encoding="utf-8")
-    partial = root / (SPEC_FILE + ".partial")
-    partial.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False), encoding="utf-8")
-    os.replace(partial, root / SPEC_FILE)
+    with atomic_file(root / SPEC_FILE) as tmp:
+        tmp.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False), encoding="utf-8")
 
 
 def load_model_spec(root: Path | str, *, need_trained: bool | None = None) -> ModelSpec:

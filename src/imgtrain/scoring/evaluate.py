@@ -39,9 +39,9 @@ def _read_scored(scored: Path) -> tuple[list[str], list[str], list[str]]:
             "score a labelled ImageDirectory or a folder with one sub-folder per category")
     if not rows:
         raise InvalidDatasetError(f"{path} holds no rows", hint)
-    for line, row in enumerate(rows, 2):
+    for n, row in enumerate(rows, 1):
         if row[LABEL_COLUMN] is None or row[SCORED_LABEL] is None:
-            raise InvalidDatasetError(f"{path}: data row {line - 1} has fewer fields than the header", hint)
+            raise InvalidDatasetError(f"{path}: data row {n} has fewer fields than the header", hint)
     labels = [h[len(PROBABILITY_PREFIX):] for h in header if h.startswith(PROBABILITY_PREFIX)]
     return [r[LABEL_COLUMN] for r in rows], [r[SCORED_LABEL] for r in rows], labels
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imgtrain.data.convert import find_images
-from imgtrain.data.dataset import ON_BAD_IMAGE, BadImagePolicy, ImageDataset
+from imgtrain.data.dataset import ON_BAD_IMAGE, BadImagePolicy, ImageDataset, worker_count
 from imgtrain.data.transforms import Normalize
 from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import atomic_output_dir, check_output_writable
@@ -97,7 +96,7 @@ def score_image_model(
     model.to(dev, memory_format=torch.channels_last)
     normalize = Normalize(spec.input.mean, spec.input.std).to(dev)
     size = spec.input.image_size
-    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    workers = worker_count(num_workers)
     images = ImageDataset(rows.paths, None, size)
     loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
     log(f"Scoring {len(rows.paths):,} images with {spec.architecture} ({spec.num_classes} classes) on {dev}, "

@@ -9,13 +9,18 @@ import numpy as np
 import torch
 
 
+def as_uint32(seed: int) -> int:
+    """Any integer as a seed (the designer takes any int); numpy's generators take 32 bits."""
+    return seed % 2**32
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and every GPU), and ask for deterministic kernels.
 
     Data order and augmentation are seeded per epoch and per image by the sampler.
     """
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(as_uint32(seed))
     torch.manual_seed(seed)  # also seeds every CUDA device
     # cuBLAS needs this set before its first use to be deterministic.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

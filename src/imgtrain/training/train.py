@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import shutil
 import sys
 import time
@@ -24,10 +23,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imgtrain.data.cache import DecodedImageCache
-from imgtrain.data.dataset import ON_BAD_IMAGE, BadImagePolicy, ImageDataset, SeededSampler
+from imgtrain.data.dataset import ON_BAD_IMAGE, BadImagePolicy, ImageDataset, SeededSampler, worker_count
 from imgtrain.data.transforms import AUGMENTATIONS, DEFAULT_AUGMENTATION, Normalize, build_augmentation
 from imgtrain.device import resolve_device
-from imgtrain.directories.atomic import check_output_writable, make_owned_dir, publish, write_safetensors
+from imgtrain.directories.atomic import (
+    PARTIAL_SUFFIX,
+    atomic_file,
+    check_output_writable,
+    make_owned_dir,
+    publish,
+    write_safetensors,
+)
 from imgtrain.directories.image_directory import IMAGE_LIST, SCHEMA_FILE, ImageDirectory
 from imgtrain.directories.model_directory import (
     METRICS_FILE,
@@ -53,7 +59,7 @@ from imgtrain.training.checkpoint import CHECKPOINT_FILE, file_digest, fingerpri
 from imgtrain.training.early_stopping import EarlyStopping
 from imgtrain.training.image_size import auto_image_size
 from imgtrain.training.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
-from imgtrain.training.seeding import seed_everything
+from imgtrain.training.seeding import as_uint32, seed_everything
 
 OPTIMIZERS = ("adamw", "sgd")
 RESUME_PREFIX = ".imgtrain-resume-"
@@ -183,14 +189,14 @@ def train_pytorch_model(
     check_output_writable(output, overwrite=overwrite)
     _warn_about_shared_images(train_set, val_set, log)
 
-    seed = params.random_seed % 2**32  # any integer, as in the designer; numpy's generators take 32 bits
+    seed = as_uint32(params.random_seed)
     seed_everything(seed)
     categories = train_set.categories
     image_size = params.image_size or auto_image_size(train_set)
     model = _initial_model(base, untrained_model, len(categories)).to(device, memory_format=torch.channels_last)
     normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
 
-    workers = params.num_workers if params.num_workers is not None else min(8, os.cpu_count() or 1)
+    workers = worker_count(params.num_workers)
     checkpoint = work / CHECKPOINT_FILE
     if not (resume and checkpoint.is_file()):
         if resume:
@@ -380,7 +386,7 @@ def _remove_leftovers(work: Path) -> None:
     """Before a finished work directory becomes the output: no checkpoint, cache or partial file."""
     (work / CHECKPOINT_FILE).unlink(missing_ok=True)
     _remove_caches(work)
-    for partial in work.glob("*.partial"):
+    for partial in work.glob(f"*{PARTIAL_SUFFIX}"):
         partial.unlink()
 
 
@@ -510,9 +516,7 @@ def _save_weights(model: nn.Module, path: Path) -> None:
 
 
 def _write_metrics(path: Path, history: list[EpochMetrics]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", newline="", encoding="utf-8") as out:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
         writer = csv.DictWriter(out, fieldnames=list(asdict(history[0])))
         writer.writeheader()
         writer.writerows(asdict(m) for m in history)
-    os.replace(tmp, path)
