@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True, help="where to write the timings")
     args = parser.parse_args()
 
-    model, spec = load_trained_model(args.trained_model)
+    trained = load_trained_model(args.trained_model)
+    model, spec = trained.network, trained.spec
     size = spec.input.image_size
     mean = torch.tensor(spec.input.mean).view(3, 1, 1)
     std = torch.tensor(spec.input.std).view(3, 1, 1)

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
@@ -249,6 +249,17 @@ def _imgtrain_version() -> str:
 
 
 # --- markdown ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Section:
+    """One section of the results: a title and markdown blocks (paragraphs and tables, in order)."""
+
+    title: str
+    blocks: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        return "\n\n".join([f"## {self.title}", *self.blocks])
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -23,8 +23,8 @@ import traceback
 from pathlib import Path
 
 from context import BENCH, Case, Config, Context
-from measure import OtherLoad, machine_details, table
-from sections import SECTIONS, Section
+from measure import OtherLoad, Section, machine_details, table
+from sections import SECTIONS
 
 
 def _cases(text: str) -> tuple[Case, ...]:
@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--imgtrain-defaults", action="store_true",
                         help="time imgtrain at its defaults (AdamW, shift augmentation) instead of with the "
                              "baseline's optimiser and no augmentation")
+    parser.add_argument("--compare-with", metavar="REV",
+                        help="a git revision (e.g. a commit before a change) whose code the startup and shared "
+                             "sections run too, side by side")
     parser.add_argument("--imgtrain-args", default="",
                         help="more arguments for imgtrain's throughput runs, e.g. '--precision fp32' to compare "
                              "at the baseline's precision or '--num-workers 1'")
@@ -76,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_config(args: argparse.Namespace) -> Config:
     config = Config.smoke() if args.quick else Config.full()
     overrides = {name: getattr(args, name) for name in ("reps", "epochs", "cases", "convert_images", "score_images",
-                                                        "parity_epochs") if getattr(args, name) is not None}
+                                                        "parity_epochs", "compare_with")
+                 if getattr(args, name) is not None}
     if args.imgtrain_defaults:
         overrides["imgtrain_recipe"] = "defaults"
     if args.imgtrain_args:

@@ -7,25 +7,15 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from statistics import median
 
 import fixtures
 import torch
 import torchvision
 from context import Case, Context, TrainCase, parse_training_log, read_metrics, steady_rate
-from measure import CommandFailed, med, num, python_startup_seconds, ratio, spread, table
+from measure import CommandFailed, Section, med, num, python_startup_seconds, ratio, spread, table
+from responsiveness import shared_cpu, startup
 from torch import nn
-
-
-@dataclass
-class Section:
-    title: str
-    blocks: list[str] = field(default_factory=list)  # paragraphs and tables, in order
-
-    def markdown(self) -> str:
-        return "\n\n".join([f"## {self.title}", *self.blocks])
-
 
 # --- 1. training throughput ----------------------------------------------------------------------------------
 
@@ -489,4 +479,6 @@ SECTIONS: dict[str, tuple[Callable[[Context], Section], str]] = {
     "score": (scoring, "batched scoring vs a per-image loop"),
     "memory": (memory, "peak memory of training, scoring and converting many files"),
     "precision": (precision_parity, "fp32 vs bf16 accuracy, if imgtrain has --precision"),
+    "startup": (startup, "each command's wall time on a tiny input, and the six-command pipeline"),
+    "shared": (shared_cpu, "training speed beside one and two busy processes"),
 }

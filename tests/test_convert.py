@@ -35,7 +35,8 @@ def test_labelled_folder_becomes_designer_layout(tmp_path, labelled_folder):
     with Image.open(first_src) as im:
         size = im.size
     assert rows[0]["image_info"] == {"file_name": "image/0_0.png", "width": size[0], "height": size[1],
-                                     "sha256": hashlib.sha256(first_src.read_bytes()).hexdigest()}
+                                     "sha256": hashlib.sha256(first_src.read_bytes()).hexdigest(),
+                                     "original_path": f"bright/{first_src.name}"}  # the name it came with
     schema = json.loads((out / "_schema.json").read_text())
     cats = schema["columnAttributes"][2]["properties"]["categories"]
     assert cats == [{"id": 0, "name": "bright"}, {"id": 1, "name": "dark"}, {"id": 2, "name": "mid"}]

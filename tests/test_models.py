@@ -11,7 +11,9 @@ from conftest import run_cli
 from imgtrain import densenet, resnet
 from imgtrain.directories.model_directory import load_model_spec
 from imgtrain.errors import InvalidParameterError, WeightsUnavailableError
-from imgtrain.models.registry import build_model, model_names, weights_cache_path
+from imgtrain.models.names import model_names
+from imgtrain.models.registry import build_model
+from imgtrain.models.weights import weights_cache_path
 
 
 def test_untrained_directories_hold_a_spec_and_no_code(tmp_path):
@@ -38,7 +40,7 @@ def test_offline_without_cached_weights_names_the_file(tmp_path, monkeypatch):
         resnet(tmp_path / "out", model_name="resnet18")
     text = str(err.value)
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in text
-    assert "--no-pretrained" in text and "download.pytorch.org" in text
+    assert "pretrained=False" in text and "download.pytorch.org" in text  # in Python, Python's words
     assert not (tmp_path / "out").exists()
     r = run_cli("densenet", "--output", tmp_path / "d", check=False, env={"TORCH_HOME": str(tmp_path / "torch")})
     assert r.returncode == 1 and r.stderr.startswith("error: WeightsUnavailableError: pretrained weights for "

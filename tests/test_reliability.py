@@ -29,12 +29,15 @@ from conftest import make_image, make_labelled_folder, run_cli
 from imgtrain import convert_to_image_directory, score_image_model, train_pytorch_model
 from imgtrain.data.decode import BadImageError, load_rgb
 from imgtrain.errors import (
+    CheckpointExistsError,
     CheckpointMismatchError,
     InvalidDatasetError,
+    NotInRangeValueError,
     OutputExistsError,
     OutputNotWritableError,
     TrainingDivergedError,
 )
+from imgtrain.training.checkpoint import checkpoint_epoch
 
 QUIET = {"log": lambda m: None}
 TRAIN = {"epochs": 2, "batch_size": 8, "image_size": 32, "num_workers": 0}
@@ -243,7 +246,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, image_dirs, monkeypatch):
     import torchvision
 
     from imgtrain import resnet
-    from imgtrain.models.registry import weights_cache_path
+    from imgtrain.models.weights import weights_cache_path
     from test_models import place_fake_imagenet_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -256,7 +259,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, image_dirs, monkeypatch):
     with pytest.raises(TrainingDivergedError, match=r"the training loss became nan in epoch 1, batch 1") as err:
         train_pytorch_model(tmp_path / "u", image_dirs["train"], image_dirs["val"], tmp_path / "model",
                             overwrite=True, **TRAIN, **QUIET)
-    assert "lower --learning-rate" in str(err.value)
+    assert "lower learning_rate than 0.001" in str(err.value)  # in Python, the argument's name
     assert (tmp_path / "model" / "keep.txt").read_text() == "an earlier output"  # not replaced by a failed run
     del torchvision
 
@@ -303,7 +306,7 @@ def test_temporaries_of_killed_runs_are_cleaned_up(tmp_path, labelled_folder):
 def test_existing_output_needs_overwrite(tmp_path, image_dirs):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.txt").write_text("x")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
         train_pytorch_model(image_dirs["untrained"], image_dirs["train"], image_dirs["val"], tmp_path / "m",
                             **TRAIN, **QUIET)
     assert (tmp_path / "m" / "keep.txt").exists()
@@ -345,7 +348,7 @@ def test_resume_when_complete_changes_nothing(tmp_path, image_dirs):
     r = run_cli("train-pytorch-model", "--untrained-model", d["untrained"], "--training-data", d["train"],
                 "--validation-data", d["val"], "--output", tmp_path / "m", "--epochs", "2", "--batch-size", "8",
                 "--image-size", "32", "--resume")
-    assert "already complete" in r.stdout
+    assert r.stdout.count("\n") == 1 and "already complete" in r.stdout and r.stderr == ""  # one line
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "m").iterdir()}
 
 
@@ -381,8 +384,8 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1), **args)
     work = tmp_path / ".imgtrain-resume-m"
     caches_before = sorted(f.name for f in work.glob("cache-*"))
-    with pytest.raises(CheckpointMismatchError, match="made with other parameters: --learning-rate 0.001 then, "
-                                                      "0.01 now; --image-size 32 then, 64 now"):
+    with pytest.raises(CheckpointMismatchError, match="made with other parameters: learning_rate=0.001 then, "
+                                                      "learning_rate=0.01 now; image_size=32 then, image_size=64 now"):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
                             **{**args, "learning_rate": 0.01, "image_size": 64}, **QUIET)
     assert sorted(f.name for f in work.glob("cache-*")) == caches_before  # a refused resume reserves nothing
@@ -407,7 +410,32 @@ def test_a_damaged_checkpoint_is_named(tmp_path, image_dirs):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
         "error: CheckpointDamagedError: the checkpoint "), r.stderr
     assert r.stderr.strip().endswith("cannot be read (SafetensorError: Error while deserializing header: header too "
-                                     "small). run without --resume to start again")
+                                     "small). run with --restart to start again")
+    r = run_cli("train", "--untrained-model", d["untrained"], "--training-data", d["train"], "--validation-data",
+                d["val"], "--output", tmp_path / "m", "--epochs", "2", "--batch-size", "8", "--image-size", "32",
+                "--restart")
+    assert "Trained model written to" in r.stdout
+
+
+def _kill_when(proc: subprocess.Popen, checkpoint: Path, done: int, mode: str, rng: random.Random) -> bool:
+    """Wait for the moment to kill ``proc``, decided by the work it has done, never by the clock alone:
+    just after a checkpoint past epoch ``done`` appears (then a random instant later), or while a
+    checkpoint is being written. Return True when the run finished first."""
+    partial = checkpoint.with_name(checkpoint.name + ".partial")
+    progressed_at, delay = None, rng.uniform(0, 0.5)
+    while proc.poll() is None:
+        if mode == "while writing" and partial.exists():
+            break
+        if progressed_at is None and (checkpoint_epoch(checkpoint) or 0) > done:
+            progressed_at = time.monotonic()
+        if progressed_at is not None and time.monotonic() - progressed_at >= delay:
+            break
+        time.sleep(0.002 if mode == "while writing" else 0.02)
+    else:
+        return True
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return False
 
 
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path, image_dirs):
@@ -416,26 +444,74 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
             "--validation-data", d["val"], "--epochs", "8", "--patience", "8", "--batch-size", "4",
             "--image-size", "32", "--num-workers", "1"]
     run_cli(*args, "--output", tmp_path / "reference")
+    checkpoint = tmp_path / ".imgtrain-resume-m" / "checkpoint.safetensors"
     rng = random.Random(20261123)
-    kills, finished = 0, False
-    for _ in range(15):
+    kills = []
+    while True:  # every kill comes after new work (or in a checkpoint's write), so this ends, however slow
+        done = (checkpoint_epoch(checkpoint) or 0) if checkpoint.exists() else 0
         proc = subprocess.Popen([sys.executable, "-m", "imgtrain", *map(str, args), "--output", tmp_path / "m",
-                                 "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
-        try:
-            proc.wait(timeout=rng.uniform(2.0, 5.0))
-            assert proc.returncode == 0
-            finished = True
+        mode = rng.choice(["after a checkpoint", "while writing"]) if len(kills) < 5 else "never"
+        if mode == "never":
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err
             break
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            time.sleep(0.1)
-    assert finished and kills >= 2, f"{kills} kills, finished: {finished}"
+        if _kill_when(proc, checkpoint, done, mode, rng):
+            assert proc.returncode == 0, proc.stderr.read()
+            break
+        kills.append((mode, done))
+    assert len(kills) >= 2, kills
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == (
         tmp_path / "reference" / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing piles up
+
+
+def test_a_rerun_without_resume_keeps_the_checkpoint_and_says_what_to_do(tmp_path, image_dirs):
+    d = image_dirs
+    reference = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "ref", **TRAIN, **QUIET)
+    with pytest.raises(Interrupt):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1), **TRAIN)
+    work = tmp_path / ".imgtrain-resume-m"
+    size = sum(f.stat().st_size for f in work.iterdir() if f.is_file()) / 1e6
+    r = run_cli("train", "--untrained-model", d["untrained"], "--training-data", d["train"], "--validation-data",
+                d["val"], "--output", tmp_path / "m", "--epochs", "2", "--batch-size", "8", "--image-size", "32",
+                check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: CheckpointExistsError: an interrupted run of {tmp_path / 'm'} left a checkpoint after epoch 1 in "
+        f"{work} ({size:,.0f} MB). pass --resume to continue it, or --restart to discard it and start again"]
+    assert (work / "checkpoint.safetensors").exists()
+    with pytest.raises(CheckpointExistsError, match="pass resume=True to continue it, or restart=True"):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
+    restarted = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", restart=True,
+                                    **TRAIN, **QUIET)
+    assert (restarted.output / "model.safetensors").read_bytes() == (
+        reference.output / "model.safetensors").read_bytes()
+    assert not work.exists()
+
+
+def test_resume_with_more_epochs_trains_on(tmp_path, image_dirs):
+    d, args = image_dirs, {**TRAIN, "patience": 9}
+    fresh = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "fresh", **{**args, "epochs": 5},
+                                **QUIET)
+    with pytest.raises(Interrupt):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(2),
+                            **{**args, "epochs": 3})
+    with pytest.raises(NotInRangeValueError, match="the checkpoint has trained 2 epochs already"):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
+                            **{**args, "epochs": 1}, **QUIET)
+    logs: list[str] = []
+    result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
+                                 log=logs.append, **{**args, "epochs": 5})
+    assert any("training on to 5 epochs instead of 3" in line for line in logs)
+    assert result.stopped_epoch == 5 and len(result.history) == 5
+    # Epochs 3 to 5 follow the 5-epoch schedule from where the checkpoint stood.
+    assert [m.learning_rate for m in result.history[2:]] == pytest.approx(
+        [m.learning_rate for m in fresh.history[2:]], rel=1e-6)
+    assert result.history[1].learning_rate != pytest.approx(fresh.history[1].learning_rate)  # done as a 3-epoch run
+    with pytest.raises(CheckpointMismatchError, match="is a finished run of 5 epochs, and its checkpoint is gone"):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
+                            **{**args, "epochs": 7}, **QUIET)
 
 
 # --- a full disk ------------------------------------------------------------------------------
@@ -541,7 +617,8 @@ def test_hand_placed_weights_are_never_unpickled(tmp_path, monkeypatch):
     import pickle
 
     from imgtrain.errors import WeightsUnavailableError
-    from imgtrain.models.registry import build_model, weights_cache_path
+    from imgtrain.models.registry import build_model
+    from imgtrain.models.weights import weights_cache_path
 
     class RunsCode:
         def __reduce__(self):
@@ -568,7 +645,7 @@ def test_split_never_leaves_an_output_empty_and_refuses_one_path_for_both(tmp_pa
     for fraction in (0.1, 0.5, 0.9):  # two one-image categories: one image each side
         assert split_image_directory(tmp_path / "two-images", tmp_path / f"a{fraction}", tmp_path / f"b{fraction}",
                                      fraction=fraction) == (1, 1)
-    with pytest.raises(InvalidParameterError, match="three different directories"):
+    with pytest.raises(InvalidParameterError, match="must be two separate directories, neither inside the other"):
         split_image_directory(tmp_path / "all", tmp_path / "same", tmp_path / "same", fraction=0.5)
     assert not (tmp_path / "same").exists()
 
@@ -623,9 +700,9 @@ def test_more_user_errors_are_one_line(tmp_path, image_dirs, trained_model):
         (["convert-to-image-directory", encrypted, "--output", tmp_path / "o"], "error: InvalidDatasetError"),
         (["train-pytorch-model", "--untrained-model", image_dirs["untrained"], "--training-data", image_dirs["train"],
           "--validation-data", image_dirs["val"], "--output", tmp_path / "t", "--learning-rate", "inf"],
-         "error: NotInRangeValueError: parameter learning_rate is inf, allowed: (0, inf)"),
+         "error: NotInRangeValueError: parameter --learning-rate is inf, allowed: (0, inf)"),
         (["score-image-model", "--trained-model", trained_model, "--dataset", image_dirs["val"], "--output",
-          tmp_path / "s", "--num-workers", "-1"], "error: NotInRangeValueError: parameter num_workers"),
+          tmp_path / "s", "--num-workers", "-1"], "error: NotInRangeValueError: parameter --num-workers"),
     ]:
         r = run_cli(*args, check=False)
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(start), r.stderr

@@ -8,9 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_labelled_folder
+from conftest import make_labelled_folder, run_cli
 from imgtrain import evaluate_model, score_image_model
-from imgtrain.errors import InvalidDatasetError, InvalidModelDirectoryError, NotLabeledDatasetError
+from imgtrain.errors import (
+    InvalidDatasetError,
+    InvalidModelDirectoryError,
+    NotInRangeValueError,
+    NotLabeledDatasetError,
+)
 
 QUIET = {"log": lambda m: None}
 
@@ -25,8 +30,9 @@ def test_scores_an_image_directory(tmp_path, trained_model, image_dirs):
                                **QUIET)
     rows = read_scored(tmp_path / "s")
     assert result.num_images == len(rows) == 9
-    assert list(rows[0]) == ["id", "image", "category", "Scored Probabilities_bright", "Scored Probabilities_dark",
-                             "Scored Probabilities_mid", "Scored Labels"]
+    assert list(rows[0]) == ["id", "image", "original_path", "category", "Scored Probabilities_bright",
+                             "Scored Probabilities_dark", "Scored Probabilities_mid", "Scored Labels"]
+    assert rows[0]["original_path"].startswith(rows[0]["category"] + "/")  # the file it was converted from
     probs = np.array([[float(r[f"Scored Probabilities_{c}"]) for c in ("bright", "dark", "mid")] for r in rows])
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)
     assert [r["Scored Labels"] for r in rows] == [("bright", "dark", "mid")[i] for i in probs.argmax(axis=1)]
@@ -77,3 +83,87 @@ def test_evaluate_metrics_and_confusion_matrix(tmp_path):
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk["accuracy"] == metrics["accuracy"]
     assert (tmp_path / "eval" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scores_files_lists_and_globs(tmp_path, trained_model, labelled_folder):
+    files = sorted((labelled_folder / "dark").glob("*.png"))[:2]
+    score_image_model(trained_model, files[0], tmp_path / "one", num_workers=0, **QUIET)
+    rows = read_scored(tmp_path / "one")
+    assert [r["image"] for r in rows] == [str(files[0])] and rows[0]["Scored Labels"] == "dark"
+    score_image_model(trained_model, [*files, str(labelled_folder / "bright" / "*.jpg")], tmp_path / "many",
+                      num_workers=0, **QUIET)
+    rows = read_scored(tmp_path / "many")
+    jpgs = sorted((labelled_folder / "bright").glob("*.jpg"))
+    assert [r["image"] for r in rows] == [str(p) for p in [*files, *jpgs]] and "category" not in rows[0]
+    r = run_cli("score", "--trained-model", trained_model, "--dataset", *files, "--output", tmp_path / "cli",
+                "--top-k", "2")
+    assert "Scored 2 images" in r.stdout
+    rows = read_scored(tmp_path / "cli")
+    assert list(rows[0])[-4:] == ["Top 1 Label", "Top 1 Probability", "Top 2 Label", "Top 2 Probability"]
+    for row in rows:
+        assert row["Top 1 Label"] == row["Scored Labels"]
+        assert float(row["Top 1 Probability"]) >= float(row["Top 2 Probability"])
+        assert float(row["Top 2 Probability"]) == float(row[f"Scored Probabilities_{row['Top 2 Label']}"])
+    for dataset, message in [(str(tmp_path / "*.gif"), "no file matches"),
+                             (tmp_path / "missing.png", "does not exist")]:
+        with pytest.raises(InvalidDatasetError, match=message):
+            score_image_model(trained_model, dataset, tmp_path / "x", **QUIET)
+    with pytest.raises(NotInRangeValueError, match=r"parameter top_k is 4, allowed: \[1, 3\]"):
+        score_image_model(trained_model, files, tmp_path / "x", top_k=4, **QUIET)
+
+
+def test_original_names_survive_convert_and_show_in_scores(tmp_path, trained_model):
+    from imgtrain import convert_to_image_directory
+
+    make_labelled_folder(tmp_path / "photos", per_class=2, seed=3)
+    convert_to_image_directory(tmp_path / "photos" / "dark", tmp_path / "flat", **QUIET)  # unlabeled, flat
+    score_image_model(trained_model, tmp_path / "flat", tmp_path / "s", num_workers=0, **QUIET)
+    rows = read_scored(tmp_path / "s")
+    assert [(r["image"], r["original_path"]) for r in rows] == [("image/0_0.png", "000.png"),
+                                                                 ("image/0_1.jpg", "001.jpg")]
+
+
+def test_predict_in_python(tmp_path, trained_model, labelled_folder, image_dirs):
+    from imgtrain import load_trained_model, predict
+    from imgtrain.data.decode import BadImageError
+
+    dark = sorted((labelled_folder / "dark").glob("*.png"))[0]
+    [answer] = predict(trained_model, dark)
+    assert answer.image == str(dark) and answer.label == "dark"
+    assert answer.probability == max(answer.probabilities.values()) and sum(answer.probabilities.values()) == (
+        pytest.approx(1, abs=1e-4))
+    assert answer.top(2)[0] == ("dark", answer.probability) and len(answer.top(2)) == 2
+    model = load_trained_model(trained_model)  # loaded once, used for many calls
+    assert model.labels == ["bright", "dark", "mid"] and model.image_size == 32
+    folder = predict(model, labelled_folder / "bright")
+    assert len(folder) == 12 and sum(p.label == "bright" for p in folder) >= 11
+    assert [p.label for p in predict(model, [dark, dark])] == ["dark", "dark"]
+    assert len(predict(model, image_dirs["val"])) == 9
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(BadImageError, match="broken.png: not an image"):
+        predict(model, [dark, tmp_path / "broken.png"])
+    assert len(predict(model, [dark, tmp_path / "broken.png"], on_bad_image="skip")) == 1
+
+
+def test_evaluate_agrees_with_scikit_learn(tmp_path):
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    from imgtrain.scoring.evaluate import classification_metrics, confusion_matrix
+
+    rng = np.random.default_rng(0)
+    for case in range(20):
+        labels = [f"c{i}" for i in range(int(rng.integers(2, 8)))]
+        truth = list(rng.choice(labels + ["unknown"] * (case % 2), size=int(rng.integers(1, 60))))
+        predicted = list(rng.choice(labels[: max(1, len(labels) - case % 3)], size=len(truth)))
+        every = labels + sorted(set(truth) - set(labels))
+        ours = classification_metrics(confusion_matrix(truth, predicted, every), every)
+        assert ours["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
+        for average in ("micro", "macro", "weighted"):
+            p, r, f, _ = precision_recall_fscore_support(truth, predicted, labels=every, average=average,
+                                                         zero_division=0)
+            assert (ours[f"precision_{average}"], ours[f"recall_{average}"], ours[f"f1_{average}"]) == (
+                pytest.approx(p), pytest.approx(r), pytest.approx(f)), (case, average)
+        p, r, f, support = precision_recall_fscore_support(truth, predicted, labels=every, zero_division=0)
+        for i, label in enumerate(every):
+            assert ours["per_class"][label] == pytest.approx(
+                {"precision": p[i], "recall": r[i], "f1": f[i], "support": support[i]}), (case, label)

@@ -31,7 +31,8 @@ def test_stratified_and_keeps_categories(tmp_path, unbalanced):
     for part in (a, b):  # every file is there with the bytes and the recorded size and sha256 of the original
         for k, i in enumerate(part.ids):
             assert part.path(k).read_bytes() == whole.path(by_id[int(i)]).read_bytes()
-            assert part.info(k) == whole.info(by_id[int(i)]) and set(part.info(k)) == {"width", "height", "sha256"}
+            assert part.info(k) == whole.info(by_id[int(i)]) and set(part.info(k)) == {"width", "height", "sha256",
+                                                                                "original_path"}
 
 
 def test_seeded(tmp_path, unbalanced):
@@ -59,4 +60,4 @@ def test_cli(tmp_path, unbalanced):
     bad = run_cli("split-image-directory", unbalanced, "--fraction", "0", "--output-a", tmp_path / "p",
                   "--output-b", tmp_path / "q", check=False)
     assert bad.returncode == 1
-    assert bad.stderr.startswith("error: NotInRangeValueError: parameter fraction is 0.0, allowed: (0, 1)")
+    assert bad.stderr.startswith("error: NotInRangeValueError: parameter --fraction is 0.0, allowed: (0, 1)")

@@ -1,16 +1,22 @@
 """imgtrain: turn a folder of labelled images into a trained, scored and evaluated classifier.
 
-The designer's modules, one function each::
+The designer's modules, one function each, and ``predict`` for answers in Python::
 
     from imgtrain import (convert_to_image_directory, split_image_directory, resnet,
-                          train_pytorch_model, score_image_model, evaluate_model)
+                          train_pytorch_model, score_image_model, evaluate_model, predict)
+
+Importing imgtrain before torch shortens OpenMP's spin-wait (see imgtrain.threads): it keeps
+training fast when other processes share the CPU.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from imgtrain.threads import configure_openmp
+
 __version__ = "0.1.0"
+configure_openmp()
 
 _API = {
     "convert_to_image_directory": "imgtrain.data.convert",
@@ -22,7 +28,10 @@ _API = {
     "score_image_model": "imgtrain.scoring.score",
     "evaluate_model": "imgtrain.scoring.evaluate",
     "ImageDirectory": "imgtrain.directories.image_directory",
-    "load_trained_model": "imgtrain.directories.model_directory",
+    "load_trained_model": "imgtrain.models.trained",
+    "TrainedModel": "imgtrain.models.trained",
+    "predict": "imgtrain.scoring.score",
+    "Prediction": "imgtrain.scoring.score",
 }
 __all__ = [*_API, "__version__"]
 

@@ -7,11 +7,39 @@ Errors print one line, ``error: <Name>: <what is wrong>. <how to fix it>``, and 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 from imgtrain import __version__
-from imgtrain.errors import DISK_FULL, ImgtrainError
+from imgtrain.errors import DISK_FULL, ImgtrainError, speaking_command_line
 from imgtrain.models.names import DENSENET_DEFAULT, DENSENET_NAMES, RESNET_DEFAULT, RESNET_NAMES
+
+# Each module's short name, beside the designer's.
+ALIASES = {"convert-to-image-directory": "convert", "split-image-directory": "split",
+           "train-pytorch-model": "train", "score-image-model": "score", "evaluate-model": "evaluate"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (``--epoch 2`` is a mistake, not ``--epochs 2``), and a suggestion for a
+    mistyped flag, command or choice: ``did you mean --batch-size?``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as exc:
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices or ()], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise argparse.ArgumentError(action, exc.message + hint) from None
+
+    def unrecognized(self, extras: list[str]) -> None:
+        flags = [s for a in self._actions for s in a.option_strings]
+        close = [m for token in extras if token.startswith("-")
+                 for m in difflib.get_close_matches(token.split("=", 1)[0], flags, n=1)]
+        self.error(f"unrecognized arguments: {' '.join(extras)}"
+                   + (f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""))
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -30,6 +58,14 @@ def _int(text: str) -> int:
 def _on_bad_image(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--on-bad-image", choices=("skip", "fail"), default="skip",
                    help=f"an image that cannot be decoded: skip leaves it out and names it, fail {what}")
+
+
+def _threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", default=None, metavar="N|auto|adapt",
+                   help="torch's CPU threads. auto (default, or $IMGTRAIN_THREADS): the cores this process may "
+                        "use, fixed for the run (same seed, same weights); adapt: fewer while other processes "
+                        "keep cores busy (fastest on a shared machine; the weights then depend on the load); "
+                        "N: exactly N")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -79,23 +115,26 @@ def _train(args) -> None:
         random_seed=args.random_seed, patience=args.patience, warmup_epochs=args.warmup_epochs,
         image_size=args.image_size, device=args.device, precision=args.precision, optimizer=args.optimizer,
         augmentation=args.augmentation, num_workers=args.num_workers, on_bad_image=args.on_bad_image,
-        cache=args.cache)
+        cache=args.cache, threads=args.threads)
     result = train_pytorch_model(args.untrained_model, args.training_data, args.validation_data,
-                                 args.output, params, overwrite=args.overwrite, resume=args.resume)
+                                 args.output, params, overwrite=args.overwrite, resume=args.resume,
+                                 restart=args.restart)
     best = result.history[result.best_epoch - 1]
+    summary = (f"best epoch {result.best_epoch} of {result.stopped_epoch}, validation loss "
+               f"{best.validation_loss:.4f}, top-1 accuracy {best.validation_top1_accuracy:.2%}")
     if result.already_complete:
-        print(f"{result.output} is already complete; nothing was changed")
-    print(f"Trained model written to {result.output} (best epoch {result.best_epoch} of "
-          f"{result.stopped_epoch}, validation loss {best.validation_loss:.4f}, "
-          f"top-1 accuracy {best.validation_top1_accuracy:.2%})")
+        print(f"{result.output} is already complete ({summary}); nothing was changed")
+    else:
+        print(f"Trained model written to {result.output} ({summary})")
 
 
 def _score(args) -> None:
-    from imgtrain.scoring.score import SCORED_FILE, score_image_model
+    from imgtrain.scoring.score import score_image_model
+    from imgtrain.scoring.table import SCORED_FILE
 
     result = score_image_model(args.trained_model, args.dataset, args.output, batch_size=args.batch_size,
                                device=args.device, num_workers=args.num_workers, precision=args.precision,
-                               on_bad_image=args.on_bad_image,
+                               on_bad_image=args.on_bad_image, top_k=args.top_k, threads=args.threads,
                                overwrite=args.overwrite)
     print(f"Scored {result.num_images:,} images; scores written to {result.output / SCORED_FILE}")
 
@@ -109,18 +148,20 @@ def _evaluate(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="imgtrain", formatter_class=_Formatter,
         description="Train, score and evaluate PyTorch image classifiers: the Azure ML designer's "
                     "image modules, as a command line.",
         epilog="Pipeline: convert-to-image-directory -> split-image-directory -> densenet | resnet -> "
-               "train-pytorch-model -> score-image-model -> evaluate-model.\n"
+               "train-pytorch-model -> score-image-model -> evaluate-model (short names in parentheses).\n"
                "Run `imgtrain <command> --help` for a command's parameters.")
     parser.add_argument("--version", action="version", version=f"imgtrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    parser.commands = sub.choices  # name or alias -> the command's parser
 
     def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
+        aliases = [ALIASES[name]] if name in ALIASES else []
+        p = sub.add_parser(name, aliases=aliases, help=help_text, description=help_text, formatter_class=_Formatter)
         p.set_defaults(func=func)
         return p
 
@@ -147,10 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("resnet", _resnet, RESNET_NAMES, RESNET_DEFAULT,
          ("--zero-init-residual", "start each residual block's last BatchNorm at zero (from scratch only)")),
     ]:
-        p = command(name, func, f"Write an untrained {name.capitalize()} model directory (a spec, no code).")
-        p.add_argument("--model-name", choices=names, default=default, help="architecture")
+        title = {"densenet": "DenseNet", "resnet": "ResNet"}[name]
+        p = command(name, func, f"Write an untrained {title} model directory (a spec, no code).")
+        about = {"resnet": "the designer's default resnext101_32x8d is a large network (89M parameters, 340 MB of "
+                           "pretrained weights, 16 GFLOPs an image at 224 px): on a CPU, resnet18 (1.8 GFLOPs) "
+                           "trains many times faster",
+                 "densenet": "the designer's default densenet201 has 20M parameters (77 MB of pretrained "
+                             "weights, 4.3 GFLOPs an image at 224 px); densenet121 needs two thirds of that"}
+        p.add_argument("--model-name", choices=names, default=default, help=f"architecture; {about[name]}")
         p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                       help="start from torchvision's ImageNet weights (downloaded once into torch's cache)")
+                       help="start from torchvision's ImageNet weights, downloaded once into torch's cache "
+                            "($TORCH_HOME/hub/checkpoints; offline, the error names the file to place there); "
+                            "--no-pretrained starts from random weights and needs no download")
         p.add_argument(extra[0], action="store_true", help=extra[1])
         p.add_argument("--output", required=True, help="the model directory to write")
         _common(p)
@@ -171,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any integer (taken modulo 2**32); same seed, same machine: same weights")
     p.add_argument("--patience", type=_int, default=3,
                    help="epochs without a lower validation loss before stopping early, > 0")
-    p.add_argument("--warmup-steps", "--warmup-epochs", dest="warmup_epochs", type=_int, default=0,
+    p.add_argument("--warmup-steps", "--warmup-epochs", dest="warmup_epochs", type=_int, default=0, metavar="EPOCHS",
                    help="the designer's 'Warmup steps', counted in epochs as there: epochs of linear "
                         "learning-rate warm-up before the cosine decay, >= 0")
     p.add_argument("--image-size", type=_int, default=None,
@@ -191,16 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the decoded images at training size in a memory-mapped file beside the output "
                         "after the first epoch, instead of decoding them again every epoch")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run of the same command from its last checkpoint (an epoch)")
+    _threads(p)
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run of the same command from its last checkpoint (an epoch); "
+                            "with a larger --epochs, train on to that many epochs")
+    again.add_argument("--restart", action="store_true",
+                       help="discard the checkpoint of an interrupted run and start again")
     _on_bad_image(p, "stops the run")
     _common(p)
 
     p = command("score-image-model", _score,
                 "Score images with a trained model: one probability column per category and the predicted label.")
     p.add_argument("--trained-model", required=True, help="output of `imgtrain train-pytorch-model`")
-    p.add_argument("--dataset", required=True,
-                   help="an ImageDirectory, or a folder of images (one sub-folder per category, or flat)")
+    p.add_argument("--dataset", required=True, nargs="+", metavar="DATASET",
+                   help="an ImageDirectory; a folder of images (one sub-folder per category, or flat); or image "
+                        "files and glob patterns ('photos/*.jpg', quoted, or expanded by the shell)")
     p.add_argument("--output", required=True, help="directory to write scored.csv into")
     p.add_argument("--batch-size", type=_int, default=64, help="images per batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -208,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 where the CPU or GPU runs it natively, fp16 on other GPUs, else fp32")
     p.add_argument("--num-workers", type=_int, default=None,
                    help="DataLoader worker processes (default: one per CPU core, at most 8)")
+    p.add_argument("--top-k", type=_int, default=None, metavar="K",
+                   help="add the K most probable labels of each image with their probabilities")
+    _threads(p)
     _on_bad_image(p, "stops the run")
     _common(p)
 
@@ -221,16 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.commands[args.command].unrecognized(extras)
     try:
-        args.func(args)
+        with speaking_command_line():
+            args.func(args)
     except ImgtrainError as exc:
         if args.debug:
             raise
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        resumable = args.command == "train-pytorch-model"
+        resumable = args.func is _train
         again = " (re-run with --resume to continue from the last epoch)" if resumable else ""
         print(f"error: interrupted; no output was written{again}", file=sys.stderr)
         return 130
@@ -240,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = ""
         if exc.errno in DISK_FULL:
             hint = (". no output was written; free space on that disk, then re-run with --resume to continue from "
-                    "the last epoch" if args.command == "train-pytorch-model" else
+                    "the last epoch" if args.func is _train else
                     ". no output was written; free space on that disk, or write the output to another one")
         print(f"error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return 1

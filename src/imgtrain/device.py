@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from imgtrain.errors import InvalidParameterError
+from imgtrain.errors import InvalidParameterError, option
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -17,12 +17,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise InvalidParameterError(f"device {name!r} is not known", f"choose one of {', '.join(DEVICES)}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidParameterError(f"device {name} was asked for but no CUDA GPU is available",
-                                    "pass --device cpu or --device auto")
+                                    f"pass {option('device', 'cpu')} or {option('device', 'auto')}")
     try:
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RuntimeError(f"there are {torch.cuda.device_count()} GPUs")
     except RuntimeError as exc:
         raise InvalidParameterError(f"device {name!r} cannot be used ({exc})",
-                                    "pass --device auto, cpu, cuda or cuda:N with an existing N") from None
+                                    f"pass {option('device')} auto, cpu, cuda or cuda:N with an existing N") from None
     return device

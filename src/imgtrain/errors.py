@@ -6,9 +6,37 @@ Every error carries a message (what is wrong, naming the file or parameter) and 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
+from collections.abc import Iterator
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # OSError numbers that mean "free space, then try again"
+
+_ON_THE_COMMAND_LINE = contextvars.ContextVar("imgtrain_on_the_command_line", default=False)
+_FLAG_NAMES = {"warmup_epochs": "warmup-steps"}  # the designer's name, where the CLI uses it
+_NO_VALUE = object()
+
+
+@contextlib.contextmanager
+def speaking_command_line() -> Iterator[None]:
+    """Inside this block (the CLI), messages name parameters as flags; elsewhere, as Python arguments."""
+    token = _ON_THE_COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _ON_THE_COMMAND_LINE.reset(token)
+
+
+def option(name: str, value: object = _NO_VALUE) -> str:
+    """A parameter (with a value) as the user passes it: ``--batch-size 8`` or ``--no-pretrained`` on
+    the command line, ``batch_size=8`` or ``pretrained=False`` in Python."""
+    if not _ON_THE_COMMAND_LINE.get():
+        return name if value is _NO_VALUE else f"{name}={value!r}"
+    flag = "--" + _FLAG_NAMES.get(name, name).replace("_", "-")
+    if value is _NO_VALUE or value is True:
+        return flag
+    return "--no-" + flag[2:] if value is False else f"{flag} {value}"
 
 
 class ImgtrainError(Exception):
@@ -41,8 +69,8 @@ class NotInRangeValueError(ImgtrainError):
 
     def __init__(self, name: str, value: object, allowed: str, hint: str = "") -> None:
         super().__init__(
-            f"parameter {name} is {value!r}, allowed: {allowed}",
-            hint or f"pass a value of {name} in {allowed}",
+            f"parameter {option(name)} is {value!r}, allowed: {allowed}",
+            hint or f"pass a value of {option(name)} in {allowed}",
         )
         self.name = name
 
@@ -72,17 +100,21 @@ class OutOfMemoryError(ImgtrainError):
 
 
 class CheckpointMismatchError(ImgtrainError):
-    """--resume found a checkpoint made with other data or parameters."""
+    """A resume found a checkpoint made with other data or parameters."""
 
 
 class CheckpointDamagedError(ImgtrainError):
-    """--resume found a checkpoint that cannot be read."""
+    """A resume found a checkpoint that cannot be read."""
+
+
+class CheckpointExistsError(ImgtrainError):
+    """An interrupted run left a checkpoint, and the new run was asked neither to resume nor to restart."""
 
 
 def check_choice(name: str, value: object, allowed: tuple) -> None:
     """Raise InvalidParameterError unless value is one of allowed."""
     if value not in allowed:
-        raise InvalidParameterError(f"{name} {value!r} is not known", f"choose one of {', '.join(allowed)}")
+        raise InvalidParameterError(f"{option(name)} {value!r} is not known", f"choose one of {', '.join(allowed)}")
 
 
 def check_range(

@@ -19,15 +19,15 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgtrain.data.dataset import ON_BAD_IMAGE, worker_count
-from imgtrain.data.decode import BadImageError, ImageCheck, check_image
+from imgtrain.data.decode import ON_BAD_IMAGE, BadImageError, ImageCheck, check_image
 from imgtrain.directories.atomic import atomic_output_dir
 from imgtrain.directories.image_directory import (
     IMAGE_EXTENSIONS,
     IMAGE_FOLDER,
     write_image_directory_files,
 )
-from imgtrain.errors import DISK_FULL, InvalidDatasetError, check_choice
+from imgtrain.errors import DISK_FULL, InvalidDatasetError, check_choice, option
+from imgtrain.threads import worker_count
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz")
 AUDIT_FILE = "audit.json"
@@ -100,7 +100,10 @@ def find_images(root: Path | str) -> FoundImages:
     while True:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
         folders = [Path(e.path) for e in entries if e.is_dir() and not _ignored(e.name)]
-        images = [Path(e.path) for e in entries if e.is_file() and not _ignored(e.name) and is_image_file(Path(e.name))]
+        # Anything not a folder that is named like an image is one to check, even a pipe or a device:
+        # it is then left out with its reason, never silently passed over (nor opened blindly).
+        images = [Path(e.path) for e in entries
+                  if not e.is_dir() and not _ignored(e.name) and is_image_file(Path(e.name))]
         if len(folders) == 1 and not images:
             root = folders[0]  # a wrapper folder (the designer's rule; a lone category reads as unlabeled)
             continue
@@ -141,7 +144,7 @@ def convert_to_image_directory(
     check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
     if not source.exists():
         raise InvalidDatasetError(f"{source} does not exist", "pass an existing folder or archive")
-    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+    with atomic_output_dir(output, overwrite=overwrite, inputs={"source": source}) as tmp:
         from_archive = source.is_file()
         if from_archive:
             extract_archive(source, tmp / ".extracted")
@@ -154,7 +157,7 @@ def convert_to_image_directory(
             shown = "; ".join(f"{f}: {r}" for f, r in rejected[:3])
             raise BadImageError(
                 f"{len(rejected)} file(s) in {source} are not readable images ({shown})",
-                "remove or replace them, or pass --on-bad-image skip to leave them out")
+                f"remove or replace them, or pass {option('on_bad_image', 'skip')} to leave them out")
         image_dir = tmp / IMAGE_FOLDER
         image_dir.mkdir()
         index = {name: i for i, name in enumerate(found.categories)}
@@ -169,7 +172,8 @@ def convert_to_image_directory(
             shutil.copyfile(path, tmp / name)  # follows a link inside the archive to its file
             files.append(name)
             labels.append(label)
-            infos.append({"width": check.width, "height": check.height, "sha256": check.sha256})
+            infos.append({"width": check.width, "height": check.height, "sha256": check.sha256,
+                          "original_path": path.relative_to(found.start).as_posix()})
         if not files:
             raise InvalidDatasetError(
                 f"no valid image found in {source}",

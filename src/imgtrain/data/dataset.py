@@ -7,7 +7,6 @@ there are, and whether a run was interrupted and resumed change nothing in the r
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -84,14 +83,6 @@ class ImageDataset(Dataset):
         return x, label, i, True
 
 
-ON_BAD_IMAGE = ("skip", "fail")
-
-
-def worker_count(requested: int | None) -> int:
-    """Worker processes for loading or checking images: as asked, else one per CPU core, at most 8."""
-    return requested if requested is not None else min(8, os.cpu_count() or 1)
-
-
 class BadImagePolicy:
     """Applies --on-bad-image to a batch. ``fail`` raises naming the file; ``skip`` drops the
     image from the batch and names it once. Never a silently substituted image."""
@@ -106,10 +97,17 @@ class BadImagePolicy:
             return [x, y, index]
         bad = [int(i) for i in index[~ok]]
         if self.policy == "fail":
-            load_rgb(self.dataset.paths[bad[0]])  # raises BadImageError with the decoder's reason
-            raise BadImageError(f"cannot decode image {self.dataset.paths[bad[0]]}", "remove or replace the file")
+            raise self._error(bad[0])
         for i in bad:
             if i not in self.skipped:
                 self.skipped.add(i)
-                self.log(f"warning: skipping image {self.dataset.paths[i]}: it cannot be decoded")
+                self.log(f"warning: skipping image {self.dataset.paths[i]}: {self._error(i).reason}")
         return [x[ok], y[ok], index[ok]]
+
+    def _error(self, i: int) -> BadImageError:
+        """The decoder's reason, found again in this process (workers report only that it failed)."""
+        try:
+            load_rgb(self.dataset.paths[i])
+        except BadImageError as exc:
+            return exc
+        return BadImageError(f"cannot decode image {self.dataset.paths[i]}", "remove or replace the file")

@@ -10,14 +10,21 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imgtrain.errors import InvalidDatasetError
+from imgtrain.directories.files import open_regular, read_bytes
+from imgtrain.errors import InvalidDatasetError, option
+
+ON_BAD_IMAGE = ("skip", "fail")  # what --on-bad-image may say: leave the file out and name it, or stop
 
 # Larger images are refused as likely decompression bombs (Pillow's own threshold).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Larger files are not read: an image within the pixel limit, even 16-bit RGBA and uncompressed, is smaller.
+MAX_FILE_BYTES = 2**30
 
 
 class BadImageError(InvalidDatasetError):
     """An image file that cannot be decoded; the message names the file and the reason."""
+
+    reason: str = "it cannot be decoded"
 
 
 def _open_rgb(source, draft_size: int | None = None) -> Image.Image:
@@ -48,6 +55,8 @@ def describe_failure(exc: BaseException, size: int | None = None) -> str:
     """A short, human reason why an image could not be decoded."""
     if size == 0:
         return "empty file (0 bytes)"
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"cannot be read: {exc.strerror}"  # the file system's reason: a named pipe, too large, a permission
     if isinstance(exc, UnidentifiedImageError):
         return "not an image (no decoder recognises it)"
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
@@ -72,13 +81,15 @@ def load_rgb(path: Path | str, draft_size: int | None = None) -> Image.Image:
     decoded at a reduced scale (much faster, and the same in training and scoring).
     """
     try:
-        return _open_rgb(path, draft_size)
+        with open_regular(path) as f:
+            return _open_rgb(f, draft_size)
     except _FAILURES as exc:
         size = Path(path).stat().st_size if Path(path).is_file() else None
-        raise BadImageError(
-            f"cannot decode image {path}: {describe_failure(exc, size)}",
-            "remove or replace the file (or pass --on-bad-image skip to leave it out)",
-        ) from None
+        reason = describe_failure(exc, size)
+        error = BadImageError(f"cannot decode image {path}: {reason}",
+                              f"remove or replace the file (or pass {option('on_bad_image', 'skip')} to leave it out)")
+        error.reason = reason
+        raise error from None
 
 
 def _to_uint8(im: Image.Image) -> Image.Image:
@@ -101,11 +112,15 @@ class ImageCheck:
 
 
 def check_image(path: Path | str) -> ImageCheck:
-    """Read a file once: hash its bytes and decode it fully (not just its header)."""
+    """Read a file once: hash its bytes and decode it fully (not just its header).
+
+    Regular files only (directly or through a link), and at most MAX_FILE_BYTES: a named pipe or
+    a link to a device is a reason, never a read that waits or runs without end.
+    """
     try:
-        data = Path(path).read_bytes()
+        data = read_bytes(path, MAX_FILE_BYTES)
     except OSError as exc:
-        return ImageCheck(f"cannot be read ({exc.strerror or exc})")
+        return ImageCheck(f"cannot be read: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()
     if not data:
         return ImageCheck("empty file (0 bytes)", sha256=digest)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imgtrain.directories.atomic import atomic_output_dir
+from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, path_relation
+from imgtrain.directories.files import NotARegularFileError, check_regular
 from imgtrain.directories.image_directory import ImageDirectory, write_image_directory_files
-from imgtrain.errors import InvalidDatasetError, InvalidParameterError, check_range
+from imgtrain.errors import InvalidDatasetError, InvalidParameterError, check_range, option
 from imgtrain.training.seeding import as_uint32
 
 
@@ -29,9 +30,13 @@ def split_image_directory(
     sets even when a small category ends up on one side only. Returns the two sizes.
     """
     check_range("fraction", fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-    if len({Path(p).absolute() for p in (source, output_a, output_b)}) < 3:
-        raise InvalidParameterError("the source and the two outputs must be three different directories",
-                                    "pass another --output-a or --output-b")
+    inputs = {"ImageDirectory to split": source}
+    for output in (output_a, output_b):
+        check_not_an_input(output, inputs)
+    if path_relation(output_a, output_b):
+        raise InvalidParameterError(
+            f"the two outputs {output_a} and {output_b} must be two separate directories, neither inside the other",
+            f"pass another {option('output_a')} or {option('output_b')}")
     data = ImageDirectory.load(source)
     if len(data) < 2:
         raise InvalidDatasetError(f"{source} holds {len(data)} image; a split needs at least 2",
@@ -57,6 +62,9 @@ def split_image_directory(
                 except FileNotFoundError:
                     raise InvalidDatasetError(f"{data.path(i)} is listed in {source} but missing",
                                               "convert the folder again") from None
+                except NotARegularFileError as exc:
+                    raise InvalidDatasetError(f"{data.path(i)} is listed in {source} but is {exc.strerror}",
+                                              "convert the folder again") from None
                 files.append(name)
             labels = None if data.labels is None else data.labels[rows]
             write_image_directory_files(tmp, files, data.categories or None, labels, data.ids[rows],
@@ -81,7 +89,8 @@ def _first_output_sizes(counts: np.ndarray, fraction: float, rng: np.random.Gene
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link when possible (images never change in place), copy otherwise."""
+    """Hard-link when possible (images never change in place), copy otherwise; regular files only."""
+    check_regular(src)
     try:
         os.link(src, dst)
     except OSError:

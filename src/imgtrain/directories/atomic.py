@@ -13,27 +13,50 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from imgtrain.errors import OutputExistsError, OutputNotWritableError
+from imgtrain.errors import OutputExistsError, OutputNotWritableError, option
 
 TMP_PREFIX = ".imgtrain-tmp-"
 OWNER_FILE = ".owner-pid"
 PARTIAL_SUFFIX = ".partial"
 
 
-def check_output_writable(target: Path, *, overwrite: bool = False) -> None:
-    """Fail before any work when the output exists or its folder cannot be written."""
+def path_relation(a: Path | str, b: Path | str) -> str | None:
+    """How path ``a`` stands to path ``b`` once links and ``..`` are resolved: "is", "is inside",
+    "holds", or None when neither holds the other."""
+    a, b = Path(a).absolute().resolve(), Path(b).absolute().resolve()
+    return "is" if a == b else "is inside" if a.is_relative_to(b) else "holds" if b.is_relative_to(a) else None
+
+
+def check_not_an_input(target: Path | str, inputs: dict[str, Path | str | Sequence]) -> None:
+    """Refuse an output that is one of the inputs, lies inside one, or holds one: replacing it (or
+    writing into it) would destroy or alter that input. Paths are compared with links and ``..``
+    resolved. ``inputs`` maps what each input is ("training data") to a path or a list of paths."""
+    for what, paths in inputs.items():
+        for given in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+            relation = path_relation(target, given)
+            if relation:
+                raise OutputNotWritableError(
+                    f"the output {target} {relation} the {what} {given}: writing it would destroy that input",
+                    "choose an output path outside every input")
+
+
+def check_output_writable(target: Path, *, overwrite: bool = False,
+                          inputs: dict[str, Path | str | Sequence] | None = None) -> None:
+    """Fail before any work when the output exists, is or holds one of ``inputs`` (see
+    check_not_an_input), or its folder cannot be written."""
     target = Path(target)
+    check_not_an_input(target, inputs or {})
     if target.absolute().resolve() in (Path.cwd().resolve(), Path(target.absolute().anchor)):
         raise OutputNotWritableError(
             f"the output {target} is the current folder or the root: an output is a folder of its own, "
-            "moved into place when complete", "name a new folder, e.g. --output ./model")
+            "moved into place when complete", f"name a new folder, e.g. {option('output', './model')}")
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
         raise OutputExistsError(
             f"output {target} already exists",
-            "choose another output path, or pass --overwrite to replace it",
+            f"choose another output path, or pass {option('overwrite', True)} to replace it",
         )
     parent = target.absolute().parent
     try:
@@ -47,15 +70,36 @@ def check_output_writable(target: Path, *, overwrite: bool = False) -> None:
         ) from None
 
 
-def _owner_alive(folder: Path) -> bool:
+def owner_pid(folder: Path) -> int | None:
+    """The pid of the live process that owns a temporary or work directory; None when it is dead."""
     try:
         pid = int((folder / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except (OSError, ValueError):
+        return None
+    except OSError:
+        pass  # alive, but another user's
+    return pid
+
+
+def disown(folder: Path) -> None:
+    """Mark a work directory this process owns as no longer in use (its run ended, or failed): a later
+    run may take it over, even while this process lives on (a notebook after an interrupt)."""
+    marker = folder / OWNER_FILE
+    try:
+        if marker.read_text() == str(os.getpid()):
+            marker.unlink()
+    except OSError:
+        pass
+
+
+def _owner_alive(folder: Path) -> bool:
+    if not (folder / OWNER_FILE).is_file():
         return True  # unknown owner: leave it alone
-    return True
+    return owner_pid(folder) is not None
 
 
 def remove_stale_temporaries(target: Path) -> None:
@@ -90,10 +134,11 @@ def publish(tmp: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(target: Path | str, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(target: Path | str, *, overwrite: bool = False,
+                      inputs: dict[str, Path | str | Sequence] | None = None) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``target`` when the block succeeds."""
     target = Path(target)
-    check_output_writable(target, overwrite=overwrite)
+    check_output_writable(target, overwrite=overwrite, inputs=inputs)
     remove_stale_temporaries(target)
     tmp = make_owned_dir(Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-",
                                                dir=target.absolute().parent)))

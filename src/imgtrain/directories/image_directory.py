@@ -3,7 +3,9 @@
 Layout (the designer's, so directories it made are read and ours are read by it)::
 
     _meta.yaml      type: ImageDirectory, image_list, schema, samples
-    images.lst      one JSON object a line: {"image_info": {"file_name": ...}, "category": ..., "id": ...}
+    images.lst      one JSON object a line: {"image_info": {"file_name": ...}, "category": ..., "id": ...};
+                    imgtrain adds width, height, sha256 and original_path to image_info (keys the designer
+                    ignores and keeps)
     _schema.json    column attributes; the category list (ids and names) is the label map
     _samples.json   the first 3 rows with the image bytes in base64
     image/          the image files
@@ -22,6 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import yaml
 
+from imgtrain.directories.files import open_text, read_bytes, read_text
 from imgtrain.errors import InvalidDatasetError, NotLabeledDatasetError
 
 META_FILE = "_meta.yaml"
@@ -44,6 +47,7 @@ class ImageDirectory:
     categories: list[str] = field(default_factory=list)
     sizes: np.ndarray | None = None  # (n, 2) width and height, when every row records them
     digests: list[str] | None = None  # sha256 of each file's bytes, when every row records it
+    originals: list[str] | None = None  # each image's path in the folder or archive it was converted from
 
     def __len__(self) -> int:
         return len(self.files)
@@ -58,6 +62,8 @@ class ImageDirectory:
             info["width"], info["height"] = int(self.sizes[i][0]), int(self.sizes[i][1])
         if self.digests is not None:
             info["sha256"] = self.digests[i]
+        if self.originals is not None:
+            info["original_path"] = self.originals[i]
         return info
 
     def require_labels(self, what: str) -> np.ndarray:
@@ -82,8 +88,9 @@ class ImageDirectory:
         labels: list[int] = []
         sizes: list[tuple] = []
         digests: list = []
+        originals: list = []
         try:
-            with open(list_path, encoding="utf-8") as lines:
+            with open_text(list_path) as lines:
                 for n, line in enumerate(lines, 1):
                     if not line.strip():
                         continue
@@ -93,6 +100,7 @@ class ImageDirectory:
                     ids.append(image_id)
                     sizes.append((info.get("width"), info.get("height")))
                     digests.append(info.get("sha256"))
+                    originals.append(info.get("original_path"))
                     if categories:
                         if not isinstance(category, str) or category not in index:
                             raise InvalidDatasetError(
@@ -103,6 +111,8 @@ class ImageDirectory:
             raise InvalidDatasetError(f"{list_path} is missing", _HINT) from None
         except UnicodeDecodeError as exc:
             raise InvalidDatasetError(f"{list_path} is not UTF-8 text ({exc.reason})", _HINT) from None
+        except OSError as exc:  # a pipe or a device in its place, a permission
+            raise InvalidDatasetError(f"{list_path} cannot be read ({exc.strerror or exc})", _HINT) from None
         if not files:
             raise InvalidDatasetError(f"{root} holds no images (its {IMAGE_LIST} is empty)", _HINT)
         return cls(
@@ -114,6 +124,7 @@ class ImageDirectory:
             sizes=np.asarray(sizes, dtype=np.int64) if all(
                 isinstance(w, int) and isinstance(h, int) for w, h in sizes) else None,
             digests=digests if all(isinstance(d, str) for d in digests) else None,
+            originals=originals if all(isinstance(o, str) for o in originals) else None,
         )
 
 
@@ -135,12 +146,14 @@ def _read_meta(root: Path) -> dict:
     meta_path = root / META_FILE
     if not root.is_dir():
         raise InvalidDatasetError(f"{root} is not a directory", _HINT)
-    if not meta_path.is_file():
+    if not meta_path.exists():
         raise InvalidDatasetError(f"{root} is not an ImageDirectory (no {META_FILE})", _HINT)
     try:
-        meta = yaml.safe_load(meta_path.read_text(encoding="utf-8"))
+        meta = yaml.safe_load(read_text(meta_path))
     except (yaml.YAMLError, ValueError) as exc:  # ValueError covers UnicodeDecodeError
         raise InvalidDatasetError(f"{meta_path} is not valid YAML ({exc})", _HINT) from None
+    except OSError as exc:
+        raise InvalidDatasetError(f"{meta_path} cannot be read ({exc.strerror or exc})", _HINT) from None
     if not isinstance(meta, dict) or meta.get("type") != "ImageDirectory":
         kind = meta.get("type") if isinstance(meta, dict) else None
         raise InvalidDatasetError(f"{root} is not an ImageDirectory (its type is {kind!r})", _HINT)
@@ -160,7 +173,7 @@ def _inside(root: Path, name: object, what: str) -> Path:
 def _categories_from_schema(schema_path: Path) -> list[str]:
     """The category names in the order of their ids; empty when the data set is unlabeled."""
     try:
-        schema = json.loads(schema_path.read_text(encoding="utf-8"))
+        schema = json.loads(read_text(schema_path))
         columns = schema["columnAttributes"]
         column = next((c for c in columns if isinstance(c, dict) and c.get("name") == "category"), None)
         if column is None:
@@ -169,6 +182,8 @@ def _categories_from_schema(schema_path: Path) -> list[str]:
         names = [str(c["name"]) for c in sorted(raw, key=lambda c: int(c["id"]))]
     except FileNotFoundError:
         raise InvalidDatasetError(f"{schema_path} is missing", _HINT) from None
+    except OSError as exc:
+        raise InvalidDatasetError(f"{schema_path} cannot be read ({exc.strerror or exc})", _HINT) from None
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise InvalidDatasetError(f"{schema_path} is not a valid schema ({exc!r})", _HINT) from None
     if len(set(names)) != len(names):
@@ -223,7 +238,7 @@ def write_image_directory_files(
     (root / SCHEMA_FILE).write_text(json.dumps({"columnAttributes": columns}, indent=2), encoding="utf-8")
     samples = []
     for row in rows[:3]:
-        sample = {"image": base64.b64encode((root / row["image_info"]["file_name"]).read_bytes()).decode()}
+        sample = {"image": base64.b64encode(read_bytes(root / row["image_info"]["file_name"])).decode()}
         sample.update({k: row[k] for k in ("id", "category") if k in row})
         samples.append(sample)
     (root / SAMPLES_FILE).write_text(json.dumps(samples), encoding="utf-8")

@@ -9,7 +9,8 @@ Layout::
     metrics.csv         one row per epoch (trained only)
 
 Opening one reads YAML with ``safe_load`` and tensors with safetensors: nothing in the
-directory is ever imported, unpickled or executed.
+directory is ever imported, unpickled or executed. Building the network from one is
+models/trained.py's work; this module needs no torch.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
-from torch import nn
 
 from imgtrain.directories.atomic import atomic_file
+from imgtrain.directories.files import read_text
 from imgtrain.errors import InvalidModelDirectoryError
 
 META_FILE = "_meta.yaml"
@@ -31,7 +32,7 @@ LABELS_FILE = "index_to_label.csv"
 METRICS_FILE = "metrics.csv"
 FLAVOR = "imgtrain"
 FORMAT_VERSION = 1
-_HINT = "make one with `imgtrain densenet` or `imgtrain resnet` (untrained) or `imgtrain train-pytorch-model`"
+HINT = "make one with `imgtrain densenet` or `imgtrain resnet` (untrained) or `imgtrain train-pytorch-model`"
 
 
 @dataclass
@@ -71,16 +72,15 @@ class ModelSpec:
 
 
 def library_versions() -> dict[str, str]:
-    """The versions that made a model directory, recorded in its spec."""
+    """The versions that made a model directory, recorded in its spec (read from the installed
+    packages' metadata: importing torch to ask would take seconds)."""
     import platform
-
-    import torch
-    import torchvision
+    from importlib.metadata import version
 
     from imgtrain import __version__
 
-    return {"imgtrain": __version__, "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+    return {"imgtrain": __version__, "torch": version("torch"), "torchvision": version("torchvision"),
+            "python": platform.python_version()}
 
 
 def write_model_directory(root: Path, spec: ModelSpec) -> None:
@@ -101,14 +101,14 @@ def load_model_spec(root: Path | str, *, need_trained: bool | None = None) -> Mo
     """Read and check a model directory's spec; ``need_trained`` demands one kind."""
     root = Path(root)
     if not root.is_dir():
-        raise InvalidModelDirectoryError(f"{root} is not a directory", _HINT)
+        raise InvalidModelDirectoryError(f"{root} is not a directory", HINT)
     meta = _read_yaml(root / META_FILE, root)
     if not isinstance(meta, dict) or meta.get("type") != "ModelDirectory":
         kind = meta.get("type") if isinstance(meta, dict) else None
-        raise InvalidModelDirectoryError(f"{root} is not a model directory (its type is {kind!r})", _HINT)
+        raise InvalidModelDirectoryError(f"{root} is not a model directory (its type is {kind!r})", HINT)
     raw = _read_yaml(root / SPEC_FILE, root)
     if not isinstance(raw, dict):
-        raise InvalidModelDirectoryError(f"{root / SPEC_FILE} is not a mapping", _HINT)
+        raise InvalidModelDirectoryError(f"{root / SPEC_FILE} is not a mapping", HINT)
     if raw.get("flavor") != FLAVOR:
         raise InvalidModelDirectoryError(
             f"{root} was not made by imgtrain (flavor {raw.get('flavor')!r}); a designer model file is a "
@@ -127,18 +127,20 @@ def load_model_spec(root: Path | str, *, need_trained: bool | None = None) -> Mo
 
 def _read_yaml(path: Path, root: Path):
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(read_text(path))
     except FileNotFoundError:
-        raise InvalidModelDirectoryError(f"{root} is not a model directory (no {path.name})", _HINT) from None
+        raise InvalidModelDirectoryError(f"{root} is not a model directory (no {path.name})", HINT) from None
+    except OSError as exc:  # a pipe or a device in its place, a permission
+        raise InvalidModelDirectoryError(f"{path} cannot be read ({exc.strerror or exc})", HINT) from None
     except (yaml.YAMLError, ValueError) as exc:  # ValueError covers UnicodeDecodeError
-        raise InvalidModelDirectoryError(f"{path} is not valid YAML ({exc})", _HINT) from None
+        raise InvalidModelDirectoryError(f"{path} is not valid YAML ({exc})", HINT) from None
 
 
 def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:
     from imgtrain.models.registry import ARCHITECTURES
 
     def bad(what: str) -> InvalidModelDirectoryError:
-        return InvalidModelDirectoryError(f"{root / SPEC_FILE}: {what}", _HINT)
+        return InvalidModelDirectoryError(f"{root / SPEC_FILE}: {what}", HINT)
 
     arch = raw.get("architecture")
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
@@ -173,29 +175,3 @@ def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:
         raise bad("training must be a mapping")
     spec.labels, spec.weights, spec.training = labels, weights, training
     return spec
-
-
-def load_trained_model(root: Path | str) -> tuple[nn.Module, ModelSpec]:
-    """Build the architecture from the registry and load its safetensors weights."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from imgtrain.models.registry import build_model
-
-    root = Path(root)
-    spec = load_model_spec(root, need_trained=True)
-    model = build_model(spec.architecture, spec.num_classes, **spec.options)
-    path = root / spec.weights
-    try:
-        state = load_file(path)
-    except (FileNotFoundError, SafetensorError, OSError) as exc:
-        raise InvalidModelDirectoryError(f"cannot read weights {path} ({exc})", _HINT) from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise InvalidModelDirectoryError(
-            f"weights {path} do not fit {spec.architecture} with {spec.num_classes} classes "
-            f"({first[1].strip() if len(first) > 1 else first[0]})", _HINT) from None
-    model.eval()
-    return model, spec

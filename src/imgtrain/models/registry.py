@@ -6,21 +6,18 @@ a model directory never imports a module or runs code named in a file.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torchvision.models as tvm
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from imgtrain.errors import InvalidParameterError, WeightsUnavailableError
-from imgtrain.models.names import DENSENET_NAMES, RESNET_NAMES
-
-OFFLINE_ENV = "IMGTRAIN_OFFLINE"  # set to 1 to never download pretrained weights
+from imgtrain.errors import WeightsUnavailableError, option
+from imgtrain.models.names import FAMILIES, WEIGHTS_URLS, check_model_name
+from imgtrain.models.weights import ensure_pretrained_weights
 
 
 @dataclass(frozen=True)
@@ -34,19 +31,11 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {}
 
-
-def _register(family: str, head: str, builder: Callable[..., nn.Module], weights: WeightsEnum) -> None:
-    ARCHITECTURES[builder.__name__] = Architecture(builder.__name__, family, builder, weights, head)
-
-
 for _builder, _weights in [
     (tvm.densenet121, tvm.DenseNet121_Weights.DEFAULT),
     (tvm.densenet161, tvm.DenseNet161_Weights.DEFAULT),
     (tvm.densenet169, tvm.DenseNet169_Weights.DEFAULT),
     (tvm.densenet201, tvm.DenseNet201_Weights.DEFAULT),
-]:
-    _register("densenet", "classifier", _builder, _weights)
-for _builder, _weights in [
     (tvm.resnet18, tvm.ResNet18_Weights.DEFAULT),
     (tvm.resnet34, tvm.ResNet34_Weights.DEFAULT),
     (tvm.resnet50, tvm.ResNet50_Weights.DEFAULT),
@@ -57,56 +46,22 @@ for _builder, _weights in [
     (tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.DEFAULT),
     (tvm.wide_resnet101_2, tvm.Wide_ResNet101_2_Weights.DEFAULT),
 ]:
-    _register("resnet", "fc", _builder, _weights)
+    _family = FAMILIES[_builder.__name__]
+    ARCHITECTURES[_builder.__name__] = Architecture(_builder.__name__, _family, _builder, _weights,
+                                                    "classifier" if _family == "densenet" else "fc")
 
-
-assert tuple(n for n in ARCHITECTURES if ARCHITECTURES[n].family == "densenet") == DENSENET_NAMES
-assert tuple(n for n in ARCHITECTURES if ARCHITECTURES[n].family == "resnet") == RESNET_NAMES
-
-
-def model_names(family: str | None = None) -> list[str]:
-    return [a.name for a in ARCHITECTURES.values() if family in (None, a.family)]
+# names.py keeps the names and weight files light to import; they must be torchvision's own.
+assert list(ARCHITECTURES) == list(FAMILIES)
+assert {n: a.weights.url for n, a in ARCHITECTURES.items()} == WEIGHTS_URLS, "models/names.py is out of date"
 
 
 def get_architecture(name: str) -> Architecture:
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        raise InvalidParameterError(
-            f"unknown model name {name!r}", f"choose one of {', '.join(model_names())}"
-        ) from None
+    check_model_name(name)
+    return ARCHITECTURES[name]
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def weights_cache_path(name: str) -> Path:
-    """Where torchvision keeps (and looks for) the pretrained weights of ``name``."""
-    url = get_architecture(name).weights.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
-def ensure_pretrained_weights(name: str) -> Path:
-    """Make sure the ImageNet weights of ``name`` are in torchvision's cache; download if allowed."""
-    arch = get_architecture(name)
-    path = weights_cache_path(name)
-    if path.is_file():
-        return path
-    hint = (f"download {arch.weights.url} and place it at {path}, "
-            "or pass --no-pretrained to train from scratch")
-    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-        raise WeightsUnavailableError(
-            f"pretrained weights for {name} are not cached and {OFFLINE_ENV} forbids downloading", hint)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        prefix = Path(arch.weights.url).stem.rsplit("-", 1)[-1]  # torchvision names files <name>-<sha256 prefix>
-        torch.hub.download_url_to_file(arch.weights.url, str(path), hash_prefix=prefix, progress=True)
-    except Exception as exc:  # any network or file failure: the hint says what to do
-        raise WeightsUnavailableError(
-            f"pretrained weights for {name} could not be downloaded ({type(exc).__name__}: {exc})", hint
-        ) from None
-    return path
 
 
 _OLD_DENSENET_KEY = re.compile(
@@ -148,7 +103,7 @@ def build_model(
         except Exception as exc:  # a damaged, hostile or wrong file
             raise WeightsUnavailableError(
                 f"the cached weights {path} cannot be loaded ({type(exc).__name__})",
-                "delete the file so that it is downloaded again, or pass --no-pretrained",
+                f"delete the file so that it is downloaded again, or pass {option('pretrained', False)}",
             ) from None
         old = getattr(model, arch.head)
         setattr(model, arch.head, nn.Linear(old.in_features, num_classes))

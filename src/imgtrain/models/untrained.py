@@ -1,17 +1,19 @@
-"""The DenseNet and ResNet modules: each writes an untrained model directory (a spec, no code)."""
+"""The DenseNet and ResNet modules: each writes an untrained model directory (a spec, no code).
+
+Light: neither torch nor torchvision is imported unless pretrained weights must be downloaded.
+"""
 
 from __future__ import annotations
 
 from imgtrain.directories.atomic import atomic_output_dir, check_output_writable
 from imgtrain.directories.model_directory import ModelSpec, library_versions, write_model_directory
 from imgtrain.errors import InvalidParameterError
-from imgtrain.models.names import DENSENET_DEFAULT, RESNET_DEFAULT
-from imgtrain.models.registry import ensure_pretrained_weights, get_architecture, model_names
+from imgtrain.models.names import DENSENET_DEFAULT, RESNET_DEFAULT, check_model_name, model_names
+from imgtrain.models.weights import ensure_pretrained_weights
 
 
 def _make(family: str, output, model_name: str, pretrained: bool, options: dict, overwrite: bool) -> ModelSpec:
-    arch = get_architecture(model_name)
-    if arch.family != family:
+    if check_model_name(model_name) != family:
         raise InvalidParameterError(f"{model_name} is not a {family} model",
                                     f"choose one of {', '.join(model_names(family))}")
     check_output_writable(output, overwrite=overwrite)

@@ -1,10 +1,13 @@
-"""Score Image Model: class probabilities and the predicted label for every image."""
+"""Score Image Model: class probabilities and the predicted label for every image; and ``predict``,
+the same for Python code, returning the answers instead of writing a table."""
 
 from __future__ import annotations
 
 import csv
+import glob
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,19 +18,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imgtrain.data.convert import find_images
-from imgtrain.data.dataset import ON_BAD_IMAGE, BadImagePolicy, ImageDataset, worker_count
+from imgtrain.data.dataset import BadImagePolicy, ImageDataset
+from imgtrain.data.decode import ON_BAD_IMAGE
 from imgtrain.data.transforms import Normalize
 from imgtrain.device import resolve_device
-from imgtrain.directories.atomic import atomic_output_dir, check_output_writable
+from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
 from imgtrain.directories.image_directory import META_FILE, ImageDirectory
-from imgtrain.directories.model_directory import load_trained_model
-from imgtrain.errors import InvalidDatasetError, check_choice, check_range
+from imgtrain.errors import InvalidDatasetError, check_choice, check_range, option
+from imgtrain.models.trained import TrainedModel, load_trained_model
+from imgtrain.scoring.table import LABEL_COLUMN, ORIGINAL_COLUMN, PROBABILITY_PREFIX, SCORED_FILE, SCORED_LABEL
+from imgtrain.threads import Threads, parse_threads, worker_count
 from imgtrain.training.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
 
-SCORED_FILE = "scored.csv"
-LABEL_COLUMN = "category"
-PROBABILITY_PREFIX = "Scored Probabilities_"
-SCORED_LABEL = "Scored Labels"
+_DATASET_HINT = "pass an ImageDirectory, a folder of images, or image files (paths or glob patterns)"
+
+Images = Path | str | Sequence[Path | str]  # what score and predict take
 
 
 @dataclass
@@ -38,32 +43,116 @@ class ScoreResult:
 
 
 @dataclass
+class Prediction:
+    """One image's answer: the most probable label, its probability, and every label's."""
+
+    image: str
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+
+    def top(self, k: int = 5) -> list[tuple[str, float]]:
+        """The k most probable labels with their probabilities, most probable first."""
+        return sorted(self.probabilities.items(), key=lambda item: -item[1])[:k]
+
+
+@dataclass
 class _Rows:
     """The images to score and the non-image columns that go with them."""
 
     paths: list[Path]
-    names: list[str]
-    ids: list[int] | None
-    categories: list[str] | None
+    names: list[str]  # as the user knows them: relative to the folder given, or as given
+    ids: list[int] | None = None
+    categories: list[str] | None = None
+    originals: list[str] | None = None  # the path each image had before convert
+    given: tuple[Path, ...] = ()  # the folders and files named (globs expanded), for the output check
 
 
-def _rows(dataset: Path) -> _Rows:
-    if (dataset / META_FILE).is_file():
-        data = ImageDirectory.load(dataset)
+def _rows(images: Images) -> _Rows:
+    """An ImageDirectory or a folder (alone), or any number of image files, folders and glob patterns."""
+    items = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    if not items:
+        raise InvalidDatasetError("no images were given", _DATASET_HINT)
+    if len(items) == 1 and Path(items[0]).is_dir():
+        return _folder_rows(Path(items[0]))
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            if (path / META_FILE).exists():
+                raise InvalidDatasetError(f"{path} is an ImageDirectory: it is scored on its own",
+                                          "score it alone, or the files separately")
+            paths += [p for p, _ in find_images(path).items]
+        elif path.exists() or path.is_symlink():
+            paths.append(path)  # a file named directly is tried whatever its suffix; decoding names a bad one
+        elif glob.has_magic(str(item)):
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True) if not Path(m).is_dir())
+            if not matches:
+                raise InvalidDatasetError(f"no file matches {item}", _DATASET_HINT)
+            paths += matches
+        else:
+            raise InvalidDatasetError(f"{item} does not exist", _DATASET_HINT)
+    return _Rows(paths, [str(p) for p in paths], given=tuple(paths))
+
+
+def _folder_rows(folder: Path) -> _Rows:
+    if (folder / META_FILE).exists():
+        data = ImageDirectory.load(folder)
         cats = None if data.labels is None else [data.categories[i] for i in data.labels]
-        return _Rows([data.path(i) for i in range(len(data))], data.files, data.ids.tolist(), cats)
-    found = find_images(dataset)
+        return _Rows([data.path(i) for i in range(len(data))], data.files, data.ids.tolist(), cats, data.originals,
+                     given=(folder,))
+    found = find_images(folder)
     if not found.items:
-        raise InvalidDatasetError(f"no image found in {dataset}",
-                                  "pass an ImageDirectory or a folder of images")
+        raise InvalidDatasetError(f"no image found in {folder}", _DATASET_HINT)
     paths = [p for p, _ in found.items]
     cats = [c for _, c in found.items] if found.categories else None
-    return _Rows(paths, [str(p.relative_to(found.root)) for p in paths], None, cats)
+    return _Rows(paths, [str(p.relative_to(found.root)) for p in paths], categories=cats, given=(folder,))
+
+
+def _probabilities(
+    model: TrainedModel, paths: list[Path], *, batch_size: int, device: str, num_workers: int | None,
+    precision: str, on_bad_image: str, threads: int | str | None, progress: bool | None, log: Callable[[str], None],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every image's class probabilities, and which images could be decoded (the others stay zero)."""
+    threads = Threads(parse_threads(threads), log)
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
+    network = model.network.to(dev, memory_format=torch.channels_last)
+    normalize = Normalize(model.spec.input.mean, model.spec.input.std).to(dev)
+    images = ImageDataset(paths, None, model.image_size)
+    workers = min(worker_count(num_workers), len(paths) // batch_size)  # a worker per batch at most
+    loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
+    log(f"Scoring {len(paths):,} images with {model.spec.architecture} ({model.spec.num_classes} classes) on "
+        f"{dev}, precision {precision}, {threads.describe()}")
+    probabilities = np.zeros((len(paths), model.spec.num_classes), dtype=np.float32)
+    scored = np.zeros(len(paths), dtype=bool)
+    bad_images = BadImagePolicy(on_bad_image, images, log)
+    with torch.inference_mode(), denormals_flushed(), threads:
+        for batch in tqdm(loader, desc="scoring", unit="batch", leave=False,
+                          disable=(not sys.stderr.isatty()) if progress is None else not progress):
+            threads.step()
+            x, _, index = bad_images.filter(batch)
+            if len(index):
+                with autocast(precision, dev):
+                    logits = network(normalize(x.to(dev, non_blocking=True)))
+                probabilities[index.numpy()] = logits.float().softmax(dim=1).cpu().numpy()
+                scored[index.numpy()] = True
+    return probabilities, scored
+
+
+def _check_options(batch_size: int, num_workers: int | None, on_bad_image: str, precision: str,
+                   threads: int | str | None) -> None:
+    check_range("batch_size", batch_size, low=1)
+    if num_workers is not None:
+        check_range("num_workers", num_workers, low=0, high=64)
+    check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
+    check_choice("precision", precision, PRECISIONS)
+    parse_threads(threads)  # a bad value (or IMGTRAIN_THREADS) is named before any work
 
 
 def score_image_model(
     trained_model: Path | str,
-    dataset: Path | str,
+    dataset: Images,
     output: Path | str,
     *,
     batch_size: int = 64,
@@ -71,54 +160,37 @@ def score_image_model(
     num_workers: int | None = None,
     precision: str = "auto",
     on_bad_image: str = "skip",
+    top_k: int | None = None,
+    threads: int | str | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> ScoreResult:
-    """Score an ImageDirectory or a plain folder (labelled sub-folders or flat) with a trained model.
+    """Score images with a trained model and write scored.csv.
 
-    An image that cannot be decoded is left out of the scores and named (``skip``), or stops
-    the run (``fail``).
+    ``dataset``: an ImageDirectory, a folder (labelled sub-folders or flat), or image files and
+    glob patterns (one or a list). An image that cannot be decoded is left out of the scores and
+    named (``skip``), or stops the run (``fail``). ``top_k`` adds the K most probable labels.
     """
-    check_range("batch_size", batch_size, low=1)
-    if num_workers is not None:
-        check_range("num_workers", num_workers, low=0, high=64)
-    check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
-    check_choice("precision", precision, PRECISIONS)
-    model, spec = load_trained_model(trained_model)
-    dataset = Path(dataset)
-    if not dataset.is_dir():
-        raise InvalidDatasetError(f"{dataset} is not a directory", "pass an ImageDirectory or a folder of images")
+    _check_options(batch_size, num_workers, on_bad_image, precision, threads)
     rows = _rows(dataset)
+    check_not_an_input(output, {"trained model": trained_model, "dataset": rows.given})
+    model = load_trained_model(trained_model)
+    labels = model.labels
+    if top_k is not None:
+        check_range("top_k", top_k, low=1, high=len(labels),
+                    hint=f"pass {option('top_k')} from 1 to {len(labels)}, the number of labels")
     check_output_writable(Path(output), overwrite=overwrite)
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
-    model.to(dev, memory_format=torch.channels_last)
-    normalize = Normalize(spec.input.mean, spec.input.std).to(dev)
-    size = spec.input.image_size
-    workers = worker_count(num_workers)
-    images = ImageDataset(rows.paths, None, size)
-    loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
-    log(f"Scoring {len(rows.paths):,} images with {spec.architecture} ({spec.num_classes} classes) on {dev}, "
-        f"precision {precision}")
-    probabilities = np.zeros((len(rows.paths), spec.num_classes), dtype=np.float32)
-    scored = np.zeros(len(rows.paths), dtype=bool)
-    bad_images = BadImagePolicy(on_bad_image, images, log)
-    with torch.inference_mode(), denormals_flushed():
-        for batch in tqdm(loader, desc="scoring", unit="batch", leave=False,
-                          disable=(not sys.stderr.isatty()) if progress is None else not progress):
-            x, _, index = bad_images.filter(batch)
-            if len(index):
-                with autocast(precision, dev):
-                    logits = model(normalize(x.to(dev, non_blocking=True)))
-                probs = logits.float().softmax(dim=1)
-                probabilities[index.numpy()] = probs.cpu().numpy()
-                scored[index.numpy()] = True
-    predicted = probabilities.argmax(axis=1)
+    probabilities, scored = _probabilities(
+        model, rows.paths, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision,
+        on_bad_image=on_bad_image, threads=threads, progress=progress, log=log)
+    order = np.argsort(-probabilities, axis=1, kind="stable")
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         header = (["id"] if rows.ids is not None else []) + ["image"]
+        header += [ORIGINAL_COLUMN] if rows.originals is not None else []
         header += [LABEL_COLUMN] if rows.categories is not None else []
-        header += [PROBABILITY_PREFIX + label for label in spec.labels] + [SCORED_LABEL]
+        header += [PROBABILITY_PREFIX + label for label in labels] + [SCORED_LABEL]
+        header += [f"Top {k} {what}" for k in range(1, (top_k or 0) + 1) for what in ("Label", "Probability")]
         with open(tmp / SCORED_FILE, "w", newline="", encoding="utf-8", errors="backslashreplace") as out:
             writer = csv.writer(out)
             writer.writerow(header)
@@ -126,12 +198,53 @@ def score_image_model(
                 if not scored[i]:
                     continue
                 row: list = ([rows.ids[i]] if rows.ids is not None else []) + [name]
+                row += [rows.originals[i]] if rows.originals is not None else []
                 row += [rows.categories[i]] if rows.categories is not None else []
-                row += [f"{p:.6g}" for p in probabilities[i]] + [spec.labels[predicted[i]]]
+                row += [f"{p:.6g}" for p in probabilities[i]] + [labels[order[i, 0]]]
+                for j in order[i, :top_k or 0]:
+                    row += [labels[j], f"{probabilities[i, j]:.6g}"]
                 writer.writerow(row)
         meta = {"type": "DataFrameDirectory", "format": "csv", "data": SCORED_FILE,
                 "label_column": LABEL_COLUMN if rows.categories is not None else None,
-                "scored_label_column": SCORED_LABEL, "labels": list(spec.labels),
+                "scored_label_column": SCORED_LABEL, "labels": list(labels),
                 "trained_model": str(Path(trained_model).resolve())}
         (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
     return ScoreResult(Path(output), int(scored.sum()), rows.categories is not None)
+
+
+def predict(
+    trained_model: TrainedModel | Path | str,
+    images: Images,
+    *,
+    batch_size: int = 64,
+    device: str = "auto",
+    num_workers: int | None = 0,
+    precision: str = "auto",
+    on_bad_image: str = "fail",
+    threads: int | str | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> list[Prediction]:
+    """Predict the label of images with a trained model, in Python.
+
+    ``trained_model``: a trained model directory, or a model loaded once with ``load_trained_model``
+    (faster for repeated calls). ``images``: one image file, a list of them, glob patterns, a
+    folder or an ImageDirectory. Returns one Prediction per image, in order::
+
+        >>> [(p.image, p.label, round(p.probability, 2)) for p in predict("model", "cat.jpg")]
+        [('cat.jpg', 'cat', 0.97)]
+
+    An image that cannot be decoded raises BadImageError naming it (``on_bad_image="skip"``
+    leaves it out instead). Images are decoded in this process unless ``num_workers`` is set.
+    """
+    _check_options(batch_size, num_workers, on_bad_image, precision, threads)
+    rows = _rows(images)
+    model = trained_model if isinstance(trained_model, TrainedModel) else load_trained_model(trained_model)
+    probabilities, scored = _probabilities(
+        model, rows.paths, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision,
+        on_bad_image=on_bad_image, threads=threads, progress=False, log=log)
+    answers = []
+    for i in np.flatnonzero(scored):
+        best = int(probabilities[i].argmax())
+        answers.append(Prediction(str(rows.paths[i]), model.labels[best], float(probabilities[i, best]),
+                                  dict(zip(model.labels, map(float, probabilities[i]), strict=True))))
+    return answers

@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from imgtrain.directories.atomic import write_safetensors
-from imgtrain.errors import CheckpointDamagedError, CheckpointMismatchError
+from imgtrain.directories.files import check_regular, read_bytes
+from imgtrain.errors import CheckpointDamagedError, CheckpointMismatchError, option
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -33,8 +34,18 @@ def fingerprint(parts: dict[str, object]) -> dict[str, str]:
 def file_digest(*paths: Path) -> str:
     h = hashlib.sha256()
     for path in paths:
-        h.update(Path(path).read_bytes())
+        h.update(read_bytes(path))
     return h.hexdigest()
+
+
+def checkpoint_epoch(path: Path) -> int | None:
+    """The last epoch a checkpoint holds, or None when it cannot be read."""
+    try:
+        check_regular(path)
+        with safe_open(str(path), framework="pt") as f:
+            return int(json.loads(f.metadata()["state"])["epoch"])
+    except (SafetensorError, ValueError, KeyError, TypeError, OSError):
+        return None
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -71,7 +82,7 @@ def _what_differs(meta: dict, parameters: dict | None) -> str:
     before = meta.get("parameters")
     if not isinstance(before, dict) or parameters is None:
         return ""
-    changed = [f"--{name.replace('_', '-')} {before.get(name)} then, {parameters[name]} now"
+    changed = [f"{option(name, before.get(name))} then, {option(name, parameters[name])} now"
                for name in parameters if before.get(name) != parameters[name]]
     return ": " + "; ".join(changed) if changed else ""
 
@@ -83,6 +94,7 @@ def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimi
     Refuses, naming what differs, a checkpoint whose run had other data or parameters.
     """
     try:
+        check_regular(path)
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["state"])
             differ = [name for name in run_id if meta["run_id"].get(name) != run_id[name]]
@@ -90,11 +102,11 @@ def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimi
     except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
         raise CheckpointDamagedError(
             f"the checkpoint {path} cannot be read ({type(exc).__name__}: {exc})",
-            "run without --resume to start again") from None
+            f"run with {option('restart', True)} to start again") from None
     if differ:
         raise CheckpointMismatchError(
             f"the checkpoint {path} was made with other {' and '.join(differ)}{_what_differs(meta, parameters)}",
-            "run with the same data and parameters to resume, or without --resume to start again")
+            f"run with the same data and parameters to resume, or with {option('restart', True)} to start again")
     model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     skeleton = meta.pop("optimizer")
     opt_state = {"param_groups": skeleton["param_groups"], "state": {}}

@@ -6,6 +6,7 @@ import math
 
 from PIL import Image
 
+from imgtrain.directories.files import open_regular
 from imgtrain.directories.image_directory import ImageDirectory
 
 SAMPLE = 200
@@ -27,7 +28,7 @@ def auto_image_size(data: ImageDirectory) -> int:
         sides = []
         for i in rows:
             try:
-                with Image.open(data.path(i)) as im:
+                with open_regular(data.path(i)) as f, Image.open(f) as im:
                     sides.append(min(im.size))
             except Exception:  # not readable: decoding will name it later
                 continue

@@ -1,12 +1,12 @@
-"""Determinism: the same seed on the same machine gives bit-identical weights."""
+"""Determinism: the same seed on the same machine gives bit-identical weights.
+
+Light to import (split uses ``as_uint32``): torch is imported when seeding.
+"""
 
 from __future__ import annotations
 
 import os
 import random
-
-import numpy as np
-import torch
 
 
 def as_uint32(seed: int) -> int:
@@ -19,6 +19,8 @@ def seed_everything(seed: int) -> None:
 
     Data order and augmentation are seeded per epoch and per image by the sampler.
     """
+    import numpy as np
+    import torch
     random.seed(seed)
     np.random.seed(as_uint32(seed))
     torch.manual_seed(seed)  # also seeds every CUDA device

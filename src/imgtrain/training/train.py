@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
 import sys
 import time
@@ -23,14 +24,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imgtrain.data.cache import DecodedImageCache
-from imgtrain.data.dataset import ON_BAD_IMAGE, BadImagePolicy, ImageDataset, SeededSampler, worker_count
+from imgtrain.data.dataset import BadImagePolicy, ImageDataset, SeededSampler
+from imgtrain.data.decode import ON_BAD_IMAGE
 from imgtrain.data.transforms import AUGMENTATIONS, DEFAULT_AUGMENTATION, Normalize, build_augmentation
 from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import (
     PARTIAL_SUFFIX,
     atomic_file,
+    check_not_an_input,
     check_output_writable,
+    disown,
     make_owned_dir,
+    owner_pid,
     publish,
     write_safetensors,
 )
@@ -43,19 +48,33 @@ from imgtrain.directories.model_directory import (
     ModelSpec,
     library_versions,
     load_model_spec,
-    load_trained_model,
     write_model_directory,
 )
 from imgtrain.errors import (
+    CheckpointExistsError,
+    CheckpointMismatchError,
     ImgtrainError,
     InvalidDatasetError,
+    InvalidParameterError,
+    NotInRangeValueError,
     OutOfMemoryError,
+    OutputNotWritableError,
     TrainingDivergedError,
     check_choice,
     check_range,
+    option,
 )
 from imgtrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_model, get_architecture
-from imgtrain.training.checkpoint import CHECKPOINT_FILE, file_digest, fingerprint, load_checkpoint, save_checkpoint
+from imgtrain.models.trained import load_trained_model
+from imgtrain.threads import Threads, parse_threads, worker_count
+from imgtrain.training.checkpoint import (
+    CHECKPOINT_FILE,
+    checkpoint_epoch,
+    file_digest,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from imgtrain.training.early_stopping import EarlyStopping
 from imgtrain.training.image_size import auto_image_size
 from imgtrain.training.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
@@ -64,7 +83,7 @@ from imgtrain.training.seeding import as_uint32, seed_everything
 OPTIMIZERS = ("adamw", "sgd")
 RESUME_PREFIX = ".imgtrain-resume-"
 # Parameters that do not change the result: a run may resume with other values.
-_FREE_PARAMETERS = ("num_workers", "device", "on_bad_image", "cache")
+_FREE_PARAMETERS = ("num_workers", "device", "on_bad_image", "cache", "threads")
 
 
 @dataclass
@@ -83,6 +102,7 @@ class TrainingParameters:
     optimizer: str = "adamw"
     augmentation: str = DEFAULT_AUGMENTATION
     num_workers: int | None = None  # None: one per CPU core, at most 8
+    threads: int | str | None = None  # torch's CPU threads: a count, "auto" or "adapt"; None: IMGTRAIN_THREADS or auto
     on_bad_image: str = "skip"
     cache: bool = True  # keep decoded images at training size in a memory-mapped file
 
@@ -100,6 +120,7 @@ class TrainingParameters:
                         hint="pass an image size from 32 (DenseNet and ResNet shrink images 32-fold) to 4096")
         if self.num_workers is not None:
             check_range("num_workers", self.num_workers, low=0, high=64)
+        self.threads = parse_threads(self.threads)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("augmentation", self.augmentation, AUGMENTATIONS)
         check_choice("precision", self.precision, PRECISIONS)
@@ -115,7 +136,7 @@ class EpochMetrics:
     train_error: float
     validation_loss: float
     validation_top1_accuracy: float
-    validation_top5_accuracy: float
+    validation_top5_accuracy: float | None  # None with 5 classes or fewer, where every label is in the top 5
     data_wait_fraction: float  # share of the training time spent waiting for images
     seconds: float
 
@@ -148,45 +169,61 @@ def train_pytorch_model(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    restart: bool = False,
     log: Callable[[str], None] = _stderr,
     progress: bool | None = None,
     **overrides,
 ) -> TrainResult:
     """Train a model directory on a labelled ImageDirectory; keep the best validation-loss epoch.
 
-    Parameters come as a TrainingParameters or as keywords (``epochs=10``). With ``resume``,
-    a run that was interrupted continues from its last checkpoint and ends with the same
-    weights as an uninterrupted run.
+    Parameters come as a TrainingParameters or as keywords (``epochs=10``). An interrupted run
+    leaves a checkpoint beside the output: ``resume`` continues it (with a larger ``epochs``, on
+    to that many epochs) and ends with the same weights as an uninterrupted run; ``restart``
+    discards it. Without either, a run that finds such a checkpoint stops and says so.
     """
+    try:
+        return _train(untrained_model, training_data, validation_data, Path(output), params, overwrite=overwrite,
+                      resume=resume, restart=restart, log=log, progress=progress, **overrides)
+    finally:
+        disown(resume_dir_for(output))  # what stays there (a checkpoint) is free for the next run to resume
+
+
+def _train(untrained_model, training_data, validation_data, output: Path, params: TrainingParameters | None, *,
+           overwrite: bool, resume: bool, restart: bool, log: Callable[[str], None], progress: bool | None,
+           **overrides) -> TrainResult:
+    if resume and restart:
+        raise InvalidParameterError(f"{option('resume', True)} and {option('restart', True)} exclude each other",
+                                    "pass one of them")
     params = TrainingParameters(**{**(asdict(params) if params else {}), **overrides})
+    check_not_an_input(output, {"untrained model": untrained_model, "training data": training_data,
+                                "validation data": validation_data})
     base = load_model_spec(untrained_model)
     train_set = ImageDirectory.load(training_data)
     val_set = ImageDirectory.load(validation_data)
     train_labels = train_set.require_labels("training data")
     val_labels = _labels_in_order(val_set, train_set.categories)
     params.check(len(train_set))
-    output = Path(output)
     device = resolve_device(params.device)
     precision = resolve_precision(params.precision, device)
     run_parameters = {**{k: v for k, v in asdict(params).items() if k not in _FREE_PARAMETERS},
                       "precision": precision}
-    run_id = fingerprint({
-        "parameters": run_parameters,
+    run_id = fingerprint({  # what a checkpoint must match to be resumed; the number of epochs may grow
+        "parameters": {k: v for k, v in run_parameters.items() if k != "epochs"},
         "training data": file_digest(train_set.root / IMAGE_LIST, train_set.root / SCHEMA_FILE),
         "validation data": file_digest(val_set.root / IMAGE_LIST, val_set.root / SCHEMA_FILE),
         "untrained model": file_digest(Path(untrained_model) / SPEC_FILE),
     })
-    if resume and _is_complete(output, run_id):
-        log(f"{output} is already complete: nothing to do")
-        return _result_of(output)
     work = resume_dir_for(output)
-    if resume and _is_complete(work, run_id):  # killed after finishing, before moving into place
+    if resume and _is_complete(output, run_id, params.epochs):
+        return _result_of(output)
+    if resume and _is_complete(work, run_id, params.epochs):  # killed after finishing, before moving into place
         check_output_writable(output, overwrite=overwrite)
         _remove_leftovers(work)
         publish(work, output)
         log(f"{output} was complete in {work}: moved into place")
         return _result_of(output)
     check_output_writable(output, overwrite=overwrite)
+    _check_for_an_interrupted_run(work, output, resume=resume, restart=restart)
     _warn_about_shared_images(train_set, val_set, log)
 
     seed = as_uint32(params.random_seed)
@@ -201,9 +238,7 @@ def train_pytorch_model(
     if not (resume and checkpoint.is_file()):
         if resume:
             log(f"no checkpoint of {output} found: starting from scratch")
-        elif checkpoint.is_file():
-            log(f"removing the checkpoint of an interrupted run of {output} (pass --resume to continue it)")
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # nothing of value: what there was, restart discards
     make_owned_dir(work)
 
     drop_last = len(train_set) % params.batch_size == 1  # a batch of one breaks BatchNorm
@@ -218,11 +253,13 @@ def train_pytorch_model(
     history: list[EpochMetrics] = []
     epoch = 0
     if resume and checkpoint.is_file():
-        state = load_checkpoint(checkpoint, run_id, model, optimizer, schedule, run_parameters)
+        state = load_checkpoint(checkpoint, run_id, model, optimizer, schedule,
+                                {k: v for k, v in run_parameters.items() if k != "epochs"})
         scaler.load_state_dict(state["scaler"])
         epoch, stopper = state["epoch"], EarlyStopping(**state["early_stopping"])
         history = [EpochMetrics(**m) for m in state["history"]]
         log(f"resuming {output} after epoch {epoch} from its checkpoint")
+        _extend_schedule(schedule, optimizer, state["parameters"].get("epochs"), params.epochs, epoch, log)
 
     # The caches come after the checkpoint was accepted: a refused resume reserves no disk space.
     cache_names = {"training": train_set, "validation": val_set} if params.cache else {}
@@ -254,8 +291,9 @@ def train_pytorch_model(
     train_bad = BadImagePolicy(params.on_bad_image, train_images, log)
     val_bad = BadImagePolicy(params.on_bad_image, val_images, log)
 
+    threads = Threads(params.threads, log)
     stepper = _Stepper(model, optimizer, scaler, schedule, loss_fn, normalize, device, precision,
-                       params.learning_rate)
+                       params.learning_rate, threads)
 
     start = "fine-tuning ImageNet weights" if base.pretrained else "from scratch"
     if base.trained:
@@ -265,10 +303,10 @@ def train_pytorch_model(
     log(f"device {device}, precision {precision}, image size {image_size}, batch size {params.batch_size}, "
         f"learning rate {params.learning_rate:g}, {params.optimizer}, augmentation {params.augmentation}, "
         f"up to {params.epochs} epochs, patience {params.patience}, {workers} data workers, "
-        f"decoded-image cache {'on' if any(caches) else 'off'}")
+        f"decoded-image cache {'on' if any(caches) else 'off'}, {threads.describe()}")
 
     try:
-        with denormals_flushed():
+        with denormals_flushed(), threads:
             while epoch < params.epochs and not stopper.should_stop:
                 epoch += 1
                 started = time.perf_counter()
@@ -282,7 +320,7 @@ def train_pytorch_model(
                                               "check the training data (see the warnings above)")
                 train_seconds = time.perf_counter() - started
                 val_loss, top1, top5 = evaluate_loss(model, loader(val_images, val_sampler), normalize, device, loss_fn,
-                                                     precision, val_bad)
+                                                     precision, val_bad, threads)
                 improved = stopper.update(epoch, val_loss)
                 if improved:
                     _save_weights(model, work / WEIGHTS_FILE)
@@ -296,7 +334,8 @@ def train_pytorch_model(
                 m = history[-1]
                 log(f"epoch {epoch}/{params.epochs}  lr {lr:.2e}  train loss {m.train_loss:.4f} "
                     f"error {m.train_error:.2%}  {m.train_images_per_second:,.0f} img/s  "
-                    f"val loss {val_loss:.4f} top-1 {top1:.2%} top-5 {top5:.2%}" + ("  *best*" if improved else ""))
+                    f"val loss {val_loss:.4f} top-1 {top1:.2%}" + (f" top-5 {top5:.2%}" if top5 is not None else "")
+                    + ("  *best*" if improved else ""))
             if stopper.should_stop and epoch < params.epochs:
                 log(f"early stop: no lower validation loss for {params.patience} epochs")
     except torch.OutOfMemoryError:
@@ -308,7 +347,7 @@ def train_pytorch_model(
 
     if stopper.best_epoch == 0:
         raise TrainingDivergedError("the validation loss was never a finite number",
-                                    f"pass a lower --learning-rate than {params.learning_rate:g}")
+                                    f"pass a lower {option('learning_rate')} than {params.learning_rate:g}")
     best = history[stopper.best_epoch - 1]
     spec = ModelSpec(
         architecture=base.architecture, pretrained=base.pretrained, options=base.options, trained=True,
@@ -342,6 +381,7 @@ class _Stepper:
     device: torch.device
     precision: str
     learning_rate: float
+    threads: Threads
 
     def train_epoch(self, batches, bad_images: BadImagePolicy, epoch: int):
         """Return images seen, summed loss, wrong predictions, and seconds spent waiting for data."""
@@ -350,6 +390,7 @@ class _Stepper:
         fetch_started = time.perf_counter()
         for step, batch in enumerate(batches, 1):
             waited += time.perf_counter() - fetch_started
+            self.threads.step()
             x, y, _ = bad_images.filter(batch)
             if len(y) >= 2:  # a batch that bad images left with one image cannot train BatchNorm
                 x, y = self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
@@ -360,7 +401,7 @@ class _Stepper:
                 if not math.isfinite(batch_loss):
                     raise TrainingDivergedError(
                         f"the training loss became {batch_loss} in epoch {epoch}, batch {step}",
-                        f"train again with a lower --learning-rate than {self.learning_rate:g}")
+                        f"train again with a lower {option('learning_rate')} than {self.learning_rate:g}")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
@@ -390,19 +431,68 @@ def _remove_leftovers(work: Path) -> None:
         partial.unlink()
 
 
-def _is_complete(output: Path, run_id: dict) -> bool:
+def _is_complete(output: Path, run_id: dict, epochs: int) -> bool:
+    """Whether ``output`` (or a work directory) holds this run, finished: the spec is written last."""
     try:
         spec = load_model_spec(output, need_trained=True)
     except ImgtrainError:
         return False
-    return spec.training.get("run_id") == run_id
+    if spec.training.get("run_id") != run_id:
+        return False
+    if spec.training.get("epochs") != epochs:
+        raise CheckpointMismatchError(
+            f"{output} is a finished run of {spec.training.get('epochs')} epochs, and its checkpoint is gone, so it "
+            f"cannot train on to {epochs}",
+            f"train it further as a new run: pass it as {option('untrained_model')} with another {option('output')}")
+    return True
+
+
+def _check_for_an_interrupted_run(work: Path, output: Path, *, resume: bool, restart: bool) -> None:
+    """An interrupted run's checkpoint (or its finished, unpublished model) is never thrown away
+    unasked: without resume or restart, stop and say what is there. A live run's is never touched."""
+    if not work.exists():
+        return
+    owner = owner_pid(work)
+    if owner is not None and owner != os.getpid():
+        raise OutputNotWritableError(
+            f"another imgtrain process (pid {owner}) is training into {output} now (its work is in {work})",
+            "wait for it to finish, or stop it first")
+    if resume or restart:
+        return
+    size = sum(f.stat().st_size for f in work.iterdir() if f.is_file())
+    where = f"in {work} ({size / 1e6:,.0f} MB)"
+    if (work / SPEC_FILE).exists():
+        raise CheckpointExistsError(f"a finished run of {output} was not moved into place: it waits {where}",
+                                    f"pass {option('resume', True)} to move it into place, or "
+                                    f"{option('restart', True)} to discard it and train again")
+    if (work / CHECKPOINT_FILE).exists():
+        done = checkpoint_epoch(work / CHECKPOINT_FILE)
+        after = f" after epoch {done}" if done else ""
+        raise CheckpointExistsError(f"an interrupted run of {output} left a checkpoint{after} {where}",
+                                    f"pass {option('resume', True)} to continue it, or {option('restart', True)} "
+                                    "to discard it and start again")
+
+
+def _extend_schedule(schedule, optimizer, old_epochs: int | None, epochs: int, done: int, log) -> None:
+    """Resuming with another number of epochs: the epochs left follow the schedule of a run of that many
+    epochs from where the checkpoint stands (the epochs done keep the schedule they had)."""
+    if old_epochs is None or old_epochs == epochs:
+        return
+    if epochs < done:
+        raise NotInRangeValueError("epochs", epochs, f"[{done}, inf)",
+                                   f"the checkpoint has trained {done} epochs already: pass at least {done}, "
+                                   f"or {option('restart', True)}")
+    for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
+        group["lr"] = base * factor(schedule.last_epoch)
+    log(f"training on to {epochs} epochs instead of {old_epochs}: the epochs left follow the learning-rate "
+        f"schedule of a {epochs}-epoch run (so the weights differ from those of a fresh {epochs}-epoch run)")
 
 
 def _result_of(output: Path) -> TrainResult:
     spec = load_model_spec(output, need_trained=True)
     with open(output / METRICS_FILE, newline="", encoding="utf-8") as f:
-        history = [EpochMetrics(**{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})
-                   for row in csv.DictReader(f)]
+        history = [EpochMetrics(**{k: (int(v) if k == "epoch" else float(v) if v != "" else None)
+                                   for k, v in row.items()}) for row in csv.DictReader(f)]
     t = spec.training
     return TrainResult(output, t["best_epoch"], t["stopped_epoch"], t["best_validation_loss"], history,
                        already_complete=True)
@@ -422,7 +512,7 @@ def _warn_about_shared_images(train_set: ImageDirectory, val_set: ImageDirectory
 def _out_of_memory(device: torch.device, params: TrainingParameters, image_size: int) -> OutOfMemoryError:
     return OutOfMemoryError(
         f"the {device.type} ran out of memory at batch size {params.batch_size} and image size {image_size}",
-        "pass a smaller --batch-size (or --image-size)")
+        f"pass a smaller {option('batch_size')} (or {option('image_size')})")
 
 
 def _labels_in_order(val_set: ImageDirectory, categories: list[str]) -> np.ndarray:
@@ -443,7 +533,7 @@ def _initial_model(base: ModelSpec, path, num_classes: int) -> nn.Module:
     """The network to start from: a fresh (or ImageNet) one, or the weights of a trained model."""
     if not base.trained:
         return build_model(base.architecture, num_classes, pretrained=base.pretrained, **base.options)
-    model, _ = load_trained_model(path)
+    model = load_trained_model(path).network
     head = get_architecture(base.architecture).head
     if base.num_classes != num_classes:
         setattr(model, head, nn.Linear(getattr(model, head).in_features, num_classes))
@@ -488,12 +578,16 @@ def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader: DataLoader, normalize: Normalize, device: torch.device,
                   loss_fn: nn.Module, precision: str = "fp32",
-                  bad_images: BadImagePolicy | None = None) -> tuple[float, float, float]:
-    """Mean loss, top-1 and top-5 accuracy over every validation image exactly once."""
+                  bad_images: BadImagePolicy | None = None,
+                  threads: Threads | None = None) -> tuple[float, float, float | None]:
+    """Mean loss, top-1 and top-5 accuracy over every validation image exactly once (top-5 only with more
+    than 5 classes: with fewer it is 100% and says nothing)."""
     model.eval()
     bad_images = bad_images or BadImagePolicy("fail", loader.dataset, _stderr)
     n, loss_sum, top1, top5 = 0, 0.0, 0, 0
     for batch in loader:
+        if threads is not None:
+            threads.step()
         x, y, _ = bad_images.filter(batch)
         if len(y) == 0:
             continue
@@ -508,7 +602,7 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, normalize: Normalize, de
         n += len(y)
     if n == 0:
         raise InvalidDatasetError("no validation image could be decoded", "check the validation data")
-    return loss_sum / n, top1 / n, top5 / n
+    return loss_sum / n, top1 / n, (top5 / n if logits.shape[1] > 5 else None)
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

@@ -1,0 +1,56 @@
+"""A trained model directory, loaded: the network built from imgtrain's registry, with its weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from imgtrain.directories.files import check_regular
+from imgtrain.directories.model_directory import HINT, ModelSpec, load_model_spec
+from imgtrain.errors import InvalidModelDirectoryError
+from imgtrain.models.registry import build_model
+
+
+@dataclass
+class TrainedModel:
+    """A network ready to predict (on the CPU, in eval mode) and the spec that says how to feed it."""
+
+    network: nn.Module
+    spec: ModelSpec
+    path: Path
+
+    @property
+    def labels(self) -> list[str]:
+        """The class names, in the order of the network's outputs."""
+        return self.spec.labels
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.input.image_size
+
+
+def load_trained_model(root: Path | str) -> TrainedModel:
+    """Open a trained model directory: build its architecture from the registry, load its safetensors
+    weights. Nothing in the directory is imported, unpickled or run."""
+    root = Path(root)
+    spec = load_model_spec(root, need_trained=True)
+    network = build_model(spec.architecture, spec.num_classes, **spec.options)
+    path = root / spec.weights
+    try:
+        check_regular(path)
+        state = load_file(path)
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise InvalidModelDirectoryError(f"cannot read weights {path} ({exc})", HINT) from None
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise InvalidModelDirectoryError(
+            f"weights {path} do not fit {spec.architecture} with {spec.num_classes} classes "
+            f"({first[1].strip() if len(first) > 1 else first[0]})", HINT) from None
+    network.eval()
+    return TrainedModel(network, spec, root)

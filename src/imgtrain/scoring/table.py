@@ -1,0 +1,10 @@
+"""The scored data set that Score Image Model writes and Evaluate Model reads: its file and column names.
+
+Light to import: evaluating needs no torch.
+"""
+
+SCORED_FILE = "scored.csv"
+LABEL_COLUMN = "category"  # the true label, when the images had one
+ORIGINAL_COLUMN = "original_path"  # the path an image had before convert, when recorded
+PROBABILITY_PREFIX = "Scored Probabilities_"  # one column per label
+SCORED_LABEL = "Scored Labels"  # the most probable label

@@ -1,0 +1,234 @@
+"""How many threads torch computes with, on a CPU that other programs share.
+
+PyTorch's CPU kernels run on OpenMP threads that, between parallel regions, spin on a core
+waiting for work. When another process holds one of those cores, each region waits for the
+thread that lost its core, and the spinning takes CPU from everyone: on 2 cores, one busy
+process beside training cut it to a third of its speed (bench/, "shared CPU"). Three remedies,
+measured there, and what imgtrain does with them:
+
+- Shorter spinning. OpenMP threads sleep after GOMP_SPINCOUNT spins instead of 300,000, so a
+  thread without a core yields it. Same speed on an idle machine, half the idle speed beside
+  a busy process instead of a third. Set before torch starts (importing imgtrain does it,
+  unless OMP_WAIT_POLICY or GOMP_SPINCOUNT are set already).
+- As many threads as the cores this process may use: its CPU affinity and its container's
+  CPU quota (cgroups), never more than torch's own default. Fixed for the run: the thread
+  count changes how sums are split, so a fixed count keeps "same seed, same machine, same
+  weights" true however busy the machine is.
+- ``adapt``: fewer threads while other processes keep cores busy, more when they are done,
+  re-decided every few seconds. The fastest on a shared machine (three quarters of the idle
+  speed beside one busy process on 2 cores), but the weights then depend on the machine's
+  load: opt in with ``--threads adapt``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+THREADS_ENV = "IMGTRAIN_THREADS"
+SPIN_COUNT = "3000"  # measured in bench/ ("shared CPU"): no loss when idle, most of the gain when shared
+ADAPT = "adapt"
+ADAPT_EVERY_SECONDS = 2.0
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # /proc/stat: user nice system (idle iowait) irq softirq steal
+
+
+def configure_openmp() -> None:
+    """Shorten OpenMP's spin-wait before torch loads it (it reads the environment once, at start)."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, bounded by its cgroup's CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def worker_count(requested: int | None) -> int:
+    """Worker processes for loading or checking images: as asked, else one per available core, at most 8."""
+    return requested if requested is not None else min(8, available_cores())
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+                     ) -> float | None:
+    """The CPU quota (in cores) of this process's cgroup and its parents, v2 or v1; None when unlimited."""
+    limits = []
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: cpu.max holds "<quota> <period>" or "max <period>"
+            base, files = root, ("cpu.max",)
+        elif "cpu" in controllers.split(","):  # v1
+            base, files = root / controllers, ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        folder = base / path.lstrip("/")
+        while True:
+            limits.append(_quota_in(folder, files))
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    found = [q for q in limits if q]
+    return min(found) if found else None
+
+
+def _quota_in(folder: Path, files: tuple[str, ...]) -> float | None:
+    try:
+        if len(files) == 1:
+            quota, period = (folder / files[0]).read_text().split()[:2]
+        else:
+            quota, period = ((folder / f).read_text().strip() for f in files)
+        if quota in ("max", "-1"):
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def torch_default_threads() -> int:
+    """The intra-op threads torch picked for itself at start (OMP_NUM_THREADS when set), before imgtrain
+    changed it."""
+    global _TORCH_DEFAULT
+    if _TORCH_DEFAULT is None:
+        import torch
+
+        _TORCH_DEFAULT = torch.get_num_threads()
+    return _TORCH_DEFAULT
+
+
+_TORCH_DEFAULT: int | None = None
+
+
+def parse_threads(value: int | str | None) -> int | str:
+    """--threads (or IMGTRAIN_THREADS): "auto", "adapt" or a count >= 1."""
+    from imgtrain.errors import InvalidParameterError, option
+
+    name = option("threads")
+    if value is None:
+        value, name = os.environ.get(THREADS_ENV) or "auto", THREADS_ENV
+    if isinstance(value, str) and value.strip().lower() in ("auto", ADAPT):
+        return value.strip().lower()
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise InvalidParameterError(f"{name} {value!r} is not known",
+                                    f"pass auto, {ADAPT}, or a whole number of threads from 1")
+    return count
+
+
+class OtherLoad:
+    """How many cores other processes kept busy since the last reading: all busy CPU time the kernel
+    counts (/proc/stat, steal included) less that of this process and its child processes."""
+
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self.proc = proc
+        self.last = self._read()
+
+    def _read(self) -> tuple[float, float, float] | None:
+        try:
+            fields = (self.proc / "stat").read_text().split("\n", 1)[0].split()[1:]
+            busy = sum(int(fields[i]) for i in _BUSY_FIELDS if i < len(fields)) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+        return time.monotonic(), busy, _own_cpu_seconds(self.proc)
+
+    def cores(self) -> float | None:
+        """Cores other processes used on average since the previous call (None where /proc is missing)."""
+        now = self._read()
+        last, self.last = self.last, now
+        if now is None or last is None or now[0] - last[0] <= 0:
+            return None
+        return max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0]))
+
+
+def _own_cpu_seconds(proc: Path) -> float:
+    """CPU seconds of this process, its running children (DataLoader workers) and its finished ones."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    me = str(os.getpid())
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit() or entry.name == me:
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+        if fields[1] == me:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+@dataclass
+class Threads:
+    """Sets torch's intra-op threads while a run is inside ``with``, and, with ``adapt``, keeps them
+    fitted to the free cores. ``step()`` is called between batches; it costs a clock reading except
+    every few seconds."""
+
+    setting: int | str
+    log: Callable[[str], None]
+    cores: int = 0
+    current: int = 0
+
+    def __post_init__(self) -> None:
+        self.cores = min(available_cores(), torch_default_threads())
+        self.current = self.setting if isinstance(self.setting, int) else self.cores
+        self._load = OtherLoad() if self.setting == ADAPT else None
+        self._next = time.monotonic() + ADAPT_EVERY_SECONDS / 4  # first look soon: the set-up is one core
+        self._wanted_more = 0
+
+    def __enter__(self) -> Threads:
+        self._apply()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.set_num_threads(torch_default_threads())  # torch's own default again, for the rest of the program
+
+    def describe(self) -> str:
+        if isinstance(self.setting, int):
+            return f"{self.current} threads (asked for)"
+        if self.setting == ADAPT:
+            return f"{self.current} threads, adapting to the load, of {self.cores} cores"
+        return f"{self.current} threads (the cores available)"
+
+    def step(self) -> None:
+        if self._load is None or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + ADAPT_EVERY_SECONDS
+        others = self._load.cores()
+        if others is None:
+            return
+        wanted = fitting_threads(self.cores, others)
+        # Fewer at once (spinning beside a busy process is the expensive mistake), more only when two
+        # readings in a row agree (a short burst elsewhere should not make it swing back and forth).
+        self._wanted_more = self._wanted_more + 1 if wanted > self.current else 0
+        if wanted < self.current or self._wanted_more >= 2:
+            self.log(f"threads: {self.current} -> {wanted} (other processes keep {others:.1f} of "
+                     f"{self.cores} cores busy)")
+            self.current, self._wanted_more = wanted, 0
+            self._apply()
+
+    def _apply(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.current)
+
+
+def fitting_threads(cores: int, others: float) -> int:
+    """Threads for ``cores`` when other processes keep ``others`` cores busy: one fewer for each core
+    they take, a quarter-core of background noise forgiven."""
+    return max(1, min(cores, cores - math.ceil(others - 0.25)))
