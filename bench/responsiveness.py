@@ -87,20 +87,21 @@ def startup(ctx: Context) -> Section:
             ("resnet (weights cached)", ["resnet", "--model-name", "resnet18", "--output", w / "pretrained"]),
             ("train-pytorch-model, 1 epoch", ["train-pytorch-model", "--untrained-model", w / "untrained",
                                               "--training-data", w / "train", "--validation-data", w / "val",
-                                              "--output", w / "model", "--epochs", 1]),
+                                              "--output", w / "model", "--epochs", 1, "--batch-size", 8]),
             ("score-image-model", ["score-image-model", "--trained-model", w / "model", "--dataset", w / "val",
                                    "--output", w / "scored"]),
             ("evaluate-model", ["evaluate-model", "--scored-dataset", w / "scored", "--output", w / "evaluation"]),
         ]
         for what, args in commands:
-            runs = [_imgtrain(ctx, code, *args, *(["--overwrite"] if "--output" in args else []), env=env)
-                    for _ in range(reps)]
+            overwrite = ["--overwrite"] if any(str(a).startswith("--output") for a in args) else []
+            runs = [_imgtrain(ctx, code, *args, *overwrite, env=env) for _ in range(reps)]
             seconds = [r.wall_seconds for r in runs]
             rows.append([code.name, what, num(med(seconds), 2), spread(seconds, 2)])
             ctx.log(f"[startup] {code.name} {what}: {med(seconds):.2f} s")
     pipeline = _pipeline(ctx)
     return Section("7. Start-up: each command on a tiny input", [
-        f"Wall time of whole commands ({STARTUP_IMAGES} MNIST digits, split in half; training 1 epoch), median of "
+        f"Wall time of whole commands ({STARTUP_IMAGES} MNIST digits, split in half; training 1 epoch at batch size "
+        f"8), median of "
         f"{reps}, beside the floors every Python program pays. Stand-in ImageNet weights sit in a temporary "
         "TORCH_HOME, so `resnet` finds them cached and downloads nothing.",
         table(["floor", "wall s (median)", "each rep"], floors),

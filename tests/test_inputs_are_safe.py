@@ -168,6 +168,9 @@ def test_score_skips_or_refuses_special_files(tmp_path, trained_model):
         assert any(name in line and reason in line for line in logs), (name, logs)
     with no_hang(), pytest.raises(InvalidDatasetError, match="cannot decode image .*: cannot be read: "):
         score_image_model(trained_model, folder, tmp_path / "s2", num_workers=0, on_bad_image="fail", **QUIET)
+    with no_hang(), pytest.raises(InvalidDatasetError, match="none of the 2 images could be decoded"):
+        score_image_model(trained_model, [folder / "pipe.png", "/dev/zero"], tmp_path / "s3", **QUIET)
+    assert not (tmp_path / "s3").exists()
 
 
 def test_directories_with_special_files_get_named_errors(tmp_path, image_dirs, trained_model):

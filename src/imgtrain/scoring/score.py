@@ -184,6 +184,9 @@ def score_image_model(
     probabilities, scored = _probabilities(
         model, rows.paths, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision,
         on_bad_image=on_bad_image, threads=threads, progress=progress, log=log)
+    if not scored.any():
+        raise InvalidDatasetError(f"none of the {len(rows.paths):,} images could be decoded",
+                                  "see the warnings above for each file's reason")
     order = np.argsort(-probabilities, axis=1, kind="stable")
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         header = (["id"] if rows.ids is not None else []) + ["image"]
