@@ -21,6 +21,13 @@ def test_abbreviated_flags_are_refused_with_a_suggestion(image_dirs, tmp_path):
         "did you mean --epochs or --batch-size?")
 
 
+def test_a_mistyped_required_flag_is_named():
+    r = run_cli("train", "--untrained-model", "u", "--training-data", "t", "--validation-data", "v", "--ouput", "m",
+                check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "the following arguments are required: --output (you typed --ouput; did you mean --output?)")
+
+
 @pytest.mark.parametrize("args, message", [
     (["trian"], "invalid choice: 'trian'"),
     (["resnet", "--model-name", "resnet19", "--output", "x"], "invalid choice: 'resnet19'"),

@@ -27,8 +27,9 @@ import imgtrain.data.convert as convert_module
 import imgtrain.data.decode as decode_module
 from conftest import make_image, make_labelled_folder, run_cli
 from imgtrain import convert_to_image_directory, score_image_model, train_pytorch_model
-from imgtrain.data.decode import BadImageError, load_rgb
+from imgtrain.data.decode import load_rgb
 from imgtrain.errors import (
+    BadImageError,
     CheckpointExistsError,
     CheckpointMismatchError,
     InvalidDatasetError,
@@ -449,22 +450,63 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
     kills = []
     while True:  # every kill comes after new work (or in a checkpoint's write), so this ends, however slow
         done = (checkpoint_epoch(checkpoint) or 0) if checkpoint.exists() else 0
-        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", *map(str, args), "--output", tmp_path / "m",
-                                 "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        log = tmp_path / f"attempt-{len(kills)}.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "imgtrain", *map(str, args), "--output", tmp_path / "m",
+                                     "--resume"], stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         mode = rng.choice(["after a checkpoint", "while writing"]) if len(kills) < 5 else "never"
         if mode == "never":
-            _, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err
+            proc.wait(timeout=600)
+            assert proc.returncode == 0, log.read_text()
             break
         if _kill_when(proc, checkpoint, done, mode, rng):
-            assert proc.returncode == 0, proc.stderr.read()
+            assert proc.returncode == 0, log.read_text()
             break
         kills.append((mode, done))
     assert len(kills) >= 2, kills
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == (
         tmp_path / "reference" / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing piles up
+
+
+def test_a_run_in_progress_is_left_alone_and_a_dead_ones_pid_is_not_believed(tmp_path, image_dirs):
+    from imgtrain.errors import OutputNotWritableError
+
+    d = image_dirs
+    work = tmp_path / ".imgtrain-resume-m"
+    work.mkdir()
+    (work / "checkpoint.safetensors").write_bytes(b"a live run's")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        started = Path(f"/proc/{other.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        (work / ".owner-pid").write_text(f"{other.pid} {started}")
+        with pytest.raises(OutputNotWritableError, match=f"another imgtrain process \\(pid {other.pid}\\) is "
+                                                         "training into .* delete .*.owner-pid"):
+            train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", restart=True, **TRAIN, **QUIET)
+        assert (work / "checkpoint.safetensors").read_bytes() == b"a live run's"
+        # The same pid with another start time: a process that reused the pid of a killed run.
+        (work / ".owner-pid").write_text(f"{other.pid} 1")
+        with pytest.raises(CheckpointExistsError):
+            train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_resume_moves_a_finished_run_into_place_in_one_line(tmp_path, image_dirs):
+    d = image_dirs
+    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
+    os.rename(tmp_path / "m", tmp_path / ".imgtrain-resume-m")  # killed before it was moved into place
+    args = ["train", "--untrained-model", d["untrained"], "--training-data", d["train"], "--validation-data",
+            d["val"], "--output", tmp_path / "m", "--batch-size", "8", "--image-size", "32", "--num-workers", "0"]
+    r = run_cli(*args, "--epochs", "3", "--resume", check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"error: CheckpointMismatchError: a finished run of 2 epochs of {tmp_path / 'm'} waits in "
+        f"{tmp_path / '.imgtrain-resume-m'} to be moved into place. pass --epochs 2 with --resume to move it into "
+        "place (then train it further as a new run), or --restart to train 3 epochs anew")
+    r = run_cli(*args, "--epochs", "2", "--resume")
+    assert r.stdout.startswith(f"Trained model written to {tmp_path / 'm'} (best epoch") and r.stdout.count("\n") == 1
+    assert (tmp_path / "m" / "model.safetensors").exists() and not (tmp_path / ".imgtrain-resume-m").exists()
 
 
 def test_a_rerun_without_resume_keeps_the_checkpoint_and_says_what_to_do(tmp_path, image_dirs):

@@ -104,12 +104,23 @@ def test_scores_files_lists_and_globs(tmp_path, trained_model, labelled_folder):
         assert row["Top 1 Label"] == row["Scored Labels"]
         assert float(row["Top 1 Probability"]) >= float(row["Top 2 Probability"])
         assert float(row["Top 2 Probability"]) == float(row[f"Scored Probabilities_{row['Top 2 Label']}"])
-    for dataset, message in [(str(tmp_path / "*.gif"), "no file matches"),
+    for dataset, message in [(str(tmp_path / "*.gif"), "no image file or folder matches"),
                              (tmp_path / "missing.png", "does not exist")]:
         with pytest.raises(InvalidDatasetError, match=message):
             score_image_model(trained_model, dataset, tmp_path / "x", **QUIET)
     with pytest.raises(NotInRangeValueError, match=r"parameter top_k is 4, allowed: \[1, 3\]"):
         score_image_model(trained_model, files, tmp_path / "x", top_k=4, **QUIET)
+    import shutil
+
+    shutil.copytree(labelled_folder, tmp_path / "copy" / "shades")
+    (tmp_path / "copy" / "notes.txt").write_text("not an image")
+    result = score_image_model(trained_model, str(tmp_path / "copy" / "*"), tmp_path / "folders", **QUIET)
+    assert result.num_images == 36  # the folders a pattern matches are scored as folders; the text file is left out
+    from imgtrain.errors import OutputNotWritableError
+
+    with pytest.raises(OutputNotWritableError, match="is inside the dataset"):
+        score_image_model(trained_model, [tmp_path / "copy" / "shades" / "mid", tmp_path / "copy" / "shades" / "dark"],
+                          tmp_path / "copy" / "shades" / "dark" / "scores", **QUIET)
 
 
 def test_original_names_survive_convert_and_show_in_scores(tmp_path, trained_model):
@@ -125,7 +136,7 @@ def test_original_names_survive_convert_and_show_in_scores(tmp_path, trained_mod
 
 def test_predict_in_python(tmp_path, trained_model, labelled_folder, image_dirs):
     from imgtrain import load_trained_model, predict
-    from imgtrain.data.decode import BadImageError
+    from imgtrain.errors import BadImageError
 
     dark = sorted((labelled_folder / "dark").glob("*.png"))[0]
     [answer] = predict(trained_model, dark)

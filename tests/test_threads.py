@@ -79,12 +79,19 @@ def test_other_load_sees_a_busy_process():
 def test_threads_are_set_for_the_run_and_given_back(image_dirs, tmp_path):
     before = torch.get_num_threads()
     with Threads(1, print) as threads:
-        assert torch.get_num_threads() == 1 and threads.describe() == "1 threads (asked for)"
+        assert torch.get_num_threads() == 1 and threads.describe() == "1 thread (asked for)"
     assert torch.get_num_threads() == before
+    torch.set_num_threads(1)  # what the calling program chose comes back, whatever it was
+    try:
+        with Threads("auto", print):
+            pass
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     r = run_cli("train", "--untrained-model", image_dirs["untrained"], "--training-data", image_dirs["train"],
                 "--validation-data", image_dirs["val"], "--output", tmp_path / "m", "--epochs", "1",
                 "--threads", "1", "--image-size", "32")
-    assert "1 threads (asked for)" in r.stderr
+    assert "1 thread (asked for)" in r.stderr
     r = run_cli("train", "--untrained-model", image_dirs["untrained"], "--training-data", image_dirs["train"],
                 "--validation-data", image_dirs["val"], "--output", tmp_path / "m2", "--epochs", "1",
                 env={"IMGTRAIN_THREADS": "lots"}, check=False)

@@ -25,6 +25,26 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
+        self._given: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        if message.startswith("the following arguments are required"):  # a mistyped one among them?
+            unknown = [a for a in self._given if a.startswith("--") and a.split("=", 1)[0] not in self._flags()]
+            if self._suggestion(unknown):
+                message += f" (you typed {' '.join(unknown)}{self._suggestion(unknown)})"
+        super().error(message)
+
+    def _flags(self) -> list[str]:
+        return [s for a in self._actions for s in a.option_strings]
+
+    def _suggestion(self, tokens: list[str]) -> str:
+        close = [m for token in tokens if token.startswith("-")
+                 for m in difflib.get_close_matches(token.split("=", 1)[0], self._flags(), n=1)]
+        return f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""
 
     def _check_value(self, action: argparse.Action, value) -> None:
         try:
@@ -35,11 +55,7 @@ class _Parser(argparse.ArgumentParser):
             raise argparse.ArgumentError(action, exc.message + hint) from None
 
     def unrecognized(self, extras: list[str]) -> None:
-        flags = [s for a in self._actions for s in a.option_strings]
-        close = [m for token in extras if token.startswith("-")
-                 for m in difflib.get_close_matches(token.split("=", 1)[0], flags, n=1)]
-        self.error(f"unrecognized arguments: {' '.join(extras)}"
-                   + (f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""))
+        self.error(f"unrecognized arguments: {' '.join(extras)}" + self._suggestion(extras))
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

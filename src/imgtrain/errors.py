@@ -60,6 +60,12 @@ class InvalidDatasetError(ImgtrainError):
     """The data set is missing, empty, malformed, or does not match another one."""
 
 
+class BadImageError(InvalidDatasetError):
+    """An image file that cannot be decoded; the message names the file and the reason."""
+
+    reason: str = "it cannot be decoded"
+
+
 class NotLabeledDatasetError(ImgtrainError):
     """The module needs labelled images and the data set has none."""
 

@@ -129,20 +129,32 @@ def parse_threads(value: int | str | None) -> int | str:
 
 
 class OtherLoad:
-    """How many cores other processes kept busy since the last reading: all busy CPU time the kernel
-    counts (/proc/stat, steal included) less that of this process and its child processes."""
+    """How many of this process's cores other processes kept busy since the last reading: the busy CPU
+    time the kernel counts (/proc/stat, steal included) on the CPUs this process may run on, less that
+    of this process and its child processes."""
 
     def __init__(self, proc: Path = Path("/proc")) -> None:
         self.proc = proc
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        self.lines = {f"cpu{i}" for i in cpus}
         self.last = self._read()
+
+    @property
+    def readable(self) -> bool:
+        return self.last is not None
 
     def _read(self) -> tuple[float, float, float] | None:
         try:
-            fields = (self.proc / "stat").read_text().split("\n", 1)[0].split()[1:]
-            busy = sum(int(fields[i]) for i in _BUSY_FIELDS if i < len(fields)) / os.sysconf("SC_CLK_TCK")
+            busy = 0
+            for line in (self.proc / "stat").read_text().splitlines():
+                name, *fields = line.split()
+                if name in self.lines:
+                    busy += sum(int(fields[i]) for i in _BUSY_FIELDS if i < len(fields))
         except (OSError, ValueError, IndexError):
             return None
-        return time.monotonic(), busy, _own_cpu_seconds(self.proc)
+        if not busy:
+            return None
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), _own_cpu_seconds(self.proc)
 
     def cores(self) -> float | None:
         """Cores other processes used on average since the previous call (None where /proc is missing)."""
@@ -190,20 +202,26 @@ class Threads:
         self._wanted_more = 0
 
     def __enter__(self) -> Threads:
+        import torch
+
+        self._before = torch.get_num_threads()
         self._apply()
         return self
 
     def __exit__(self, *exc) -> None:
         import torch
 
-        torch.set_num_threads(torch_default_threads())  # torch's own default again, for the rest of the program
+        torch.set_num_threads(self._before)  # as it was, for the rest of the program
 
     def describe(self) -> str:
+        threads = f"{self.current} thread{'s' if self.current != 1 else ''}"
         if isinstance(self.setting, int):
-            return f"{self.current} threads (asked for)"
+            return f"{threads} (asked for)"
         if self.setting == ADAPT:
-            return f"{self.current} threads, adapting to the load, of {self.cores} cores"
-        return f"{self.current} threads (the cores available)"
+            if not self._load.readable:
+                return f"{threads} (the cores available; the load cannot be read here, so they stay)"
+            return f"{threads}, adapting to the load, of {self.cores} cores"
+        return f"{threads} (the cores available)"
 
     def step(self) -> None:
         if self._load is None or time.monotonic() < self._next:

@@ -19,14 +19,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgtrain.data.decode import ON_BAD_IMAGE, BadImageError, ImageCheck, check_image
+from imgtrain.data.decode import ON_BAD_IMAGE, ImageCheck, check_image
 from imgtrain.directories.atomic import atomic_output_dir
 from imgtrain.directories.image_directory import (
     IMAGE_EXTENSIONS,
     IMAGE_FOLDER,
     write_image_directory_files,
 )
-from imgtrain.errors import DISK_FULL, InvalidDatasetError, check_choice, option
+from imgtrain.errors import DISK_FULL, BadImageError, InvalidDatasetError, check_choice, option
 from imgtrain.threads import worker_count
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz")

@@ -16,8 +16,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from imgtrain.data.cache import DecodedImageCache
-from imgtrain.data.decode import BadImageError, load_rgb
+from imgtrain.data.decode import load_rgb
 from imgtrain.data.transforms import Augmentation, prepare
+from imgtrain.errors import BadImageError
 
 
 class SeededSampler(Sampler):

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgtrain.directories.files import open_regular, read_bytes
-from imgtrain.errors import InvalidDatasetError, option
+from imgtrain.errors import BadImageError, option
 
 ON_BAD_IMAGE = ("skip", "fail")  # what --on-bad-image may say: leave the file out and name it, or stop
 
@@ -20,11 +20,6 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # Larger files are not read: an image within the pixel limit, even 16-bit RGBA and uncompressed, is smaller.
 MAX_FILE_BYTES = 2**30
 
-
-class BadImageError(InvalidDatasetError):
-    """An image file that cannot be decoded; the message names the file and the reason."""
-
-    reason: str = "it cannot be decoded"
 
 
 def _open_rgb(source, draft_size: int | None = None) -> Image.Image:

@@ -26,7 +26,14 @@ PARTIAL_SUFFIX = ".partial"
 def path_relation(a: Path | str, b: Path | str) -> str | None:
     """How path ``a`` stands to path ``b`` once links and ``..`` are resolved: "is", "is inside",
     "holds", or None when neither holds the other."""
-    a, b = Path(a).absolute().resolve(), Path(b).absolute().resolve()
+    return _relation(_resolved(a), _resolved(b))
+
+
+def _resolved(path: Path | str) -> Path:
+    return Path(path).absolute().resolve()
+
+
+def _relation(a: Path, b: Path) -> str | None:
     return "is" if a == b else "is inside" if a.is_relative_to(b) else "holds" if b.is_relative_to(a) else None
 
 
@@ -34,9 +41,10 @@ def check_not_an_input(target: Path | str, inputs: dict[str, Path | str | Sequen
     """Refuse an output that is one of the inputs, lies inside one, or holds one: replacing it (or
     writing into it) would destroy or alter that input. Paths are compared with links and ``..``
     resolved. ``inputs`` maps what each input is ("training data") to a path or a list of paths."""
+    output = _resolved(target)
     for what, paths in inputs.items():
         for given in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-            relation = path_relation(target, given)
+            relation = _relation(output, _resolved(given))
             if relation:
                 raise OutputNotWritableError(
                     f"the output {target} {relation} the {what} {given}: writing it would destroy that input",
@@ -52,7 +60,7 @@ def check_output_writable(target: Path, *, overwrite: bool = False,
     if target.absolute().resolve() in (Path.cwd().resolve(), Path(target.absolute().anchor)):
         raise OutputNotWritableError(
             f"the output {target} is the current folder or the root: an output is a folder of its own, "
-            "moved into place when complete", f"name a new folder, e.g. {option('output', './model')}")
+            "moved into place when complete", "name a new folder, e.g. ./model")
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
         raise OutputExistsError(
             f"output {target} already exists",
@@ -70,18 +78,36 @@ def check_output_writable(target: Path, *, overwrite: bool = False,
         ) from None
 
 
-def owner_pid(folder: Path) -> int | None:
-    """The pid of the live process that owns a temporary or work directory; None when it is dead."""
+def _process_identity(pid: int) -> str | None:
+    """``"<pid> <start time>"``: a process, told apart from a later one that reuses its pid (Linux's
+    /proc); ``"<pid>"`` where the start time cannot be read; None when no such process lives."""
     try:
-        pid = int((folder / OWNER_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return f"{pid} {started}"
+    except (OSError, IndexError):
+        pass
+    if os.name == "nt" or Path("/proc/self/stat").exists():
+        return None  # Windows cannot probe a pid without signalling it; with /proc, no entry: gone
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None
     except OSError:
         pass  # alive, but another user's
+    return str(pid)
+
+
+def owner_pid(folder: Path) -> int | None:
+    """The pid of the live process that owns a temporary or work directory; None when it is gone (or
+    its pid now belongs to another process)."""
+    try:
+        marker = (folder / OWNER_FILE).read_text().split()
+        pid = int(marker[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    identity = _process_identity(pid)
+    if identity is None or (len(marker) > 1 and identity.split()[1:] != marker[1:]):
+        return None
     return pid
 
 
@@ -90,8 +116,9 @@ def disown(folder: Path) -> None:
     run may take it over, even while this process lives on (a notebook after an interrupt)."""
     marker = folder / OWNER_FILE
     try:
-        if marker.read_text() == str(os.getpid()):
+        if marker.read_text().split()[:1] == [str(os.getpid())]:
             marker.unlink()
+            folder.rmdir()  # only when nothing else is in it
     except OSError:
         pass
 
@@ -111,8 +138,9 @@ def remove_stale_temporaries(target: Path) -> None:
 
 
 def make_owned_dir(path: Path) -> Path:
+    """Make ``path`` (if need be) and mark it as this process's until it is published or disowned."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / OWNER_FILE).write_text(str(os.getpid()))
+    (path / OWNER_FILE).write_text(_process_identity(os.getpid()) or str(os.getpid()))
     return path
 
 

@@ -45,12 +45,14 @@ def check_regular(path: Path | str) -> os.stat_result:
 def open_regular(path: Path | str) -> BinaryIO:
     """Open a regular file (directly or through a link) for reading in binary mode."""
     check_regular(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX; Windows has no named pipes in folders to fear
+    fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
     try:
         mode = os.fstat(fd).st_mode  # swapped for a pipe since the check?
         if not stat.S_ISREG(mode):
             raise NotARegularFileError(path, mode)
-        os.set_blocking(fd, True)
+        if nonblocking:
+            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise

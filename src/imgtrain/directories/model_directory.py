@@ -75,11 +75,17 @@ def library_versions() -> dict[str, str]:
     """The versions that made a model directory, recorded in its spec (read from the installed
     packages' metadata: importing torch to ask would take seconds)."""
     import platform
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     from imgtrain import __version__
 
-    return {"imgtrain": __version__, "torch": version("torch"), "torchvision": version("torchvision"),
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:  # installed without its metadata (a source build, say)
+            return "unknown"
+
+    return {"imgtrain": __version__, "torch": installed("torch"), "torchvision": installed("torchvision"),
             "python": platform.python_version()}
 
 

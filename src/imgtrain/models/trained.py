@@ -32,6 +32,10 @@ class TrainedModel:
     def image_size(self) -> int:
         return self.spec.input.image_size
 
+    def __iter__(self):
+        """``network, spec = load_trained_model(...)`` as before the fields had names."""
+        return iter((self.network, self.spec))
+
 
 def load_trained_model(root: Path | str) -> TrainedModel:
     """Open a trained model directory: build its architecture from the registry, load its safetensors

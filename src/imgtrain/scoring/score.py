@@ -17,7 +17,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from imgtrain.data.convert import find_images
+from imgtrain.data.convert import find_images, is_image_file
 from imgtrain.data.dataset import BadImagePolicy, ImageDataset
 from imgtrain.data.decode import ON_BAD_IMAGE
 from imgtrain.data.transforms import Normalize
@@ -76,23 +76,28 @@ def _rows(images: Images) -> _Rows:
     if len(items) == 1 and Path(items[0]).is_dir():
         return _folder_rows(Path(items[0]))
     paths: list[Path] = []
+    given: list[Path] = []
     for item in items:
         path = Path(item)
-        if path.is_dir():
-            if (path / META_FILE).exists():
-                raise InvalidDatasetError(f"{path} is an ImageDirectory: it is scored on its own",
-                                          "score it alone, or the files separately")
-            paths += [p for p, _ in find_images(path).items]
-        elif path.exists() or path.is_symlink():
-            paths.append(path)  # a file named directly is tried whatever its suffix; decoding names a bad one
+        if path.exists() or path.is_symlink():
+            found = [path]  # a file named directly is tried whatever its suffix; decoding names a bad one
         elif glob.has_magic(str(item)):
-            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True) if not Path(m).is_dir())
-            if not matches:
-                raise InvalidDatasetError(f"no file matches {item}", _DATASET_HINT)
-            paths += matches
+            found = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+            found = [p for p in found if p.is_dir() or is_image_file(p)]  # as the shell would, less non-images
+            if not found:
+                raise InvalidDatasetError(f"no image file or folder matches {item}", _DATASET_HINT)
         else:
             raise InvalidDatasetError(f"{item} does not exist", _DATASET_HINT)
-    return _Rows(paths, [str(p) for p in paths], given=tuple(paths))
+        for p in found:
+            if p.is_dir():
+                if (p / META_FILE).exists():
+                    raise InvalidDatasetError(f"{p} is an ImageDirectory: it is scored on its own",
+                                              "score it alone, or the files separately")
+                paths += [image for image, _ in find_images(p).items]
+            else:
+                paths.append(p)
+        given += found
+    return _Rows(paths, [str(p) for p in paths], given=tuple(given))
 
 
 def _folder_rows(folder: Path) -> _Rows:
@@ -151,7 +156,7 @@ def _check_options(batch_size: int, num_workers: int | None, on_bad_image: str, 
 
 
 def score_image_model(
-    trained_model: Path | str,
+    trained_model: TrainedModel | Path | str,
     dataset: Images,
     output: Path | str,
     *,
@@ -174,8 +179,9 @@ def score_image_model(
     """
     _check_options(batch_size, num_workers, on_bad_image, precision, threads)
     rows = _rows(dataset)
-    check_not_an_input(output, {"trained model": trained_model, "dataset": rows.given})
-    model = load_trained_model(trained_model)
+    model = trained_model if isinstance(trained_model, TrainedModel) else None
+    check_not_an_input(output, {"trained model": model.path if model else trained_model, "dataset": rows.given})
+    model = model or load_trained_model(trained_model)
     labels = model.labels
     if top_k is not None:
         check_range("top_k", top_k, low=1, high=len(labels),
@@ -210,7 +216,7 @@ def score_image_model(
         meta = {"type": "DataFrameDirectory", "format": "csv", "data": SCORED_FILE,
                 "label_column": LABEL_COLUMN if rows.categories is not None else None,
                 "scored_label_column": SCORED_LABEL, "labels": list(labels),
-                "trained_model": str(Path(trained_model).resolve())}
+                "trained_model": str(model.path.resolve())}
         (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
     return ScoreResult(Path(output), int(scored.sum()), rows.categories is not None)
 
@@ -230,8 +236,9 @@ def predict(
     """Predict the label of images with a trained model, in Python.
 
     ``trained_model``: a trained model directory, or a model loaded once with ``load_trained_model``
-    (faster for repeated calls). ``images``: one image file, a list of them, glob patterns, a
-    folder or an ImageDirectory. Returns one Prediction per image, in order::
+    (faster for repeated calls; predicting moves its network to ``device``). ``images``: one image
+    file, a list of them, glob patterns, a folder or an ImageDirectory. Returns one Prediction per
+    image, in order::
 
         >>> [(p.image, p.label, round(p.probability, 2)) for p in predict("model", "cat.jpg")]
         [('cat.jpg', 'cat', 0.97)]

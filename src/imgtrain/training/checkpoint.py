@@ -84,7 +84,7 @@ def _what_differs(meta: dict, parameters: dict | None) -> str:
         return ""
     changed = [f"{option(name, before.get(name))} then, {option(name, parameters[name])} now"
                for name in parameters if before.get(name) != parameters[name]]
-    return ": " + "; ".join(changed) if changed else ""
+    return ": " + "; ".join(changed) if changed else " (by another version of imgtrain?)"
 
 
 def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -29,6 +29,7 @@ from imgtrain.data.decode import ON_BAD_IMAGE
 from imgtrain.data.transforms import AUGMENTATIONS, DEFAULT_AUGMENTATION, Normalize, build_augmentation
 from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import (
+    OWNER_FILE,
     PARTIAL_SUFFIX,
     atomic_file,
     check_not_an_input,
@@ -207,23 +208,23 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
     precision = resolve_precision(params.precision, device)
     run_parameters = {**{k: v for k, v in asdict(params).items() if k not in _FREE_PARAMETERS},
                       "precision": precision}
-    run_id = fingerprint({  # what a checkpoint must match to be resumed; the number of epochs may grow
-        "parameters": {k: v for k, v in run_parameters.items() if k != "epochs"},
+    resumable = {k: v for k, v in run_parameters.items() if k != "epochs"}  # the number of epochs may grow
+    run_id = fingerprint({  # what a checkpoint must match to be resumed
+        "parameters": resumable,
         "training data": file_digest(train_set.root / IMAGE_LIST, train_set.root / SCHEMA_FILE),
         "validation data": file_digest(val_set.root / IMAGE_LIST, val_set.root / SCHEMA_FILE),
         "untrained model": file_digest(Path(untrained_model) / SPEC_FILE),
     })
     work = resume_dir_for(output)
     if resume and _is_complete(output, run_id, params.epochs):
-        return _result_of(output)
-    if resume and _is_complete(work, run_id, params.epochs):  # killed after finishing, before moving into place
-        check_output_writable(output, overwrite=overwrite)
+        return _result_of(output, already_complete=True)
+    check_output_writable(output, overwrite=overwrite)
+    _claim(work, output, resume=resume, restart=restart)
+    if resume and _is_complete(work, run_id, params.epochs, waiting_for=output):  # killed before publishing
         _remove_leftovers(work)
         publish(work, output)
         log(f"{output} was complete in {work}: moved into place")
         return _result_of(output)
-    check_output_writable(output, overwrite=overwrite)
-    _check_for_an_interrupted_run(work, output, resume=resume, restart=restart)
     _warn_about_shared_images(train_set, val_set, log)
 
     seed = as_uint32(params.random_seed)
@@ -253,8 +254,7 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
     history: list[EpochMetrics] = []
     epoch = 0
     if resume and checkpoint.is_file():
-        state = load_checkpoint(checkpoint, run_id, model, optimizer, schedule,
-                                {k: v for k, v in run_parameters.items() if k != "epochs"})
+        state = load_checkpoint(checkpoint, run_id, model, optimizer, schedule, resumable)
         scaler.load_state_dict(state["scaler"])
         epoch, stopper = state["epoch"], EarlyStopping(**state["early_stopping"])
         history = [EpochMetrics(**m) for m in state["history"]]
@@ -431,33 +431,39 @@ def _remove_leftovers(work: Path) -> None:
         partial.unlink()
 
 
-def _is_complete(output: Path, run_id: dict, epochs: int) -> bool:
-    """Whether ``output`` (or a work directory) holds this run, finished: the spec is written last."""
+def _is_complete(path: Path, run_id: dict, epochs: int, waiting_for: Path | None = None) -> bool:
+    """Whether ``path`` holds this run, finished (the spec is written last): the output, or the work
+    directory of one that was ``waiting_for`` being moved into place."""
     try:
-        spec = load_model_spec(output, need_trained=True)
+        spec = load_model_spec(path, need_trained=True)
     except ImgtrainError:
         return False
     if spec.training.get("run_id") != run_id:
         return False
-    if spec.training.get("epochs") != epochs:
+    done = spec.training.get("epochs")
+    if done != epochs and waiting_for is not None:
         raise CheckpointMismatchError(
-            f"{output} is a finished run of {spec.training.get('epochs')} epochs, and its checkpoint is gone, so it "
-            f"cannot train on to {epochs}",
+            f"a finished run of {done} epochs of {waiting_for} waits in {path} to be moved into place",
+            f"pass {option('epochs', done)} with {option('resume', True)} to move it into place (then train it "
+            f"further as a new run), or {option('restart', True)} to train {epochs} epochs anew")
+    if done != epochs:
+        raise CheckpointMismatchError(
+            f"{path} is a finished run of {done} epochs, and its checkpoint is gone, so it cannot train on to {epochs}",
             f"train it further as a new run: pass it as {option('untrained_model')} with another {option('output')}")
     return True
 
 
-def _check_for_an_interrupted_run(work: Path, output: Path, *, resume: bool, restart: bool) -> None:
-    """An interrupted run's checkpoint (or its finished, unpublished model) is never thrown away
-    unasked: without resume or restart, stop and say what is there. A live run's is never touched."""
-    if not work.exists():
-        return
+def _claim(work: Path, output: Path, *, resume: bool, restart: bool) -> None:
+    """Take the work directory for this run, unless another live process trains in it. An interrupted
+    run's checkpoint (or its finished, unpublished model) is never thrown away unasked: without
+    resume or restart, stop and say what is there."""
     owner = owner_pid(work)
     if owner is not None and owner != os.getpid():
         raise OutputNotWritableError(
             f"another imgtrain process (pid {owner}) is training into {output} now (its work is in {work})",
-            "wait for it to finish, or stop it first")
-    if resume or restart:
+            f"wait for it to finish or stop it; if no such process runs, delete {work / OWNER_FILE}")
+    if resume or restart or not work.exists():
+        make_owned_dir(work)
         return
     size = sum(f.stat().st_size for f in work.iterdir() if f.is_file())
     where = f"in {work} ({size / 1e6:,.0f} MB)"
@@ -471,6 +477,7 @@ def _check_for_an_interrupted_run(work: Path, output: Path, *, resume: bool, res
         raise CheckpointExistsError(f"an interrupted run of {output} left a checkpoint{after} {where}",
                                     f"pass {option('resume', True)} to continue it, or {option('restart', True)} "
                                     "to discard it and start again")
+    make_owned_dir(work)  # what was there is worth nothing: the run starts afresh in it
 
 
 def _extend_schedule(schedule, optimizer, old_epochs: int | None, epochs: int, done: int, log) -> None:
@@ -488,14 +495,14 @@ def _extend_schedule(schedule, optimizer, old_epochs: int | None, epochs: int, d
         f"schedule of a {epochs}-epoch run (so the weights differ from those of a fresh {epochs}-epoch run)")
 
 
-def _result_of(output: Path) -> TrainResult:
+def _result_of(output: Path, *, already_complete: bool = False) -> TrainResult:
     spec = load_model_spec(output, need_trained=True)
     with open(output / METRICS_FILE, newline="", encoding="utf-8") as f:
         history = [EpochMetrics(**{k: (int(v) if k == "epoch" else float(v) if v != "" else None)
                                    for k, v in row.items()}) for row in csv.DictReader(f)]
     t = spec.training
     return TrainResult(output, t["best_epoch"], t["stopped_epoch"], t["best_validation_loss"], history,
-                       already_complete=True)
+                       already_complete=already_complete)
 
 
 def _warn_about_shared_images(train_set: ImageDirectory, val_set: ImageDirectory, log) -> None:
