@@ -34,8 +34,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         if message.startswith("the following arguments are required"):  # a mistyped one among them?
             unknown = [a for a in self._given if a.startswith("--") and a.split("=", 1)[0] not in self._flags()]
-            if self._suggestion(unknown):
-                message += f" (you typed {' '.join(unknown)}{self._suggestion(unknown)})"
+            hint = self._suggestion(unknown)
+            if hint:
+                message += f" (you typed {' '.join(unknown)}{hint})"
         super().error(message)
 
     def _flags(self) -> list[str]:
