@@ -53,20 +53,35 @@ def mnist_folder(cache: Path, count: int) -> Path:
     return _finish(tmp, folder)
 
 
-def photo_folder(cache: Path, count: int, width: int = 400, height: int = 300) -> Path:
+def photo_folder(cache: Path, count: int, width: int = 400, height: int = 300, workers: int = 1) -> Path:
     """``count`` synthetic RGB JPEG photos (``width`` x ``height``) in 5 shape classes.
 
     Smooth backgrounds, a blurred coloured shape and sensor-like noise: they decode at the cost of
     real camera JPEGs of that size (random noise would not compress, flat colour would compress too well).
+    Each image is seeded by its number, so ``workers`` processes make the same images as one.
     """
-    folder = cache / f"photos-{width}x{height}-{count}"
+    folder = cache / f"photos-v2-{width}x{height}-{count}"
     if _complete(folder):
         return folder
-    rng = np.random.default_rng(0)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    for label in PHOTO_CLASSES:
+        (tmp / label).mkdir(parents=True)
+    chunks = [(tmp, range(start, count, workers), width, height) for start in range(workers)]
+    if workers == 1:
+        _photos(*chunks[0])
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_photos, *zip(*chunks, strict=True)))
+    return _finish(tmp, folder)
+
+
+def _photos(tmp: Path, numbers: range, width: int, height: int) -> None:
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    for i in range(count):
+    for i in numbers:
+        rng = np.random.default_rng([0, i])
         label = PHOTO_CLASSES[i % len(PHOTO_CLASSES)]
         c0, c1 = rng.uniform(30, 225, size=(2, 3))
         angle = rng.uniform(0, 2 * math.pi)
@@ -76,10 +91,8 @@ def photo_folder(cache: Path, count: int, width: int = 400, height: int = 300) -
         _draw_shape(ImageDraw.Draw(im), label, rng, width, height)
         im = im.filter(ImageFilter.GaussianBlur(1.2))
         noisy = np.asarray(im, dtype=np.float32) + rng.normal(0, 6, size=(height, width, 3))
-        sub = tmp / label
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8), mode="RGB").save(sub / f"{i:05d}.jpg", quality=90)
-    return _finish(tmp, folder)
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8), mode="RGB").save(tmp / label / f"{i:05d}.jpg",
+                                                                             quality=90)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, label: str, rng: np.random.Generator, width: int, height: int) -> None:

@@ -13,6 +13,7 @@ import fixtures
 import torch
 import torchvision
 from context import Case, Context, TrainCase, parse_training_log, read_metrics, steady_rate
+from gpu import gpu
 from measure import CommandFailed, Section, med, num, python_startup_seconds, ratio, spread, table
 from responsiveness import shared_cpu, startup
 from torch import nn
@@ -281,7 +282,7 @@ def _timed_loop(loader, model: nn.Module, prepare: Callable, max_batches: int, *
 def imgtrain_auto_precision() -> str:
     """The precision imgtrain's ``--precision auto`` picks on this CPU (fp32 before imgtrain had the flag)."""
     try:
-        from imgtrain.training.precision import resolve_precision
+        from imgtrain.precision import resolve_precision
     except ImportError:
         return "fp32"
     return resolve_precision("auto", torch.device("cpu"))
@@ -300,10 +301,16 @@ def _imgtrain_loader_wait(ctx: Context, case: Case, train) -> TimedLoop:
     images = imgtrain_dataset.ImageDataset([data.path(i) for i in range(len(data))], data.labels, case.image_size,
                                            augment=build_augmentation(case.image_size, augmentation))
     workers = min(8, os.cpu_count() or 1)
-    order: dict = dict(shuffle=True, generator=torch.Generator().manual_seed(1))
-    if hasattr(imgtrain_dataset, "SeededSampler"):  # imgtrain's own sampler, where it has one
-        order = dict(sampler=imgtrain_dataset.SeededSampler(len(images), 1, shuffle=True))
-    loader = DataLoader(images, batch_size=16, num_workers=workers, drop_last=len(images) % 16 == 1, **order)
+    try:
+        from imgtrain.data.loading import Feeder  # the loader set-up train.py itself uses
+    except ImportError:  # an older revision (--compare-with): its set-up, as train.py had it
+        order: dict = dict(shuffle=True, generator=torch.Generator().manual_seed(1))
+        if hasattr(imgtrain_dataset, "SeededSampler"):
+            order = dict(sampler=imgtrain_dataset.SeededSampler(len(images), 1, shuffle=True))
+        loader = DataLoader(images, batch_size=16, num_workers=workers, drop_last=len(images) % 16 == 1, **order)
+    else:
+        loader = Feeder(images, imgtrain_dataset.SeededSampler(len(images), 1, shuffle=True), batch_size=16,
+                        workers=workers, device=torch.device("cpu"), drop_last=len(images) % 16 == 1).epoch(1)
     normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     torch.manual_seed(1)
     return _timed_loop(loader, _model(case), lambda batch: (normalize(batch[0]), batch[1]),
@@ -481,4 +488,5 @@ SECTIONS: dict[str, tuple[Callable[[Context], Section], str]] = {
     "precision": (precision_parity, "fp32 vs bf16 accuracy, if imgtrain has --precision"),
     "startup": (startup, "each command's wall time on a tiny input, and the six-command pipeline"),
     "shared": (shared_cpu, "training speed beside one and two busy processes"),
+    "gpu": (gpu, "CUDA training speed vs the designer's recipe, FLOP/s, data wait (skipped without a GPU)"),
 }

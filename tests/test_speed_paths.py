@@ -14,7 +14,7 @@ from imgtrain import load_trained_model, train_pytorch_model
 from imgtrain.data.cache import DecodedImageCache
 from imgtrain.data.decode import load_rgb
 from imgtrain.data.transforms import Augmentation, build_augmentation
-from imgtrain.training.precision import resolve_precision
+from imgtrain.precision import resolve_precision
 
 QUIET = {"log": lambda m: None}
 TRAIN = {"epochs": 2, "batch_size": 8, "image_size": 32}

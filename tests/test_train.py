@@ -23,7 +23,7 @@ from imgtrain.errors import (
     NotLabeledDatasetError,
     OutputExistsError,
 )
-from imgtrain.training.train import evaluate_loss
+from imgtrain.training.loop import evaluate
 
 QUIET = {"log": lambda m: None}
 
@@ -140,8 +140,8 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, labelled_folder, image_di
     labels = torch.tensor([spec.labels.index(val.categories[i]) for i in val.labels]).numpy()
     loader = DataLoader(ImageDataset([val.path(i) for i in range(len(val))], labels, 32),
                         batch_size=8)
-    loss, _, _ = evaluate_loss(model, loader, Normalize(spec.input.mean, spec.input.std), torch.device("cpu"),
-                               torch.nn.CrossEntropyLoss(), spec.training["precision"])
+    loss = evaluate(model, loader, Normalize(spec.input.mean, spec.input.std), torch.device("cpu"),
+                    spec.training["precision"]).loss
     assert loss == pytest.approx(losses[result.best_epoch - 1], rel=1e-4)
     assert loss < losses[-1]
 
@@ -160,6 +160,11 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, labelled_folder, image_di
     (lambda r: (r / "_meta.yaml").write_text(": :"), "not valid YAML"),
     (lambda r: (r / "model_spec.yaml").write_text(
         (r / "model_spec.yaml").read_text().replace("image_size: 32", "image_size: -3")), "image_size"),
+    (lambda r: (r / "model_spec.yaml").write_text(
+        (r / "model_spec.yaml").read_text().replace("format_version: 1", "format_version: 2")),
+     r"has format version 2; this imgtrain reads versions 1 to 1. upgrade imgtrain"),
+    (lambda r: (r / "model_spec.yaml").write_text(
+        (r / "model_spec.yaml").read_text().replace("format_version: 1\n", "")), "has format version None"),
 ])
 def test_hostile_model_directories_give_named_errors(tmp_path, trained_model, damage, message):
     import shutil

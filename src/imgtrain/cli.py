@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 
 from imgtrain import __version__
@@ -132,10 +133,13 @@ def _train(args) -> None:
         random_seed=args.random_seed, patience=args.patience, warmup_epochs=args.warmup_epochs,
         image_size=args.image_size, device=args.device, precision=args.precision, optimizer=args.optimizer,
         augmentation=args.augmentation, num_workers=args.num_workers, on_bad_image=args.on_bad_image,
-        cache=args.cache, threads=args.threads)
+        cache=args.cache, threads=args.threads, lr_scaling=args.lr_scaling, sync_batchnorm=args.sync_batchnorm,
+        compile=args.compile)
     result = train_pytorch_model(args.untrained_model, args.training_data, args.validation_data,
                                  args.output, params, overwrite=args.overwrite, resume=args.resume,
                                  restart=args.restart)
+    if _rank() != 0:
+        return  # rank 0 says it
     best = result.history[result.best_epoch - 1]
     summary = (f"best epoch {result.best_epoch} of {result.stopped_epoch}, validation loss "
                f"{best.validation_loss:.4f}, top-1 accuracy {best.validation_top1_accuracy:.2%}")
@@ -143,6 +147,43 @@ def _train(args) -> None:
         print(f"{result.output} is already complete ({summary}); nothing was changed")
     else:
         print(f"Trained model written to {result.output} ({summary})")
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone): read from the environment, without torch."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _start_torchrun(argv: list[str], processes: int) -> int:
+    """``--nproc-per-node N`` on one machine: torchrun --standalone starts N processes of this same
+    command (without that flag), each with its share of the CPU threads."""
+    from imgtrain.errors import DistributedRunError
+    from imgtrain.threads import available_cores
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            rest.append(arg)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // processes)))
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure report: ours below
+
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "imgtrain", *rest]))
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        print(f"error: {DistributedRunError.__name__}: {len(exc.failures)} of {processes} processes failed "
+              f"(exit code {', '.join(map(str, codes))}); their errors are above", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _score(args) -> None:
@@ -258,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the decoded images at training size in a memory-mapped file beside the output "
                         "after the first epoch, instead of decoding them again every epoch")
     _threads(p)
+    p.add_argument("--nproc-per-node", type=_int, default=None, metavar="N",
+                   help="train with N processes on this machine (one per GPU, or CPU processes sharing its "
+                        "cores), started by torchrun; --batch-size is per process. On several machines, start "
+                        "`torchrun ... -m imgtrain train-pytorch-model` on each instead (docs/distributed.md)")
+    p.add_argument("--lr-scaling", choices=("auto", "none", "sqrt", "linear"), default="auto",
+                   help="with N processes the batch grows N-fold: multiply the learning rate by 1, sqrt(N) or N. "
+                        "auto: sqrt(N) for adamw (square-root rule for Adam), N for sgd (the designer's rule)")
+    p.add_argument("--sync-batchnorm", action="store_true",
+                   help="with several GPUs, BatchNorm statistics over every process's batch (for small batches)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: a minute or more to start, faster steps (long GPU runs)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue an interrupted run of the same command from its last checkpoint (an epoch); "
@@ -300,13 +352,19 @@ def main(argv: list[str] | None = None) -> int:
     args, extras = parser.parse_known_args(argv)
     if extras:
         parser.commands[args.command].unrecognized(extras)
+    if getattr(args, "nproc_per_node", None) is not None:
+        if args.nproc_per_node < 1:
+            parser.commands[args.command].error(f"argument --nproc-per-node: {args.nproc_per_node} is not >= 1")
+        if "RANK" not in os.environ:  # not started by torchrun yet
+            return _start_torchrun(sys.argv[1:] if argv is None else list(argv), args.nproc_per_node)
     try:
         with speaking_command_line():
             args.func(args)
     except ImgtrainError as exc:
         if args.debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        who = f"rank {_rank()}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        print(f"error: {who}{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         resumable = args.func is _train

@@ -117,6 +117,10 @@ class CheckpointExistsError(ImgtrainError):
     """An interrupted run left a checkpoint, and the new run was asked neither to resume nor to restart."""
 
 
+class DistributedRunError(ImgtrainError):
+    """Another process of a distributed run stopped, or the processes could not reach each other."""
+
+
 def check_choice(name: str, value: object, allowed: tuple) -> None:
     """Raise InvalidParameterError unless value is one of allowed."""
     if value not in allowed:

@@ -44,11 +44,12 @@ def _unlink(path: Path) -> None:
 class DecodedImageCache:
     """``count`` images of 3 x size x size uint8, shared by the DataLoader worker processes."""
 
-    def __init__(self, path: Path, count: int, size: int) -> None:
+    def __init__(self, path: Path, count: int, size: int, *, reserve: bool = True) -> None:
         self.pixels_path, self.state_path = path.with_suffix(".pixels"), path.with_suffix(".state")
         self.count, self.size = count, size
-        for file, nbytes in ((self.pixels_path, self.nbytes(count, size)), (self.state_path, count)):
-            _reserve(file, nbytes)
+        if reserve:
+            for file, nbytes in ((self.pixels_path, self.nbytes(count, size)), (self.state_path, count)):
+                _reserve(file, nbytes)
         self._opened_by: int | None = None
 
     @staticmethod
@@ -72,6 +73,18 @@ class DecodedImageCache:
             log(f"decoded-image cache off: cannot reserve {need / 2**30:.1f} GiB in {path.parent} ({e.strerror})")
             _unlink(path)
             return None
+
+    @classmethod
+    def open_existing(cls, path: Path, count: int, size: int) -> DecodedImageCache | None:
+        """The cache another process of the run made (None when it made none): filled by whichever
+        process decodes an image first; every process stores the same bytes for it."""
+        pixels, state = path.with_suffix(".pixels"), path.with_suffix(".state")
+        try:
+            if pixels.stat().st_size != cls.nbytes(count, size) or state.stat().st_size != count:
+                return None
+        except OSError:
+            return None
+        return cls(path, count, size, reserve=False)
 
     def _open(self) -> None:
         # Each process maps the files itself (DataLoader workers may be forked or spawned).

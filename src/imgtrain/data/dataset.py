@@ -22,23 +22,38 @@ from imgtrain.errors import BadImageError
 
 
 class SeededSampler(Sampler):
-    """Yields ``(index, sample_seed)``: a seeded order (or the plain one) for each epoch."""
+    """Yields ``(index, sample_seed)``: a seeded order (or the plain one) for each epoch; with
+    ``ranks`` > 1, process ``rank``'s share of it.
 
-    def __init__(self, size: int, seed: int, *, shuffle: bool) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
+    Training (``shuffle``): every epoch, one permutation of all images by (seed, epoch), the same in
+    every process, dealt out in equal shares: rank r takes positions r, r + ranks, ... The last
+    ``size % ranks`` images of the permutation (other ones each epoch) wait for a later epoch, so
+    every process takes the same number of steps, without padding with repeated images.
+
+    In order (no ``shuffle``, for validation and scoring): every image exactly once over all
+    processes, in shares that differ by one image at most.
+    """
+
+    def __init__(self, size: int, seed: int, *, shuffle: bool, rank: int = 0, ranks: int = 1) -> None:
+        self.size, self.seed, self.shuffle, self.rank, self.ranks = size, seed, shuffle, rank, ranks
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _share(self) -> slice:
+        end = self.size - self.size % self.ranks if self.shuffle else self.size
+        return slice(self.rank, end, self.ranks)
+
     def __len__(self) -> int:
-        return self.size
+        return len(range(self.size)[self._share()])
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
         seeds = torch.randint(2**62, (self.size,), generator=g)
-        return zip(order.tolist(), seeds.tolist(), strict=True)
+        share = self._share()
+        return zip(order[share].tolist(), seeds[share].tolist(), strict=True)
 
 
 class ImageDataset(Dataset):

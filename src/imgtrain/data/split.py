@@ -12,7 +12,7 @@ from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, p
 from imgtrain.directories.files import NotARegularFileError, check_regular
 from imgtrain.directories.image_directory import ImageDirectory, write_image_directory_files
 from imgtrain.errors import InvalidDatasetError, InvalidParameterError, check_range, option
-from imgtrain.training.seeding import as_uint32
+from imgtrain.seeding import as_uint32
 
 
 def split_image_directory(

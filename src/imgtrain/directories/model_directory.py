@@ -121,6 +121,13 @@ def load_model_spec(root: Path | str, *, need_trained: bool | None = None) -> Mo
             "pickle, which imgtrain never opens because unpickling can run any code",
             "retrain the model with imgtrain",
         )
+    version = raw.get("format_version")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        newer = type(version) is int and version > FORMAT_VERSION
+        raise InvalidModelDirectoryError(
+            f"{root / SPEC_FILE} has format version {version!r}; this imgtrain reads versions 1 to {FORMAT_VERSION}",
+            "upgrade imgtrain (`pip install -U imgtrain`) to read it" if newer else
+            "make the model directory again with this imgtrain")
     spec = _spec_from_dict(raw, root)
     if need_trained is True and not spec.trained:
         raise InvalidModelDirectoryError(f"{root} is an untrained model directory",

@@ -14,21 +14,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imgtrain.data.convert import find_images, is_image_file
 from imgtrain.data.dataset import BadImagePolicy, ImageDataset
 from imgtrain.data.decode import ON_BAD_IMAGE
+from imgtrain.data.loading import make_loader
 from imgtrain.data.transforms import Normalize
 from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
 from imgtrain.directories.image_directory import META_FILE, ImageDirectory
 from imgtrain.errors import InvalidDatasetError, check_choice, check_range, option
 from imgtrain.models.trained import TrainedModel, load_trained_model
+from imgtrain.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
 from imgtrain.scoring.table import LABEL_COLUMN, ORIGINAL_COLUMN, PROBABILITY_PREFIX, SCORED_FILE, SCORED_LABEL
 from imgtrain.threads import Threads, parse_threads, worker_count
-from imgtrain.training.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
 
 _DATASET_HINT = "pass an ImageDirectory, a folder of images, or image files (paths or glob patterns)"
 
@@ -126,7 +126,7 @@ def _probabilities(
     normalize = Normalize(model.spec.input.mean, model.spec.input.std).to(dev)
     images = ImageDataset(paths, None, model.image_size)
     workers = min(worker_count(num_workers), len(paths) // batch_size)  # a worker per batch at most
-    loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
+    loader = make_loader(images, batch_size=batch_size, workers=workers, device=dev)
     log(f"Scoring {len(paths):,} images with {model.spec.architecture} ({model.spec.num_classes} classes) on "
         f"{dev}, precision {precision}, {threads.describe()}")
     probabilities = np.zeros((len(paths), model.spec.num_classes), dtype=np.float32)

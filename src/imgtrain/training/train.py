@@ -1,8 +1,9 @@
-"""Train PyTorch Model: the training loop, readable top to bottom.
+"""Train PyTorch Model: the run around the fit loop.
 
-Set-up (check inputs, seed, build, maybe resume), then per epoch: train, validate, keep
-the best weights, checkpoint, stop early. The run is built in a work directory beside the
-output (``.imgtrain-resume-<name>``) and moved into place only when complete.
+Check the inputs, claim the work directory beside the output (``.imgtrain-resume-<name>``),
+build the model and the data feeders, maybe resume, then hand over to ``loop.fit`` (train,
+validate, keep the best, checkpoint, stop early) and, when it is done, move the work directory
+into place. Under torchrun every process runs this; only rank 0 touches files.
 """
 
 from __future__ import annotations
@@ -12,20 +13,18 @@ import math
 import os
 import shutil
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from imgtrain.data.cache import DecodedImageCache
 from imgtrain.data.dataset import BadImagePolicy, ImageDataset, SeededSampler
 from imgtrain.data.decode import ON_BAD_IMAGE
+from imgtrain.data.loading import Feeder, open_caches, remove_caches
 from imgtrain.data.transforms import AUGMENTATIONS, DEFAULT_AUGMENTATION, Normalize, build_augmentation
 from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import (
@@ -54,6 +53,7 @@ from imgtrain.directories.model_directory import (
 from imgtrain.errors import (
     CheckpointExistsError,
     CheckpointMismatchError,
+    DistributedRunError,
     ImgtrainError,
     InvalidDatasetError,
     InvalidParameterError,
@@ -67,6 +67,8 @@ from imgtrain.errors import (
 )
 from imgtrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_model, get_architecture
 from imgtrain.models.trained import load_trained_model
+from imgtrain.precision import PRECISIONS, denormals_flushed, resolve_precision
+from imgtrain.seeding import as_uint32, seed_everything
 from imgtrain.threads import Threads, parse_threads, worker_count
 from imgtrain.training.checkpoint import (
     CHECKPOINT_FILE,
@@ -76,15 +78,27 @@ from imgtrain.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from imgtrain.training.distributed import (
+    ALONE,
+    World,
+    collective_failed,
+    ddp,
+    first_words,
+    join_world,
+    leave_world,
+    rank_device,
+)
 from imgtrain.training.early_stopping import EarlyStopping
 from imgtrain.training.image_size import auto_image_size
-from imgtrain.training.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
-from imgtrain.training.seeding import as_uint32, seed_everything
+from imgtrain.training.loop import EpochMetrics, Fit, Stepper, fit
 
 OPTIMIZERS = ("adamw", "sgd")
+LR_SCALINGS = ("auto", "none", "sqrt", "linear")
 RESUME_PREFIX = ".imgtrain-resume-"
 # Parameters that do not change the result: a run may resume with other values.
 _FREE_PARAMETERS = ("num_workers", "device", "on_bad_image", "cache", "threads")
+
+__all__ = ["EpochMetrics", "TrainResult", "TrainingParameters", "train_pytorch_model"]
 
 
 @dataclass
@@ -92,7 +106,7 @@ class TrainingParameters:
     """Train PyTorch Model's parameters; the first five are the designer's, with its defaults."""
 
     epochs: int = 5
-    batch_size: int = 16
+    batch_size: int = 16  # per process: a run of N processes steps on N x batch_size images
     learning_rate: float = 0.001
     random_seed: int = 1
     patience: int = 3
@@ -106,12 +120,17 @@ class TrainingParameters:
     threads: int | str | None = None  # torch's CPU threads: a count, "auto" or "adapt"; None: IMGTRAIN_THREADS or auto
     on_bad_image: str = "skip"
     cache: bool = True  # keep decoded images at training size in a memory-mapped file
+    lr_scaling: str = "auto"  # with N processes: the learning rate times 1, sqrt(N) or N; auto: sqrt (adamw), N (sgd)
+    sync_batchnorm: bool = False  # BatchNorm statistics over every process's batch (CUDA)
+    compile: bool = False  # torch.compile the model: slower start, faster steps on long GPU runs
 
-    def check(self, training_size: int) -> None:
+    def check(self, training_size: int, world: World = ALONE) -> None:
         check_range("epochs", self.epochs, low=1)
-        check_range("batch_size", self.batch_size, low=2, high=training_size,
-                    hint=f"pass a batch size from 2 (BatchNorm needs two images a batch) to {training_size}, "
-                         "the number of training images")
+        share = training_size // world.size
+        check_range("batch_size", self.batch_size, low=2, high=share,
+                    hint=f"pass a batch size from 2 (BatchNorm needs two images a batch) to {share}, "
+                         + ("the number of training images" if world.size == 1 else
+                            f"each of the {world.size} processes' share of the {training_size} training images"))
         check_range("learning_rate", self.learning_rate, low=0, low_inclusive=False, high=math.inf,
                     high_inclusive=False)
         check_range("patience", self.patience, low=1)
@@ -126,20 +145,14 @@ class TrainingParameters:
         check_choice("augmentation", self.augmentation, AUGMENTATIONS)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("on_bad_image", self.on_bad_image, ON_BAD_IMAGE)
+        check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
 
-
-@dataclass
-class EpochMetrics:
-    epoch: int
-    learning_rate: float
-    train_images_per_second: float
-    train_loss: float
-    train_error: float
-    validation_loss: float
-    validation_top1_accuracy: float
-    validation_top5_accuracy: float | None  # None with 5 classes or fewer, where every label is in the top 5
-    data_wait_fraction: float  # share of the training time spent waiting for images
-    seconds: float
+    def learning_rate_factor(self, processes: int) -> float:
+        """How much the learning rate grows with the number of processes (the batch grows N-fold)."""
+        scaling = self.lr_scaling
+        if scaling == "auto":  # Malladi et al. 2022 (Adam: square root); Goyal et al. 2017 (SGD: linear)
+            scaling = "sqrt" if self.optimizer == "adamw" else "linear"
+        return {"none": 1.0, "sqrt": math.sqrt(processes), "linear": float(processes)}[scaling]
 
 
 @dataclass
@@ -181,21 +194,35 @@ def train_pytorch_model(
     leaves a checkpoint beside the output: ``resume`` continues it (with a larger ``epochs``, on
     to that many epochs) and ends with the same weights as an uninterrupted run; ``restart``
     discards it. Without either, a run that finds such a checkpoint stops and says so.
+
+    Started by torchrun, every process calls this with the same arguments: each trains on its
+    share of the images (``batch_size`` is per process), and rank 0 alone writes.
     """
+    params = TrainingParameters(**{**(asdict(params) if params else {}), **overrides})
+    device = resolve_device(params.device)
+    world = join_world(device)
     try:
-        return _train(untrained_model, training_data, validation_data, Path(output), params, overwrite=overwrite,
-                      resume=resume, restart=restart, log=log, progress=progress, **overrides)
+        return _train(untrained_model, training_data, validation_data, Path(output), params,
+                      rank_device(device, world), world, overwrite=overwrite, resume=resume, restart=restart,
+                      log=log if world.is_main else lambda message: None, progress=progress)
+    except RuntimeError as exc:
+        if not (world.distributed and collective_failed(exc)):
+            raise
+        raise DistributedRunError(f"another process of this run stopped or cannot be reached ({first_words(exc)})",
+                                  "the first error above says why; fix that, then re-run with --resume to "
+                                  "continue from the last checkpoint") from None
     finally:
-        disown(resume_dir_for(output))  # what stays there (a checkpoint) is free for the next run to resume
+        if world.is_main:
+            disown(resume_dir_for(output))  # what stays there (a checkpoint) is free for the next run to resume
+        leave_world(world)
 
 
-def _train(untrained_model, training_data, validation_data, output: Path, params: TrainingParameters | None, *,
-           overwrite: bool, resume: bool, restart: bool, log: Callable[[str], None], progress: bool | None,
-           **overrides) -> TrainResult:
+def _train(untrained_model, training_data, validation_data, output: Path, params: TrainingParameters,
+           device: torch.device, world: World, *, overwrite: bool, resume: bool, restart: bool,
+           log: Callable[[str], None], progress: bool | None) -> TrainResult:
     if resume and restart:
         raise InvalidParameterError(f"{option('resume', True)} and {option('restart', True)} exclude each other",
                                     "pass one of them")
-    params = TrainingParameters(**{**(asdict(params) if params else {}), **overrides})
     check_not_an_input(output, {"untrained model": untrained_model, "training data": training_data,
                                 "validation data": validation_data})
     base = load_model_spec(untrained_model)
@@ -203,8 +230,10 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
     val_set = ImageDirectory.load(validation_data)
     train_labels = train_set.require_labels("training data")
     val_labels = _labels_in_order(val_set, train_set.categories)
-    params.check(len(train_set))
-    device = resolve_device(params.device)
+    params.check(len(train_set), world)
+    if params.sync_batchnorm and world.distributed and device.type != "cuda":
+        raise InvalidParameterError(f"{option('sync_batchnorm', True)} needs CUDA GPUs (gloo has no such kernel)",
+                                    f"drop {option('sync_batchnorm', True)} on CPUs")
     precision = resolve_precision(params.precision, device)
     run_parameters = {**{k: v for k, v in asdict(params).items() if k not in _FREE_PARAMETERS},
                       "precision": precision}
@@ -216,128 +245,120 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
         "untrained model": file_digest(Path(untrained_model) / SPEC_FILE),
     })
     work = resume_dir_for(output)
-    if resume and _is_complete(output, run_id, params.epochs):
-        return _result_of(output, already_complete=True)
-    check_output_writable(output, overwrite=overwrite)
-    _claim(work, output, resume=resume, restart=restart)
-    if resume and _is_complete(work, run_id, params.epochs, waiting_for=output):  # killed before publishing
-        _remove_leftovers(work)
-        publish(work, output)
-        log(f"{output} was complete in {work}: moved into place")
-        return _result_of(output)
-    _warn_about_shared_images(train_set, val_set, log)
+    checkpoint = work / CHECKPOINT_FILE
+
+    def take_work_directory() -> str:
+        """Rank 0: 'complete' when the output is there already, 'published' when it waited in the work
+        directory and is moved into place now, else 'train'."""
+        if resume and _is_complete(output, run_id, params.epochs):
+            return "complete"
+        check_output_writable(output, overwrite=overwrite)
+        _claim(work, output, resume=resume, restart=restart)
+        if resume and _is_complete(work, run_id, params.epochs, waiting_for=output):  # killed before publishing
+            _remove_leftovers(work)
+            publish(work, output)
+            log(f"{output} was complete in {work}: moved into place")
+            return "published"
+        if not (resume and checkpoint.is_file()):
+            if resume:
+                log(f"no checkpoint of {output} found: starting from scratch")
+            shutil.rmtree(work, ignore_errors=True)  # nothing of value: what there was, restart discards
+        make_owned_dir(work)
+        return "train"
+
+    outcome = world.on_main(take_work_directory)
+    if outcome != "train":
+        return _result_of(output, already_complete=outcome == "complete")
+    if world.is_main:
+        _warn_about_shared_images(train_set, val_set, log)
 
     seed = as_uint32(params.random_seed)
     seed_everything(seed)
     categories = train_set.categories
     image_size = params.image_size or auto_image_size(train_set)
-    model = _initial_model(base, untrained_model, len(categories)).to(device, memory_format=torch.channels_last)
+    network = _initial_model(base, untrained_model, len(categories))
+    if params.sync_batchnorm and world.distributed:
+        network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+    network = network.to(device, memory_format=torch.channels_last)
     normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
-
     workers = worker_count(params.num_workers)
-    checkpoint = work / CHECKPOINT_FILE
-    if not (resume and checkpoint.is_file()):
-        if resume:
-            log(f"no checkpoint of {output} found: starting from scratch")
-        shutil.rmtree(work, ignore_errors=True)  # nothing of value: what there was, restart discards
-    make_owned_dir(work)
+    if params.num_workers is None and world.local_size > 1:  # the machine's share of this process
+        workers = max(1, workers // world.local_size)
 
-    drop_last = len(train_set) % params.batch_size == 1  # a batch of one breaks BatchNorm
-    optimizer = _make_optimizer(model, base, params, device)
-    steps_per_epoch = (len(train_set) // params.batch_size if drop_last
-                       else math.ceil(len(train_set) / params.batch_size))
+    share = len(train_set) // world.size
+    drop_last = share % params.batch_size == 1  # a batch of one breaks BatchNorm
+    steps_per_epoch = share // params.batch_size if drop_last else math.ceil(share / params.batch_size)
+    learning_rate = params.learning_rate * params.learning_rate_factor(world.size)
+    optimizer = _make_optimizer(network, base, params.optimizer, learning_rate, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    loss_fn = nn.CrossEntropyLoss()
-    stopper = EarlyStopping(params.patience)
-    history: list[EpochMetrics] = []
-    epoch = 0
+    state = Fit(params.epochs, EarlyStopping(params.patience))
     if resume and checkpoint.is_file():
-        state = load_checkpoint(checkpoint, run_id, model, optimizer, schedule, resumable)
-        scaler.load_state_dict(state["scaler"])
-        epoch, stopper = state["epoch"], EarlyStopping(**state["early_stopping"])
-        history = [EpochMetrics(**m) for m in state["history"]]
-        log(f"resuming {output} after epoch {epoch} from its checkpoint")
-        _extend_schedule(schedule, optimizer, state["parameters"].get("epochs"), params.epochs, epoch, log)
+        saved = load_checkpoint(checkpoint, run_id, network, optimizer, schedule, resumable)
+        done_by = saved.get("world_size", 1)
+        if done_by != world.size:
+            raise CheckpointMismatchError(
+                f"the checkpoint {checkpoint} was made by {done_by} process(es); this run has {world.size}",
+                f"resume with {done_by} process(es) (torchrun --nnodes x --nproc-per-node = {done_by}), "
+                f"or pass {option('restart', True)} to start again with {world.size}")
+        scaler.load_state_dict(saved["scaler"])
+        state.epoch, state.stopper = saved["epoch"], EarlyStopping(**saved["early_stopping"])
+        state.history = [EpochMetrics(**m) for m in saved["history"]]
+        log(f"resuming {output} after epoch {state.epoch} from its checkpoint")
+        _extend_schedule(schedule, optimizer, saved["parameters"].get("epochs"), params.epochs, state.epoch, log)
 
     # The caches come after the checkpoint was accepted: a refused resume reserves no disk space.
-    cache_names = {"training": train_set, "validation": val_set} if params.cache else {}
-    _remove_caches(work, keep=[f"cache-{name}-{image_size}" for name in cache_names])
-    caches = [DecodedImageCache.create_if_it_fits(work / f"cache-{name}-{image_size}", len(data), image_size, log)
-              if name in cache_names else None for name, data in (("training", train_set), ("validation", val_set))]
+    caches = open_caches(work, {"training": len(train_set), "validation": len(val_set)} if params.cache else {},
+                         image_size, make=world.is_main, shared=world.local_size == world.size,
+                         barrier=world.barrier, log=log)
     train_images = ImageDataset([train_set.path(i) for i in range(len(train_set))], train_labels, image_size,
-                                augment=build_augmentation(image_size, params.augmentation), cache=caches[0])
+                                augment=build_augmentation(image_size, params.augmentation),
+                                cache=caches.get("training"))
     val_images = ImageDataset([val_set.path(i) for i in range(len(val_set))], val_labels, image_size,
-                              cache=caches[1])
-    train_sampler = SeededSampler(len(train_set), seed, shuffle=True)
-    val_sampler = SeededSampler(len(val_set), 0, shuffle=False)
+                              cache=caches.get("validation"))
+    feed = dict(batch_size=params.batch_size, workers=workers, device=device)
+    train_feed = Feeder(train_images, SeededSampler(len(train_set), seed, shuffle=True, rank=world.rank,
+                                                    ranks=world.size), drop_last=drop_last,
+                        source=str(training_data), **feed)
+    val_feed = Feeder(val_images, SeededSampler(len(val_set), 0, shuffle=False, rank=world.rank, ranks=world.size),
+                      source=str(validation_data), **feed)
+    bad = {"training": BadImagePolicy(params.on_bad_image, train_images, log),
+           "validation": BadImagePolicy(params.on_bad_image, val_images, log)}
 
-    loaders: dict[tuple[int, bool], DataLoader] = {}
-
-    def loader(images: ImageDataset, sampler: SeededSampler) -> DataLoader:
-        # Persistent workers decode; once the cache holds every image, reading it in this process
-        # costs less, and on the CPU the worker processes would only take cores from training.
-        inline = workers == 0 or (images.cache is not None and images.cache.complete() and device.type == "cpu")
-        if inline:
-            loaders.pop((id(images), False), None)  # ends that loader's worker processes
-        if (id(images), inline) not in loaders:
-            loaders[id(images), inline] = DataLoader(
-                images, batch_size=params.batch_size, sampler=sampler, num_workers=0 if inline else workers,
-                persistent_workers=not inline, pin_memory=device.type == "cuda",
-                drop_last=drop_last and sampler is train_sampler)
-        return loaders[id(images), inline]
-
-    train_bad = BadImagePolicy(params.on_bad_image, train_images, log)
-    val_bad = BadImagePolicy(params.on_bad_image, val_images, log)
-
+    model = network
+    if world.distributed:
+        model = ddp(network, device)
+    if params.compile:
+        model = torch.compile(model)
     threads = Threads(params.threads, log)
-    stepper = _Stepper(model, optimizer, scaler, schedule, loss_fn, normalize, device, precision,
-                       params.learning_rate, threads)
+    stepper = Stepper(model, network, optimizer, scaler, schedule, normalize, device, precision,
+                      params.learning_rate, threads, world)
+    files = _RunFiles(work, world, network, optimizer, schedule, scaler, run_id, run_parameters)
 
     start = "fine-tuning ImageNet weights" if base.pretrained else "from scratch"
     if base.trained:
         start = f"from the trained model {untrained_model}"
     log(f"Training {base.architecture} ({start}) on {len(train_set):,} images in {len(categories):,} "
         f"categories, validating on {len(val_set):,}")
+    if world.distributed:
+        log(f"{world.size} process{'es' if world.size > 1 else ''} ({world.backend}): each takes "
+            f"{params.batch_size} images a step, "
+            f"{world.size * params.batch_size} together; learning rate {params.learning_rate:g} x "
+            f"{params.learning_rate_factor(world.size):g} ({option('lr_scaling')} {params.lr_scaling}) "
+            f"= {learning_rate:g}")
     log(f"device {device}, precision {precision}, image size {image_size}, batch size {params.batch_size}, "
-        f"learning rate {params.learning_rate:g}, {params.optimizer}, augmentation {params.augmentation}, "
+        f"learning rate {learning_rate:g}, {params.optimizer}, augmentation {params.augmentation}, "
         f"up to {params.epochs} epochs, patience {params.patience}, {workers} data workers, "
-        f"decoded-image cache {'on' if any(caches) else 'off'}, {threads.describe()}")
+        f"decoded-image cache {'on' if any(caches.values()) else 'off'}, {threads.describe()}")
+
+    show = (not sys.stderr.isatty()) if progress is None else not progress
+    def bar(batches: Iterable, epoch: int) -> Iterable:
+        return _Progress(batches, f"epoch {epoch}/{params.epochs}", disable=show or not world.is_main)
 
     try:
         with denormals_flushed(), threads:
-            while epoch < params.epochs and not stopper.should_stop:
-                epoch += 1
-                started = time.perf_counter()
-                lr = optimizer.param_groups[-1]["lr"]
-                train_sampler.set_epoch(epoch)
-                bar = tqdm(loader(train_images, train_sampler), desc=f"epoch {epoch}/{params.epochs}", leave=False,
-                           unit="batch", disable=(not sys.stderr.isatty()) if progress is None else not progress)
-                seen, loss_sum, wrong, waited = stepper.train_epoch(bar, train_bad, epoch)
-                if seen == 0:
-                    raise InvalidDatasetError(f"no training image of {training_data} could be decoded",
-                                              "check the training data (see the warnings above)")
-                train_seconds = time.perf_counter() - started
-                val_loss, top1, top5 = evaluate_loss(model, loader(val_images, val_sampler), normalize, device, loss_fn,
-                                                     precision, val_bad, threads)
-                improved = stopper.update(epoch, val_loss)
-                if improved:
-                    _save_weights(model, work / WEIGHTS_FILE)
-                history.append(EpochMetrics(epoch, lr, seen / train_seconds, loss_sum / max(seen, 1),
-                                            wrong / max(seen, 1), val_loss, top1, top5, waited / train_seconds,
-                                            time.perf_counter() - started))
-                _write_metrics(work / METRICS_FILE, history)
-                save_checkpoint(checkpoint, model, optimizer, schedule, {
-                    "run_id": run_id, "parameters": run_parameters, "epoch": epoch, "early_stopping": asdict(stopper),
-                    "history": [asdict(m) for m in history], "scaler": scaler.state_dict()})
-                m = history[-1]
-                log(f"epoch {epoch}/{params.epochs}  lr {lr:.2e}  train loss {m.train_loss:.4f} "
-                    f"error {m.train_error:.2%}  {m.train_images_per_second:,.0f} img/s  "
-                    f"val loss {val_loss:.4f} top-1 {top1:.2%}" + (f" top-5 {top5:.2%}" if top5 is not None else "")
-                    + ("  *best*" if improved else ""))
-            if stopper.should_stop and epoch < params.epochs:
-                log(f"early stop: no lower validation loss for {params.patience} epochs")
+            state = fit(stepper, state, train_feed, val_feed, bad, files, log, bar)
     except torch.OutOfMemoryError:
         raise _out_of_memory(device, params, image_size) from None
     except RuntimeError as exc:
@@ -345,88 +366,78 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
             raise _out_of_memory(device, params, image_size) from None
         raise
 
-    if stopper.best_epoch == 0:
+    if state.stopper.best_epoch == 0:
         raise TrainingDivergedError("the validation loss was never a finite number",
                                     f"pass a lower {option('learning_rate')} than {params.learning_rate:g}")
-    best = history[stopper.best_epoch - 1]
+    best = state.history[state.stopper.best_epoch - 1]
     spec = ModelSpec(
         architecture=base.architecture, pretrained=base.pretrained, options=base.options, trained=True,
         labels=list(categories), weights=WEIGHTS_FILE, versions=library_versions(),
         input=InputSpec(image_size=image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
         training={**asdict(params), "image_size": image_size, "num_workers": workers, "device": str(device),
-                  "precision": precision, "best_epoch": stopper.best_epoch, "stopped_epoch": epoch,
-                  "best_validation_loss": stopper.best_loss,
+                  "precision": precision, "processes": world.size, "effective_learning_rate": learning_rate,
+                  "best_epoch": state.stopper.best_epoch, "stopped_epoch": state.epoch,
+                  "best_validation_loss": state.stopper.best_loss,
                   "best_validation_top1_accuracy": best.validation_top1_accuracy,
                   "training_images": len(train_set), "validation_images": len(val_set), "run_id": run_id})
-    for cache in caches:
-        if cache is not None:
-            cache.remove()
-    write_model_directory(work, spec)  # the spec goes last: a work directory with one is complete
-    _remove_leftovers(work)
-    check_output_writable(output, overwrite=overwrite)
-    publish(work, output)
-    return TrainResult(output, stopper.best_epoch, epoch, stopper.best_loss, history)
+
+    def publish_model() -> None:
+        for cache in caches.values():
+            if cache is not None:
+                cache.remove()
+        write_model_directory(work, spec)  # the spec goes last: a work directory with one is complete
+        _remove_leftovers(work)
+        check_output_writable(output, overwrite=overwrite)
+        publish(work, output)
+
+    world.on_main(publish_model)
+    return TrainResult(output, state.stopper.best_epoch, state.epoch, state.stopper.best_loss, state.history)
+
+
+class _Progress:
+    """The epoch's progress bar (rank 0, on a terminal); ``show`` puts the running loss on it."""
+
+    def __init__(self, batches: Iterable, description: str, *, disable: bool) -> None:
+        self.bar = tqdm(batches, desc=description, leave=False, unit="batch", disable=disable)
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def show(self, loss: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
 
 @dataclass
-class _Stepper:
-    """One training epoch: forward, loss, backward and optimiser step for every batch."""
+class _RunFiles:
+    """What the fit loop writes into the work directory: rank 0 writes, the other ranks do nothing."""
 
-    model: nn.Module
+    work: Path
+    world: World
+    network: nn.Module
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     schedule: torch.optim.lr_scheduler.LRScheduler
-    loss_fn: nn.Module
-    normalize: Normalize
-    device: torch.device
-    precision: str
-    learning_rate: float
-    threads: Threads
+    scaler: torch.amp.GradScaler
+    run_id: dict
+    run_parameters: dict
 
-    def train_epoch(self, batches, bad_images: BadImagePolicy, epoch: int):
-        """Return images seen, summed loss, wrong predictions, and seconds spent waiting for data."""
-        self.model.train()
-        seen, loss_sum, wrong, waited = 0, 0.0, 0, 0.0
-        fetch_started = time.perf_counter()
-        for step, batch in enumerate(batches, 1):
-            waited += time.perf_counter() - fetch_started
-            self.threads.step()
-            x, y, _ = bad_images.filter(batch)
-            if len(y) >= 2:  # a batch that bad images left with one image cannot train BatchNorm
-                x, y = self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
-                with autocast(self.precision, self.device):
-                    logits = self.model(x)
-                    loss = self.loss_fn(logits, y)
-                batch_loss = loss.item()
-                if not math.isfinite(batch_loss):
-                    raise TrainingDivergedError(
-                        f"the training loss became {batch_loss} in epoch {epoch}, batch {step}",
-                        f"train again with a lower {option('learning_rate')} than {self.learning_rate:g}")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
-                self.scaler.update()
-                self.schedule.step()
-                seen += len(y)
-                loss_sum += batch_loss * len(y)
-                wrong += int((logits.argmax(1) != y).sum())
-                batches.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
-            fetch_started = time.perf_counter()
-        return seen, loss_sum, wrong, waited
+    def save_best(self, network: nn.Module) -> None:
+        if self.world.is_main:
+            _save_weights(network, self.work / WEIGHTS_FILE)
 
-
-def _remove_caches(work: Path, keep: list[str] = ()) -> None:
-    """Delete decoded-image cache files in ``work`` but those named in ``keep`` (file stems), such as
-    the caches of an earlier attempt at another image size, or with --no-cache on resume."""
-    for file in work.glob("cache-*"):
-        if file.stem not in keep:
-            file.unlink(missing_ok=True)
+    def save_checkpoint(self, epoch: int, stopper: EarlyStopping, history: list[EpochMetrics]) -> None:
+        if not self.world.is_main:
+            return
+        _write_metrics(self.work / METRICS_FILE, history)
+        save_checkpoint(self.work / CHECKPOINT_FILE, self.network, self.optimizer, self.schedule, {
+            "run_id": self.run_id, "parameters": self.run_parameters, "epoch": epoch,
+            "early_stopping": asdict(stopper), "history": [asdict(m) for m in history],
+            "scaler": self.scaler.state_dict(), "world_size": self.world.size})
 
 
 def _remove_leftovers(work: Path) -> None:
     """Before a finished work directory becomes the output: no checkpoint, cache or partial file."""
     (work / CHECKPOINT_FILE).unlink(missing_ok=True)
-    _remove_caches(work)
+    remove_caches(work)
     for partial in work.glob(f"*{PARTIAL_SUFFIX}"):
         partial.unlink()
 
@@ -547,7 +558,7 @@ def _initial_model(base: ModelSpec, path, num_classes: int) -> nn.Module:
     return model
 
 
-def _make_optimizer(model: nn.Module, base: ModelSpec, params: TrainingParameters,
+def _make_optimizer(model: nn.Module, base: ModelSpec, kind: str, learning_rate: float,
                     device: torch.device) -> torch.optim.Optimizer:
     """AdamW by default; pretrained backbones learn at a tenth of the head's rate.
 
@@ -555,21 +566,20 @@ def _make_optimizer(model: nn.Module, base: ModelSpec, params: TrainingParameter
     all parameters in one kernel: on a CPU, 3x faster than the per-tensor loop.
     """
     head = get_architecture(base.architecture).head
-    backbone_lr = params.learning_rate * (0.1 if base.pretrained or base.trained else 1.0)
+    backbone_lr = learning_rate * (0.1 if base.pretrained or base.trained else 1.0)
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         in_head = name.startswith(head + ".")
         groups.setdefault((in_head, p.ndim <= 1), []).append(p)
-    decay = 0.05 if params.optimizer == "adamw" else 1e-4
+    decay = 0.05 if kind == "adamw" else 1e-4
     param_groups = [
-        {"params": ps, "lr": params.learning_rate if in_head else backbone_lr,
-         "weight_decay": 0.0 if no_decay else decay}
+        {"params": ps, "lr": learning_rate if in_head else backbone_lr, "weight_decay": 0.0 if no_decay else decay}
         for (in_head, no_decay), ps in sorted(groups.items())
     ]  # sorted: the head's groups come last, so param_groups[-1] carries the head's rate
     fused = device.type in ("cpu", "cuda")
-    if params.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=params.learning_rate, momentum=0.9, nesterov=True, fused=fused)
-    return torch.optim.AdamW(param_groups, lr=params.learning_rate, fused=fused)
+    if kind == "sgd":
+        return torch.optim.SGD(param_groups, lr=learning_rate, momentum=0.9, nesterov=True, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=learning_rate, fused=fused)
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -580,36 +590,6 @@ def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, loader: DataLoader, normalize: Normalize, device: torch.device,
-                  loss_fn: nn.Module, precision: str = "fp32",
-                  bad_images: BadImagePolicy | None = None,
-                  threads: Threads | None = None) -> tuple[float, float, float | None]:
-    """Mean loss, top-1 and top-5 accuracy over every validation image exactly once (top-5 only with more
-    than 5 classes: with fewer it is 100% and says nothing)."""
-    model.eval()
-    bad_images = bad_images or BadImagePolicy("fail", loader.dataset, _stderr)
-    n, loss_sum, top1, top5 = 0, 0.0, 0, 0
-    for batch in loader:
-        if threads is not None:
-            threads.step()
-        x, y, _ = bad_images.filter(batch)
-        if len(y) == 0:
-            continue
-        x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        with autocast(precision, device):
-            logits = model(x).float()
-        loss_sum += float(loss_fn(logits, y)) * len(y)
-        k = min(5, logits.shape[1])
-        best = logits.topk(k, dim=1).indices
-        top1 += int((best[:, 0] == y).sum())
-        top5 += int((best == y[:, None]).any(dim=1).sum())
-        n += len(y)
-    if n == 0:
-        raise InvalidDatasetError("no validation image could be decoded", "check the validation data")
-    return loss_sum / n, top1 / n, (top5 / n if logits.shape[1] > 5 else None)
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

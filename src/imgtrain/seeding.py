@@ -1,6 +1,7 @@
 """Determinism: the same seed on the same machine gives bit-identical weights.
 
-Light to import (split uses ``as_uint32``): torch is imported when seeding.
+Light to import (split uses ``as_uint32``, so it sits beside device.py, not in training/):
+torch is imported when seeding.
 """
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+"""Feeding batches to the model: DataLoaders, the decoded-image caches and when to use them.
+
+One place for what training, scoring and bench/ share: worker processes decode while the
+cache fills; once it holds every image, a CPU run reads it in its own process (the workers would
+only take cores from the model), while a GPU run keeps its workers, pinned memory and
+non-blocking copies, so that augmentation never starves the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from imgtrain.data.cache import DecodedImageCache
+from imgtrain.data.dataset import ImageDataset, SeededSampler
+
+CACHE_PREFIX = "cache-"
+
+
+def make_loader(images: ImageDataset, *, batch_size: int, workers: int, device: torch.device,
+                sampler: SeededSampler | None = None, drop_last: bool = False,
+                persistent: bool = False) -> DataLoader:
+    """A DataLoader as imgtrain runs them: pinned memory for a GPU, four batches ahead per worker."""
+    return DataLoader(images, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      persistent_workers=persistent and workers > 0, pin_memory=device.type == "cuda",
+                      drop_last=drop_last, prefetch_factor=4 if workers else None)
+
+
+class Feeder:
+    """One data set's batches, epoch after epoch, in the sampler's order for that epoch."""
+
+    def __init__(self, images: ImageDataset, sampler: SeededSampler, *, batch_size: int, workers: int,
+                 device: torch.device, drop_last: bool = False, source: str = "the data set") -> None:
+        self.images, self.sampler, self.source = images, sampler, source  # source: where the images come from
+        self.batch_size, self.workers, self.device, self.drop_last = batch_size, workers, device, drop_last
+        self._loader: DataLoader | None = None
+        self._inline = False
+
+    def __len__(self) -> int:
+        """Batches an epoch."""
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        cache = self.images.cache
+        inline = self.workers == 0 or (self.device.type == "cpu" and cache is not None and cache.complete())
+        if self._loader is None or inline != self._inline:
+            self._loader = None  # ends the persistent workers of the loader before
+            self._loader = make_loader(self.images, batch_size=self.batch_size, workers=0 if inline else self.workers,
+                                       device=self.device, sampler=self.sampler, drop_last=self.drop_last,
+                                       persistent=True)
+            self._inline = inline
+        return self._loader
+
+
+def cache_name(name: str, image_size: int) -> str:
+    return f"{CACHE_PREFIX}{name}-{image_size}"
+
+
+def remove_caches(folder: Path, keep: list[str] = ()) -> None:
+    """Delete the decoded-image caches in ``folder`` but those named in ``keep`` (from cache_name), such
+    as the caches of an earlier attempt at another image size, or with --no-cache on resume."""
+    for file in folder.glob(f"{CACHE_PREFIX}*"):
+        if file.stem not in keep:
+            file.unlink(missing_ok=True)
+
+
+def open_caches(folder: Path, counts: dict[str, int], image_size: int, *, make: bool, shared: bool,
+                barrier: Callable[[], None], log: Callable[[str], None]) -> dict[str, DecodedImageCache | None]:
+    """One decoded-image cache per named data set in ``folder``, where it fits on the disk.
+
+    ``make``: this process makes the files (one process of a run); the others (``shared``: on the
+    same machine) open them after ``barrier``. Not ``shared`` (ranks on other machines), they go
+    without, since a memory map is coherent only on one machine.
+    """
+    caches: dict[str, DecodedImageCache | None] = dict.fromkeys(counts)
+    if make:
+        remove_caches(folder, keep=[cache_name(name, image_size) for name in counts])
+        for name, count in counts.items():
+            caches[name] = DecodedImageCache.create_if_it_fits(folder / cache_name(name, image_size), count,
+                                                               image_size, log)
+    barrier()
+    if not make and shared:
+        for name, count in counts.items():
+            caches[name] = DecodedImageCache.open_existing(folder / cache_name(name, image_size), count, image_size)
+    return caches

@@ -1,0 +1,84 @@
+"""The CUDA path: training, resuming and scoring on a GPU, and torchrun with NCCL.
+
+Skipped where there is no GPU (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
+The CPU tests cover the same code: the loop, the checkpoints and the distributed set-up are shared.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from imgtrain import load_trained_model, score_image_model, train_pytorch_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+QUIET = {"log": lambda m: None}
+TRAIN = {"epochs": 3, "batch_size": 8, "image_size": 64, "num_workers": 2, "device": "cuda"}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(epoch: int):
+    def log(message: str) -> None:
+        if message.startswith(f"epoch {epoch}/"):
+            raise Interrupt
+    return log
+
+
+def test_training_on_a_gpu_is_deterministic_and_resumes_exactly(tmp_path, image_dirs):
+    d = image_dirs
+    logs: list[str] = []
+    first = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "a", log=logs.append, **TRAIN)
+    assert any("device cuda" in line for line in logs), logs
+    spec = load_trained_model(first.output).spec.training
+    assert spec["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "b", **TRAIN, **QUIET)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    with pytest.raises(Interrupt):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "c", log=_interrupt_after(1), **TRAIN)
+    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "c", resume=True, **TRAIN, **QUIET)
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+
+
+def test_a_gpu_model_scores_on_the_cpu_as_on_the_gpu(tmp_path, image_dirs):
+    d = image_dirs
+    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
+    for device in ("cuda", "cpu"):
+        score_image_model(tmp_path / "m", d["val"], tmp_path / device, device=device, precision="fp32",
+                          num_workers=0, log=lambda m: None)
+    rows = {}
+    for device in ("cuda", "cpu"):
+        with open(tmp_path / device / "scored.csv", newline="") as f:
+            rows[device] = list(csv.DictReader(f))
+    assert [r["Scored Labels"] for r in rows["cuda"]] == [r["Scored Labels"] for r in rows["cpu"]]
+    for a, b in zip(rows["cuda"], rows["cpu"], strict=True):
+        for key in a:
+            if key.startswith("Scored Probabilities"):
+                assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-3)
+
+
+def test_torchrun_with_nccl(tmp_path, image_dirs):
+    """One process per GPU under torchrun: the NCCL process group, DistributedDataParallel and
+    --sync-batchnorm, and a model that then loads anywhere."""
+    d = image_dirs
+    processes = torch.cuda.device_count()
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m",
+         "imgtrain", "train", "--untrained-model", d["untrained"], "--training-data", d["train"],
+         "--validation-data", d["val"], "--output", tmp_path / "m", "--epochs", "2", "--batch-size", "4",
+         "--image-size", "64", "--sync-batchnorm"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stderr
+    word = "processes" if processes > 1 else "process"
+    assert f"{processes} {word} (nccl): each takes 4 images a step" in r.stderr, r.stderr
+    trained = load_trained_model(tmp_path / "m")
+    assert trained.spec.training["processes"] == processes
+    assert not any(k.startswith("module.") for k in trained.network.state_dict())

@@ -1,0 +1,192 @@
+"""Training under torchrun: real processes, gloo on loopback, two ranks on this machine's CPUs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from imgtrain import load_trained_model
+from imgtrain.data.dataset import ImageDataset, SeededSampler
+from imgtrain.data.transforms import Normalize
+from imgtrain.directories.image_directory import ImageDirectory
+from imgtrain.training.checkpoint import checkpoint_epoch
+from imgtrain.training.loop import evaluate
+
+# Long enough that a run can be killed between its first checkpoint and its end.
+ARGS = ("--epochs", "6", "--patience", "6", "--batch-size", "4", "--image-size", "32", "--num-workers", "0")
+
+
+def torchrun(d: dict, output: Path, *extra: str, processes: int = 2, **popen) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "imgtrain", "train-pytorch-model", "--untrained-model", str(d["untrained"]),
+               "--training-data", str(d["train"]), "--validation-data", str(d["val"]), "--output", str(output),
+               *ARGS, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, env=env, text=True, start_new_session=True, **popen)
+
+
+def run_torchrun(d: dict, output: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = torchrun(d, output, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        _end(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, image_dirs) -> Path:
+    """One uninterrupted run of two processes."""
+    out = tmp_path_factory.mktemp("ddp") / "reference"
+    r = run_torchrun(image_dirs, out)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Trained model written to") == 1, r.stdout  # rank 0 alone reports
+    assert "2 processes (gloo): each takes 4 images a step, 8 together" in r.stderr, r.stderr
+    return out
+
+
+def test_two_processes_record_the_figures_of_one_process_evaluating_the_saved_weights(reference, image_dirs):
+    trained = load_trained_model(reference)
+    assert trained.spec.training["processes"] == 2
+    assert sorted(k for k in trained.network.state_dict() if k.startswith("module.")) == []
+    val = ImageDirectory.load(image_dirs["val"])
+    assert len(val) % 2 == 1  # an odd number: the two shares differ; none is padded
+    labels = np.array([trained.labels.index(val.categories[i]) for i in val.labels])
+    loader = DataLoader(ImageDataset([val.path(i) for i in range(len(val))], labels, trained.image_size),
+                        batch_size=5)
+    alone = evaluate(trained.network, loader, Normalize(trained.spec.input.mean, trained.spec.input.std),
+                     torch.device("cpu"), trained.spec.training["precision"])
+    best = trained.spec.training["best_epoch"]
+    import csv
+
+    with open(reference / "metrics.csv", newline="") as f:
+        recorded = list(csv.DictReader(f))[best - 1]
+    assert alone.images == len(val)
+    assert float(recorded["validation_top1_accuracy"]) == alone.top1
+    assert float(recorded["validation_loss"]) == pytest.approx(alone.loss, rel=1e-5)
+
+
+def test_the_same_seed_gives_the_same_weights_and_a_killed_rank_ends_the_job(reference, image_dirs, tmp_path):
+    """Rank 1 is killed with SIGKILL after the first checkpoint: torchrun ends the job non-zero, quickly,
+    leaving no output and a readable checkpoint; --resume under torchrun then finishes with the weights of
+    the uninterrupted run."""
+    out = tmp_path / "m"
+    checkpoint = tmp_path / ".imgtrain-resume-m" / "checkpoint.safetensors"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as err:
+        proc = torchrun(image_dirs, out, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            while proc.poll() is None and not (checkpoint.exists() and checkpoint_epoch(checkpoint)):
+                time.sleep(0.01)
+            assert proc.poll() is None, "the run ended before it could be killed:\n" + log.read_text()
+            os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+            killed = time.monotonic()
+            proc.wait(timeout=90)
+            ended_after = time.monotonic() - killed
+        finally:
+            _end(proc)
+    assert proc.returncode != 0 and ended_after < 60, (proc.returncode, ended_after, log.read_text())
+    assert not out.exists()
+    assert 1 <= checkpoint_epoch(checkpoint) < 6
+    r = run_torchrun(image_dirs, out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    # the same seed and world size: the resumed run and the uninterrupted one have identical weights
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+def _rank_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of the worker process of ``rank`` that torchrun started."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == torchrun_pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} under torchrun (pid {torchrun_pid})")
+
+
+def test_a_bad_image_in_one_rank_stops_every_rank_with_its_name(tmp_path, image_dirs):
+    """One image of the training data cannot be decoded; with --on-bad-image fail, the rank whose share
+    holds it names it, and the whole job stops, with no output."""
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(image_dirs["train"], train)
+    data = ImageDirectory.load(train)
+    bad = data.path(3)
+    bad.write_bytes(b"not an image at all")
+    started = time.monotonic()
+    # imgtrain starts torchrun itself here
+    r = subprocess.run([sys.executable, "-m", "imgtrain", "train", "--nproc-per-node", "2", "--untrained-model",
+                        image_dirs["untrained"], "--training-data", train, "--validation-data", image_dirs["val"],
+                        "--output", tmp_path / "m", *ARGS, "--on-bad-image", "fail"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1
+    assert time.monotonic() - started < 90
+    lines = r.stderr.strip().splitlines()
+    assert any(line.startswith("error: rank ") and "BadImageError: cannot decode image " in line and bad.name in line
+               for line in lines), r.stderr
+    assert lines[-1].startswith("error: DistributedRunError: ") and lines[-1].endswith("their errors are above")
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_each_image_is_in_one_share(tmp_path):
+    """Validation: every image once over all ranks; training: equal shares, reshuffled by epoch."""
+    shares = [list(SeededSampler(11, 0, shuffle=False, rank=r, ranks=3)) for r in range(3)]
+    assert sorted(i for share in shares for i, _ in share) == list(range(11))
+    for epoch in (1, 2):
+        train = []
+        for r in range(3):
+            sampler = SeededSampler(11, 7, shuffle=True, rank=r, ranks=3)
+            sampler.set_epoch(epoch)
+            train.append([i for i, _ in sampler])
+        assert [len(s) for s in train] == [3, 3, 3]
+        flat = [i for s in train for i in s]
+        assert len(set(flat)) == 9
+    alone = SeededSampler(11, 7, shuffle=True)
+    alone.set_epoch(2)
+    assert len(list(alone)) == 11  # one process keeps every image and the order it always had
+
+
+def test_resuming_with_another_number_of_processes_names_both(tmp_path, image_dirs):
+    from imgtrain import train_pytorch_model
+
+    d = image_dirs
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt_after_epoch_1(message: str) -> None:
+        if message.startswith("epoch 1/"):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):  # one process, as ARGS says
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", epochs=6, patience=6, batch_size=4,
+                            image_size=32, num_workers=0, log=interrupt_after_epoch_1)
+    r = run_torchrun(d, tmp_path / "m", "--resume", timeout=120)
+    assert r.returncode != 0
+    assert ("CheckpointMismatchError: the checkpoint " in r.stderr and "was made by 1 process(es); this run has 2"
+            in r.stderr), r.stderr
+    assert r.stderr.count("CheckpointMismatchError") == 2  # both ranks name it
+    assert checkpoint_epoch(tmp_path / ".imgtrain-resume-m" / "checkpoint.safetensors") == 1  # left as it was
