@@ -16,6 +16,7 @@ from context import Case, Context, TrainCase, parse_training_log, read_metrics, 
 from gpu import gpu
 from measure import CommandFailed, Section, med, num, python_startup_seconds, ratio, spread, table
 from responsiveness import shared_cpu, startup
+from scale import scale
 from torch import nn
 
 # --- 1. training throughput ----------------------------------------------------------------------------------
@@ -489,4 +490,5 @@ SECTIONS: dict[str, tuple[Callable[[Context], Section], str]] = {
     "startup": (startup, "each command's wall time on a tiny input, and the six-command pipeline"),
     "shared": (shared_cpu, "training speed beside one and two busy processes"),
     "gpu": (gpu, "CUDA training speed vs the designer's recipe, FLOP/s, data wait (skipped without a GPU)"),
+    "scale": (scale, "training and scoring, one process against N under torchrun"),
 }

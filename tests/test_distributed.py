@@ -190,3 +190,53 @@ def test_resuming_with_another_number_of_processes_names_both(tmp_path, image_di
             in r.stderr), r.stderr
     assert r.stderr.count("CheckpointMismatchError") == 2  # both ranks name it
     assert checkpoint_epoch(tmp_path / ".imgtrain-resume-m" / "checkpoint.safetensors") == 1  # left as it was
+
+
+def test_scoring_under_torchrun_writes_the_table_of_one_process(tmp_path, reference, image_dirs):
+    """Each process scores its share of the images (every image once); rank 0 writes one scored.csv, in the
+    input's order, the same as one process writes."""
+    from imgtrain import score_image_model
+
+    score_image_model(reference, image_dirs["all"], tmp_path / "alone", num_workers=0, log=lambda m: None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "imgtrain", "score", "--trained-model", reference, "--dataset", image_dirs["all"], "--output",
+                        tmp_path / "two", "--batch-size", "4", "--num-workers", "1"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Scored 36 images") == 1, r.stdout
+    assert "2 processes (gloo)" in r.stderr
+    assert (tmp_path / "two" / "scored.csv").read_text() == (tmp_path / "alone" / "scored.csv").read_text()
+
+
+def test_skipping_many_bad_images_keeps_the_processes_in_step(tmp_path, image_dirs):
+    """Half the training images cannot be decoded: some process's batch is left with fewer than two
+    images, and it still takes part in the step, so no process waits for another forever."""
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(image_dirs["train"], train)
+    data = ImageDirectory.load(train)
+    for i in range(0, len(data), 2):
+        data.path(i).write_bytes(b"not an image")
+    # the case under test happens: some process has a batch with fewer than two decodable images
+    share, batch = len(data) // 2, 4
+    assert share % batch == 1  # so the last batch of one is dropped, as training does
+    thin = [(epoch, rank) for epoch in range(1, 7) for rank in (0, 1)
+            for order in [[i for i, _ in _sampler(len(data), epoch, rank)]]
+            for start in range(0, share - share % batch, batch)
+            if sum(i % 2 for i in order[start:start + batch]) < 2]
+    assert thin
+    r = run_torchrun({**image_dirs, "train": train}, tmp_path / "m", timeout=180)
+    assert r.returncode == 0, r.stderr
+    # every process names the bad images it meets (once each): together, every one of them
+    import re
+
+    named = set(re.findall(r"warning: skipping image (\S+):", r.stderr))
+    assert {Path(p).name for p in named} == {data.path(i).name for i in range(0, len(data), 2)}, r.stderr
+    assert (tmp_path / "m" / "model.safetensors").exists()
+
+
+def _sampler(size: int, epoch: int, rank: int) -> SeededSampler:
+    sampler = SeededSampler(size, 1, shuffle=True, rank=rank, ranks=2)  # --random-seed 1
+    sampler.set_epoch(epoch)
+    return sampler

@@ -68,3 +68,19 @@ def test_weights_cache_path_is_torchs(tmp_path, monkeypatch):
                                capture_output=True, text=True, check=True).stdout.split()
         assert probe == [torch.hub.get_dir(), "False"]  # the same folder, found without importing torch
         assert str(torch_hub_dir()) == torch.hub.get_dir()
+
+
+def test_the_layers_point_one_way(trained_model):
+    """Scoring needs nothing of training; reading a model directory needs nothing of models/ (which
+    builds networks from it)."""
+    probe = f"""
+import sys
+from imgtrain.directories.model_directory import load_model_spec
+load_model_spec({str(trained_model)!r}, need_trained=True)
+after_directories = sorted(m for m in sys.modules if m.startswith("imgtrain.models"))
+import imgtrain.scoring.score, imgtrain.scoring.evaluate
+print(after_directories, sorted(m for m in sys.modules if m.startswith("imgtrain.training")))
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[] []", r.stdout

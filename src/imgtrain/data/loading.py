@@ -39,11 +39,6 @@ class Feeder:
         self._loader: DataLoader | None = None
         self._inline = False
 
-    def __len__(self) -> int:
-        """Batches an epoch."""
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
     def epoch(self, epoch: int) -> DataLoader:
         self.sampler.set_epoch(epoch)
         cache = self.images.cache

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from imgtrain.directories.files import check_regular
-from imgtrain.directories.model_directory import HINT, ModelSpec, load_model_spec
+from imgtrain.directories.model_directory import HINT, ModelSpec
 from imgtrain.errors import InvalidModelDirectoryError
+from imgtrain.models.names import load_known_spec
 from imgtrain.models.registry import build_model
 
 
@@ -41,7 +42,7 @@ def load_trained_model(root: Path | str) -> TrainedModel:
     """Open a trained model directory: build its architecture from the registry, load its safetensors
     weights. Nothing in the directory is imported, unpickled or run."""
     root = Path(root)
-    spec = load_model_spec(root, need_trained=True)
+    spec = load_known_spec(root, need_trained=True)
     network = build_model(spec.architecture, spec.num_classes, **spec.options)
     path = root / spec.weights
     try:

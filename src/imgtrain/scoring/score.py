@@ -17,13 +17,14 @@ import yaml
 from tqdm import tqdm
 
 from imgtrain.data.convert import find_images, is_image_file
-from imgtrain.data.dataset import BadImagePolicy, ImageDataset
+from imgtrain.data.dataset import BadImagePolicy, ImageDataset, SeededSampler
 from imgtrain.data.decode import ON_BAD_IMAGE
 from imgtrain.data.loading import make_loader
 from imgtrain.data.transforms import Normalize
 from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
 from imgtrain.directories.image_directory import META_FILE, ImageDirectory
+from imgtrain.distributed import ALONE, World, join_world, leave_world, rank_device
 from imgtrain.errors import InvalidDatasetError, check_choice, check_range, option
 from imgtrain.models.trained import TrainedModel, load_trained_model
 from imgtrain.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
@@ -115,34 +116,45 @@ def _folder_rows(folder: Path) -> _Rows:
 
 
 def _probabilities(
-    model: TrainedModel, paths: list[Path], *, batch_size: int, device: str, num_workers: int | None,
+    model: TrainedModel, paths: list[Path], *, batch_size: int, device: torch.device, num_workers: int | None,
     precision: str, on_bad_image: str, threads: int | str | None, progress: bool | None, log: Callable[[str], None],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every image's class probabilities, and which images could be decoded (the others stay zero)."""
+    world: World = ALONE,
+) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """Every image's class probabilities, and which images could be decoded (the others stay zero).
+
+    Under torchrun each process scores its share (every image exactly once) and rank 0 gets every
+    row back in the input's order; the other ranks get (None, None).
+    """
     threads = Threads(parse_threads(threads), log)
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
-    network = model.network.to(dev, memory_format=torch.channels_last)
-    normalize = Normalize(model.spec.input.mean, model.spec.input.std).to(dev)
+    precision = resolve_precision(precision, device)
+    network = model.network.to(device, memory_format=torch.channels_last)
+    normalize = Normalize(model.spec.input.mean, model.spec.input.std).to(device)
     images = ImageDataset(paths, None, model.image_size)
-    workers = min(worker_count(num_workers), len(paths) // batch_size)  # a worker per batch at most
-    loader = make_loader(images, batch_size=batch_size, workers=workers, device=dev)
+    share = SeededSampler(len(paths), 0, shuffle=False, rank=world.rank, ranks=world.size)
+    workers = min(worker_count(num_workers, processes=world.local_size),
+                  len(share) // batch_size)  # a worker per batch at most
+    loader = make_loader(images, batch_size=batch_size, workers=workers, device=device, sampler=share)
     log(f"Scoring {len(paths):,} images with {model.spec.architecture} ({model.spec.num_classes} classes) on "
-        f"{dev}, precision {precision}, {threads.describe()}")
-    probabilities = np.zeros((len(paths), model.spec.num_classes), dtype=np.float32)
-    scored = np.zeros(len(paths), dtype=bool)
-    bad_images = BadImagePolicy(on_bad_image, images, log)
+        f"{device}, precision {precision}, {threads.describe()}"
+        + (f", {world.size} processes ({world.backend})" if world.size > 1 else ""))
+    mine = np.array([i for i, _ in share], dtype=np.int64)
+    where = {int(i): row for row, i in enumerate(mine)}
+    probabilities = np.zeros((len(mine), model.spec.num_classes), dtype=np.float32)
+    scored = np.zeros(len(mine), dtype=bool)
+    warn = log if world.is_main else lambda message: print(f"rank {world.rank}: {message}", file=sys.stderr)
+    bad_images = BadImagePolicy(on_bad_image, images, warn)  # each process names the bad images of its share
     with torch.inference_mode(), denormals_flushed(), threads:
         for batch in tqdm(loader, desc="scoring", unit="batch", leave=False,
-                          disable=(not sys.stderr.isatty()) if progress is None else not progress):
+                          disable=(not sys.stderr.isatty() or not world.is_main) if progress is None else not progress):
             threads.step()
             x, _, index = bad_images.filter(batch)
             if len(index):
-                with autocast(precision, dev):
-                    logits = network(normalize(x.to(dev, non_blocking=True)))
-                probabilities[index.numpy()] = logits.float().softmax(dim=1).cpu().numpy()
-                scored[index.numpy()] = True
-    return probabilities, scored
+                with autocast(precision, device):
+                    logits = network(normalize(x.to(device, non_blocking=True)))
+                rows = [where[int(i)] for i in index]
+                probabilities[rows] = logits.float().softmax(dim=1).cpu().numpy()
+                scored[rows] = True
+    return world.gather_rows(mine, probabilities, len(paths)), world.gather_rows(mine, scored, len(paths))
 
 
 def _check_options(batch_size: int, num_workers: int | None, on_bad_image: str, precision: str,
@@ -186,10 +198,23 @@ def score_image_model(
     if top_k is not None:
         check_range("top_k", top_k, low=1, high=len(labels),
                     hint=f"pass {option('top_k')} from 1 to {len(labels)}, the number of labels")
-    check_output_writable(Path(output), overwrite=overwrite)
-    probabilities, scored = _probabilities(
-        model, rows.paths, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision,
-        on_bad_image=on_bad_image, threads=threads, progress=progress, log=log)
+    dev = resolve_device(device)
+    world = join_world(dev)
+    try:
+        with world.speaking_for_the_others():
+            world.on_main(lambda: check_output_writable(Path(output), overwrite=overwrite))
+            probabilities, scored = _probabilities(
+                model, rows.paths, batch_size=batch_size, device=rank_device(dev, world), num_workers=num_workers,
+                precision=precision, on_bad_image=on_bad_image, threads=threads, progress=progress,
+                log=log if world.is_main else lambda message: None, world=world)
+            return world.on_main(lambda: _write_scores(output, rows, model, probabilities, scored, top_k, overwrite))
+    finally:
+        leave_world(world)
+
+
+def _write_scores(output: Path | str, rows: _Rows, model: TrainedModel, probabilities: np.ndarray,
+                  scored: np.ndarray, top_k: int | None, overwrite: bool) -> ScoreResult:
+    labels = model.labels
     if not scored.any():
         raise InvalidDatasetError(f"none of the {len(rows.paths):,} images could be decoded",
                                   "see the warnings above for each file's reason")
@@ -250,8 +275,8 @@ def predict(
     rows = _rows(images)
     model = trained_model if isinstance(trained_model, TrainedModel) else load_trained_model(trained_model)
     probabilities, scored = _probabilities(
-        model, rows.paths, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision,
-        on_bad_image=on_bad_image, threads=threads, progress=False, log=log)
+        model, rows.paths, batch_size=batch_size, device=resolve_device(device), num_workers=num_workers,
+        precision=precision, on_bad_image=on_bad_image, threads=threads, progress=False, log=log)
     answers = []
     for i in np.flatnonzero(scored):
         best = int(probabilities[i].argmax())

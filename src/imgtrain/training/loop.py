@@ -24,10 +24,10 @@ from torch import nn
 from imgtrain.data.dataset import BadImagePolicy
 from imgtrain.data.loading import Feeder
 from imgtrain.data.transforms import Normalize
+from imgtrain.distributed import ALONE, World
 from imgtrain.errors import InvalidDatasetError, TrainingDivergedError, option
 from imgtrain.precision import autocast
 from imgtrain.threads import Threads
-from imgtrain.training.distributed import ALONE, World
 from imgtrain.training.early_stopping import EarlyStopping
 
 SYNC_EVERY = 50  # GPU steps between reads of the running figures
@@ -104,6 +104,7 @@ def train_one_epoch(s: Stepper, batches: Iterable, bad_images: BadImagePolicy, e
         waited += time.perf_counter() - fetch_started
         s.threads.step()
         x, y, _ = bad_images.filter(batch)
+        running = None  # BatchNorm's running statistics, to put back after a step that must not count
         if len(y) >= 2:
             x, y = s.normalize(x.to(s.device, non_blocking=True)), y.to(s.device, non_blocking=True)
             with autocast(s.precision, s.device):
@@ -116,17 +117,20 @@ def train_one_epoch(s: Stepper, batches: Iterable, bad_images: BadImagePolicy, e
             nonfinite = torch.where(torch.isfinite(nonfinite) & ~torch.isfinite(value), value, nonfinite)
         elif s.world.distributed:
             # Bad images left fewer than two in this process's batch. The others step anyway, and
-            # DistributedDataParallel needs every process in each step: take part with a zero loss,
-            # BatchNorm in eval mode (one image cannot give batch statistics, and none should count).
-            s.model.eval()
+            # DistributedDataParallel (and SyncBatchNorm) need every process in each step: take part
+            # with the whole batch and a zero loss, and put BatchNorm's running statistics back.
+            running = [b.clone() for b in s.network.buffers()]
             with autocast(s.precision, s.device):
-                loss = s.model(s.normalize(batch[0][:1].to(s.device))).sum() * 0.0
-            s.model.train()
+                loss = s.model(s.normalize(batch[0].to(s.device, non_blocking=True))).sum() * 0.0
         else:
             fetch_started = time.perf_counter()
             continue  # alone, a process skips the step
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
+        if running is not None:
+            with torch.no_grad():
+                for kept, buffer in zip(running, s.network.buffers(), strict=True):
+                    buffer.copy_(kept)
         s.scaler.step(s.optimizer)  # skips the step when fp16 gradients overflowed
         s.scaler.update()
         s.schedule.step()

@@ -50,10 +50,17 @@ from imgtrain.directories.model_directory import (
     load_model_spec,
     write_model_directory,
 )
+from imgtrain.distributed import (
+    ALONE,
+    World,
+    ddp,
+    join_world,
+    leave_world,
+    rank_device,
+)
 from imgtrain.errors import (
     CheckpointExistsError,
     CheckpointMismatchError,
-    DistributedRunError,
     ImgtrainError,
     InvalidDatasetError,
     InvalidParameterError,
@@ -65,6 +72,7 @@ from imgtrain.errors import (
     check_range,
     option,
 )
+from imgtrain.models.names import load_known_spec
 from imgtrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_model, get_architecture
 from imgtrain.models.trained import load_trained_model
 from imgtrain.precision import PRECISIONS, denormals_flushed, resolve_precision
@@ -77,16 +85,6 @@ from imgtrain.training.checkpoint import (
     fingerprint,
     load_checkpoint,
     save_checkpoint,
-)
-from imgtrain.training.distributed import (
-    ALONE,
-    World,
-    collective_failed,
-    ddp,
-    first_words,
-    join_world,
-    leave_world,
-    rank_device,
 )
 from imgtrain.training.early_stopping import EarlyStopping
 from imgtrain.training.image_size import auto_image_size
@@ -202,15 +200,10 @@ def train_pytorch_model(
     device = resolve_device(params.device)
     world = join_world(device)
     try:
-        return _train(untrained_model, training_data, validation_data, Path(output), params,
-                      rank_device(device, world), world, overwrite=overwrite, resume=resume, restart=restart,
-                      log=log if world.is_main else lambda message: None, progress=progress)
-    except RuntimeError as exc:
-        if not (world.distributed and collective_failed(exc)):
-            raise
-        raise DistributedRunError(f"another process of this run stopped or cannot be reached ({first_words(exc)})",
-                                  "the first error above says why; fix that, then re-run with --resume to "
-                                  "continue from the last checkpoint") from None
+        with world.speaking_for_the_others():
+            return _train(untrained_model, training_data, validation_data, Path(output), params,
+                          rank_device(device, world), world, overwrite=overwrite, resume=resume, restart=restart,
+                          log=log if world.is_main else lambda message: None, progress=progress)
     finally:
         if world.is_main:
             disown(resume_dir_for(output))  # what stays there (a checkpoint) is free for the next run to resume
@@ -225,7 +218,7 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
                                     "pass one of them")
     check_not_an_input(output, {"untrained model": untrained_model, "training data": training_data,
                                 "validation data": validation_data})
-    base = load_model_spec(untrained_model)
+    base = load_known_spec(untrained_model)
     train_set = ImageDirectory.load(training_data)
     val_set = ImageDirectory.load(validation_data)
     train_labels = train_set.require_labels("training data")
@@ -281,9 +274,7 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
     network = network.to(device, memory_format=torch.channels_last)
     normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
-    workers = worker_count(params.num_workers)
-    if params.num_workers is None and world.local_size > 1:  # the machine's share of this process
-        workers = max(1, workers // world.local_size)
+    workers = worker_count(params.num_workers, processes=world.local_size)
 
     share = len(train_set) // world.size
     drop_last = share % params.batch_size == 1  # a batch of one breaks BatchNorm
@@ -323,8 +314,9 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
                         source=str(training_data), **feed)
     val_feed = Feeder(val_images, SeededSampler(len(val_set), 0, shuffle=False, rank=world.rank, ranks=world.size),
                       source=str(validation_data), **feed)
-    bad = {"training": BadImagePolicy(params.on_bad_image, train_images, log),
-           "validation": BadImagePolicy(params.on_bad_image, val_images, log)}
+    warn = log if world.is_main else lambda message: _stderr(f"rank {world.rank}: {message}")  # its own images
+    bad = {"training": BadImagePolicy(params.on_bad_image, train_images, warn),
+           "validation": BadImagePolicy(params.on_bad_image, val_images, warn)}
 
     model = network
     if world.distributed:

@@ -11,17 +11,19 @@ every rank, and whether this process is the one that writes (rank 0).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from imgtrain import errors
-from imgtrain.errors import ImgtrainError, InvalidParameterError
+from imgtrain.errors import DistributedRunError, ImgtrainError, InvalidParameterError
 
 T = TypeVar("T")
 
@@ -65,7 +67,6 @@ class World:
     def collective_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
-
     def on_main(self, work: Callable[[], T]) -> T:
         """Run ``work`` on rank 0 and hand its answer to every rank, or the named error it raised, so
         that every process stops with the same error; the other ranks wait meanwhile."""
@@ -92,6 +93,34 @@ class World:
         if self.distributed:
             for buffer in network.buffers():
                 dist.broadcast(buffer, src=0)
+
+    def gather_rows(self, indices: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray | None:
+        """Rank 0: a ``total``-row array holding every rank's ``rows`` at their ``indices`` (other ranks:
+        None). Alone: the rows placed at their indices."""
+        parts = [(indices, rows)]
+        if self.distributed:
+            parts = [None] * self.size if self.is_main else None
+            dist.gather_object((indices, rows), parts, dst=0)
+        if not self.is_main:
+            return None
+        full = np.zeros((total, *rows.shape[1:]), dtype=rows.dtype)
+        for where, values in parts:
+            full[where] = values
+        return full
+
+    @contextlib.contextmanager
+    def speaking_for_the_others(self) -> Iterator[None]:
+        """A collective that fails because another process died or hangs becomes DistributedRunError
+        (the process that failed first prints its own error)."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if not (self.distributed and collective_failed(exc)):
+                raise
+            raise DistributedRunError(
+                f"another process of this run stopped or cannot be reached ({first_words(exc)})",
+                "the first error above says why; fix that, then run again (training: with --resume, to continue "
+                "from the last checkpoint)") from None
 
 
 ALONE = World()  # one process, no process group
