@@ -206,3 +206,17 @@ class Context:
             self.imgtrain(family, "--model-name", model, "--no-pretrained", "--output", path, "--overwrite")
             self._untrained[model] = path
         return self._untrained[model]
+
+    def scoring_model(self) -> tuple[Path, Case]:
+        """A trained model for scoring: section 1's MNIST ResNet if it ran, else one trained for 1 epoch now."""
+        mnist = [c for c in self.config.cases if c.data == "mnist"] or list(self.config.cases)
+        case = next((c for c in mnist if c.family == "resnet"), mnist[0])
+        trained = self.train_results.get(case.slug)
+        if trained and trained.last_model:
+            return trained.last_model, case
+        train, val = self.case_data(case)
+        output = self.work / "score" / "model"
+        self.imgtrain("train-pytorch-model", "--untrained-model", self.untrained(case.model), "--training-data",
+                      train, "--validation-data", val, "--output", output, "--overwrite", "--epochs", 1,
+                      "--image-size", case.image_size)
+        return output, case

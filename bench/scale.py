@@ -27,8 +27,6 @@ def scale(ctx: Context) -> Section:
     n = processes_here()
     if n < 2:
         return Section("10. One process against N: skipped (one core, no second GPU)", [])
-    from sections import _scoring_model
-
     cfg = ctx.config
     case = cfg.cases[0]
     train, val = ctx.case_data(case)
@@ -46,7 +44,7 @@ def scale(ctx: Context) -> Section:
     rows.append([f"train {case.name}, {case.train_images:,} images, batch 16 per process", num(rate_1),
                  num(rate_n), ratio(rate_n, rate_1), num(alone.wall_seconds, 1), num(several.wall_seconds, 1)])
 
-    model, score_case = _scoring_model(ctx)
+    model, score_case = ctx.scoring_model()
     dataset = ctx.work / "data" / f"score-{cfg.score_images}"
     if not dataset.exists():
         import fixtures

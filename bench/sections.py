@@ -333,7 +333,7 @@ def _designer_loader_wait(ctx: Context, case: Case, train) -> TimedLoop:
 
 def scoring(ctx: Context) -> Section:
     cfg = ctx.config
-    model, case = _scoring_model(ctx)
+    model, case = ctx.scoring_model()
     source = fixtures.mnist_folder(ctx.cache, cfg.score_images)
     dataset = ctx.work / "data" / f"score-{cfg.score_images}"
     if not dataset.exists():
@@ -378,21 +378,6 @@ def scoring(ctx: Context) -> Section:
         table(["method", "wall s (median)", "wall s, each rep", "img/s, whole command",
                "img/s, minus start-up", "img/s, scoring loop only"], rows),
     ])
-
-
-def _scoring_model(ctx: Context):
-    """A trained model for scoring: section 1's MNIST ResNet if it ran, else one trained for 1 epoch now."""
-    mnist = [c for c in ctx.config.cases if c.data == "mnist"] or list(ctx.config.cases)
-    case = next((c for c in mnist if c.family == "resnet"), mnist[0])
-    trained = ctx.train_results.get(case.slug)
-    if trained and trained.last_model:
-        return trained.last_model, case
-    train, val = ctx.case_data(case)
-    output = ctx.work / "score" / "model"
-    ctx.imgtrain("train-pytorch-model", "--untrained-model", ctx.untrained(case.model), "--training-data", train,
-                 "--validation-data", val, "--output", output, "--overwrite", "--epochs", 1,
-                 "--image-size", case.image_size)
-    return output, case
 
 
 # --- 5. peak memory ------------------------------------------------------------------------------------------

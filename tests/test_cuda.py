@@ -15,22 +15,12 @@ import pytest
 import torch
 
 from imgtrain import load_trained_model, score_image_model, train_pytorch_model
+from test_reliability import Interrupt, _interrupt_after
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 QUIET = {"log": lambda m: None}
 TRAIN = {"epochs": 3, "batch_size": 8, "image_size": 64, "num_workers": 2, "device": "cuda"}
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _interrupt_after(epoch: int):
-    def log(message: str) -> None:
-        if message.startswith(f"epoch {epoch}/"):
-            raise Interrupt
-    return log
 
 
 def test_training_on_a_gpu_is_deterministic_and_resumes_exactly(tmp_path, image_dirs):

@@ -240,3 +240,13 @@ def _sampler(size: int, epoch: int, rank: int) -> SeededSampler:
     sampler = SeededSampler(size, 1, shuffle=True, rank=rank, ranks=2)  # --random-seed 1
     sampler.set_epoch(epoch)
     return sampler
+
+
+def test_an_error_rank_0_finds_before_training_is_every_ranks(reference, image_dirs):
+    """Rank 0 alone checks the output and claims the work directory; its named error reaches every process."""
+    before = (reference / "model.safetensors").read_bytes()
+    r = run_torchrun(image_dirs, reference, timeout=120)  # the output exists, and --overwrite is not given
+    assert r.returncode != 0
+    assert r.stderr.count("OutputExistsError") == 2, r.stderr  # rank 0's, and rank 1's the same
+    assert "DistributedRunError" not in r.stderr
+    assert (reference / "model.safetensors").read_bytes() == before

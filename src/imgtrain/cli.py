@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the trained model directory to write")
     p.add_argument("--epochs", type=_int, default=5, help="passes over the training set, > 0")
     p.add_argument("--batch-size", type=_int, default=16,
-                   help="images per step, from 2 (BatchNorm needs two) to the number of training images")
+                   help="images per step (per process with several: --nproc-per-node, torchrun), from 2 "
+                        "(BatchNorm needs two) to the number of training images")
     p.add_argument("--learning-rate", type=float, default=0.001,
                    help="peak learning rate, > 0 (pretrained backbones use a tenth of it)")
     p.add_argument("--random-seed", type=_int, default=1,
@@ -323,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = command("score-image-model", _score,
-                "Score images with a trained model: one probability column per category and the predicted label.")
+                "Score images with a trained model: one probability column per category and the predicted label. "
+                "Under torchrun (`torchrun --nproc-per-node N -m imgtrain score ...`) the processes share the "
+                "images out and rank 0 writes the one table.")
     p.add_argument("--trained-model", required=True, help="output of `imgtrain train-pytorch-model`")
     p.add_argument("--dataset", required=True, nargs="+", metavar="DATASET",
                    help="an ImageDirectory; a folder of images (one sub-folder per category, or flat); or image "

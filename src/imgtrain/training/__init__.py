@@ -1,1 +1,1 @@
-"""Train PyTorch Model: the loop, early stopping, seeding."""
+"""Train PyTorch Model: the run around the loop (train.py), the loop (loop.py), checkpoints, early stopping."""

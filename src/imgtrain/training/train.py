@@ -218,172 +218,241 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
                                     "pass one of them")
     check_not_an_input(output, {"untrained model": untrained_model, "training data": training_data,
                                 "validation data": validation_data})
-    base = load_known_spec(untrained_model)
-    train_set = ImageDirectory.load(training_data)
-    val_set = ImageDirectory.load(validation_data)
-    train_labels = train_set.require_labels("training data")
-    val_labels = _labels_in_order(val_set, train_set.categories)
-    params.check(len(train_set), world)
-    if params.sync_batchnorm and world.distributed and device.type != "cuda":
-        raise InvalidParameterError(f"{option('sync_batchnorm', True)} needs CUDA GPUs (gloo has no such kernel)",
-                                    f"drop {option('sync_batchnorm', True)} on CPUs")
-    precision = resolve_precision(params.precision, device)
-    run_parameters = {**{k: v for k, v in asdict(params).items() if k not in _FREE_PARAMETERS},
-                      "precision": precision}
-    resumable = {k: v for k, v in run_parameters.items() if k != "epochs"}  # the number of epochs may grow
-    run_id = fingerprint({  # what a checkpoint must match to be resumed
-        "parameters": resumable,
-        "training data": file_digest(train_set.root / IMAGE_LIST, train_set.root / SCHEMA_FILE),
-        "validation data": file_digest(val_set.root / IMAGE_LIST, val_set.root / SCHEMA_FILE),
-        "untrained model": file_digest(Path(untrained_model) / SPEC_FILE),
-    })
-    work = resume_dir_for(output)
-    checkpoint = work / CHECKPOINT_FILE
-
-    def take_work_directory() -> str:
-        """Rank 0: 'complete' when the output is there already, 'published' when it waited in the work
-        directory and is moved into place now, else 'train'."""
-        if resume and _is_complete(output, run_id, params.epochs):
-            return "complete"
-        check_output_writable(output, overwrite=overwrite)
-        _claim(work, output, resume=resume, restart=restart)
-        if resume and _is_complete(work, run_id, params.epochs, waiting_for=output):  # killed before publishing
-            _remove_leftovers(work)
-            publish(work, output)
-            log(f"{output} was complete in {work}: moved into place")
-            return "published"
-        if not (resume and checkpoint.is_file()):
-            if resume:
-                log(f"no checkpoint of {output} found: starting from scratch")
-            shutil.rmtree(work, ignore_errors=True)  # nothing of value: what there was, restart discards
-        make_owned_dir(work)
-        return "train"
-
-    outcome = world.on_main(take_work_directory)
+    run = _Run.of(Path(untrained_model), Path(training_data), Path(validation_data), output, params, device, world)
+    outcome = world.on_main(lambda: _take_work_directory(run, overwrite=overwrite, resume=resume, restart=restart,
+                                                         log=log))
     if outcome != "train":
         return _result_of(output, already_complete=outcome == "complete")
     if world.is_main:
-        _warn_about_shared_images(train_set, val_set, log)
+        _warn_about_shared_images(run.train_set, run.val_set, log)
 
-    seed = as_uint32(params.random_seed)
-    seed_everything(seed)
-    categories = train_set.categories
-    image_size = params.image_size or auto_image_size(train_set)
-    network = _initial_model(base, untrained_model, len(categories))
-    if params.sync_batchnorm and world.distributed:
-        network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
-    network = network.to(device, memory_format=torch.channels_last)
-    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
-    workers = worker_count(params.num_workers, processes=world.local_size)
-
-    share = len(train_set) // world.size
-    drop_last = share % params.batch_size == 1  # a batch of one breaks BatchNorm
-    steps_per_epoch = share // params.batch_size if drop_last else math.ceil(share / params.batch_size)
-    learning_rate = params.learning_rate * params.learning_rate_factor(world.size)
-    optimizer = _make_optimizer(network, base, params.optimizer, learning_rate, device)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    state = Fit(params.epochs, EarlyStopping(params.patience))
-    if resume and checkpoint.is_file():
-        saved = load_checkpoint(checkpoint, run_id, network, optimizer, schedule, resumable)
-        done_by = saved.get("world_size", 1)
-        if done_by != world.size:
-            raise CheckpointMismatchError(
-                f"the checkpoint {checkpoint} was made by {done_by} process(es); this run has {world.size}",
-                f"resume with {done_by} process(es) (torchrun --nnodes x --nproc-per-node = {done_by}), "
-                f"or pass {option('restart', True)} to start again with {world.size}")
-        scaler.load_state_dict(saved["scaler"])
-        state.epoch, state.stopper = saved["epoch"], EarlyStopping(**saved["early_stopping"])
-        state.history = [EpochMetrics(**m) for m in saved["history"]]
-        log(f"resuming {output} after epoch {state.epoch} from its checkpoint")
-        _extend_schedule(schedule, optimizer, saved["parameters"].get("epochs"), params.epochs, state.epoch, log)
-
+    seed_everything(run.seed)
+    stepper, state, files = _model_and_state(run, resume=resume, log=log)
     # The caches come after the checkpoint was accepted: a refused resume reserves no disk space.
-    caches = open_caches(work, {"training": len(train_set), "validation": len(val_set)} if params.cache else {},
-                         image_size, make=world.is_main, shared=world.local_size == world.size,
-                         barrier=world.barrier, log=log)
-    train_images = ImageDataset([train_set.path(i) for i in range(len(train_set))], train_labels, image_size,
-                                augment=build_augmentation(image_size, params.augmentation),
-                                cache=caches.get("training"))
-    val_images = ImageDataset([val_set.path(i) for i in range(len(val_set))], val_labels, image_size,
-                              cache=caches.get("validation"))
-    feed = dict(batch_size=params.batch_size, workers=workers, device=device)
-    train_feed = Feeder(train_images, SeededSampler(len(train_set), seed, shuffle=True, rank=world.rank,
-                                                    ranks=world.size), drop_last=drop_last,
-                        source=str(training_data), **feed)
-    val_feed = Feeder(val_images, SeededSampler(len(val_set), 0, shuffle=False, rank=world.rank, ranks=world.size),
-                      source=str(validation_data), **feed)
-    warn = log if world.is_main else lambda message: _stderr(f"rank {world.rank}: {message}")  # its own images
-    bad = {"training": BadImagePolicy(params.on_bad_image, train_images, warn),
-           "validation": BadImagePolicy(params.on_bad_image, val_images, warn)}
+    caches = open_caches(run.work, {"training": len(run.train_set), "validation": len(run.val_set)}
+                         if params.cache else {}, run.image_size, make=world.is_main,
+                         shared=world.local_size == world.size, barrier=world.barrier, log=log)
+    train_feed, val_feed, bad = _feeders(run, caches, log)
+    _describe(run, stepper, caches, log)
 
-    model = network
-    if world.distributed:
-        model = ddp(network, device)
-    if params.compile:
-        model = torch.compile(model)
-    threads = Threads(params.threads, log)
-    stepper = Stepper(model, network, optimizer, scaler, schedule, normalize, device, precision,
-                      params.learning_rate, threads, world)
-    files = _RunFiles(work, world, network, optimizer, schedule, scaler, run_id, run_parameters)
-
-    start = "fine-tuning ImageNet weights" if base.pretrained else "from scratch"
-    if base.trained:
-        start = f"from the trained model {untrained_model}"
-    log(f"Training {base.architecture} ({start}) on {len(train_set):,} images in {len(categories):,} "
-        f"categories, validating on {len(val_set):,}")
-    if world.distributed:
-        log(f"{world.size} process{'es' if world.size > 1 else ''} ({world.backend}): each takes "
-            f"{params.batch_size} images a step, "
-            f"{world.size * params.batch_size} together; learning rate {params.learning_rate:g} x "
-            f"{params.learning_rate_factor(world.size):g} ({option('lr_scaling')} {params.lr_scaling}) "
-            f"= {learning_rate:g}")
-    log(f"device {device}, precision {precision}, image size {image_size}, batch size {params.batch_size}, "
-        f"learning rate {learning_rate:g}, {params.optimizer}, augmentation {params.augmentation}, "
-        f"up to {params.epochs} epochs, patience {params.patience}, {workers} data workers, "
-        f"decoded-image cache {'on' if any(caches.values()) else 'off'}, {threads.describe()}")
-
-    show = (not sys.stderr.isatty()) if progress is None else not progress
+    hide = (not sys.stderr.isatty()) if progress is None else not progress
     def bar(batches: Iterable, epoch: int) -> Iterable:
-        return _Progress(batches, f"epoch {epoch}/{params.epochs}", disable=show or not world.is_main)
+        return _Progress(batches, f"epoch {epoch}/{params.epochs}", disable=hide or not world.is_main)
 
     try:
-        with denormals_flushed(), threads:
+        with denormals_flushed(), stepper.threads:
             state = fit(stepper, state, train_feed, val_feed, bad, files, log, bar)
     except torch.OutOfMemoryError:
-        raise _out_of_memory(device, params, image_size) from None
+        raise _out_of_memory(device, params, run.image_size) from None
     except RuntimeError as exc:
         if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
-            raise _out_of_memory(device, params, image_size) from None
+            raise _out_of_memory(device, params, run.image_size) from None
         raise
 
     if state.stopper.best_epoch == 0:
         raise TrainingDivergedError("the validation loss was never a finite number",
                                     f"pass a lower {option('learning_rate')} than {params.learning_rate:g}")
-    best = state.history[state.stopper.best_epoch - 1]
-    spec = ModelSpec(
-        architecture=base.architecture, pretrained=base.pretrained, options=base.options, trained=True,
-        labels=list(categories), weights=WEIGHTS_FILE, versions=library_versions(),
-        input=InputSpec(image_size=image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
-        training={**asdict(params), "image_size": image_size, "num_workers": workers, "device": str(device),
-                  "precision": precision, "processes": world.size, "effective_learning_rate": learning_rate,
-                  "best_epoch": state.stopper.best_epoch, "stopped_epoch": state.epoch,
-                  "best_validation_loss": state.stopper.best_loss,
-                  "best_validation_top1_accuracy": best.validation_top1_accuracy,
-                  "training_images": len(train_set), "validation_images": len(val_set), "run_id": run_id})
+    spec = _trained_spec(run, state)
 
     def publish_model() -> None:
         for cache in caches.values():
             if cache is not None:
                 cache.remove()
-        write_model_directory(work, spec)  # the spec goes last: a work directory with one is complete
-        _remove_leftovers(work)
+        write_model_directory(run.work, spec)  # the spec goes last: a work directory with one is complete
+        _remove_leftovers(run.work)
         check_output_writable(output, overwrite=overwrite)
-        publish(work, output)
+        publish(run.work, output)
 
     world.on_main(publish_model)
     return TrainResult(output, state.stopper.best_epoch, state.epoch, state.stopper.best_loss, state.history)
+
+
+@dataclass
+class _Run:
+    """What a run is made of, checked: its inputs, parameters, where it works, and its fingerprint."""
+
+    untrained_model: Path
+    training_data: Path
+    validation_data: Path
+    output: Path
+    params: TrainingParameters
+    device: torch.device
+    world: World
+    base: ModelSpec
+    train_set: ImageDirectory
+    val_set: ImageDirectory
+    train_labels: np.ndarray
+    val_labels: np.ndarray
+    precision: str
+    image_size: int
+    workers: int
+    run_parameters: dict  # what the result depends on, recorded in checkpoints
+    run_id: dict  # what a checkpoint must match to be resumed
+
+    @classmethod
+    def of(cls, untrained_model: Path, training_data: Path, validation_data: Path, output: Path,
+           params: TrainingParameters, device: torch.device, world: World) -> _Run:
+        base = load_known_spec(untrained_model)
+        train_set = ImageDirectory.load(training_data)
+        val_set = ImageDirectory.load(validation_data)
+        train_labels = train_set.require_labels("training data")
+        val_labels = _labels_in_order(val_set, train_set.categories)
+        params.check(len(train_set), world)
+        if params.sync_batchnorm and world.distributed and device.type != "cuda":
+            raise InvalidParameterError(f"{option('sync_batchnorm', True)} needs CUDA GPUs (gloo has no such kernel)",
+                                        f"drop {option('sync_batchnorm', True)} on CPUs")
+        precision = resolve_precision(params.precision, device)
+        run_parameters = {**{k: v for k, v in asdict(params).items() if k not in _FREE_PARAMETERS},
+                          "precision": precision}
+        run_id = fingerprint({
+            "parameters": _resumable(run_parameters),
+            "training data": file_digest(train_set.root / IMAGE_LIST, train_set.root / SCHEMA_FILE),
+            "validation data": file_digest(val_set.root / IMAGE_LIST, val_set.root / SCHEMA_FILE),
+            "untrained model": file_digest(untrained_model / SPEC_FILE),
+        })
+        return cls(untrained_model, training_data, validation_data, output, params, device, world, base, train_set,
+                   val_set, train_labels, val_labels, precision, params.image_size or auto_image_size(train_set),
+                   worker_count(params.num_workers, processes=world.local_size), run_parameters, run_id)
+
+    @property
+    def work(self) -> Path:
+        return resume_dir_for(self.output)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.work / CHECKPOINT_FILE
+
+    @property
+    def seed(self) -> int:
+        return as_uint32(self.params.random_seed)
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate the optimiser uses: the one asked for, scaled for the number of processes."""
+        return self.params.learning_rate * self.params.learning_rate_factor(self.world.size)
+
+    @property
+    def share(self) -> int:
+        """Training images per process and epoch."""
+        return len(self.train_set) // self.world.size
+
+    @property
+    def drop_last(self) -> bool:
+        return self.share % self.params.batch_size == 1  # a batch of one breaks BatchNorm
+
+
+def _resumable(run_parameters: dict) -> dict:
+    return {k: v for k, v in run_parameters.items() if k != "epochs"}  # the number of epochs may grow
+
+
+def _take_work_directory(run: _Run, *, overwrite: bool, resume: bool, restart: bool, log) -> str:
+    """Rank 0: 'complete' when the output is there already, 'published' when it waited in the work
+    directory and is moved into place now, else 'train' (the work directory is this run's)."""
+    output, work, epochs = run.output, run.work, run.params.epochs
+    if resume and _is_complete(output, run.run_id, epochs):
+        return "complete"
+    check_output_writable(output, overwrite=overwrite)
+    _claim(work, output, resume=resume, restart=restart)
+    if resume and _is_complete(work, run.run_id, epochs, waiting_for=output):  # killed before publishing
+        _remove_leftovers(work)
+        publish(work, output)
+        log(f"{output} was complete in {work}: moved into place")
+        return "published"
+    if not (resume and run.checkpoint.is_file()):
+        if resume:
+            log(f"no checkpoint of {output} found: starting from scratch")
+        shutil.rmtree(work, ignore_errors=True)  # nothing of value: what there was, restart discards
+    make_owned_dir(work)
+    return "train"
+
+
+def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _RunFiles]:
+    """The network, its optimiser and schedule, and the loop's state: fresh, or from the checkpoint."""
+    params, device, world = run.params, run.device, run.world
+    network = _initial_model(run.base, run.untrained_model, len(run.train_set.categories))
+    if params.sync_batchnorm and world.distributed:
+        network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+    network = network.to(device, memory_format=torch.channels_last)
+    steps_per_epoch = run.share // params.batch_size if run.drop_last else math.ceil(run.share / params.batch_size)
+    optimizer = _make_optimizer(network, run.base, params.optimizer, run.learning_rate, device)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
+    state = Fit(params.epochs, EarlyStopping(params.patience))
+    if resume and run.checkpoint.is_file():
+        saved = load_checkpoint(run.checkpoint, run.run_id, network, optimizer, schedule,
+                                _resumable(run.run_parameters))
+        done_by = saved.get("world_size", 1)
+        if done_by != world.size:
+            raise CheckpointMismatchError(
+                f"the checkpoint {run.checkpoint} was made by {done_by} process(es); this run has {world.size}",
+                f"resume with {done_by} process(es) (torchrun --nnodes x --nproc-per-node = {done_by}), "
+                f"or pass {option('restart', True)} to start again with {world.size}")
+        scaler.load_state_dict(saved["scaler"])
+        state.epoch, state.stopper = saved["epoch"], EarlyStopping(**saved["early_stopping"])
+        state.history = [EpochMetrics(**m) for m in saved["history"]]
+        log(f"resuming {run.output} after epoch {state.epoch} from its checkpoint")
+        _extend_schedule(schedule, optimizer, saved["parameters"].get("epochs"), params.epochs, state.epoch, log)
+    model = ddp(network, device) if world.distributed else network
+    if params.compile:
+        model = torch.compile(model)
+    stepper = Stepper(model, network, optimizer, scaler, schedule, Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device),
+                      device, run.precision, params.learning_rate, Threads(params.threads, log), world)
+    files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters)
+    return stepper, state, files
+
+
+def _feeders(run: _Run, caches: dict, log) -> tuple[Feeder, Feeder, dict[str, BadImagePolicy]]:
+    """The training and validation batches of this process's shares, and what to do with a bad image."""
+    params, world, size = run.params, run.world, run.image_size
+    train_images = ImageDataset([run.train_set.path(i) for i in range(len(run.train_set))], run.train_labels, size,
+                                augment=build_augmentation(size, params.augmentation), cache=caches.get("training"))
+    val_images = ImageDataset([run.val_set.path(i) for i in range(len(run.val_set))], run.val_labels, size,
+                              cache=caches.get("validation"))
+    feed = dict(batch_size=params.batch_size, workers=run.workers, device=run.device)
+    train = Feeder(train_images, SeededSampler(len(train_images), run.seed, shuffle=True, rank=world.rank,
+                                               ranks=world.size), drop_last=run.drop_last,
+                   source=str(run.training_data), **feed)
+    val = Feeder(val_images, SeededSampler(len(val_images), 0, shuffle=False, rank=world.rank, ranks=world.size),
+                 source=str(run.validation_data), **feed)
+    warn = log if world.is_main else lambda message: _stderr(f"rank {world.rank}: {message}")  # its own images
+    return train, val, {"training": BadImagePolicy(params.on_bad_image, train_images, warn),
+                        "validation": BadImagePolicy(params.on_bad_image, val_images, warn)}
+
+
+def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
+    """The run's first lines: what trains on what, and how."""
+    params, base, world = run.params, run.base, run.world
+    start = "fine-tuning ImageNet weights" if base.pretrained else "from scratch"
+    if base.trained:
+        start = f"from the trained model {run.untrained_model}"
+    log(f"Training {base.architecture} ({start}) on {len(run.train_set):,} images in "
+        f"{len(run.train_set.categories):,} categories, validating on {len(run.val_set):,}")
+    if world.distributed:
+        log(f"{world.size} process{'es' if world.size > 1 else ''} ({world.backend}): each takes "
+            f"{params.batch_size} images a step, {world.size * params.batch_size} together; learning rate "
+            f"{params.learning_rate:g} x {params.learning_rate_factor(world.size):g} ({option('lr_scaling')} "
+            f"{params.lr_scaling}) = {run.learning_rate:g}")
+    log(f"device {run.device}, precision {run.precision}, image size {run.image_size}, batch size "
+        f"{params.batch_size}, learning rate {run.learning_rate:g}, {params.optimizer}, augmentation "
+        f"{params.augmentation}, up to {params.epochs} epochs, patience {params.patience}, {run.workers} data "
+        f"workers, decoded-image cache {'on' if any(caches.values()) else 'off'}, {stepper.threads.describe()}")
+
+
+def _trained_spec(run: _Run, state: Fit) -> ModelSpec:
+    """The spec of the trained model: its labels, input, and the record of its training."""
+    base, params = run.base, run.params
+    return ModelSpec(
+        architecture=base.architecture, pretrained=base.pretrained, options=base.options, trained=True,
+        labels=list(run.train_set.categories), weights=WEIGHTS_FILE, versions=library_versions(),
+        input=InputSpec(image_size=run.image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+        training={**asdict(params), "image_size": run.image_size, "num_workers": run.workers,
+                  "device": str(run.device), "precision": run.precision, "processes": run.world.size,
+                  "effective_learning_rate": run.learning_rate, "best_epoch": state.stopper.best_epoch,
+                  "stopped_epoch": state.epoch, "best_validation_loss": state.stopper.best_loss,
+                  "best_validation_top1_accuracy": state.history[state.stopper.best_epoch - 1].validation_top1_accuracy,
+                  "training_images": len(run.train_set), "validation_images": len(run.val_set),
+                  "run_id": run.run_id})
 
 
 class _Progress:
