@@ -250,3 +250,29 @@ def test_an_error_rank_0_finds_before_training_is_every_ranks(reference, image_d
     assert r.stderr.count("OutputExistsError") == 2, r.stderr  # rank 0's, and rank 1's the same
     assert "DistributedRunError" not in r.stderr
     assert (reference / "model.safetensors").read_bytes() == before
+
+
+def test_ctrl_c_under_nproc_per_node_is_one_line_and_resumable(tmp_path, image_dirs):
+    d = image_dirs
+    log = tmp_path / "run.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", "train", "--nproc-per-node", "2",
+                                 "--untrained-model", d["untrained"], "--training-data", d["train"],
+                                 "--validation-data", d["val"], "--output", tmp_path / "m", *ARGS],
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            while proc.poll() is None and "epoch 1/" not in log.read_text():
+                time.sleep(0.05)
+            assert proc.poll() is None, log.read_text()
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            proc.wait(timeout=60)
+        finally:
+            _end(proc)
+    text = log.read_text()
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text
+    assert text.strip().splitlines()[-1] == ("error: interrupted; no output was written (re-run with --resume to "
+                                             "continue from the last epoch)")
+    assert not (tmp_path / "m").exists() and checkpoint_epoch(tmp_path / ".imgtrain-resume-m" /
+                                                              "checkpoint.safetensors") >= 1

@@ -174,10 +174,18 @@ def _start_torchrun(argv: list[str], processes: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure report: ours below
+    for name in list(logging.root.manager.loggerDict):  # torchrun's own reports of failures: ours below
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
 
     try:
         run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "imgtrain", *rest]))
+    except (KeyboardInterrupt, SignalException):  # Ctrl-C, or the job stopped: torchrun ended its processes
+        print("error: interrupted; no output was written (re-run with --resume to continue from the last epoch)",
+              file=sys.stderr)
+        return 130
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         print(f"error: {DistributedRunError.__name__}: {len(exc.failures)} of {processes} processes failed "
@@ -373,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {who}{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if _rank() != 0:
+            return 130  # rank 0 and the launcher say it
         resumable = args.func is _train
         again = " (re-run with --resume to continue from the last epoch)" if resumable else ""
         print(f"error: interrupted; no output was written{again}", file=sys.stderr)
