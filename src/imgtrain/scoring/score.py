@@ -137,8 +137,9 @@ def _probabilities(
     log(f"Scoring {len(paths):,} images with {model.spec.architecture} ({model.spec.num_classes} classes) on "
         f"{device}, precision {precision}, {threads.describe()}"
         + (f", {world.size} processes ({world.backend})" if world.size > 1 else ""))
-    mine = np.array([i for i, _ in share], dtype=np.int64)
-    where = {int(i): row for row, i in enumerate(mine)}
+    # SeededSampler deals the images in order: this process's share is images rank, rank + size, ...,
+    # and image i is row (i - rank) // size of its arrays.
+    mine = np.arange(world.rank, len(paths), world.size)
     probabilities = np.zeros((len(mine), model.spec.num_classes), dtype=np.float32)
     scored = np.zeros(len(mine), dtype=bool)
     warn = log if world.is_main else lambda message: print(f"rank {world.rank}: {message}", file=sys.stderr)
@@ -151,7 +152,7 @@ def _probabilities(
             if len(index):
                 with autocast(precision, device):
                     logits = network(normalize(x.to(device, non_blocking=True)))
-                rows = [where[int(i)] for i in index]
+                rows = (index.numpy() - world.rank) // world.size
                 probabilities[rows] = logits.float().softmax(dim=1).cpu().numpy()
                 scored[rows] = True
     return world.gather_rows(mine, probabilities, len(paths)), world.gather_rows(mine, scored, len(paths))
