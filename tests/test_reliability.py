@@ -375,7 +375,7 @@ def test_killed_between_the_last_epoch_and_publishing_then_resume_publishes(tmp_
     assert any("moved into place" in line for line in logs) and not any(line.startswith("epoch ") for line in logs)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == weights
     assert sorted(f.name for f in (tmp_path / "m").iterdir()) == [
-        "_meta.yaml", "index_to_label.csv", "metrics.csv", "model.safetensors", "model_spec.yaml"]
+        "_meta.yaml", "index_to_label.csv", "metrics.csv", "metrics.jsonl", "model.safetensors", "model_spec.yaml"]
     assert not (tmp_path / ".imgtrain-resume-m").exists()
 
 
@@ -397,7 +397,7 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
                                  **args, **QUIET)
     assert result.stopped_epoch == 3
     assert sorted(f.name for f in (tmp_path / "m").iterdir()) == [
-        "_meta.yaml", "index_to_label.csv", "metrics.csv", "model.safetensors", "model_spec.yaml"]
+        "_meta.yaml", "index_to_label.csv", "metrics.csv", "metrics.jsonl", "model.safetensors", "model_spec.yaml"]
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path, image_dirs):

@@ -93,7 +93,8 @@ def test_cli_errors_are_one_line(tmp_path, image_dirs):
 
 def test_trained_directory_is_complete_and_self_describing(trained_model, image_dirs):
     files = sorted(p.name for p in trained_model.iterdir())
-    assert files == ["_meta.yaml", "index_to_label.csv", "metrics.csv", "model.safetensors", "model_spec.yaml"]
+    assert files == ["_meta.yaml", "index_to_label.csv", "metrics.csv", "metrics.jsonl", "model.safetensors",
+                     "model_spec.yaml"]
     spec = load_trained_model(trained_model).spec
     assert spec.labels == ["bright", "dark", "mid"] and spec.input.image_size == 32
     assert spec.input.mean == [0.485, 0.456, 0.406]
@@ -111,6 +112,12 @@ def test_trained_directory_is_complete_and_self_describing(trained_model, image_
     assert all(r["validation_top5_accuracy"] == "" for r in rows)  # 3 classes: top-5 would say nothing
     assert (trained_model / "index_to_label.csv").read_text().splitlines() == [
         "index,label", "0,bright", "1,dark", "2,mid"]
+    # metrics.jsonl: the same rows for scripts, one JSON object per epoch, numbers as numbers
+    lines = (trained_model / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(line) for line in lines]
+    assert [list(e) for e in epochs] == [list(rows[0])] * 3
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and all(e["validation_top5_accuracy"] is None for e in epochs)
+    assert [e["validation_loss"] for e in epochs] == [float(r["validation_loss"]) for r in rows]
 
 
 def test_same_seed_same_weights_with_workers(tmp_path, image_dirs):

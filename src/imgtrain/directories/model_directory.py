@@ -7,6 +7,7 @@ Layout::
     model.safetensors   the weights (trained only)
     index_to_label.csv  class index -> label (trained only)
     metrics.csv         one row per epoch (trained only)
+    metrics.jsonl       the same, one JSON object per epoch (trained only)
 
 Opening one reads YAML with ``safe_load`` and tensors with safetensors: nothing in the
 directory is ever imported, unpickled or executed. Building the network from one is
@@ -30,6 +31,7 @@ SPEC_FILE = "model_spec.yaml"
 WEIGHTS_FILE = "model.safetensors"
 LABELS_FILE = "index_to_label.csv"
 METRICS_FILE = "metrics.csv"
+METRICS_JSONL = "metrics.jsonl"  # the same rows, one JSON object a line, for scripts
 FLAVOR = "imgtrain"
 FORMAT_VERSION = 1
 HINT = "make one with `imgtrain densenet` or `imgtrain resnet` (untrained) or `imgtrain train-pytorch-model`"

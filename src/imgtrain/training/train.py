@@ -9,6 +9,7 @@ into place. Under torchrun every process runs this; only rank 0 touches files.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -42,6 +43,7 @@ from imgtrain.directories.atomic import (
 from imgtrain.directories.image_directory import IMAGE_LIST, SCHEMA_FILE, ImageDirectory
 from imgtrain.directories.model_directory import (
     METRICS_FILE,
+    METRICS_JSONL,
     SPEC_FILE,
     WEIGHTS_FILE,
     InputSpec,
@@ -658,7 +660,12 @@ def _save_weights(model: nn.Module, path: Path) -> None:
 
 
 def _write_metrics(path: Path, history: list[EpochMetrics]) -> None:
+    """metrics.csv, and metrics.jsonl beside it (a number that is not finite, or missing, is null there)."""
     with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
         writer = csv.DictWriter(out, fieldnames=list(asdict(history[0])))
         writer.writeheader()
         writer.writerows(asdict(m) for m in history)
+    with atomic_file(path.with_name(METRICS_JSONL)) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for m in history:
+            row = {k: v if v is None or math.isfinite(v) else None for k, v in asdict(m).items()}
+            out.write(json.dumps(row, allow_nan=False) + "\n")
