@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -94,6 +95,13 @@ class World:
             for buffer in network.buffers():
                 dist.broadcast(buffer, src=0)
 
+    def own_log(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """Where this process reports what only it sees (the bad images of its share): ``log`` on rank 0,
+        stderr with 'rank N: ' in front on the others."""
+        if self.is_main:
+            return log
+        return lambda message: print(f"rank {self.rank}: {message}", file=sys.stderr, flush=True)
+
     def gather_rows(self, indices: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray | None:
         """Rank 0: a ``total``-row array holding every rank's ``rows`` at their ``indices`` (other ranks:
         None). Alone: the rows placed at their indices."""
@@ -162,11 +170,6 @@ def rank_device(device: torch.device, world: World) -> torch.device:
     if device.type == "cuda" and world.distributed:
         return torch.device("cuda", world.local_rank)
     return device
-
-
-def say_who(world: World) -> str:
-    """How an error line starts on a rank that is not alone: 'rank 3: '."""
-    return f"rank {world.rank}: " if world.size > 1 else ""
 
 
 def ddp(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:

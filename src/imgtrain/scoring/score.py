@@ -142,8 +142,7 @@ def _probabilities(
     mine = np.arange(world.rank, len(paths), world.size)
     probabilities = np.zeros((len(mine), model.spec.num_classes), dtype=np.float32)
     scored = np.zeros(len(mine), dtype=bool)
-    warn = log if world.is_main else lambda message: print(f"rank {world.rank}: {message}", file=sys.stderr)
-    bad_images = BadImagePolicy(on_bad_image, images, warn)  # each process names the bad images of its share
+    bad_images = BadImagePolicy(on_bad_image, images, world.own_log(log))  # each names the bad ones it meets
     with torch.inference_mode(), denormals_flushed(), threads:
         for batch in tqdm(loader, desc="scoring", unit="batch", leave=False,
                           disable=(not sys.stderr.isatty() or not world.is_main) if progress is None else not progress):

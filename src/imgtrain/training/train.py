@@ -417,7 +417,7 @@ def _feeders(run: _Run, caches: dict, log) -> tuple[Feeder, Feeder, dict[str, Ba
                    source=str(run.training_data), **feed)
     val = Feeder(val_images, SeededSampler(len(val_images), 0, shuffle=False, rank=world.rank, ranks=world.size),
                  source=str(run.validation_data), **feed)
-    warn = log if world.is_main else lambda message: _stderr(f"rank {world.rank}: {message}")  # its own images
+    warn = world.own_log(log)
     return train, val, {"training": BadImagePolicy(params.on_bad_image, train_images, warn),
                         "validation": BadImagePolicy(params.on_bad_image, val_images, warn)}
 
