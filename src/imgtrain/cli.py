@@ -134,7 +134,7 @@ def _train(args) -> None:
         image_size=args.image_size, device=args.device, precision=args.precision, optimizer=args.optimizer,
         augmentation=args.augmentation, num_workers=args.num_workers, on_bad_image=args.on_bad_image,
         cache=args.cache, threads=args.threads, lr_scaling=args.lr_scaling, sync_batchnorm=args.sync_batchnorm,
-        compile=args.compile)
+        compile=args.compile, class_weights=args.class_weights, sampler=args.sampler)
     result = train_pytorch_model(args.untrained_model, args.training_data, args.validation_data,
                                  args.output, params, overwrite=args.overwrite, resume=args.resume,
                                  restart=args.restart)
@@ -304,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augmentation", choices=("shift", "shift-flip", "none"), default="shift",
                    help="per-epoch augmentation: shift moves images by up to 1/16 of their side (safe for "
                         "digits and text); shift-flip adds horizontal flips (photos only)")
+    p.add_argument("--class-weights", choices=("none", "balanced"), default="none",
+                   help="balanced: weight each class's loss by the inverse of its share of the training images "
+                        "(a class with a tenth of the images weighs ten times as much)")
+    p.add_argument("--sampler", choices=("uniform", "balanced"), default="uniform",
+                   help="uniform: every training image once an epoch; balanced: every class drawn equally often "
+                        "(small classes repeated, large ones sampled). With either balanced choice the validation "
+                        "loss that picks the best epoch weighs every class equally too")
     p.add_argument("--num-workers", type=_int, default=None,
                    help="DataLoader worker processes (default: one per CPU core, at most 8)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,

@@ -32,11 +32,24 @@ class SeededSampler(Sampler):
 
     In order (no ``shuffle``, for validation and scoring): every image exactly once over all
     processes, in shares that differ by one image at most.
+
+    Class-balanced (``balance_labels``, training only): instead of a permutation, ``size`` draws
+    with replacement, each one a class taken uniformly among those with images, then an image of
+    that class taken uniformly: every class is seen equally often, small ones several times over.
     """
 
-    def __init__(self, size: int, seed: int, *, shuffle: bool, rank: int = 0, ranks: int = 1) -> None:
+    def __init__(self, size: int, seed: int, *, shuffle: bool, rank: int = 0, ranks: int = 1,
+                 balance_labels: np.ndarray | None = None) -> None:
         self.size, self.seed, self.shuffle, self.rank, self.ranks = size, seed, shuffle, rank, ranks
         self.epoch = 0
+        self.by_class = None
+        if balance_labels is not None:
+            labels = torch.as_tensor(np.asarray(balance_labels, dtype=np.int64))
+            counts = torch.bincount(labels)
+            present = counts > 0
+            # the images sorted by class, where each class starts in that order, and how many it has
+            self.by_class = (torch.argsort(labels, stable=True), (torch.cumsum(counts, 0) - counts)[present],
+                             counts[present])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -50,10 +63,20 @@ class SeededSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
+        if self.by_class is not None:
+            order = self._balanced_draw(g)
+        else:
+            order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
         seeds = torch.randint(2**62, (self.size,), generator=g)
         share = self._share()
         return zip(order[share].tolist(), seeds[share].tolist(), strict=True)
+
+    def _balanced_draw(self, g: torch.Generator) -> torch.Tensor:
+        """Class by class arithmetic rather than torch.multinomial over images, which stops at 2**24 of them."""
+        images, starts, counts = self.by_class
+        classes = torch.randint(len(counts), (self.size,), generator=g)
+        within = (torch.rand(self.size, generator=g, dtype=torch.float64) * counts[classes]).long()
+        return images[starts[classes] + torch.minimum(within, counts[classes] - 1)]
 
 
 class ImageDataset(Dataset):

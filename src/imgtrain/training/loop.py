@@ -86,7 +86,8 @@ class Stepper:
     learning_rate: float
     threads: Threads
     world: World
-    loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+    loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)  # class-weighted with --class-weights balanced
+    validation_weights: torch.Tensor | None = None  # the class weights of the validation loss, if any
 
 
 def train_one_epoch(s: Stepper, batches: Iterable, bad_images: BadImagePolicy, epoch: int,
@@ -157,12 +158,13 @@ def _check_finite(s: Stepper, nonfinite: torch.Tensor, epoch: int, step: int) ->
 @torch.no_grad()
 def evaluate(network: nn.Module, batches: Iterable, normalize: Normalize, device: torch.device,
              precision: str = "fp32", bad_images: BadImagePolicy | None = None, world: World = ALONE,
-             threads: Threads | None = None) -> Evaluation:
+             threads: Threads | None = None, class_weights: torch.Tensor | None = None) -> Evaluation:
     """Mean loss, top-1 and top-5 accuracy over every validation image exactly once: each process
     sums over its share, then the sums are added up over processes (top-5 only with more than 5
-    classes: with fewer it is 100% and says nothing)."""
+    classes: with fewer it is 100% and says nothing). With ``class_weights`` the loss is their
+    weighted mean, as torch's weighted cross-entropy takes it: every class counts by its weight."""
     network.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # images, loss, top-1, top-5
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # images, loss, top-1, top-5, weights
     classes = 0
     for batch in batches:
         if threads is not None:
@@ -175,13 +177,14 @@ def evaluate(network: nn.Module, batches: Iterable, normalize: Normalize, device
             logits = network(x).float()
         classes = logits.shape[1]
         best = logits.topk(min(5, classes), dim=1).indices
-        sums += torch.stack([torch.tensor(len(y), dtype=torch.float64, device=device),
-                             nn.functional.cross_entropy(logits, y, reduction="sum").double(),
-                             (best[:, 0] == y).sum().double(), (best == y[:, None]).any(dim=1).sum().double()])
-    n, loss_sum, top1, top5, wide = world.sum(*sums, float(classes > 5), device=device)
+        n = torch.tensor(len(y), dtype=torch.float64, device=device)
+        sums += torch.stack([n, nn.functional.cross_entropy(logits, y, weight=class_weights, reduction="sum").double(),
+                             (best[:, 0] == y).sum().double(), (best == y[:, None]).any(dim=1).sum().double(),
+                             class_weights[y].sum().double() if class_weights is not None else n])
+    n, loss_sum, top1, top5, weights, wide = world.sum(*sums, float(classes > 5), device=device)
     if n == 0:
         raise InvalidDatasetError("no validation image could be decoded", "check the validation data")
-    return Evaluation(int(n), loss_sum / n, top1 / n, top5 / n if wide else None)
+    return Evaluation(int(n), loss_sum / weights if weights else math.inf, top1 / n, top5 / n if wide else None)
 
 
 class RunFiles(Protocol):
@@ -216,7 +219,7 @@ def fit(s: Stepper, state: Fit, train: Feeder, validation: Feeder, bad: dict[str
                                       "check the training data (see the warnings above)")
         s.world.share_buffers(s.network)
         val = evaluate(s.network, validation.epoch(epoch), s.normalize, s.device, s.precision, bad["validation"],
-                       s.world, s.threads)
+                       s.world, s.threads, s.validation_weights)
         improved = state.stopper.update(epoch, val.loss)
         if improved:
             files.save_best(s.network)

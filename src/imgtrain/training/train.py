@@ -80,6 +80,7 @@ from imgtrain.models.trained import load_trained_model
 from imgtrain.precision import PRECISIONS, denormals_flushed, resolve_precision
 from imgtrain.seeding import as_uint32, seed_everything
 from imgtrain.threads import Threads, parse_threads, worker_count
+from imgtrain.training import balance
 from imgtrain.training.checkpoint import (
     CHECKPOINT_FILE,
     checkpoint_epoch,
@@ -94,6 +95,8 @@ from imgtrain.training.loop import EpochMetrics, Fit, Stepper, fit
 
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCALINGS = ("auto", "none", "sqrt", "linear")
+CLASS_WEIGHTS = ("none", "balanced")
+SAMPLERS = ("uniform", "balanced")
 RESUME_PREFIX = ".imgtrain-resume-"
 # Parameters that do not change the result: a run may resume with other values.
 _FREE_PARAMETERS = ("num_workers", "device", "on_bad_image", "cache", "threads")
@@ -123,6 +126,8 @@ class TrainingParameters:
     lr_scaling: str = "auto"  # with N processes: the learning rate times 1, sqrt(N) or N; auto: sqrt (adamw), N (sgd)
     sync_batchnorm: bool = False  # BatchNorm statistics over every process's batch (CUDA)
     compile: bool = False  # torch.compile the model: slower start, faster steps on long GPU runs
+    class_weights: str = "none"  # balanced: each class's loss weighted by (images / classes) / its images
+    sampler: str = "uniform"  # balanced: every class drawn equally often in each epoch (with replacement)
 
     def check(self, training_size: int, world: World = ALONE) -> None:
         check_range("epochs", self.epochs, low=1)
@@ -146,6 +151,13 @@ class TrainingParameters:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("on_bad_image", self.on_bad_image, ON_BAD_IMAGE)
         check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        check_choice("class_weights", self.class_weights, CLASS_WEIGHTS)
+        check_choice("sampler", self.sampler, SAMPLERS)
+
+    @property
+    def balanced(self) -> bool:
+        """Whether the classes are balanced somehow: then the validation loss that picks the best epoch is too."""
+        return self.class_weights == "balanced" or self.sampler == "balanced"
 
     def learning_rate_factor(self, processes: int) -> float:
         """How much the learning rate grows with the number of processes (the batch grows N-fold)."""
@@ -342,6 +354,12 @@ class _Run:
     def drop_last(self) -> bool:
         return self.share % self.params.batch_size == 1  # a batch of one breaks BatchNorm
 
+    @property
+    def class_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Images per class, in the training data and in the validation data."""
+        classes = len(self.train_set.categories)
+        return balance.class_counts(self.train_labels, classes), balance.class_counts(self.val_labels, classes)
+
 
 def _resumable(run_parameters: dict) -> dict:
     return {k: v for k, v in run_parameters.items() if k != "epochs"}  # the number of epochs may grow
@@ -398,8 +416,11 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
     model = ddp(network, device) if world.distributed else network
     if params.compile:
         model = torch.compile(model)
+    weights = torch.tensor(balance.balanced_weights(run.class_counts[0]), dtype=torch.float32, device=device)
     stepper = Stepper(model, network, optimizer, scaler, schedule, Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device),
-                      device, run.precision, params.learning_rate, Threads(params.threads, log), world)
+                      device, run.precision, params.learning_rate, Threads(params.threads, log), world,
+                      loss_fn=nn.CrossEntropyLoss(weight=weights if params.class_weights == "balanced" else None),
+                      validation_weights=weights if params.balanced else None)
     files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters)
     return stepper, state, files
 
@@ -412,8 +433,9 @@ def _feeders(run: _Run, caches: dict, log) -> tuple[Feeder, Feeder, dict[str, Ba
     val_images = ImageDataset([run.val_set.path(i) for i in range(len(run.val_set))], run.val_labels, size,
                               cache=caches.get("validation"))
     feed = dict(batch_size=params.batch_size, workers=run.workers, device=run.device)
+    balanced = run.train_labels if params.sampler == "balanced" else None
     train = Feeder(train_images, SeededSampler(len(train_images), run.seed, shuffle=True, rank=world.rank,
-                                               ranks=world.size), drop_last=run.drop_last,
+                                               ranks=world.size, balance_labels=balanced), drop_last=run.drop_last,
                    source=str(run.training_data), **feed)
     val = Feeder(val_images, SeededSampler(len(val_images), 0, shuffle=False, rank=world.rank, ranks=world.size),
                  source=str(run.validation_data), **feed)
@@ -439,6 +461,17 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
         f"{params.batch_size}, learning rate {run.learning_rate:g}, {params.optimizer}, augmentation "
         f"{params.augmentation}, up to {params.epochs} epochs, patience {params.patience}, {run.workers} data "
         f"workers, decoded-image cache {'on' if any(caches.values()) else 'off'}, {stepper.threads.describe()}")
+    training, validation = run.class_counts
+    log(f"{balance.describe(run.train_set.categories, training, validation)}; "
+        f"{option('class_weights', params.class_weights)}, {option('sampler', params.sampler)}"
+        + ("; the validation loss that picks the best epoch is class-weighted too" if params.balanced else ""))
+    both = f"{option('class_weights', 'balanced')} and {option('sampler', 'balanced')}"
+    if params.class_weights == "balanced" and params.sampler == "balanced":
+        log(f"warning: {both} both even out the classes: together they over-correct (a small class then counts "
+            "more than a large one); pick one")
+    elif not params.balanced and balance.imbalance(training) >= balance.IMBALANCED:
+        log(f"note: the largest class has {balance.imbalance(training):,.3g} times the images of the smallest: "
+            f"{both.replace(' and ', ' or ')} may serve the small classes better (README, \"Imbalanced classes\")")
 
 
 def _trained_spec(run: _Run, state: Fit) -> ModelSpec:
@@ -454,6 +487,7 @@ def _trained_spec(run: _Run, state: Fit) -> ModelSpec:
                   "stopped_epoch": state.epoch, "best_validation_loss": state.stopper.best_loss,
                   "best_validation_top1_accuracy": state.history[state.stopper.best_epoch - 1].validation_top1_accuracy,
                   "training_images": len(run.train_set), "validation_images": len(run.val_set),
+                  "class_counts": balance.record(run.train_set.categories, *run.class_counts),
                   "run_id": run.run_id})
 
 
