@@ -28,6 +28,7 @@ import imgtrain.data.decode as decode_module
 from conftest import make_image, make_labelled_folder, run_cli
 from imgtrain import convert_to_image_directory, score_image_model, train_pytorch_model
 from imgtrain.data.decode import load_rgb
+from imgtrain.directories.model_directory import load_model_spec
 from imgtrain.errors import (
     BadImageError,
     CheckpointExistsError,
@@ -153,6 +154,8 @@ def test_a_bad_image_that_slipped_in_later_is_named(tmp_path, image_dirs):
     train_pytorch_model(image_dirs["untrained"], tmp_path / "train", image_dirs["val"], tmp_path / "m1",
                         log=logs.append, **TRAIN)
     assert sum(f"skipping image {victim}" in line for line in logs) == 1  # named once, not every epoch
+    assert load_model_spec(tmp_path / "m1").training["bad_images"] == {"training": [str(victim)], "validation": []}
+    assert f"<td>training</td><td>{victim}</td>" in (tmp_path / "m1" / "report.html").read_text()
     with pytest.raises(BadImageError, match=f"cannot decode image {victim}: truncated"):
         train_pytorch_model(image_dirs["untrained"], tmp_path / "train", image_dirs["val"], tmp_path / "m2",
                             on_bad_image="fail", **TRAIN, **QUIET)
@@ -375,7 +378,8 @@ def test_killed_between_the_last_epoch_and_publishing_then_resume_publishes(tmp_
     assert any("moved into place" in line for line in logs) and not any(line.startswith("epoch ") for line in logs)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == weights
     assert sorted(f.name for f in (tmp_path / "m").iterdir()) == [
-        "_meta.yaml", "index_to_label.csv", "metrics.csv", "metrics.jsonl", "model.safetensors", "model_spec.yaml"]
+        "_meta.yaml", "index_to_label.csv", "metrics.csv", "metrics.jsonl", "model.safetensors", "model_spec.yaml",
+        "report.html", "training_images.png"]
     assert not (tmp_path / ".imgtrain-resume-m").exists()
 
 
@@ -397,7 +401,8 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
                                  **args, **QUIET)
     assert result.stopped_epoch == 3
     assert sorted(f.name for f in (tmp_path / "m").iterdir()) == [
-        "_meta.yaml", "index_to_label.csv", "metrics.csv", "metrics.jsonl", "model.safetensors", "model_spec.yaml"]
+        "_meta.yaml", "index_to_label.csv", "metrics.csv", "metrics.jsonl", "model.safetensors", "model_spec.yaml",
+        "report.html", "training_images.png"]
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path, image_dirs):

@@ -94,7 +94,7 @@ def test_cli_errors_are_one_line(tmp_path, image_dirs):
 def test_trained_directory_is_complete_and_self_describing(trained_model, image_dirs):
     files = sorted(p.name for p in trained_model.iterdir())
     assert files == ["_meta.yaml", "index_to_label.csv", "metrics.csv", "metrics.jsonl", "model.safetensors",
-                     "model_spec.yaml"]
+                     "model_spec.yaml", "report.html", "training_images.png"]
     spec = load_trained_model(trained_model).spec
     assert spec.labels == ["bright", "dark", "mid"] and spec.input.image_size == 32
     assert spec.input.mean == [0.485, 0.456, 0.406]

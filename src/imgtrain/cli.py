@@ -88,15 +88,41 @@ def _threads(p: argparse.ArgumentParser) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only warnings and errors: no progress bars, no summaries")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+class _Log:
+    """Where a module's messages go: stderr, or with --quiet only its warnings (and the lines that go with one)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.in_warning = quiet, False
+
+    def __call__(self, message: str) -> None:
+        if self.quiet:
+            self.in_warning = message.startswith(("warning", "error")) or (message[:1].isspace() and self.in_warning)
+            if not self.in_warning:
+                return
+        print(message, file=sys.stderr, flush=True)
+
+
+def _say(args, text: str) -> None:
+    """A command's summary on stdout, unless --quiet."""
+    if not args.quiet:
+        print(text)
+
+
+def _progress(args) -> bool | None:
+    return False if args.quiet else None  # None: bars on a terminal only
 
 
 def _convert(args) -> None:
     from imgtrain.data.convert import convert_to_image_directory
 
     result = convert_to_image_directory(args.source, args.output, on_bad_image=args.on_bad_image,
-                                        overwrite=args.overwrite)
-    print(f"{result.summary()}; ImageDirectory written to {result.output}")
+                                        overwrite=args.overwrite, log=_Log(args.quiet), progress=_progress(args))
+    _say(args, f"{result.summary()}; ImageDirectory written to {result.output}")
 
 
 def _split(args) -> None:
@@ -104,7 +130,7 @@ def _split(args) -> None:
 
     a, b = split_image_directory(args.source, args.output_a, args.output_b, fraction=args.fraction,
                                  random_seed=args.random_seed, overwrite=args.overwrite)
-    print(f"Split into {a:,} images ({args.output_a}) and {b:,} images ({args.output_b})")
+    _say(args, f"Split into {a:,} images ({args.output_a}) and {b:,} images ({args.output_b})")
 
 
 def _densenet(args) -> None:
@@ -112,8 +138,8 @@ def _densenet(args) -> None:
 
     spec = densenet(args.output, model_name=args.model_name, pretrained=args.pretrained,
                     memory_efficient=args.memory_efficient, overwrite=args.overwrite)
-    print(f"Untrained {spec.architecture} ({'pretrained' if spec.pretrained else 'from scratch'}) "
-          f"written to {args.output}")
+    _say(args, f"Untrained {spec.architecture} ({'pretrained' if spec.pretrained else 'from scratch'}) "
+               f"written to {args.output}")
 
 
 def _resnet(args) -> None:
@@ -121,8 +147,8 @@ def _resnet(args) -> None:
 
     spec = resnet(args.output, model_name=args.model_name, pretrained=args.pretrained,
                   zero_init_residual=args.zero_init_residual, overwrite=args.overwrite)
-    print(f"Untrained {spec.architecture} ({'pretrained' if spec.pretrained else 'from scratch'}) "
-          f"written to {args.output}")
+    _say(args, f"Untrained {spec.architecture} ({'pretrained' if spec.pretrained else 'from scratch'}) "
+               f"written to {args.output}")
 
 
 def _train(args) -> None:
@@ -137,16 +163,17 @@ def _train(args) -> None:
         compile=args.compile, class_weights=args.class_weights, sampler=args.sampler)
     result = train_pytorch_model(args.untrained_model, args.training_data, args.validation_data,
                                  args.output, params, overwrite=args.overwrite, resume=args.resume,
-                                 restart=args.restart)
+                                 restart=args.restart, log=_Log(args.quiet), progress=_progress(args),
+                                 tensorboard=args.tensorboard, mlflow=args.mlflow, log_every=args.log_every)
     if _rank() != 0:
         return  # rank 0 says it
     best = result.history[result.best_epoch - 1]
     summary = (f"best epoch {result.best_epoch} of {result.stopped_epoch}, validation loss "
                f"{best.validation_loss:.4f}, top-1 accuracy {best.validation_top1_accuracy:.2%}")
     if result.already_complete:
-        print(f"{result.output} is already complete ({summary}); nothing was changed")
+        _say(args, f"{result.output} is already complete ({summary}); nothing was changed")
     else:
-        print(f"Trained model written to {result.output} ({summary})")
+        _say(args, f"Trained model written to {result.output} ({summary}); report: {result.output / 'report.html'}")
 
 
 def _rank() -> int:
@@ -201,18 +228,27 @@ def _score(args) -> None:
     result = score_image_model(args.trained_model, args.dataset, args.output, batch_size=args.batch_size,
                                device=args.device, num_workers=args.num_workers, precision=args.precision,
                                on_bad_image=args.on_bad_image, top_k=args.top_k, threads=args.threads,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, log=_Log(args.quiet), progress=_progress(args))
     if _rank() != 0:
         return  # rank 0 says it
-    print(f"Scored {result.num_images:,} images; scores written to {result.output / SCORED_FILE}")
+    _say(args, f"Scored {result.num_images:,} images; scores written to {result.output / SCORED_FILE}")
 
 
 def _evaluate(args) -> None:
     from imgtrain.scoring.evaluate import METRICS_JSON, evaluate_model
 
-    metrics = evaluate_model(args.scored_dataset, args.output, overwrite=args.overwrite)
-    print(f"Accuracy {metrics['accuracy']:.2%} (macro F1 {metrics['f1_macro']:.4f}) on "
-          f"{metrics['num_images']:,} images; metrics written to {args.output}/{METRICS_JSON}")
+    metrics = evaluate_model(args.scored_dataset, args.output, overwrite=args.overwrite, log=_Log(args.quiet))
+    _say(args, f"Accuracy {metrics['accuracy']:.2%} (macro F1 {metrics['f1_macro']:.4f}) on "
+               f"{metrics['num_images']:,} images; metrics written to {args.output}/{METRICS_JSON}; report: "
+               f"{args.output}/report.html")
+
+
+def _report(args) -> None:
+    from imgtrain.scoring.report import report
+
+    report(args.trained_model, args.output, scored_dataset=args.scored_dataset, overwrite=args.overwrite,
+           log=lambda message: None)
+    _say(args, f"Report written to {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, score and evaluate PyTorch image classifiers: the Azure ML designer's "
                     "image modules, as a command line.",
         epilog="Pipeline: convert-to-image-directory -> split-image-directory -> densenet | resnet -> "
-               "train-pytorch-model -> score-image-model -> evaluate-model (short names in parentheses).\n"
+               "train-pytorch-model -> score-image-model -> evaluate-model (short names in parentheses); `report` "
+               "puts a model's training and evaluation on one HTML page.\n"
                "Run `imgtrain <command> --help` for a command's parameters.")
     parser.add_argument("--version", action="version", version=f"imgtrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
@@ -317,6 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the decoded images at training size in a memory-mapped file beside the output "
                         "after the first epoch, instead of decoding them again every epoch")
     _threads(p)
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write TensorBoard event files into DIR (`tensorboard --logdir DIR`): every figure of "
+                        "metrics.csv per epoch, the running loss and learning rate every --log-every steps. Needs "
+                        "`pip install 'imgtrain[tensorboard]'`")
+    p.add_argument("--mlflow", nargs="?", const=True, default=False, metavar="URI",
+                   help="also log the run to MLflow: parameters, figures per epoch (and every --log-every steps), "
+                        "and the model directory as the artifact `model`. To URI if given, else to "
+                        "$MLFLOW_TRACKING_URI, else to ./mlruns; experiment $MLFLOW_EXPERIMENT_NAME or imgtrain. "
+                        "Needs `pip install 'imgtrain[mlflow]'`")
+    p.add_argument("--log-every", type=_int, default=50, metavar="STEPS",
+                   help="steps between the running figures sent to TensorBoard and MLflow (on a GPU, read every "
+                        "50 steps at most)")
     p.add_argument("--nproc-per-node", type=_int, default=None, metavar="N",
                    help="train with N processes on this machine (one per GPU, or CPU processes sharing its "
                         "cores), started by torchrun; --batch-size is per process. On several machines, start "
@@ -364,6 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "confusion matrix (metrics.json, confusion_matrix.png).")
     p.add_argument("--scored-dataset", required=True, help="output of `imgtrain score-image-model`")
     p.add_argument("--output", required=True, help="directory to write the metrics into")
+    _common(p)
+
+    p = command("report", _report,
+                "Write one self-contained HTML page for a trained model: its training (curves, data, the images "
+                "as the model saw them, parameters) and, with --scored-dataset, its evaluation (confusion "
+                "matrix, per-class figures, the worst mistakes).")
+    p.add_argument("trained_model", metavar="MODEL", help="output of `imgtrain train-pytorch-model`")
+    p.add_argument("--scored-dataset", default=None,
+                   help="a labelled output of `imgtrain score-image-model` to evaluate on the same page")
+    p.add_argument("--output", required=True, help="the HTML file to write, e.g. report.html")
     _common(p)
     return parser
 

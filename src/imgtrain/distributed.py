@@ -116,6 +116,14 @@ class World:
             full[where] = values
         return full
 
+    def union(self, items: set[int]) -> set[int]:
+        """Every rank's ``items`` together, on every rank."""
+        if not self.distributed:
+            return set(items)
+        parts: list = [None] * self.size
+        dist.all_gather_object(parts, sorted(items))
+        return set().union(*parts)
+
     @contextlib.contextmanager
     def speaking_for_the_others(self) -> Iterator[None]:
         """A collective that fails because another process died or hangs becomes DistributedRunError

@@ -121,6 +121,10 @@ class DistributedRunError(ImgtrainError):
     """Another process of a distributed run stopped, or the processes could not reach each other."""
 
 
+class MissingDependencyError(ImgtrainError):
+    """An option needs an optional package (an extra, such as imgtrain[mlflow]) that is not installed."""
+
+
 def check_choice(name: str, value: object, allowed: tuple) -> None:
     """Raise InvalidParameterError unless value is one of allowed."""
     if value not in allowed:

@@ -15,6 +15,7 @@ import sys
 import tarfile
 import zipfile
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,18 +129,33 @@ def find_images(root: Path | str) -> FoundImages:
     return found
 
 
-def _check_all(paths: list[Path]) -> list[ImageCheck]:
+def _check_all(paths: list[Path], bar: Callable[..., Iterable]) -> list[ImageCheck]:
     if len(paths) < _PARALLEL_FROM or (os.cpu_count() or 1) < 2:
-        return [check_image(p) for p in paths]
+        return [check_image(p) for p in bar(paths, "decoding")]
     with ProcessPoolExecutor(max_workers=worker_count(None)) as pool:
-        return list(pool.map(check_image, paths, chunksize=64))
+        return list(bar(pool.map(check_image, paths, chunksize=64), "decoding", total=len(paths)))
+
+
+def progress_bar(show: bool | None) -> Callable[..., Iterable]:
+    """``bar(items, what, total=None)``: the items, with a progress bar (count, rate, time left) on a
+    terminal; ``show`` None: when stderr is a terminal. Never redrawn into a log or a pipe."""
+    from tqdm import tqdm
+
+    hide = (not sys.stderr.isatty()) if show is None else not show
+
+    def bar(items: Iterable, what: str, total: int | None = None) -> Iterable:
+        return tqdm(items, desc=what, total=total, unit="image", leave=False, disable=hide, dynamic_ncols=True)
+    return bar
 
 
 def convert_to_image_directory(
     source: Path | str, output: Path | str, *, on_bad_image: str = "skip", overwrite: bool = False, log=None,
+    progress: bool | None = None,
 ) -> ConvertResult:
-    """Convert a folder (one sub-folder per category, or flat) or an archive of one."""
+    """Convert a folder (one sub-folder per category, or flat) or an archive of one. ``progress``: show
+    progress bars (None: on a terminal)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    bar = progress_bar(progress)
     source, output = Path(source), Path(output)
     check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
     if not source.exists():
@@ -149,7 +165,7 @@ def convert_to_image_directory(
         if from_archive:
             extract_archive(source, tmp / ".extracted")
         found = find_images(tmp / ".extracted" if from_archive else source)
-        checks = _check_all([path for path, _ in found.items])
+        checks = _check_all([path for path, _ in found.items], bar)
         shown_root = tmp / ".extracted" if from_archive else None
         rejected = [(_shown(path, source, shown_root), c.reason)
                     for (path, _), c in zip(found.items, checks, strict=True) if c.reason]
@@ -166,7 +182,7 @@ def convert_to_image_directory(
         if len(categories) != len(found.categories):  # a category whose every file was bad
             index = {name: i for i, name in enumerate(categories)}
         files, labels, infos = [], [], []
-        for path, category, check in kept:
+        for path, category, check in bar(kept, "copying"):
             label = index[category] if category is not None else 0
             name = f"{IMAGE_FOLDER}/{label}_{len(files)}{path.suffix}"  # the original suffix, as the designer
             shutil.copyfile(path, tmp / name)  # follows a link inside the archive to its file

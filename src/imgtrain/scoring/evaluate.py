@@ -1,4 +1,4 @@
-"""Evaluate Model (classification): accuracy, precision, recall, F1 and the confusion matrix."""
+"""Evaluate Model (classification): accuracy, precision, recall, F1, the confusion matrix, and a report."""
 
 from __future__ import annotations
 
@@ -6,21 +6,46 @@ import csv
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
-from imgtrain.directories.files import open_text
+from imgtrain.directories.files import open_text, read_text
 from imgtrain.errors import InvalidDatasetError, NotLabeledDatasetError
-from imgtrain.scoring.table import LABEL_COLUMN, PROBABILITY_PREFIX, SCORED_FILE, SCORED_LABEL
+from imgtrain.reports import plots
+from imgtrain.reports.evaluation import Mistake, evaluation_page, worst_mistakes
+from imgtrain.reports.page import REPORT_FILE, figure_png
+from imgtrain.scoring.table import (
+    IMAGE_ROOT,
+    LABEL_COLUMN,
+    META_FILE,
+    ORIGINAL_COLUMN,
+    PROBABILITY_PREFIX,
+    SCORED_FILE,
+    SCORED_LABEL,
+)
 
 METRICS_JSON = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
 
 
-def _read_scored(scored: Path) -> tuple[list[str], list[str], list[str]]:
-    """Return (true labels, predicted labels, the model's label list) from a scored data set."""
+@dataclass
+class ScoredTable:
+    """What Evaluate Model reads of a scored data set."""
+
+    truth: list[str]
+    predicted: list[str]
+    labels: list[str]  # the model's, in its order
+    images: list[str]  # as the table names them
+    confidence: np.ndarray  # the probability of each predicted label
+    originals: list[str] | None  # the images' paths before convert, when recorded
+    root: Path | None  # the folder the image names are relative to, when recorded
+
+
+def read_scored(scored: Path) -> ScoredTable:
     path = scored / SCORED_FILE if scored.is_dir() else scored
     hint = "pass the output of `imgtrain score-image-model`"
     try:
@@ -46,7 +71,28 @@ def _read_scored(scored: Path) -> tuple[list[str], list[str], list[str]]:
         if row[LABEL_COLUMN] is None or row[SCORED_LABEL] is None:
             raise InvalidDatasetError(f"{path}: data row {n} has fewer fields than the header", hint)
     labels = [h[len(PROBABILITY_PREFIX):] for h in header if h.startswith(PROBABILITY_PREFIX)]
-    return [r[LABEL_COLUMN] for r in rows], [r[SCORED_LABEL] for r in rows], labels
+    predicted = [r[SCORED_LABEL] for r in rows]
+    return ScoredTable([r[LABEL_COLUMN] for r in rows], predicted, labels, [r.get("image") or "" for r in rows],
+                       np.array([_number(r.get(PROBABILITY_PREFIX + p)) for r, p in zip(rows, predicted, strict=True)]),
+                       [r[ORIGINAL_COLUMN] for r in rows] if ORIGINAL_COLUMN in header else None,
+                       _image_root(path.parent))
+
+
+def _number(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _image_root(folder: Path) -> Path | None:
+    """Where the scored images' names start from, as Score Image Model recorded it in _meta.yaml."""
+    try:
+        meta = yaml.safe_load(read_text(folder / META_FILE))
+    except (OSError, yaml.YAMLError, InvalidDatasetError, ValueError):
+        return None
+    root = meta.get(IMAGE_ROOT) if isinstance(meta, dict) else None
+    return Path(root) if isinstance(root, str) else None
 
 
 def evaluate_model(
@@ -56,23 +102,36 @@ def evaluate_model(
     overwrite: bool = False,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> dict:
-    """Write metrics.json and confusion_matrix.png for a labelled scored data set."""
+    """Write metrics.json, confusion_matrix.png and report.html for a labelled scored data set."""
     check_not_an_input(output, {"scored dataset": scored_dataset})
-    truth, predicted, model_labels = _read_scored(Path(scored_dataset))
+    table = read_scored(Path(scored_dataset))
     check_output_writable(Path(output), overwrite=overwrite)
-    log(f"Evaluating {len(truth):,} scored images")
+    log(f"Evaluating {len(table.truth):,} scored images")
+    metrics = metrics_of(table)
+    matrix = metrics["confusion_matrix"]
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        (tmp / METRICS_JSON).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        (tmp / CONFUSION_PNG).write_bytes(figure_png(plots.confusion(
+            np.array(matrix["counts"]), np.array(matrix["normalized"]), matrix["labels"])))
+        evaluation_page(metrics, mistakes_of(table)).write(tmp / REPORT_FILE)
+    return metrics
+
+
+def metrics_of(table: ScoredTable) -> dict:
+    """metrics.json's figures for a scored table."""
     # Labels the model does not know (in a table edited by hand) count as errors, never as a crash.
-    labels = model_labels + sorted((set(truth) | set(predicted)) - set(model_labels))
-    counts = confusion_matrix(truth, predicted, labels)
+    labels = table.labels + sorted((set(table.truth) | set(table.predicted)) - set(table.labels))
+    counts = confusion_matrix(table.truth, table.predicted, labels)
     metrics = classification_metrics(counts, labels)
     rows = counts.sum(axis=1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     metrics["confusion_matrix"] = {"labels": labels, "counts": counts.tolist(),
                                    "normalized": np.round(normalised, 6).tolist()}
-    with atomic_output_dir(output, overwrite=overwrite) as tmp:
-        (tmp / METRICS_JSON).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        _plot_confusion(counts, normalised, labels, tmp / CONFUSION_PNG)
     return metrics
+
+
+def mistakes_of(table: ScoredTable) -> list[Mistake]:
+    return worst_mistakes(table.truth, table.predicted, table.confidence, table.images, table.root, table.originals)
 
 
 def confusion_matrix(truth: list[str], predicted: list[str], labels: list[str]) -> np.ndarray:
@@ -111,33 +170,3 @@ def classification_metrics(counts: np.ndarray, labels: list[str]) -> dict:
         for i, label in enumerate(labels)
     }
     return metrics
-
-
-def _plot_confusion(counts: np.ndarray, normalised: np.ndarray, labels: list[str], path: Path) -> None:
-    # A Figure with the Agg canvas, not pyplot: no GUI backend to look for, and less to import.
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    with matplotlib.rc_context({"text.parse_math": False}):  # a label like "$5_to_$10" is text, not TeX
-        n = len(labels)
-        side = min(20, max(4, 0.5 * n + 2))
-        fig = Figure(figsize=(side, side * 0.85))
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        im = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-        fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
-        ticks = np.arange(n)
-        ax.set_xticks(ticks, labels, rotation=90 if n > 10 else 45, ha="right" if n <= 10 else "center")
-        ax.set_yticks(ticks, labels)
-        ax.set_xlabel("predicted label")
-        ax.set_ylabel("true label")
-        ax.set_title(f"Confusion matrix ({int(counts.sum()):,} images)")
-        if n <= 30:
-            for i in range(n):
-                for j in range(n):
-                    if counts[i, j]:
-                        ax.text(j, i, f"{counts[i, j]}", ha="center", va="center", fontsize=8,
-                                color="white" if normalised[i, j] > 0.5 else "black")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)

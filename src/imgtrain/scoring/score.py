@@ -8,7 +8,7 @@ import glob
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,14 @@ from imgtrain.distributed import ALONE, World, join_world, leave_world, rank_dev
 from imgtrain.errors import InvalidDatasetError, check_choice, check_range, option
 from imgtrain.models.trained import TrainedModel, load_trained_model
 from imgtrain.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
-from imgtrain.scoring.table import LABEL_COLUMN, ORIGINAL_COLUMN, PROBABILITY_PREFIX, SCORED_FILE, SCORED_LABEL
+from imgtrain.scoring.table import (
+    IMAGE_ROOT,
+    LABEL_COLUMN,
+    ORIGINAL_COLUMN,
+    PROBABILITY_PREFIX,
+    SCORED_FILE,
+    SCORED_LABEL,
+)
 from imgtrain.threads import Threads, parse_threads, worker_count
 
 _DATASET_HINT = "pass an ImageDirectory, a folder of images, or image files (paths or glob patterns)"
@@ -67,6 +74,7 @@ class _Rows:
     categories: list[str] | None = None
     originals: list[str] | None = None  # the path each image had before convert
     given: tuple[Path, ...] = ()  # the folders and files named (globs expanded), for the output check
+    root: Path = field(default_factory=Path.cwd)  # where the names start from
 
 
 def _rows(images: Images) -> _Rows:
@@ -106,13 +114,14 @@ def _folder_rows(folder: Path) -> _Rows:
         data = ImageDirectory.load(folder)
         cats = None if data.labels is None else [data.categories[i] for i in data.labels]
         return _Rows([data.path(i) for i in range(len(data))], data.files, data.ids.tolist(), cats, data.originals,
-                     given=(folder,))
+                     given=(folder,), root=data.root)
     found = find_images(folder)
     if not found.items:
         raise InvalidDatasetError(f"no image found in {folder}", _DATASET_HINT)
     paths = [p for p, _ in found.items]
     cats = [c for _, c in found.items] if found.categories else None
-    return _Rows(paths, [str(p.relative_to(found.root)) for p in paths], categories=cats, given=(folder,))
+    return _Rows(paths, [str(p.relative_to(found.root)) for p in paths], categories=cats, given=(folder,),
+                 root=found.root)
 
 
 def _probabilities(
@@ -143,9 +152,10 @@ def _probabilities(
     probabilities = np.zeros((len(mine), model.spec.num_classes), dtype=np.float32)
     scored = np.zeros(len(mine), dtype=bool)
     bad_images = BadImagePolicy(on_bad_image, images, world.own_log(log))  # each names the bad ones it meets
-    with torch.inference_mode(), denormals_flushed(), threads:
-        for batch in tqdm(loader, desc="scoring", unit="batch", leave=False,
-                          disable=(not sys.stderr.isatty() or not world.is_main) if progress is None else not progress):
+    hide = (not sys.stderr.isatty() or not world.is_main) if progress is None else not progress
+    bar = tqdm(total=len(paths), desc="scoring", unit="image", leave=False, disable=hide, dynamic_ncols=True)
+    with torch.inference_mode(), denormals_flushed(), threads, bar:
+        for batch in loader:
             threads.step()
             x, _, index = bad_images.filter(batch)
             if len(index):
@@ -154,6 +164,7 @@ def _probabilities(
                 rows = (index.numpy() - world.rank) // world.size
                 probabilities[rows] = logits.float().softmax(dim=1).cpu().numpy()
                 scored[rows] = True
+            bar.update(len(batch[2]) * world.size)  # the processes go at one pace: count them all
     return world.gather_rows(mine, probabilities, len(paths)), world.gather_rows(mine, scored, len(paths))
 
 
@@ -241,7 +252,7 @@ def _write_scores(output: Path | str, rows: _Rows, model: TrainedModel, probabil
         meta = {"type": "DataFrameDirectory", "format": "csv", "data": SCORED_FILE,
                 "label_column": LABEL_COLUMN if rows.categories is not None else None,
                 "scored_label_column": SCORED_LABEL, "labels": list(labels),
-                "trained_model": str(model.path.resolve())}
+                "trained_model": str(model.path.resolve()), IMAGE_ROOT: str(rows.root.absolute())}
         (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
     return ScoreResult(Path(output), int(scored.sum()), rows.categories is not None)
 

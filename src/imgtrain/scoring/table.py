@@ -8,3 +8,5 @@ LABEL_COLUMN = "category"  # the true label, when the images had one
 ORIGINAL_COLUMN = "original_path"  # the path an image had before convert, when recorded
 PROBABILITY_PREFIX = "Scored Probabilities_"  # one column per label
 SCORED_LABEL = "Scored Labels"  # the most probable label
+META_FILE = "_meta.yaml"
+IMAGE_ROOT = "image_root"  # in _meta.yaml: the folder the image column's names are relative to

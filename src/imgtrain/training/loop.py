@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -91,8 +91,9 @@ class Stepper:
 
 
 def train_one_epoch(s: Stepper, batches: Iterable, bad_images: BadImagePolicy, epoch: int,
-                    show: Callable[[float], None] = lambda loss: None) -> TrainStats:
-    """Forward, loss, backward and optimiser step for every batch of the epoch."""
+                    show: Callable[[int, float], None] = lambda step, loss: None) -> TrainStats:
+    """Forward, loss, backward and optimiser step for every batch of the epoch; ``show`` gets the step and
+    the running loss whenever they are read."""
     s.model.train()
     sync_every = 1 if s.device.type == "cpu" else SYNC_EVERY
     loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
@@ -137,7 +138,7 @@ def train_one_epoch(s: Stepper, batches: Iterable, bad_images: BadImagePolicy, e
         s.schedule.step()
         if step % sync_every == 0:
             _check_finite(s, nonfinite, epoch, step)
-            show(float(loss_sum) / max(seen, 1))
+            show(step, float(loss_sum) / max(seen, 1))
         fetch_started = time.perf_counter()
     _check_finite(s, nonfinite, epoch, step)
     seconds = time.perf_counter() - started
@@ -187,6 +188,15 @@ def evaluate(network: nn.Module, batches: Iterable, normalize: Normalize, device
     return Evaluation(int(n), loss_sum / weights if weights else math.inf, top1 / n, top5 / n if wide else None)
 
 
+class Watcher(Protocol):
+    """Something that follows the run's figures as they come (rank 0 only): TensorBoard, MLflow."""
+
+    def step(self, step: int, loss: float, learning_rate: float) -> None:
+        """The running training loss of the epoch so far, on the global step."""
+
+    def epoch(self, metrics: EpochMetrics) -> None: ...
+
+
 class RunFiles(Protocol):
     """What the loop writes, on rank 0 only (the methods do nothing on the other ranks)."""
 
@@ -206,14 +216,24 @@ class Fit:
 
 
 def fit(s: Stepper, state: Fit, train: Feeder, validation: Feeder, bad: dict[str, BadImagePolicy],
-        files: RunFiles, log: Callable[[str], None], progress: Callable[[Iterable, int], Iterable]) -> Fit:
+        files: RunFiles, log: Callable[[str], None], progress: Callable[[Iterable, int], Iterable],
+        watchers: Sequence[Watcher] = ()) -> Fit:
     """Train epoch after epoch until ``state.epochs`` or early stopping; return the final state."""
     while state.epoch < state.epochs and not state.stopper.should_stop:
         state.epoch += 1
         epoch, started = state.epoch, time.perf_counter()
         lr = s.optimizer.param_groups[-1]["lr"]
-        bar = progress(train.epoch(epoch), epoch)
-        trained = train_one_epoch(s, bar, bad["training"], epoch, show=getattr(bar, "show", lambda loss: None))
+        batches = train.epoch(epoch)
+        bar = progress(batches, epoch)
+        before = (epoch - 1) * len(batches)  # steps of the epochs before
+
+        def show(step: int, loss: float, bar=bar, before=before) -> None:
+            if hasattr(bar, "show"):
+                bar.show(loss)
+            for watcher in watchers:
+                watcher.step(before + step, loss, s.optimizer.param_groups[-1]["lr"])
+
+        trained = train_one_epoch(s, bar, bad["training"], epoch, show=show)
         if trained.images == 0:
             raise InvalidDatasetError(f"no training image of {train.source} could be decoded",
                                       "check the training data (see the warnings above)")
@@ -227,6 +247,8 @@ def fit(s: Stepper, state: Fit, train: Feeder, validation: Feeder, bad: dict[str
                                           val.loss, val.top1, val.top5, trained.data_wait_fraction,
                                           time.perf_counter() - started))
         files.save_checkpoint(epoch, state.stopper, state.history)
+        for watcher in watchers:
+            watcher.epoch(state.history[-1])
         log(f"epoch {epoch}/{state.epochs}  lr {lr:.2e}  train loss {trained.loss:.4f} "
             f"error {trained.error:.2%}  {trained.images / trained.seconds:,.0f} img/s  "
             f"val loss {val.loss:.4f} top-1 {val.top1:.2%}" + (f" top-5 {val.top5:.2%}" if val.top5 is not None else "")

@@ -9,6 +9,7 @@ into place. Under torchrun every process runs this; only rank 0 touches files.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -78,6 +79,9 @@ from imgtrain.models.names import load_known_spec
 from imgtrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_model, get_architecture
 from imgtrain.models.trained import load_trained_model
 from imgtrain.precision import PRECISIONS, denormals_flushed, resolve_precision
+from imgtrain.reports import plots
+from imgtrain.reports.page import REPORT_FILE, figure_png
+from imgtrain.reports.training import TRAINING_IMAGES, read_history, training_page
 from imgtrain.seeding import as_uint32, seed_everything
 from imgtrain.threads import Threads, parse_threads, worker_count
 from imgtrain.training import balance
@@ -92,6 +96,7 @@ from imgtrain.training.checkpoint import (
 from imgtrain.training.early_stopping import EarlyStopping
 from imgtrain.training.image_size import auto_image_size
 from imgtrain.training.loop import EpochMetrics, Fit, Stepper, fit
+from imgtrain.training.tracking import DEFAULT_EVERY, Trackers, Tracking
 
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCALINGS = ("auto", "none", "sqrt", "linear")
@@ -198,6 +203,9 @@ def train_pytorch_model(
     restart: bool = False,
     log: Callable[[str], None] = _stderr,
     progress: bool | None = None,
+    tensorboard: Path | str | None = None,
+    mlflow: bool | str = False,
+    log_every: int = DEFAULT_EVERY,
     **overrides,
 ) -> TrainResult:
     """Train a model directory on a labelled ImageDirectory; keep the best validation-loss epoch.
@@ -209,15 +217,23 @@ def train_pytorch_model(
 
     Started by torchrun, every process calls this with the same arguments: each trains on its
     share of the images (``batch_size`` is per process), and rank 0 alone writes.
+
+    ``tensorboard``: a folder to write TensorBoard event files into; ``mlflow``: True (MLflow's own
+    settings, else ./mlruns) or a tracking URI. Both get the figures of every epoch and, every
+    ``log_every`` steps, the running training loss.
     """
     params = TrainingParameters(**{**(asdict(params) if params else {}), **overrides})
+    check_range("log_every", log_every, low=1)
+    tracking = Tracking(tensorboard, mlflow, log_every)
+    tracking.check()
     device = resolve_device(params.device)
     world = join_world(device)
     try:
         with world.speaking_for_the_others():
             return _train(untrained_model, training_data, validation_data, Path(output), params,
                           rank_device(device, world), world, overwrite=overwrite, resume=resume, restart=restart,
-                          log=log if world.is_main else lambda message: None, progress=progress)
+                          log=log if world.is_main else lambda message: None, progress=progress,
+                          tracking=tracking if world.is_main else Tracking())
     finally:
         if world.is_main:
             disown(resume_dir_for(output))  # what stays there (a checkpoint) is free for the next run to resume
@@ -226,7 +242,7 @@ def train_pytorch_model(
 
 def _train(untrained_model, training_data, validation_data, output: Path, params: TrainingParameters,
            device: torch.device, world: World, *, overwrite: bool, resume: bool, restart: bool,
-           log: Callable[[str], None], progress: bool | None) -> TrainResult:
+           log: Callable[[str], None], progress: bool | None, tracking: Tracking) -> TrainResult:
     if resume and restart:
         raise InvalidParameterError(f"{option('resume', True)} and {option('restart', True)} exclude each other",
                                     "pass one of them")
@@ -248,27 +264,47 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
                          shared=world.local_size == world.size, barrier=world.barrier, log=log)
     train_feed, val_feed, bad = _feeders(run, caches, log)
     _describe(run, stepper, caches, log)
+    trackers = Trackers(tracking.open(output.name, _tracked_parameters(run)), log)
+    try:
+        result = _fit_and_publish(run, stepper, state, train_feed, val_feed, bad, files, caches, log, progress,
+                                  trackers, overwrite=overwrite)
+    except BaseException:
+        trackers.finish(None)
+        raise
+    trackers.finish(output)
+    return result
 
+
+def _fit_and_publish(run: _Run, stepper: Stepper, state: Fit, train_feed: Feeder, val_feed: Feeder, bad: dict,
+                     files: _RunFiles, caches: dict, log, progress: bool | None, trackers: Trackers, *,
+                     overwrite: bool) -> TrainResult:
+    """The fit loop, then the trained model directory with its report, moved into place (by rank 0)."""
+    params, world, output = run.params, run.world, run.output
     hide = (not sys.stderr.isatty()) if progress is None else not progress
+
     def bar(batches: Iterable, epoch: int) -> Iterable:
         return _Progress(batches, f"epoch {epoch}/{params.epochs}", disable=hide or not world.is_main)
 
     try:
         with denormals_flushed(), stepper.threads:
-            state = fit(stepper, state, train_feed, val_feed, bad, files, log, bar)
+            state = fit(stepper, state, train_feed, val_feed, bad, files, log, bar, trackers.active)
     except torch.OutOfMemoryError:
-        raise _out_of_memory(device, params, run.image_size) from None
+        raise _out_of_memory(run.device, params, run.image_size) from None
     except RuntimeError as exc:
         if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
-            raise _out_of_memory(device, params, run.image_size) from None
+            raise _out_of_memory(run.device, params, run.image_size) from None
         raise
 
     if state.stopper.best_epoch == 0:
         raise TrainingDivergedError("the validation loss was never a finite number",
                                     f"pass a lower {option('learning_rate')} than {params.learning_rate:g}")
-    spec = _trained_spec(run, state)
+    spec = _trained_spec(run, state, {name: world.union(policy.skipped) for name, policy in bad.items()})
 
     def publish_model() -> None:
+        images = _training_images(train_feed, run.train_set.categories)
+        (run.work / TRAINING_IMAGES).write_bytes(images)
+        page = training_page(spec, [asdict(m) for m in state.history], images, f"Training report: {output.name}")
+        page.write(run.work / REPORT_FILE)
         for cache in caches.values():
             if cache is not None:
                 cache.remove()
@@ -474,9 +510,20 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
             f"{both.replace(' and ', ' or ')} may serve the small classes better (README, \"Imbalanced classes\")")
 
 
-def _trained_spec(run: _Run, state: Fit) -> ModelSpec:
-    """The spec of the trained model: its labels, input, and the record of its training."""
+def _tracked_parameters(run: _Run) -> dict:
+    """What TensorBoard and MLflow are told of a run: its parameters, and what they resolved to."""
+    return {**asdict(run.params), "architecture": run.base.architecture, "pretrained": run.base.pretrained,
+            "image_size": run.image_size, "device": str(run.device), "precision": run.precision,
+            "processes": run.world.size, "effective_learning_rate": run.learning_rate,
+            "training_images": len(run.train_set), "validation_images": len(run.val_set),
+            "classes": len(run.train_set.categories)}
+
+
+def _trained_spec(run: _Run, state: Fit, bad: dict[str, set[int]]) -> ModelSpec:
+    """The spec of the trained model: its labels, input, and the record of its training (with the images
+    left out as bad, ``bad``: their indices in the training and the validation data)."""
     base, params = run.base, run.params
+    data = {"training": run.train_set, "validation": run.val_set}
     return ModelSpec(
         architecture=base.architecture, pretrained=base.pretrained, options=base.options, trained=True,
         labels=list(run.train_set.categories), weights=WEIGHTS_FILE, versions=library_versions(),
@@ -488,7 +535,21 @@ def _trained_spec(run: _Run, state: Fit) -> ModelSpec:
                   "best_validation_top1_accuracy": state.history[state.stopper.best_epoch - 1].validation_top1_accuracy,
                   "training_images": len(run.train_set), "validation_images": len(run.val_set),
                   "class_counts": balance.record(run.train_set.categories, *run.class_counts),
+                  "bad_images": {name: [str(data[name].path(i)) for i in sorted(bad[name])] for name in data},
                   "run_id": run.run_id})
+
+
+def _training_images(feed: Feeder, categories: list[str], count: int = 32) -> bytes:
+    """A PNG of the first images of epoch 1 as the model saw them: resized, augmented, labelled."""
+    feed.sampler.set_epoch(1)
+    shown = []
+    for item in itertools.islice(feed.sampler, count * 2):
+        x, label, _, ok = feed.images[item]
+        if ok:
+            shown.append((x.permute(1, 2, 0).numpy(), categories[label]))
+        if len(shown) == count:
+            break
+    return figure_png(plots.image_grid([x for x, _ in shown], [c for _, c in shown]))
 
 
 class _Progress:
@@ -605,9 +666,7 @@ def _extend_schedule(schedule, optimizer, old_epochs: int | None, epochs: int, d
 
 def _result_of(output: Path, *, already_complete: bool = False) -> TrainResult:
     spec = load_model_spec(output, need_trained=True)
-    with open(output / METRICS_FILE, newline="", encoding="utf-8") as f:
-        history = [EpochMetrics(**{k: (int(v) if k == "epoch" else float(v) if v != "" else None)
-                                   for k, v in row.items()}) for row in csv.DictReader(f)]
+    history = [EpochMetrics(**row) for row in read_history(output)]
     t = spec.training
     return TrainResult(output, t["best_epoch"], t["stopped_epoch"], t["best_validation_loss"], history,
                        already_complete=already_complete)

@@ -1,0 +1,86 @@
+"""Evaluate Model's report: the figures, the confusion matrix, per-class precision, recall and F1,
+and the worst mistakes (wrong with the highest confidence), with their images."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imgtrain.reports import plots
+from imgtrain.reports.page import Page, figure_png
+
+WORST_SHOWN = 16
+THUMBNAIL = 200  # px
+
+
+@dataclass
+class Mistake:
+    image: str  # as the scored table names it
+    path: Path | None  # where the file is, if it can be found
+    truth: str
+    predicted: str
+    probability: float  # of the predicted label
+    original: str | None = None  # its path before convert
+
+
+def worst_mistakes(truth: list[str], predicted: list[str], confidence: np.ndarray, images: list[str],
+                   root: Path | None, originals: list[str] | None = None, shown: int = WORST_SHOWN) -> list[Mistake]:
+    """The wrong answers given with the highest probability, most confident first."""
+    wrong = [i for i, (t, p) in enumerate(zip(truth, predicted, strict=True)) if t != p]
+    wrong.sort(key=lambda i: -confidence[i])
+    return [Mistake(images[i], _find(images[i], root), truth[i], predicted[i], float(confidence[i]),
+                    originals[i] if originals else None) for i in wrong[:shown]]
+
+
+def _find(image: str, root: Path | None) -> Path | None:
+    for candidate in ([root / image] if root is not None else []) + [Path(image)]:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def thumbnail(path: Path | None) -> bytes | None:
+    """A small PNG of the image, decoded as imgtrain decodes (a file that is gone or bad gives None)."""
+    from imgtrain.data.decode import load_rgb
+    from imgtrain.errors import BadImageError
+
+    if path is None:
+        return None
+    try:
+        image = load_rgb(path, draft_size=THUMBNAIL)
+    except (BadImageError, OSError):
+        return None
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def evaluation_page(metrics: dict, mistakes: list[Mistake], title: str = "Evaluation report") -> Page:
+    page = Page(title)
+    matrix = metrics["confusion_matrix"]
+    labels, counts = matrix["labels"], np.array(matrix["counts"])
+    page.paragraph(f"{metrics['num_images']:,} scored images, {len(labels):,} classes.", css="lead")
+    page.cards([(f"{metrics['accuracy']:.2%}", "accuracy"), (f"{metrics['precision_macro']:.4f}", "macro precision"),
+                (f"{metrics['recall_macro']:.4f}", "macro recall"), (f"{metrics['f1_macro']:.4f}", "macro F1"),
+                (f"{metrics['f1_weighted']:.4f}", "weighted F1")])
+    page.heading("Confusion matrix", "confusion")
+    page.figure(figure_png(plots.confusion(counts, np.array(matrix["normalized"]), labels)),
+                "Rows are the true classes, columns the predicted ones; colour is the share of the true class.",
+                "the confusion matrix", "confusion-figure")
+    page.heading("Per class", "per-class")
+    per_class = metrics["per_class"]
+    page.table(["class", "precision", "recall", "F1", "images"],
+               [(label, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", f"{c['support']:,}")
+                for label, c in per_class.items()], numeric=(False, True, True, True, True))
+    page.heading("Worst mistakes", "mistakes")
+    if not mistakes:
+        page.paragraph("No mistakes: every image got its true label.")
+        return page
+    page.paragraph(f"The {len(mistakes)} wrong answers given with the highest probability, most confident first.")
+    page.gallery((thumbnail(m.path), [m.image] + ([f"(was {m.original})"] if m.original else [])
+                  + [f"true: {m.truth}", f"predicted: {m.predicted} ({m.probability:.1%})"]) for m in mistakes)
+    return page

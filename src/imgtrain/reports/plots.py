@@ -1,0 +1,97 @@
+"""The reports' plots, as matplotlib Figures made without pyplot (no GUI backend to look for)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+BEST, STOPPED = "#2ca02c", "#d62728"  # the best epoch's line, and the early stop's
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def curves(history: list[dict], best_epoch: int, stopped_epoch: int, epochs: int):
+    """Loss, accuracy, learning rate and images/s per epoch, the best epoch (and an early stop) marked."""
+    import matplotlib
+
+    epoch = [h["epoch"] for h in history]
+
+    def column(name: str) -> list[float]:
+        return [math.nan if h.get(name) is None else float(h[name]) for h in history]
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        fig = _figure(11, 7)
+        (loss, accuracy), (rate, speed) = fig.subplots(2, 2)
+        loss.plot(epoch, column("train_loss"), "o-", label="training")
+        loss.plot(epoch, column("validation_loss"), "o-", label="validation")
+        loss.set_title("Loss")
+        accuracy.plot(epoch, [1 - e for e in column("train_error")], "o-", label="training")
+        accuracy.plot(epoch, column("validation_top1_accuracy"), "o-", label="validation top-1")
+        if any(not math.isnan(v) for v in column("validation_top5_accuracy")):
+            accuracy.plot(epoch, column("validation_top5_accuracy"), "o--", label="validation top-5")
+        accuracy.set_title("Accuracy")
+        accuracy.set_ylim(top=1.02)
+        rate.plot(epoch, column("learning_rate"), "o-", color="#9467bd")
+        rate.set_title("Learning rate (head, at the epoch's start)")
+        rate.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        speed.bar(epoch, column("train_images_per_second"), color="#8c8c8c")
+        speed.set_title("Training images / s")
+        for ax in (loss, accuracy, rate, speed):
+            ax.axvline(best_epoch, color=BEST, linestyle="--", linewidth=1.5, label=f"best epoch ({best_epoch})")
+            if stopped_epoch < epochs:
+                ax.axvline(stopped_epoch, color=STOPPED, linestyle=":", linewidth=1.5,
+                           label=f"early stop ({stopped_epoch} of {epochs})")
+            ax.set_xlabel("epoch")
+            ax.set_xticks(epoch if len(epoch) <= 20 else ax.get_xticks())
+            ax.grid(alpha=0.3)
+        loss.legend()
+        accuracy.legend(loc="lower right")
+    return fig
+
+
+def confusion(counts: np.ndarray, normalised: np.ndarray, labels: Sequence[str]):
+    """The confusion matrix, coloured by the share of each true class, with counts written in (30 classes or fewer)."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):  # a label like "$5_to_$10" is text, not TeX
+        n = len(labels)
+        side = min(20, max(4, 0.5 * n + 2))
+        fig = _figure(side, side * 0.85)
+        ax = fig.subplots()
+        im = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+        ticks = np.arange(n)
+        ax.set_xticks(ticks, labels, rotation=90 if n > 10 else 45, ha="right" if n <= 10 else "center")
+        ax.set_yticks(ticks, labels)
+        ax.set_xlabel("predicted label")
+        ax.set_ylabel("true label")
+        ax.set_title(f"Confusion matrix ({int(counts.sum()):,} images)")
+        if n <= 30:
+            for i in range(n):
+                for j in range(n):
+                    if counts[i, j]:
+                        ax.text(j, i, f"{counts[i, j]}", ha="center", va="center", fontsize=8,
+                                color="white" if normalised[i, j] > 0.5 else "black")
+    return fig
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], columns: int = 8):
+    """Images (H x W x 3 uint8) in a grid, each titled: the training images as the model sees them."""
+    import matplotlib
+
+    rows = max(1, math.ceil(len(images) / columns))
+    with matplotlib.rc_context({"text.parse_math": False}):
+        fig = _figure(1.45 * columns, 1.6 * rows)
+        axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+        for ax in axes:
+            ax.axis("off")
+        for ax, image, title in zip(axes, images, titles, strict=False):
+            ax.imshow(image, interpolation="nearest" if image.shape[0] <= 64 else "antialiased")
+            ax.set_title(title if len(title) <= 18 else title[:17] + "…", fontsize=9)
+    return fig
