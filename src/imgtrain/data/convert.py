@@ -15,7 +15,6 @@ import sys
 import tarfile
 import zipfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from imgtrain.directories.image_directory import (
     write_image_directory_files,
 )
 from imgtrain.errors import DISK_FULL, BadImageError, InvalidDatasetError, check_choice, option
+from imgtrain.progress import bar
 from imgtrain.threads import worker_count
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz")
@@ -129,23 +129,11 @@ def find_images(root: Path | str) -> FoundImages:
     return found
 
 
-def _check_all(paths: list[Path], bar: Callable[..., Iterable]) -> list[ImageCheck]:
+def _check_all(paths: list[Path], show: bool | None) -> list[ImageCheck]:
     if len(paths) < _PARALLEL_FROM or (os.cpu_count() or 1) < 2:
-        return [check_image(p) for p in bar(paths, "decoding")]
+        return [check_image(p) for p in bar(paths, what="decoding", show=show)]
     with ProcessPoolExecutor(max_workers=worker_count(None)) as pool:
-        return list(bar(pool.map(check_image, paths, chunksize=64), "decoding", total=len(paths)))
-
-
-def progress_bar(show: bool | None) -> Callable[..., Iterable]:
-    """``bar(items, what, total=None)``: the items, with a progress bar (count, rate, time left) on a
-    terminal; ``show`` None: when stderr is a terminal. Never redrawn into a log or a pipe."""
-    from tqdm import tqdm
-
-    hide = (not sys.stderr.isatty()) if show is None else not show
-
-    def bar(items: Iterable, what: str, total: int | None = None) -> Iterable:
-        return tqdm(items, desc=what, total=total, unit="image", leave=False, disable=hide, dynamic_ncols=True)
-    return bar
+        return list(bar(pool.map(check_image, paths, chunksize=64), what="decoding", total=len(paths), show=show))
 
 
 def convert_to_image_directory(
@@ -155,7 +143,6 @@ def convert_to_image_directory(
     """Convert a folder (one sub-folder per category, or flat) or an archive of one. ``progress``: show
     progress bars (None: on a terminal)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    bar = progress_bar(progress)
     source, output = Path(source), Path(output)
     check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
     if not source.exists():
@@ -165,7 +152,7 @@ def convert_to_image_directory(
         if from_archive:
             extract_archive(source, tmp / ".extracted")
         found = find_images(tmp / ".extracted" if from_archive else source)
-        checks = _check_all([path for path, _ in found.items], bar)
+        checks = _check_all([path for path, _ in found.items], progress)
         shown_root = tmp / ".extracted" if from_archive else None
         rejected = [(_shown(path, source, shown_root), c.reason)
                     for (path, _), c in zip(found.items, checks, strict=True) if c.reason]
@@ -182,7 +169,7 @@ def convert_to_image_directory(
         if len(categories) != len(found.categories):  # a category whose every file was bad
             index = {name: i for i, name in enumerate(categories)}
         files, labels, infos = [], [], []
-        for path, category, check in bar(kept, "copying"):
+        for path, category, check in bar(kept, what="copying", show=progress):
             label = index[category] if category is not None else 0
             name = f"{IMAGE_FOLDER}/{label}_{len(files)}{path.suffix}"  # the original suffix, as the designer
             shutil.copyfile(path, tmp / name)  # follows a link inside the archive to its file

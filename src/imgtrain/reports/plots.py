@@ -31,6 +31,10 @@ def curves(history: list[dict], best_epoch: int, stopped_epoch: int, epochs: int
         loss.plot(epoch, column("train_loss"), "o-", label="training")
         loss.plot(epoch, column("validation_loss"), "o-", label="validation")
         loss.set_title("Loss")
+        finite = [v for v in column("train_loss") + column("validation_loss") if math.isfinite(v) and v > 0]
+        if finite and max(finite) > 100 * min(finite):  # a first epoch far above the rest would flatten them
+            loss.set_yscale("log")
+            loss.set_title("Loss (log scale)")
         accuracy.plot(epoch, [1 - e for e in column("train_error")], "o-", label="training")
         accuracy.plot(epoch, column("validation_top1_accuracy"), "o-", label="validation top-1")
         if any(not math.isnan(v) for v in column("validation_top5_accuracy")):

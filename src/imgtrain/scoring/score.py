@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
 from imgtrain.data.convert import find_images, is_image_file
 from imgtrain.data.dataset import BadImagePolicy, ImageDataset, SeededSampler
@@ -28,6 +27,7 @@ from imgtrain.distributed import ALONE, World, join_world, leave_world, rank_dev
 from imgtrain.errors import InvalidDatasetError, check_choice, check_range, option
 from imgtrain.models.trained import TrainedModel, load_trained_model
 from imgtrain.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
+from imgtrain.progress import bar
 from imgtrain.scoring.table import (
     IMAGE_ROOT,
     LABEL_COLUMN,
@@ -152,9 +152,8 @@ def _probabilities(
     probabilities = np.zeros((len(mine), model.spec.num_classes), dtype=np.float32)
     scored = np.zeros(len(mine), dtype=bool)
     bad_images = BadImagePolicy(on_bad_image, images, world.own_log(log))  # each names the bad ones it meets
-    hide = (not sys.stderr.isatty() or not world.is_main) if progress is None else not progress
-    bar = tqdm(total=len(paths), desc="scoring", unit="image", leave=False, disable=hide, dynamic_ncols=True)
-    with torch.inference_mode(), denormals_flushed(), threads, bar:
+    shown = bar(what="scoring", total=len(paths), show=progress if world.is_main else False)
+    with torch.inference_mode(), denormals_flushed(), threads, shown:
         for batch in loader:
             threads.step()
             x, _, index = bad_images.filter(batch)
@@ -164,7 +163,7 @@ def _probabilities(
                 rows = (index.numpy() - world.rank) // world.size
                 probabilities[rows] = logits.float().softmax(dim=1).cpu().numpy()
                 scored[rows] = True
-            bar.update(len(batch[2]) * world.size)  # the processes go at one pace: count them all
+            shown.update(len(batch[2]) * world.size)  # the processes go at one pace: count them all
     return world.gather_rows(mine, probabilities, len(paths)), world.gather_rows(mine, scored, len(paths))
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from imgtrain.data.dataset import BadImagePolicy, ImageDataset, SeededSampler
 from imgtrain.data.decode import ON_BAD_IMAGE
@@ -79,6 +78,7 @@ from imgtrain.models.names import load_known_spec
 from imgtrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_model, get_architecture
 from imgtrain.models.trained import load_trained_model
 from imgtrain.precision import PRECISIONS, denormals_flushed, resolve_precision
+from imgtrain.progress import bar
 from imgtrain.reports import plots
 from imgtrain.reports.page import REPORT_FILE, figure_png
 from imgtrain.reports.training import TRAINING_IMAGES, read_history, training_page
@@ -280,14 +280,12 @@ def _fit_and_publish(run: _Run, stepper: Stepper, state: Fit, train_feed: Feeder
                      overwrite: bool) -> TrainResult:
     """The fit loop, then the trained model directory with its report, moved into place (by rank 0)."""
     params, world, output = run.params, run.world, run.output
-    hide = (not sys.stderr.isatty()) if progress is None else not progress
-
-    def bar(batches: Iterable, epoch: int) -> Iterable:
-        return _Progress(batches, f"epoch {epoch}/{params.epochs}", disable=hide or not world.is_main)
+    def epoch_bar(batches: Iterable, epoch: int) -> Iterable:
+        return _Progress(batches, f"epoch {epoch}/{params.epochs}", show=progress if world.is_main else False)
 
     try:
         with denormals_flushed(), stepper.threads:
-            state = fit(stepper, state, train_feed, val_feed, bad, files, log, bar, trackers.active)
+            state = fit(stepper, state, train_feed, val_feed, bad, files, log, epoch_bar, trackers.active)
     except torch.OutOfMemoryError:
         raise _out_of_memory(run.device, params, run.image_size) from None
     except RuntimeError as exc:
@@ -555,8 +553,8 @@ def _training_images(feed: Feeder, categories: list[str], count: int = 32) -> by
 class _Progress:
     """The epoch's progress bar (rank 0, on a terminal); ``show`` puts the running loss on it."""
 
-    def __init__(self, batches: Iterable, description: str, *, disable: bool) -> None:
-        self.bar = tqdm(batches, desc=description, leave=False, unit="batch", disable=disable)
+    def __init__(self, batches: Iterable, description: str, *, show: bool | None) -> None:
+        self.bar = bar(batches, what=description, unit="batch", show=show)
 
     def __iter__(self):
         return iter(self.bar)
