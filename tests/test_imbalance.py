@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from conftest import run_cli
 from imgtrain import (
@@ -19,8 +20,11 @@ from imgtrain import (
     score_image_model,
     train_pytorch_model,
 )
-from imgtrain.data.dataset import SeededSampler
-from imgtrain.training.balance import balanced_weights
+from imgtrain.data.dataset import ImageDataset, SeededSampler
+from imgtrain.data.transforms import Normalize
+from imgtrain.directories.image_directory import ImageDirectory
+from imgtrain.training.balance import balanced_weights, describe
+from imgtrain.training.loop import evaluate
 
 
 def test_balanced_weights_are_scikit_learns():
@@ -31,6 +35,13 @@ def test_balanced_weights_are_scikit_learns():
     expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
     assert np.allclose(balanced_weights(counts), expected)
     assert balanced_weights(np.array([10, 0, 5]))[1] == 1.0  # a class with no training image
+
+
+def test_the_counts_read_as_people_write_them():
+    labels = [f"c{i}" for i in range(20)]
+    counts = np.array([0] + [3] + [4000] * 18)
+    assert describe(labels, counts, counts) == ("20 classes: from 3 training images (c1) to 4,000 (c2), 1 with "
+                                                "none; imbalance 1,333:1")
 
 
 def test_balanced_sampler_draws_every_class_equally_and_is_seeded():
@@ -99,8 +110,15 @@ def test_balancing_beats_the_raw_counts_on_macro_recall(imbalanced):
                for line in said), said
     assert any(line.startswith("note: the largest class has 20 times") for line in said), said
     assert not any(line.startswith("note:") for line in said_weighted)
-    spec = load_trained_model(imbalanced["root"] / "weights").spec
+    trained = load_trained_model(imbalanced["root"] / "weights")
+    spec = trained.spec
     assert spec.training["class_weights"] == "balanced" and spec.training["sampler"] == "uniform"
+    # The validation loss is evened out by the validation data's own counts: on this 1:1 set every weight
+    # is 1, so the best epoch's recorded loss is the plain loss of the saved weights.
+    val = ImageDirectory.load(imbalanced["val"])
+    loader = DataLoader(ImageDataset([val.path(i) for i in range(len(val))], val.labels, 32), batch_size=16)
+    plain = evaluate(trained.network, loader, Normalize(spec.input.mean, spec.input.std), torch.device("cpu")).loss
+    assert plain == pytest.approx(spec.training["best_validation_loss"], rel=1e-4)
     assert spec.training["class_counts"] == {"large": {"training": 300, "validation": 60},
                                              "small": {"training": 15, "validation": 60}}
 

@@ -46,7 +46,7 @@ def test_the_training_report_shows_the_run(reports, trained_model):
     assert 'id="curves-figure"' in page and 'id="images-figure"' in page
     for label, count in [("bright", 9), ("dark", 9), ("mid", 9)]:  # the class table: training and validation
         assert re.search(rf"<td>{label}</td><td class=\"n\">{count}</td>", page), label
-    assert "No image was left out" in page
+    assert "No image that training met was bad" in page
     assert "<td>class_weights</td><td>none</td>" in page and "<td>precision</td><td>fp32</td>" in page
     assert (trained_model / "training_images.png").is_file()
     grid = np.asarray(Image.open(trained_model / "training_images.png").convert("L"), dtype=float)
@@ -141,3 +141,33 @@ def test_a_browser_shows_the_plots(reports, tmp_path):
     # the curves sit in the top part of the training report, under the headline figures
     top = shots["training"][:1200]
     assert _pixels_near(top, BLUE) > 1000 and _pixels_near(top, ORANGE) > 1000
+
+
+def test_images_gone_since_scoring_show_as_not_found(reports, tmp_path):
+    """The scored table names images that were moved away: the report still comes, saying so."""
+    moved = tmp_path / "scored"
+    shutil.copytree(reports["scored"], moved)
+    meta = (moved / "_meta.yaml").read_text()
+    (moved / "_meta.yaml").write_text(re.sub(r"image_root: .*", f"image_root: {tmp_path / 'gone'}", meta))
+    evaluate_model(moved, tmp_path / "evaluation", log=lambda m: None)
+    page = (tmp_path / "evaluation" / "report.html").read_text()
+    assert page.count("(image not found)") >= 6 and "true: dark" in page
+
+
+def test_labels_and_names_are_text_and_a_missing_probability_goes_last():
+    from imgtrain.reports.evaluation import evaluation_page, worst_mistakes
+    from imgtrain.scoring.evaluate import classification_metrics, confusion_matrix
+
+    labels = ['<b>"bold"</b>', "a&b"]
+    truth, predicted = [labels[0], labels[1], labels[0]], [labels[1], labels[0], labels[1]]
+    metrics = classification_metrics(confusion_matrix(truth, predicted, labels), labels)
+    counts = confusion_matrix(truth, predicted, labels)
+    metrics["confusion_matrix"] = {"labels": labels, "counts": counts.tolist(),
+                                   "normalized": (counts / counts.sum(1, keepdims=True)).tolist()}
+    mistakes = worst_mistakes(truth, predicted, np.array([0.6, np.nan, 0.9]), ["x/1.png", "<img src=x>", "x/3.png"],
+                              root=None)
+    assert [m.image for m in mistakes] == ["x/3.png", "x/1.png", "<img src=x>"]  # NaN last
+    assert all(m.path is None for m in mistakes)  # relative names without a root are never guessed
+    page = evaluation_page(metrics, mistakes).render()
+    assert '<b>"bold"' not in page and "<img src=x>" not in page
+    assert "&lt;b&gt;&quot;bold&quot;&lt;/b&gt;" in page and "a&amp;b" in page

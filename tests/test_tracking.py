@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_labelled_folder, run_cli
-from imgtrain.training.loop import EpochMetrics
-from imgtrain.training.tracking import Trackers
+from imgtrain import train_pytorch_model
+from imgtrain.training.tracking import TensorBoard, Tracking
 
 
 def _history(model: Path) -> list[dict]:
@@ -91,21 +91,48 @@ def test_a_missing_extra_is_one_line_before_any_work(tmp_path, image_dirs, flag,
     assert not (tmp_path / "m").exists() and not (tmp_path / ".imgtrain-resume-m").exists()
 
 
-def test_a_failing_tracker_is_named_once_and_dropped():
+def test_a_failing_tracker_is_named_once_and_dropped(tmp_path, image_dirs, monkeypatch):
+    """A tracker that breaks in the middle of a real run (as an MLflow server that goes away): one warning,
+    the others go on, and the model is written."""
     class Broken:
         calls = 0
+
+        def step(self, step, loss, learning_rate):
+            pass
 
         def epoch(self, metrics):
             Broken.calls += 1
             raise ConnectionError("server gone")
 
+        def finish(self, model):
+            raise AssertionError("a dropped tracker is not called again")
+
+    opened = Tracking.open
+    monkeypatch.setattr(Tracking, "open", lambda self, *args: [Broken(), *opened(self, *args)])
     said: list[str] = []
-    trackers = Trackers([Broken()], said.append)
-    metrics = EpochMetrics(1, 0.001, 10.0, 1.0, 0.5, 1.0, 0.5, None, 0.1, 1.0)
-    trackers.epoch(metrics)
-    trackers.epoch(metrics)
-    assert Broken.calls == 1 and trackers.active == []
-    assert said == ["warning: Broken failed (ConnectionError: server gone); training goes on without it"]
+    d = image_dirs
+    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", epochs=2, batch_size=8, image_size=32,
+                        num_workers=0, tensorboard=tmp_path / "tb", log=said.append)
+    assert Broken.calls == 1 and (tmp_path / "m" / "model.safetensors").is_file()
+    assert [line for line in said if line.startswith("warning")] == [
+        "warning: Broken failed (ConnectionError: server gone); training goes on without it"]
+    assert sum(line.startswith("epoch ") for line in said) == 2
+    assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tb").iterdir())
+
+
+def test_running_figures_keep_their_pace_across_epochs(tmp_path):
+    """On a GPU the loop reads the running loss every 50 steps of an epoch: with 137 steps an epoch, the
+    figures still come every 50 steps or so in every epoch, not only in the first."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = TensorBoard(tmp_path, every=50)
+    for epoch in range(3):
+        for step in range(50, 138, 50):
+            board.step(epoch * 137 + step, 1.0, 0.001)
+    board.finish(None)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("step/train_loss")] == [50, 100, 187, 237, 324, 374]
 
 
 def test_without_a_terminal_one_line_per_epoch_and_quiet_leaves_warnings(tmp_path, image_dirs, tracked):

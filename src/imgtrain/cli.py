@@ -437,8 +437,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.commands[args.command].error(f"argument --nproc-per-node: {args.nproc_per_node} is not >= 1")
         if "RANK" not in os.environ:  # not started by torchrun yet
             return _start_torchrun(sys.argv[1:] if argv is None else list(argv), args.nproc_per_node)
+    from imgtrain.progress import quiet
+
     try:
-        with speaking_command_line():
+        with speaking_command_line(), quiet(args.quiet):
             args.func(args)
     except ImgtrainError as exc:
         if args.debug:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from imgtrain.errors import WeightsUnavailableError, option
 from imgtrain.models.names import WEIGHTS_URLS, check_model_name
+from imgtrain.progress import showing
 
 OFFLINE_ENV = "IMGTRAIN_OFFLINE"  # set to 1 to never download pretrained weights
 
@@ -48,7 +49,7 @@ def ensure_pretrained_weights(name: str) -> Path:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         prefix = Path(url).stem.rsplit("-", 1)[-1]  # torchvision names files <name>-<sha256 prefix>
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=True)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=showing())
     except Exception as exc:  # any network or file failure: the hint says what to do
         raise WeightsUnavailableError(
             f"pretrained weights for {name} could not be downloaded ({type(exc).__name__}: {exc})", hint

@@ -30,16 +30,16 @@ def worst_mistakes(truth: list[str], predicted: list[str], confidence: np.ndarra
                    root: Path | None, originals: list[str] | None = None, shown: int = WORST_SHOWN) -> list[Mistake]:
     """The wrong answers given with the highest probability, most confident first."""
     wrong = [i for i, (t, p) in enumerate(zip(truth, predicted, strict=True)) if t != p]
-    wrong.sort(key=lambda i: -confidence[i])
+    wrong.sort(key=lambda i: -np.nan_to_num(confidence[i], nan=-np.inf))  # a probability missing: last
     return [Mistake(images[i], _find(images[i], root), truth[i], predicted[i], float(confidence[i]),
                     originals[i] if originals else None) for i in wrong[:shown]]
 
 
 def _find(image: str, root: Path | None) -> Path | None:
-    for candidate in ([root / image] if root is not None else []) + [Path(image)]:
-        if candidate.is_file():
-            return candidate
-    return None
+    """The image's file: under the folder Score Image Model recorded, or an absolute path. Never guessed from
+    the current folder (names such as image/0_12.png would find another data set's image)."""
+    candidate = root / image if root is not None else Path(image)
+    return candidate if candidate.is_absolute() and candidate.is_file() else None
 
 
 def thumbnail(path: Path | None) -> bytes | None:
@@ -59,7 +59,9 @@ def thumbnail(path: Path | None) -> bytes | None:
     return out.getvalue()
 
 
-def evaluation_page(metrics: dict, mistakes: list[Mistake], title: str = "Evaluation report") -> Page:
+def evaluation_page(metrics: dict, mistakes: list[Mistake], title: str = "Evaluation report",
+                    confusion_png: bytes | None = None) -> Page:
+    """``confusion_png``: the confusion matrix already drawn (else it is drawn here)."""
     page = Page(title)
     matrix = metrics["confusion_matrix"]
     labels, counts = matrix["labels"], np.array(matrix["counts"])
@@ -68,7 +70,7 @@ def evaluation_page(metrics: dict, mistakes: list[Mistake], title: str = "Evalua
                 (f"{metrics['recall_macro']:.4f}", "macro recall"), (f"{metrics['f1_macro']:.4f}", "macro F1"),
                 (f"{metrics['f1_weighted']:.4f}", "weighted F1")])
     page.heading("Confusion matrix", "confusion")
-    page.figure(figure_png(plots.confusion(counts, np.array(matrix["normalized"]), labels)),
+    page.figure(confusion_png or figure_png(plots.confusion(counts, np.array(matrix["normalized"]), labels)),
                 "Rows are the true classes, columns the predicted ones; colour is the share of the true class.",
                 "the confusion matrix", "confusion-figure")
     page.heading("Per class", "per-class")

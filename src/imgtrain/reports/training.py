@@ -12,7 +12,7 @@ from imgtrain.reports.page import Page, figure_png
 
 TRAINING_IMAGES = "training_images.png"  # the grid of augmented training images, kept in the model directory
 SHOWN_CLASSES = 200  # rows of the class table; the rest are summed up
-_NOT_PARAMETERS = ("class_counts", "bad_images", "run_id")
+_NOT_PARAMETERS = ("class_counts", "bad_images", "bad_image_counts", "run_id")
 
 
 def read_history(model: Path) -> list[dict]:
@@ -90,9 +90,12 @@ def _data_summary(page: Page, labels: list[str], t: dict) -> None:
     else:
         page.paragraph(f"{len(labels):,} classes: {', '.join(labels[:50])}" + (" ..." if len(labels) > 50 else ""))
     bad = t.get("bad_images") or {}
+    counts = t.get("bad_image_counts") or {which: len(paths) for which, paths in bad.items()}
     left_out = [(which, path) for which in ("training", "validation") for path in bad.get(which, [])]
     if left_out:
-        page.paragraph(f"{len(left_out):,} image(s) could not be decoded and were left out:")
+        total = sum(counts.values())
+        page.paragraph(f"{total:,} image(s) could not be decoded and were left out"
+                       + (f" (the first {len(left_out):,} are named)" if total > len(left_out) else "") + ":")
         page.table(["data", "image"], left_out)
     elif bad:
-        page.paragraph("No image was left out: every image decoded.")
+        page.paragraph("No image that training met was bad (a run that resumed counts those met since).")

@@ -111,9 +111,10 @@ def evaluate_model(
     matrix = metrics["confusion_matrix"]
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         (tmp / METRICS_JSON).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        (tmp / CONFUSION_PNG).write_bytes(figure_png(plots.confusion(
-            np.array(matrix["counts"]), np.array(matrix["normalized"]), matrix["labels"])))
-        evaluation_page(metrics, mistakes_of(table)).write(tmp / REPORT_FILE)
+        confusion = figure_png(plots.confusion(np.array(matrix["counts"]), np.array(matrix["normalized"]),
+                                               matrix["labels"]))
+        (tmp / CONFUSION_PNG).write_bytes(confusion)
+        evaluation_page(metrics, mistakes_of(table), confusion_png=confusion).write(tmp / REPORT_FILE)
     return metrics
 
 

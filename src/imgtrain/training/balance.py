@@ -32,16 +32,23 @@ def imbalance(counts: np.ndarray) -> float:
     return float(present.max() / present.min()) if len(present) else 1.0
 
 
+def ratio(x: float) -> str:
+    """1.5, 20, 1,234: a ratio as people write it, never in scientific notation."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def describe(labels: list[str], training: np.ndarray, validation: np.ndarray) -> str:
     """``classes (training/validation images): cat 900/100, dog 90/10; imbalance 10:1``."""
     if len(labels) <= SHOWN:
         listed = ", ".join(f"{label} {t:,}/{v:,}" for label, t, v in zip(labels, training, validation, strict=True))
         text = f"classes (training/validation images): {listed}"
     else:
-        low, high = int(np.argmin(training)), int(np.argmax(training))
+        present = np.flatnonzero(training > 0)
+        low, high = present[np.argmin(training[present])], int(np.argmax(training))
+        empty = len(labels) - len(present)
         text = (f"{len(labels):,} classes: from {training[low]:,} training images ({labels[low]}) to "
-                f"{training[high]:,} ({labels[high]})")
-    return f"{text}; imbalance {imbalance(training):,.3g}:1"
+                f"{training[high]:,} ({labels[high]})" + (f", {empty:,} with none" if empty else ""))
+    return f"{text}; imbalance {ratio(imbalance(training))}:1"
 
 
 def record(labels: list[str], training: np.ndarray, validation: np.ndarray) -> dict[str, dict[str, int]]:

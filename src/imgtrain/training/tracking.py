@@ -45,11 +45,12 @@ class TensorBoard:
         _require("tensorboard", "tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.every = every
+        self.every, self.last = every, 0
         self.writer = SummaryWriter(log_dir=str(folder))
 
     def step(self, step: int, loss: float, learning_rate: float) -> None:
-        if step % self.every == 0:
+        if step - self.last >= self.every:  # by distance: on a GPU the steps come every 50, across epochs
+            self.last = step
             self.writer.add_scalar("step/train_loss", loss, step)
             self.writer.add_scalar("step/learning_rate", learning_rate, step)
 
@@ -78,7 +79,7 @@ class MLflow:
         uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or Path("mlruns").absolute().as_uri()
         if uri.startswith("file:") or "://" not in uri:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store on request
-        self.mlflow, self.every = mlflow, every
+        self.mlflow, self.every, self.last = mlflow, every, 0
         mlflow.set_tracking_uri(uri)
         if not (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
             mlflow.set_experiment("imgtrain")
@@ -86,16 +87,19 @@ class MLflow:
         mlflow.log_params({k: str(v)[:500] for k, v in parameters.items()})
 
     def step(self, step: int, loss: float, learning_rate: float) -> None:
-        if step % self.every == 0 and math.isfinite(loss):
+        if step - self.last >= self.every and math.isfinite(loss):
+            self.last = step
             self.mlflow.log_metrics({"step_train_loss": loss, "step_learning_rate": learning_rate}, step=step)
 
     def epoch(self, metrics: EpochMetrics) -> None:
         self.mlflow.log_metrics(_figures(metrics), step=metrics.epoch)
 
     def finish(self, model: Path | None) -> None:
-        if model is not None:
-            self.mlflow.log_artifacts(str(model), artifact_path="model")
-        self.mlflow.end_run(status="FINISHED" if model is not None else "FAILED")
+        try:
+            if model is not None:
+                self.mlflow.log_artifacts(str(model), artifact_path="model")
+        finally:
+            self.mlflow.end_run(status="FINISHED" if model is not None else "FAILED")
 
 
 def _figures(metrics: EpochMetrics) -> dict[str, float]:

@@ -105,6 +105,10 @@ SAMPLERS = ("uniform", "balanced")
 RESUME_PREFIX = ".imgtrain-resume-"
 # Parameters that do not change the result: a run may resume with other values.
 _FREE_PARAMETERS = ("num_workers", "device", "on_bad_image", "cache", "threads")
+# Parameters added after runs were first fingerprinted: at these defaults they are left out of the
+# fingerprint, so that a checkpoint or a finished output of an older version still matches.
+_LATER_DEFAULTS = {"class_weights": "none", "sampler": "uniform"}
+BAD_IMAGES_KEPT = 100  # bad images named in the spec (and the report) per data set; the rest are counted
 
 __all__ = ["EpochMetrics", "TrainResult", "TrainingParameters", "train_pytorch_model"]
 
@@ -285,7 +289,7 @@ def _fit_and_publish(run: _Run, stepper: Stepper, state: Fit, train_feed: Feeder
 
     try:
         with denormals_flushed(), stepper.threads:
-            state = fit(stepper, state, train_feed, val_feed, bad, files, log, epoch_bar, trackers.active)
+            state = fit(stepper, state, train_feed, val_feed, bad, files, log, epoch_bar, [trackers])
     except torch.OutOfMemoryError:
         raise _out_of_memory(run.device, params, run.image_size) from None
     except RuntimeError as exc:
@@ -299,10 +303,7 @@ def _fit_and_publish(run: _Run, stepper: Stepper, state: Fit, train_feed: Feeder
     spec = _trained_spec(run, state, {name: world.union(policy.skipped) for name, policy in bad.items()})
 
     def publish_model() -> None:
-        images = _training_images(train_feed, run.train_set.categories)
-        (run.work / TRAINING_IMAGES).write_bytes(images)
-        page = training_page(spec, [asdict(m) for m in state.history], images, f"Training report: {output.name}")
-        page.write(run.work / REPORT_FILE)
+        _write_report(run, spec, state, train_feed, log)
         for cache in caches.values():
             if cache is not None:
                 cache.remove()
@@ -350,7 +351,8 @@ class _Run:
             raise InvalidParameterError(f"{option('sync_batchnorm', True)} needs CUDA GPUs (gloo has no such kernel)",
                                         f"drop {option('sync_batchnorm', True)} on CPUs")
         precision = resolve_precision(params.precision, device)
-        run_parameters = {**{k: v for k, v in asdict(params).items() if k not in _FREE_PARAMETERS},
+        run_parameters = {**{k: v for k, v in asdict(params).items()
+                             if k not in _FREE_PARAMETERS and _LATER_DEFAULTS.get(k, object()) != v},
                           "precision": precision}
         run_id = fingerprint({
             "parameters": _resumable(run_parameters),
@@ -450,11 +452,14 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
     model = ddp(network, device) if world.distributed else network
     if params.compile:
         model = torch.compile(model)
-    weights = torch.tensor(balance.balanced_weights(run.class_counts[0]), dtype=torch.float32, device=device)
+    # Each data set evened out by its own counts: the validation loss then weighs every class equally,
+    # whatever the classes' shares in the training data.
+    training, validation = (torch.tensor(balance.balanced_weights(counts), dtype=torch.float32, device=device)
+                            for counts in run.class_counts)
     stepper = Stepper(model, network, optimizer, scaler, schedule, Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device),
                       device, run.precision, params.learning_rate, Threads(params.threads, log), world,
-                      loss_fn=nn.CrossEntropyLoss(weight=weights if params.class_weights == "balanced" else None),
-                      validation_weights=weights if params.balanced else None)
+                      loss_fn=nn.CrossEntropyLoss(weight=training if params.class_weights == "balanced" else None),
+                      validation_weights=validation if params.balanced else None)
     files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters)
     return stepper, state, files
 
@@ -504,8 +509,9 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
         log(f"warning: {both} both even out the classes: together they over-correct (a small class then counts "
             "more than a large one); pick one")
     elif not params.balanced and balance.imbalance(training) >= balance.IMBALANCED:
-        log(f"note: the largest class has {balance.imbalance(training):,.3g} times the images of the smallest: "
-            f"{both.replace(' and ', ' or ')} may serve the small classes better (README, \"Imbalanced classes\")")
+        log(f"note: the largest class has {balance.ratio(balance.imbalance(training))} times the images of the "
+            f"smallest: {both.replace(' and ', ' or ')} may serve the small classes better (README, "
+            "\"Imbalanced classes\")")
 
 
 def _tracked_parameters(run: _Run) -> dict:
@@ -533,8 +539,23 @@ def _trained_spec(run: _Run, state: Fit, bad: dict[str, set[int]]) -> ModelSpec:
                   "best_validation_top1_accuracy": state.history[state.stopper.best_epoch - 1].validation_top1_accuracy,
                   "training_images": len(run.train_set), "validation_images": len(run.val_set),
                   "class_counts": balance.record(run.train_set.categories, *run.class_counts),
-                  "bad_images": {name: [str(data[name].path(i)) for i in sorted(bad[name])] for name in data},
+                  "bad_images": {name: [str(data[name].path(i)) for i in sorted(bad[name])[:BAD_IMAGES_KEPT]]
+                                 for name in data},
+                  "bad_image_counts": {name: len(bad[name]) for name in data},
                   "run_id": run.run_id})
+
+
+def _write_report(run: _Run, spec: ModelSpec, state: Fit, train_feed: Feeder, log) -> None:
+    """report.html and training_images.png. A page is not worth a run: should drawing it fail, the model
+    is published without it, with a warning (`imgtrain report` can draw it later)."""
+    try:
+        images = _training_images(train_feed, run.train_set.categories)
+        (run.work / TRAINING_IMAGES).write_bytes(images)
+        page = training_page(spec, [asdict(m) for m in state.history], images, f"Training report: {run.output.name}")
+        page.write(run.work / REPORT_FILE)
+    except Exception as exc:  # matplotlib, a decoder, the disk: anything but the model itself
+        log(f"warning: the training report could not be written ({type(exc).__name__}: {exc}); the model is "
+            f"complete without it")
 
 
 def _training_images(feed: Feeder, categories: list[str], count: int = 32) -> bytes:
