@@ -243,6 +243,26 @@ def _evaluate(args) -> None:
                f"{args.output}/report.html")
 
 
+def _init_transformation(args) -> None:
+    from dataclasses import fields
+
+    from imgtrain.data.transformation import ImageTransformation, init_image_transformation
+
+    params = ImageTransformation(**{f.name: getattr(args, f.name) for f in fields(ImageTransformation)})
+    operations = init_image_transformation(args.output, params, overwrite=args.overwrite)
+    listed = ", ".join(op.name for op in operations) or "no operation"
+    _say(args, f"Image transformation ({listed}) written to {args.output}")
+
+
+def _apply_transformation(args) -> None:
+    from imgtrain.data.transformation import apply_image_transformation
+
+    result = apply_image_transformation(args.transformation, args.dataset, args.output, mode=args.mode,
+                                        random_seed=args.random_seed, overwrite=args.overwrite,
+                                        progress=_progress(args), log=_Log(args.quiet))
+    _say(args, f"{len(result):,} transformed images written to {args.output}")
+
+
 def _report(args) -> None:
     from imgtrain.scoring.report import report
 
@@ -256,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imgtrain", formatter_class=_Formatter,
         description="Train, score and evaluate PyTorch image classifiers: the Azure ML designer's "
                     "image modules, as a command line.",
-        epilog="Pipeline: convert-to-image-directory -> split-image-directory -> densenet | resnet -> "
-               "train-pytorch-model -> score-image-model -> evaluate-model (short names in parentheses); `report` "
-               "puts a model's training and evaluation on one HTML page.\n"
+        epilog="Pipeline: convert-to-image-directory -> split-image-directory (-> init-image-transformation, "
+               "apply-image-transformation) -> densenet | resnet -> train-pytorch-model -> score-image-model -> "
+               "evaluate-model (short names in parentheses); `report` puts a model's training and evaluation on "
+               "one HTML page.\n"
                "Run `imgtrain <command> --help` for a command's parameters.")
     parser.add_argument("--version", action="version", version=f"imgtrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
@@ -413,6 +434,58 @@ def build_parser() -> argparse.ArgumentParser:
                 "confusion matrix (metrics.json, confusion_matrix.png).")
     p.add_argument("--scored-dataset", required=True, help="output of `imgtrain score-image-model`")
     p.add_argument("--output", required=True, help="directory to write the metrics into")
+    _common(p)
+
+    p = command("init-image-transformation", _init_transformation,
+                "Write an image transformation (a TransformationDirectory, in the designer's format) for "
+                "`imgtrain apply-image-transformation`.")
+    on_off = argparse.BooleanOptionalAction
+    for flag, default, text in [
+        ("--resize", True, "resize the shorter side to --size (the whole image when it is square)"),
+        ("--size", 256, "size for --resize, >= 1"),
+        ("--center-crop", True, "crop the centre to --crop-size x --crop-size"),
+        ("--crop-size", 224, "side of the centre crop, >= 1"),
+        ("--pad", False, "pad every side with --padding black pixels"),
+        ("--padding", 0, "pixels of padding, >= 0"),
+        ("--color-jitter", False, "random brightness, contrast and saturation (0.4 each; random: dropped at "
+                                  "inference)"),
+        ("--grayscale", False, "make the images grey (three equal channels)"),
+        ("--random-resized-crop", False, "a random part (8-100%% of the area, aspect 3/4-4/3) resized to "
+                                         "--random-size"),
+        ("--random-size", 256, "size for --random-resized-crop, >= 1"),
+        ("--random-crop", False, "a random --random-crop-size square"),
+        ("--random-crop-size", 224, "side of the random crop, >= 1"),
+        ("--random-horizontal-flip", True, "mirror half of the images left to right (wrong for digits and text)"),
+        ("--random-vertical-flip", False, "turn half of the images upside down"),
+        ("--random-rotation", False, "rotate by up to +-degrees"),
+        ("--random-rotation-degrees", 0.0, "degrees for --random-rotation, 0 to 180"),
+        ("--random-affine", False, "a random affine transform rotating by up to +-degrees"),
+        ("--random-affine-degrees", 0.0, "degrees for --random-affine, 0 to 180"),
+        ("--random-grayscale", False, "make a tenth of the images grey"),
+        ("--random-perspective", False, "distort half of the images' perspective"),
+        ("--random-erasing", False, "erase a random rectangle in half of the images"),
+    ]:
+        if isinstance(default, bool):
+            p.add_argument(flag, action=on_off, default=default, help=text)
+        else:
+            p.add_argument(flag, type=type(default) if isinstance(default, float) else _int, default=default,
+                           help=text)
+    p.add_argument("--output", required=True, help="the TransformationDirectory to write")
+    _common(p)
+
+    p = command("apply-image-transformation", _apply_transformation,
+                "Apply an image transformation to every image of an ImageDirectory; write the result as a new "
+                "ImageDirectory (same ids and categories, images as PNG).")
+    p.add_argument("--transformation", required=True, help="output of `imgtrain init-image-transformation`")
+    p.add_argument("--dataset", required=True, help="the ImageDirectory to transform")
+    p.add_argument("--mode", choices=("training", "inference"), default="training",
+                   help="training: every operation; inference: drops the random ones (RandomResizedCrop, "
+                        "RandomCrop, RandomHorizontalFlip, RandomVerticalFlip, RandomRotation, RandomAffine, "
+                        "RandomGrayscale, RandomPerspective, RandomErasing, and ColorJitter); Resize, CenterCrop, "
+                        "Pad and Grayscale stay")
+    p.add_argument("--random-seed", type=_int, default=1,
+                   help="seed of the random operations: with the image's id, it decides each image's draw")
+    p.add_argument("--output", required=True, help="the ImageDirectory to write")
     _common(p)
 
     p = command("report", _report,

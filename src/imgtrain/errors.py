@@ -121,6 +121,10 @@ class DistributedRunError(ImgtrainError):
     """Another process of a distributed run stopped, or the processes could not reach each other."""
 
 
+class InvalidTransformationDirectoryError(ImgtrainError):
+    """The input is not a TransformationDirectory (the output of Init Image Transformation), or a damaged one."""
+
+
 class MissingDependencyError(ImgtrainError):
     """An option needs an optional package (an extra, such as imgtrain[mlflow]) that is not installed."""
 
