@@ -194,6 +194,28 @@ def test_same_image_in_training_and_validation_is_a_warning(tmp_path, image_dirs
     del split_image_directory
 
 
+def test_metadata_left_stale_by_another_tool_is_checked_against_the_files(tmp_path, image_dirs):
+    """The designer's Apply Image Transformation re-encodes the images of an ImageDirectory and keeps
+    image_info as it was: imgtrain's width, height and sha256 then describe files that are gone. The
+    image size follows the files, and stale digests that match no longer make a warning."""
+    from PIL import Image
+
+    for name in ("train", "val"):
+        shutil.copytree(image_dirs[name], tmp_path / name)
+        for image in (tmp_path / name / "image").iterdir():
+            with Image.open(image) as im:
+                im.convert("RGB").resize((96, 96)).save(image, format="PNG")  # suffix kept, bytes new
+    train_rows = [json.loads(r) for r in (tmp_path / "train" / "images.lst").read_text().splitlines()]
+    val_rows = [json.loads(r) for r in (tmp_path / "val" / "images.lst").read_text().splitlines()]
+    val_rows[0]["image_info"]["sha256"] = train_rows[0]["image_info"]["sha256"]  # stale keys that collide
+    (tmp_path / "val" / "images.lst").write_text("".join(json.dumps(r) + "\n" for r in val_rows))
+    logs: list[str] = []
+    train_pytorch_model(image_dirs["untrained"], tmp_path / "train", tmp_path / "val", tmp_path / "m",
+                        log=logs.append, **{**TRAIN, "epochs": 1, "image_size": None})
+    assert any("image size 96" in line for line in logs), logs  # the recorded sides (20 to 48) say 32
+    assert not any("also in the training data" in line for line in logs), logs
+
+
 # --- archives ---------------------------------------------------------------------------------
 
 def _tar_with(tmp_path: Path, name: str, add) -> Path:

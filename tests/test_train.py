@@ -111,7 +111,7 @@ def test_trained_directory_is_complete_and_self_describing(trained_model, image_
     assert float(best["validation_top1_accuracy"]) > 0.9  # shades of grey are easy
     assert all(r["validation_top5_accuracy"] == "" for r in rows)  # 3 classes: top-5 would say nothing
     assert (trained_model / "index_to_label.csv").read_text().splitlines() == [
-        "index,label", "0,bright", "1,dark", "2,mid"]
+        ",label", "0,bright", "1,dark", "2,mid"]  # the designer's header
     # metrics.jsonl: the same rows for scripts, one JSON object per epoch, numbers as numbers
     lines = (trained_model / "metrics.jsonl").read_text().splitlines()
     epochs = [json.loads(line) for line in lines]

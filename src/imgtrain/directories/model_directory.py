@@ -97,7 +97,7 @@ def write_model_directory(root: Path, spec: ModelSpec) -> None:
     if spec.trained:
         with open(root / LABELS_FILE, "w", newline="", encoding="utf-8") as out:
             writer = csv.writer(out)
-            writer.writerow(["index", "label"])
+            writer.writerow(["", "label"])  # the designer's header (pandas' unnamed index column)
             writer.writerows(enumerate(spec.labels))
     (root / META_FILE).write_text(
         yaml.safe_dump({"type": "ModelDirectory", "model": SPEC_FILE}, sort_keys=False), encoding="utf-8")

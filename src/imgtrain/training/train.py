@@ -692,14 +692,25 @@ def _result_of(output: Path, *, already_complete: bool = False) -> TrainResult:
 
 
 def _warn_about_shared_images(train_set: ImageDirectory, val_set: ImageDirectory, log) -> None:
-    """The same image in both sets inflates validation accuracy: say which files."""
+    """The same image in both sets inflates validation accuracy: say which files.
+
+    The recorded sha256 only finds the candidates: each pair is checked against the files, since a
+    tool that rewrote the images (the designer's Apply Image Transformation) leaves the keys stale."""
     if train_set.digests is None or val_set.digests is None:
         return
     seen = {d: i for i, d in enumerate(train_set.digests)}
-    shared = [(train_set.path(seen[d]), val_set.path(j)) for j, d in enumerate(val_set.digests) if d in seen]
+    candidates = [(train_set.path(seen[d]), val_set.path(j)) for j, d in enumerate(val_set.digests) if d in seen]
+    shared = [(a, b) for a, b in candidates if _same_bytes(a, b)]
     if shared:
         log(f"warning: {len(shared)} validation image(s) are also in the training data (same bytes), "
             f"e.g. {shared[0][1]} = {shared[0][0]}")
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 def _out_of_memory(device: torch.device, params: TrainingParameters, image_size: int) -> OutOfMemoryError:
