@@ -32,7 +32,7 @@ def main() -> None:
         write_mnist_folder(images)
     o = str(out)
     imgtrain("convert-to-image-directory", str(images), "--output", f"{o}/image-directory", "--overwrite")
-    imgtrain("split-image-directory", f"{o}/image-directory", "--fraction", "0.9", "--random-seed", "1",
+    imgtrain("split-image-directory", f"{o}/image-directory", "--fraction", "0.9",
              "--output-a", f"{o}/training", "--output-b", f"{o}/validation", "--overwrite")
     imgtrain("resnet", "--model-name", "resnet18", "--no-pretrained", "--output", f"{o}/untrained-model",
              "--overwrite")

@@ -92,11 +92,8 @@ def test_grayscale_really_converts_and_designer_modes_are_understood(coloured, t
 def test_what_is_not_a_transformation_is_a_named_error(coloured, tmp_path):
     t = tmp_path / "t"
     init_image_transformation(t)
-    cases = {
-        "an ImageDirectory": (coloured / "images", r"is not a TransformationDirectory \(its type is 'ImageDirectory'\)"),
-        "nothing": (tmp_path / "missing", "does not exist"),
-    }
-    for path, message in cases.values():
+    for path, message in [(coloured / "images", r"is not a TransformationDirectory \(its type is 'ImageDirectory'\)"),
+                          (tmp_path / "missing", "does not exist")]:
         with pytest.raises(InvalidTransformationDirectoryError, match=message):
             apply_image_transformation(path, coloured / "images", tmp_path / "o", log=lambda m: None)
     for content, message in [
