@@ -154,7 +154,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, labelled_folder, image_di
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda r: (r / "model_spec.yaml").write_text("flavor: pytorch\nmodel_module: os\n"), "never opens"),
+    (lambda r: (r / "model_spec.yaml").write_text("flavor: pytorch\nmodel_module: os\n"), "never imports or unpickles"),
     (lambda r: (r / "model_spec.yaml").write_text(
         (r / "model_spec.yaml").read_text().replace("architecture: resnet18", "architecture: evil")),
      "unknown architecture 'evil'"),

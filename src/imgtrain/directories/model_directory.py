@@ -33,6 +33,9 @@ LABELS_FILE = "index_to_label.csv"
 METRICS_FILE = "metrics.csv"
 METRICS_JSONL = "metrics.jsonl"  # the same rows, one JSON object a line, for scripts
 FLAVOR = "imgtrain"
+DESIGNER = "designer"  # ModelSpec.made_by of a directory Azure ML designer wrote
+DESIGNER_CLASSES = {"ResNet", "DenseNet"}
+DESIGNER_IMAGE_SIZE = 224  # the designer's default Init Image Transformation ends in a 224 px centre crop
 FORMAT_VERSION = 1
 HINT = "make one with `imgtrain densenet` or `imgtrain resnet` (untrained) or `imgtrain train-pytorch-model`"
 
@@ -59,6 +62,7 @@ class ModelSpec:
     weights: str | None = None
     training: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
+    made_by: str = FLAVOR  # or DESIGNER: read from the designer's files (its weights a torch state dict)
 
     @property
     def num_classes(self) -> int:
@@ -66,6 +70,7 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         d = {"flavor": FLAVOR, "format_version": FORMAT_VERSION, **asdict(self)}
+        d.pop("made_by")  # what imgtrain writes is imgtrain's
         d["num_classes"] = self.num_classes
         if not self.trained:
             for key in ("labels", "input", "weights", "training", "num_classes"):
@@ -117,12 +122,17 @@ def load_model_spec(root: Path | str, *, need_trained: bool | None = None) -> Mo
     raw = _read_yaml(root / SPEC_FILE, root)
     if not isinstance(raw, dict):
         raise InvalidModelDirectoryError(f"{root / SPEC_FILE} is not a mapping", HINT)
+    if isinstance(raw.get("flavor"), dict):
+        spec = _designer_spec(raw, root)
+        if need_trained is True and not spec.trained:
+            raise InvalidModelDirectoryError(f"{root} is an untrained designer model directory",
+                                             "train it first with `imgtrain train-pytorch-model`")
+        return spec
     if raw.get("flavor") != FLAVOR:
         raise InvalidModelDirectoryError(
-            f"{root} was not made by imgtrain (flavor {raw.get('flavor')!r}); a designer model file is a "
-            "pickle, which imgtrain never opens because unpickling can run any code",
-            "retrain the model with imgtrain",
-        )
+            f"{root} was made neither by imgtrain nor by the designer's DenseNet, ResNet or Train PyTorch Model "
+            f"(flavor {raw.get('flavor')!r}); imgtrain never imports or unpickles what such a directory names",
+            HINT)
     version = raw.get("format_version")
     if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         newer = type(version) is int and version > FORMAT_VERSION
@@ -149,6 +159,70 @@ def _read_yaml(path: Path, root: Path):
         raise InvalidModelDirectoryError(f"{path} cannot be read ({exc.strerror or exc})", HINT) from None
     except (yaml.YAMLError, ValueError) as exc:  # ValueError covers UnicodeDecodeError
         raise InvalidModelDirectoryError(f"{path} is not valid YAML ({exc})", HINT) from None
+
+
+def _designer_spec(raw: dict, root: Path) -> ModelSpec:
+    """A model directory Azure ML designer wrote (its DenseNet or ResNet module, or its Train PyTorch Model):
+    the architecture and options from flavor_extras, and once trained the labels, the normalisation and the
+    state-dict file. Only what imgtrain's registry builds is accepted; the module path it names is never
+    imported, and the weights are read with torch's weights-only loader (models/designer.py)."""
+    def bad(what: str) -> InvalidModelDirectoryError:
+        return InvalidModelDirectoryError(
+            f"{root / SPEC_FILE}: {what}", "imgtrain reads the designer's DenseNet and ResNet model directories, "
+            "untrained or trained, as the designer writes them")
+
+    flavor, extras = raw.get("flavor") or {}, raw.get("flavor_extras")
+    if flavor.get("name") != "pytorch" or flavor.get("serialization_method") != "state_dict":
+        raise bad(f"flavor {flavor!r} is not the designer's pytorch state_dict")
+    if not isinstance(extras, dict) or extras.get("class") not in DESIGNER_CLASSES:
+        kind = extras.get("class") if isinstance(extras, dict) else None
+        raise bad(f"model class {kind!r} is not one of the designer's {sorted(DESIGNER_CLASSES)}")
+    params = extras.get("init_params")
+    if not isinstance(params, dict) or not isinstance(params.get("model_name"), str) \
+            or not params["model_name"].isidentifier():
+        raise bad("flavor_extras.init_params.model_name is missing")
+    options = {k: params[k] for k in ("memory_efficient", "zero_init_residual") if isinstance(params.get(k), bool)}
+    weights = raw.get("model_file", "model")
+    if not isinstance(weights, str) or Path(weights).name != weights:
+        raise bad("model_file must name a file inside the directory")
+    spec = ModelSpec(architecture=params["model_name"], pretrained=params.get("pretrained") is True, options=options,
+                     weights=weights, made_by=DESIGNER)
+    if "num_classes" not in params:
+        return spec  # the designer's untrained directory: DenseNet or ResNet, not yet trained
+    labels = _designer_labels(root / str(raw.get("label_map_file") or LABELS_FILE), root)
+    if type(params["num_classes"]) is not int or params["num_classes"] != len(labels):
+        raise bad(f"num_classes {params['num_classes']!r} but {len(labels)} labels in its label map")
+    mean, std = [0.5] * 3, [0.5] * 3  # the designer's ImageNormalizer
+    inputs = raw.get("inputs")
+    for entry in inputs if isinstance(inputs, list) else []:
+        processor = entry.get("pre_processor") if isinstance(entry, dict) else None
+        found = processor.get("init_params") if isinstance(processor, dict) else None
+        if isinstance(found, dict) and "mean" in found and "std" in found:
+            mean, std = found["mean"], found["std"]
+    if not all(isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) for x in v)
+               for v in (mean, std)) or min(std) <= 0:
+        raise bad("the image normaliser must give 3 means and 3 positive stds")
+    spec.trained, spec.labels = True, labels
+    spec.input = InputSpec(image_size=DESIGNER_IMAGE_SIZE, mean=[float(x) for x in mean], std=[float(x) for x in std])
+    spec.training = {"made_by": "Azure ML designer", "time_created": str(raw.get("time_created", ""))}
+    return spec
+
+
+def _designer_labels(path: Path, root: Path) -> list[str]:
+    """index_to_label.csv, with the designer's header (,label) or imgtrain's earlier one (index,label)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InvalidModelDirectoryError(f"{path} cannot be read ({exc})", HINT) from None
+    body = rows[1:] if rows and rows[0][-1:] == ["label"] else rows
+    try:
+        pairs = sorted((int(index), label) for index, label in body)
+    except ValueError:
+        raise InvalidModelDirectoryError(f"{path} is not a list of index,label rows", HINT) from None
+    if [i for i, _ in pairs] != list(range(len(pairs))) or not pairs:
+        raise InvalidModelDirectoryError(f"{path}: the indices must run 0, 1, 2, ...", HINT)
+    return [label for _, label in pairs]
 
 
 def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from imgtrain.directories.files import check_regular
-from imgtrain.directories.model_directory import HINT, ModelSpec
+from imgtrain.directories.model_directory import DESIGNER, HINT, ModelSpec
 from imgtrain.errors import InvalidModelDirectoryError
 from imgtrain.models.names import load_known_spec
 from imgtrain.models.registry import build_model
@@ -43,6 +43,12 @@ def load_trained_model(root: Path | str) -> TrainedModel:
     weights. Nothing in the directory is imported, unpickled or run."""
     root = Path(root)
     spec = load_known_spec(root, need_trained=True)
+    if spec.made_by == DESIGNER:
+        from imgtrain.models.designer import load_designer_weights
+
+        network = load_designer_weights(root, spec)
+        network.eval()
+        return TrainedModel(network, spec, root)
     network = build_model(spec.architecture, spec.num_classes, **spec.options)
     path = root / spec.weights
     try:

@@ -391,6 +391,14 @@ class _Run:
         return self.share % self.params.batch_size == 1  # a batch of one breaks BatchNorm
 
     @property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """The mean and std images are normalised with: a trained model's own (the designer's are 0.5), else
+        ImageNet's."""
+        if self.base.trained and self.base.input is not None:
+            return list(self.base.input.mean), list(self.base.input.std)
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+    @property
     def class_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Images per class, in the training data and in the validation data."""
         classes = len(self.train_set.categories)
@@ -456,7 +464,7 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
     # whatever the classes' shares in the training data.
     training, validation = (torch.tensor(balance.balanced_weights(counts), dtype=torch.float32, device=device)
                             for counts in run.class_counts)
-    stepper = Stepper(model, network, optimizer, scaler, schedule, Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device),
+    stepper = Stepper(model, network, optimizer, scaler, schedule, Normalize(*run.normalization).to(device),
                       device, run.precision, params.learning_rate, Threads(params.threads, log), world,
                       loss_fn=nn.CrossEntropyLoss(weight=training if params.class_weights == "balanced" else None),
                       validation_weights=validation if params.balanced else None)
@@ -531,7 +539,7 @@ def _trained_spec(run: _Run, state: Fit, bad: dict[str, set[int]]) -> ModelSpec:
     return ModelSpec(
         architecture=base.architecture, pretrained=base.pretrained, options=base.options, trained=True,
         labels=list(run.train_set.categories), weights=WEIGHTS_FILE, versions=library_versions(),
-        input=InputSpec(image_size=run.image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+        input=InputSpec(image_size=run.image_size, mean=list(run.normalization[0]), std=list(run.normalization[1])),
         training={**asdict(params), "image_size": run.image_size, "num_workers": run.workers,
                   "device": str(run.device), "precision": run.precision, "processes": run.world.size,
                   "effective_learning_rate": run.learning_rate, "best_epoch": state.stopper.best_epoch,
