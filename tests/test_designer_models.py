@@ -133,7 +133,7 @@ def test_what_the_designer_never_wrote_is_refused(designer, tmp_path):
         load_trained_model(designer["untrained"])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(changes=st.dictionaries(st.sampled_from(["flavor", "flavor_extras", "model_file", "label_map_file", "inputs",
                                                 "init_params"]), json_values | names, min_size=1, max_size=3),
        labels=st.none() | file_contents)

@@ -120,13 +120,11 @@ def test_a_browser_shows_the_plots(reports, tmp_path):
     """Render every page in headless Chromium and look at the screenshot's pixels: the curves (matplotlib's
     blue and orange lines), the confusion matrix (its darkest blue), the images. The same pages with their
     pictures taken out show none of it: the test can tell a page with plots from a blank one."""
-    shots = {}
-    for name in ("training", "evaluation", "combined"):
-        page = reports[name]
-        blank = tmp_path / f"{name}-blank.html"
-        blank.write_text(re.sub(r'src="data:image/png;base64,[^"]+"', 'src=""', page.read_text()))
-        shots[name] = screenshot(page, tmp_path / f"{name}.png", tmp_path / "profile", 4000)
-        shots[f"{name}-blank"] = screenshot(blank, tmp_path / f"{name}-blank.png", tmp_path / "profile", 4000)
+    shots = {name: screenshot(reports[name], tmp_path / f"{name}.png", tmp_path / "profile", 4000)
+             for name in ("training", "evaluation", "combined")}
+    blank = tmp_path / "combined-blank.html"  # the page that has every plot, with its pictures taken out
+    blank.write_text(re.sub(r'src="data:image/png;base64,[^"]+"', 'src=""', reports["combined"].read_text()))
+    shots["combined-blank"] = screenshot(blank, tmp_path / "combined-blank.png", tmp_path / "profile", 4000)
     for name, shot in shots.items():
         curves, matrix = _pixels_near(shot, BLUE) + _pixels_near(shot, ORANGE), _pixels_near(shot, DARKEST_BLUES, 20)
         inked = float((shot.min(axis=2) < 200).mean())  # share of pixels that are not near-white
@@ -137,7 +135,7 @@ def test_a_browser_shows_the_plots(reports, tmp_path):
         else:
             assert (curves > 2000) == has_curves, (name, curves)
             assert (matrix > 2000) == has_matrix, (name, matrix)
-            assert inked > 2 * float((shots[f"{name}-blank"].min(axis=2) < 200).mean()), name
+            assert inked > 2 * float((shots["combined-blank"].min(axis=2) < 200).mean()), name
     # the curves sit in the top part of the training report, under the headline figures
     top = shots["training"][:1200]
     assert _pixels_near(top, BLUE) > 1000 and _pixels_near(top, ORANGE) > 1000

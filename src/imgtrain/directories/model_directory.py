@@ -17,6 +17,7 @@ models/trained.py's work; this module needs no torch.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -189,7 +190,10 @@ def _designer_spec(raw: dict, root: Path) -> ModelSpec:
                      weights=weights, made_by=DESIGNER)
     if "num_classes" not in params:
         return spec  # the designer's untrained directory: DenseNet or ResNet, not yet trained
-    labels = _designer_labels(root / str(raw.get("label_map_file") or LABELS_FILE), root)
+    label_map = raw.get("label_map_file") or LABELS_FILE
+    if not isinstance(label_map, str) or Path(label_map).name != label_map or "\x00" in label_map:
+        raise bad("label_map_file must name a file inside the directory")
+    labels = _designer_labels(root / label_map, root)
     if type(params["num_classes"]) is not int or params["num_classes"] != len(labels):
         raise bad(f"num_classes {params['num_classes']!r} but {len(labels)} labels in its label map")
     mean, std = [0.5] * 3, [0.5] * 3  # the designer's ImageNormalizer
@@ -211,9 +215,8 @@ def _designer_spec(raw: dict, root: Path) -> ModelSpec:
 def _designer_labels(path: Path, root: Path) -> list[str]:
     """index_to_label.csv, with the designer's header (,label) or imgtrain's earlier one (index,label)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
+    except (OSError, ValueError, csv.Error) as exc:  # ValueError: not UTF-8
         raise InvalidModelDirectoryError(f"{path} cannot be read ({exc})", HINT) from None
     body = rows[1:] if rows and rows[0][-1:] == ["label"] else rows
     try:
