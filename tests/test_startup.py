@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,8 @@ def test_light_commands_import_no_torch(tmp_path, labelled_folder, image_dirs, s
         ("resnet", "--model-name", "resnet18", "--output", tmp_path / "r2"),
         ("densenet", "--model-name", "densenet121", "--no-pretrained", "--output", tmp_path / "d"),
         ("evaluate-model", "--scored-dataset", scored, "--output", tmp_path / "e"),
+        ("init-image-transformation", "--output", tmp_path / "t"),
+        ("pipeline", "show", Path(__file__).parent.parent / "examples" / "pipeline.yaml"),
     ]:
         result = imports_of(*args)
         assert result == {"code": 0, "heavy": []}, (args, result)

@@ -21,6 +21,8 @@ configure_openmp()
 _API = {
     "convert_to_image_directory": "imgtrain.data.convert",
     "split_image_directory": "imgtrain.data.split",
+    "init_image_transformation": "imgtrain.data.transformation",
+    "apply_image_transformation": "imgtrain.data.transformation",
     "densenet": "imgtrain.models.untrained",
     "resnet": "imgtrain.models.untrained",
     "train_pytorch_model": "imgtrain.training.train",

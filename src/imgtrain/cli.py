@@ -263,6 +263,12 @@ def _apply_transformation(args) -> None:
     _say(args, f"{len(result):,} transformed images written to {args.output}")
 
 
+def _pipeline_show(args) -> None:
+    from imgtrain.pipeline.file import describe, load_pipeline
+
+    print(describe(load_pipeline(args.file)))
+
+
 def _report(args) -> None:
     from imgtrain.scoring.report import report
 
@@ -489,6 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the random operations: with the image's id, it decides each image's draw")
     p.add_argument("--output", required=True, help="the ImageDirectory to write")
     _common(p)
+
+    p = command("pipeline", None, "Pipelines as code: a YAML file of steps shaped like Azure ML's v2 pipeline jobs "
+                                  "(README, \"Pipelines\").")
+    actions = p.add_subparsers(dest="action", required=True, metavar="<action>")
+    q = actions.add_parser("show", help="check a pipeline file and print its graph: the steps in the order they "
+                                        "run, where each input comes from, what is published",
+                           formatter_class=_Formatter)
+    q.add_argument("file", help="the pipeline file (.yaml)")
+    q.set_defaults(func=_pipeline_show)
+    _common(q)
 
     p = command("report", _report,
                 "Write one self-contained HTML page for a trained model: its training (curves, data, the images "

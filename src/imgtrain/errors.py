@@ -125,6 +125,11 @@ class InvalidTransformationDirectoryError(ImgtrainError):
     """The input is not a TransformationDirectory (the output of Init Image Transformation), or a damaged one."""
 
 
+class InvalidPipelineError(ImgtrainError):
+    """A pipeline file that cannot run: unknown components, ports or parameters, wrong types, dangling
+    bindings, cycles."""
+
+
 class MissingDependencyError(ImgtrainError):
     """An option needs an optional package (an extra, such as imgtrain[mlflow]) that is not installed."""
 

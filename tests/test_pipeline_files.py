@@ -1,0 +1,83 @@
+"""Pipeline files: read and checked before anything runs, every mistake one line naming the step."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from imgtrain.pipeline.components import COMPONENTS, SHORT_NAMES
+from imgtrain.pipeline.file import load_pipeline
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "pipeline.yaml"
+
+
+def test_the_components_are_the_modules_python_functions():
+    """The hand-kept table of ports and parameters says what the functions really take."""
+    from imgtrain.data.transformation import ImageTransformation
+    from imgtrain.training.train import TrainingParameters
+
+    for component in COMPONENTS.values():
+        module, name = component.function.split(":")
+        function = getattr(importlib.import_module(module), name)
+        signature = inspect.signature(function).parameters
+        takes = set(signature)
+        if "overrides" in takes:  # the parameters come as keywords of a dataclass
+            takes |= {f.name for f in dataclasses.fields(
+                TrainingParameters if name == "train_pytorch_model" else ImageTransformation)}
+        assert set(component.inputs) | set(component.outputs) | set(component.parameters) <= takes, component.name
+        positional = [p.name for p in signature.values() if p.default is inspect.Parameter.empty
+                      and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        assert positional == [*component.inputs, *component.outputs], component.name
+    assert set(SHORT_NAMES.values()) <= set(COMPONENTS)
+
+
+def test_the_demo_pipeline_reads_and_shows_its_graph():
+    pipeline = load_pipeline(EXAMPLE)
+    assert list(pipeline.steps) == ["convert", "split", "untrained", "train", "score", "evaluate"]
+    assert pipeline.outputs == {"model": ("train", "output"), "evaluation": ("evaluate", "output")}
+    assert pipeline.steps["train"].parameters == {"epochs": 5}
+    assert str(pipeline.steps["train"].inputs["validation_data"]) == "split.output_b"
+    shown = run_cli("pipeline", "show", EXAMPLE).stdout
+    assert "step   train      train-pytorch-model  [untrained_model <- untrained.output" in shown
+    assert "output model <- train.output" in shown
+
+
+@pytest.mark.parametrize("change, message", [
+    (("component: evaluate-model", "component: evaluate-models"),
+     "step 'evaluate': unknown component 'evaluate-models'. did you mean evaluate-model?"),
+    (("epochs: 5", "epoch: 5"), "step 'train': train-pytorch-model has no input or parameter 'epoch'. did you mean "
+                                "epochs?"),
+    (("epochs: 5", "epochs: five"), "step 'train': parameter epochs is 'five'; it must be a integer"),
+    (("fraction: 0.9", "fraction: true"), "step 'split': parameter fraction is True; it must be a number"),
+    (('      validation_data: "${{parent.jobs.split.outputs.output_b}}"\n', ""),
+     "step 'train': input validation_data is not bound"),
+    (("parent.jobs.split.outputs.output_b}}\"\n      epochs", "parent.jobs.spilt.outputs.output_b}}\"\n      epochs"),
+     "step 'train': input validation_data binds to the step 'spilt', which does not exist"),
+    (("parent.jobs.split.outputs.output_a", "parent.jobs.split.outputs.output_c"),
+     "step 'train': input training_data binds to split.output_c, but split-image-directory has no output 'output_c'"),
+    (("parent.inputs.digits", "parent.inputs.photos"),
+     "step 'convert': input source binds to the pipeline input 'photos', which is not declared"),
+    (('inputs: {source: "${{parent.inputs.digits}}"}', 'inputs: {source: "${{parent.jobs.evaluate.outputs.output}}"}'),
+     "steps convert -> split -> untrained"),
+    (("type: pipeline", "type: command"), "is not a pipeline file (it needs `type: pipeline`)"),
+    (('  evaluation: "${{parent.jobs.evaluate.outputs.output}}"', '  evaluation: "${{parent.jobs.judge.outputs.x}}"'),
+     "output 'evaluation' binds to judge.x, which no step writes"),
+])
+def test_every_mistake_is_one_line_naming_the_step(tmp_path, change, message):
+    old, new = change
+    text = EXAMPLE.read_text()
+    assert old in text, old
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace(old, new))
+    r = run_cli("pipeline", "show", bad, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: InvalidPipelineError: "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    if message.startswith("steps "):  # a cycle: the steps in it, in some order
+        assert "read each other's outputs in a cycle" in r.stderr and "convert" in r.stderr, r.stderr
+    else:
+        assert message in r.stderr, r.stderr
