@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +84,86 @@ def test_every_mistake_is_one_line_naming_the_step(tmp_path, change, message):
         assert "read each other's outputs in a cycle" in r.stderr and "convert" in r.stderr, r.stderr
     else:
         assert message in r.stderr, r.stderr
+
+
+def _small_pipeline(folder: Path, source: Path, epochs: int) -> Path:
+    file = folder / "p.yaml"
+    file.write_text(f"""
+type: pipeline
+inputs:
+  shades: {{type: uri_folder, path: {source}}}
+jobs:
+  convert: {{component: convert, inputs: {{source: "${{{{parent.inputs.shades}}}}"}}}}
+  split:
+    component: split
+    inputs: {{source: "${{{{parent.jobs.convert.outputs.output}}}}", fraction: 0.75}}
+  untrained: {{component: resnet, inputs: {{model_name: resnet18, pretrained: false}}}}
+  train:
+    component: train
+    inputs:
+      untrained_model: "${{{{parent.jobs.untrained.outputs.output}}}}"
+      training_data: "${{{{parent.jobs.split.outputs.output_a}}}}"
+      validation_data: "${{{{parent.jobs.split.outputs.output_b}}}}"
+      epochs: {epochs}
+      batch_size: 8
+      image_size: 32
+      num_workers: 0
+  score:
+    component: score
+    inputs: {{trained_model: "${{{{parent.jobs.train.outputs.output}}}}",
+             dataset: "${{{{parent.jobs.split.outputs.output_b}}}}", num_workers: 0}}
+  evaluate: {{component: evaluate, inputs: {{scored_dataset: "${{{{parent.jobs.score.outputs.output}}}}"}}}}
+outputs:
+  model: "${{{{parent.jobs.train.outputs.output}}}}"
+  evaluation: "${{{{parent.jobs.evaluate.outputs.output}}}}"
+""")
+    return file
+
+
+def test_a_rerun_runs_only_what_changed_and_gives_the_same_bytes(tmp_path, labelled_folder):
+    from imgtrain.pipeline.run import run_pipeline
+
+    file = _small_pipeline(tmp_path, labelled_folder, epochs=1)
+    said: list[str] = []
+    started = time.perf_counter()
+    first = run_pipeline(file, tmp_path / "out1", log=said.append)
+    took = time.perf_counter() - started
+    assert [r.reused for r in first] == [False] * 6
+    assert sorted(p.name for p in (tmp_path / "out1").iterdir()) == ["evaluation", "model"]
+    started = time.perf_counter()
+    again = run_pipeline(file, tmp_path / "out2", log=said.append)
+    assert [r.reused for r in again] == [True] * 6 and time.perf_counter() - started < took / 4
+    for name in ("model/model.safetensors", "model/model_spec.yaml", "evaluation/metrics.json"):
+        assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes(), name
+    assert said[-1].startswith("pipeline done: 0 step(s) run, 6 reused")
+    # another number of epochs: only training and what follows it run again
+    _small_pipeline(tmp_path, labelled_folder, epochs=2)
+    changed = run_pipeline(file, tmp_path / "out3", log=lambda m: None)
+    assert {r.name: r.reused for r in changed} == {"convert": True, "split": True, "untrained": True,
+                                                   "train": False, "score": False, "evaluate": False}
+    assert (tmp_path / "out3" / "model" / "model.safetensors").read_bytes() != (
+        tmp_path / "out1" / "model" / "model.safetensors").read_bytes()
+
+
+def test_a_killed_run_leaves_no_half_entry(tmp_path, labelled_folder):
+    from imgtrain.pipeline.run import CACHE_FOLDER, run_pipeline
+
+    file = _small_pipeline(tmp_path, labelled_folder, epochs=3)
+    process = subprocess.Popen([sys.executable, "-m", "imgtrain", "pipeline", "run", str(file)],
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if line.startswith("epoch 1/3"):  # training, in the middle of the train step
+            process.kill()
+            break
+    process.wait(timeout=60)
+    cache = tmp_path / CACHE_FOLDER
+    entries = [p for p in cache.iterdir() if not p.name.startswith("partial-")]
+    assert len(entries) == 3  # convert, split and untrained were complete; train was not
+    runs = run_pipeline(file, log=lambda m: None, force_rerun=True)
+    assert [r.reused for r in runs] == [False] * 6  # --force-rerun runs everything
+    assert not list(cache.glob("partial-*")) and len(list(cache.iterdir())) == 6
+    assert (tmp_path / "p-output" / "model" / "model.safetensors").is_file()
+    r = run_cli("pipeline", "run", file, check=False)
+    assert r.returncode == 1 and "OutputExistsError" in r.stderr  # published outputs are not replaced unasked
+    r = run_cli("pipeline", "run", file, "--overwrite")
+    assert "6 reused" in r.stderr and r.stdout.strip() == "0 step(s) run, 6 reused"

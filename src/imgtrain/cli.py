@@ -269,6 +269,14 @@ def _pipeline_show(args) -> None:
     print(describe(load_pipeline(args.file)))
 
 
+def _pipeline_run(args) -> None:
+    from imgtrain.pipeline.run import run_pipeline
+
+    runs = run_pipeline(args.file, args.output, force_rerun=args.force_rerun, cache=args.cache,
+                        overwrite=args.overwrite, log=_Log(args.quiet))
+    _say(args, f"{sum(not r.reused for r in runs)} step(s) run, {sum(r.reused for r in runs)} reused")
+
+
 def _report(args) -> None:
     from imgtrain.scoring.report import report
 
@@ -504,6 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=_Formatter)
     q.add_argument("file", help="the pipeline file (.yaml)")
     q.set_defaults(func=_pipeline_show)
+    _common(q)
+    q = actions.add_parser("run", help="run a pipeline file: every step whose inputs and parameters changed, the "
+                                       "others reused from the cache; publish its outputs",
+                           formatter_class=_Formatter)
+    q.add_argument("file", help="the pipeline file (.yaml)")
+    q.add_argument("--output", default=None,
+                   help="where the pipeline's outputs go, one folder each (default: <file name>-output beside the "
+                        "file)")
+    q.add_argument("--force-rerun", action="store_true", help="run every step again, as Azure's force_rerun")
+    q.add_argument("--cache", default=None, metavar="DIR",
+                   help="the cache of step outputs (default: .imgtrain-cache beside the file)")
+    q.set_defaults(func=_pipeline_run)
     _common(q)
 
     p = command("report", _report,

@@ -1,0 +1,144 @@
+"""Running a pipeline file: each step once, its output kept in a content-addressed cache.
+
+A step's cache key is a digest of the component, imgtrain's version, its parameters, and the digests
+of what it reads: a pipeline input's files (names and bytes), or the key of the step that wrote it.
+A re-run reuses every step whose key is in the cache and runs only what changed; ``force_rerun``
+runs everything again. A step runs into a temporary folder of the cache and becomes an entry only
+when complete, by a rename: a killed run leaves no half-written entry (its temporary folder is
+removed by the next run). What the pipeline publishes is copied out of the cache (hard links where
+the file system allows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgtrain import __version__
+from imgtrain.directories.atomic import atomic_output_dir
+from imgtrain.errors import ImgtrainError, InvalidPipelineError
+from imgtrain.pipeline.file import Pipeline, Step, load_pipeline
+
+CACHE_FOLDER = ".imgtrain-cache"  # beside the pipeline file, unless asked for elsewhere
+_PARTIAL = "partial-"
+
+
+@dataclass
+class StepRun:
+    name: str
+    key: str
+    reused: bool
+    seconds: float
+
+
+def run_pipeline(file: Path | str, output: Path | str | None = None, *, force_rerun: bool = False,
+                 cache: Path | str | None = None, overwrite: bool = False,
+                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> list[StepRun]:
+    """Run every step (or reuse it), then publish the pipeline's outputs under ``output``/NAME (default: a
+    folder ``<file name>-output`` beside the file); with no outputs declared, every step's."""
+    pipeline = load_pipeline(file)
+    for name, (kind, path) in pipeline.inputs.items():
+        if not (path.is_dir() if kind == "uri_folder" else path.is_file()):
+            raise InvalidPipelineError(f"{pipeline.path}: input {name!r} ({kind}) {path} does not exist",
+                                       "make it, or correct its path (relative to the pipeline file)")
+    store = Path(cache) if cache is not None else pipeline.path.parent / CACHE_FOLDER
+    store.mkdir(parents=True, exist_ok=True)
+    _remove_partials(store)
+    output = Path(output) if output is not None else pipeline.path.with_name(pipeline.path.stem + "-output")
+    digests = {name: _folder_digest(path) for name, (_, path) in pipeline.inputs.items()}
+    keys: dict[str, str] = {}
+    runs = []
+    for step in pipeline.steps.values():
+        keys[step.name] = _key(step, digests, keys)
+        entry = store / keys[step.name]
+        started = time.perf_counter()
+        if entry.is_dir() and not force_rerun:
+            log(f"step {step.name} ({step.component.name}): reused from the cache")
+            runs.append(StepRun(step.name, keys[step.name], True, 0.0))
+            continue
+        log(f"step {step.name} ({step.component.name}): running")
+        _run_step(step, pipeline, store, keys, entry, log)
+        runs.append(StepRun(step.name, keys[step.name], False, time.perf_counter() - started))
+    _publish(pipeline, store, keys, output, overwrite=overwrite)
+    reused = [r.name for r in runs if r.reused]
+    log(f"pipeline done: {len(runs) - len(reused)} step(s) run, {len(reused)} reused"
+        + (f" ({', '.join(reused)})" if reused else "") + f"; outputs in {output}")
+    return runs
+
+
+def _key(step: Step, digests: dict[str, str], keys: dict[str, str]) -> str:
+    reads = {port: digests[s.input] if s.input is not None else f"{keys[s.job]}/{s.port}"
+             for port, s in sorted(step.inputs.items())}
+    what = {"component": step.component.name, "imgtrain": __version__, "parameters": step.parameters,
+            "inputs": reads}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _folder_digest(path: Path) -> str:
+    """The digest of a folder's (or a file's) contents: every file's relative name and bytes."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _run_step(step: Step, pipeline: Pipeline, store: Path, keys: dict[str, str], entry: Path, log) -> None:
+    module, name = step.component.function.split(":")
+    function = getattr(importlib.import_module(module), name)
+    work = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{entry.name}-", dir=store))
+    try:
+        arguments = {port: (pipeline.inputs[s.input][1] if s.input is not None else store / keys[s.job] / s.port)
+                     for port, s in step.inputs.items()}
+        arguments |= {port: work / port for port in step.component.outputs}
+        if "log" in _parameters(function):
+            arguments["log"] = log
+        try:
+            function(**arguments, **step.parameters)
+        except ImgtrainError as exc:  # the module's own error, said as the step's
+            exc.message = f"step {step.name!r}: {exc.message}"
+            raise
+        if entry.exists() and entry.is_dir():  # --force-rerun: the new run replaces the old entry
+            shutil.rmtree(entry)
+        os.replace(work, entry)  # complete: it becomes the entry in one step
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _parameters(function) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(function).parameters)
+
+
+def _remove_partials(store: Path) -> None:
+    for partial in store.glob(f"{_PARTIAL}*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _publish(pipeline: Pipeline, store: Path, keys: dict[str, str], output: Path, *, overwrite: bool) -> None:
+    published = pipeline.outputs or {f"{step.name}.{port}" if len(step.component.outputs) > 1 else step.name:
+                                     (step.name, port) for step in pipeline.steps.values()
+                                     for port in step.component.outputs}
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        for name, (step, port) in published.items():
+            shutil.copytree(store / keys[step] / port, tmp / name, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
