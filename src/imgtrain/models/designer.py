@@ -14,20 +14,19 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from imgtrain.directories.files import check_regular
 from imgtrain.directories.model_directory import HINT, ModelSpec
 from imgtrain.errors import InvalidModelDirectoryError
-from imgtrain.models.registry import build_model, get_architecture
+from imgtrain.models.registry import get_architecture
 
 PREFIX = "model."
 STACKED = "out_linear_model."
 
 
-def load_designer_weights(root: Path, spec: ModelSpec) -> nn.Module:
-    """The designer's trained network as an imgtrain one (its head folded into one Linear)."""
-    path = root / spec.weights
+def designer_state(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The weights of the designer's trained network as a state dict of imgtrain's (its head folded into one
+    Linear), for the network ``build_model`` makes from ``spec``."""
     try:
         check_regular(path)
         with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: the refusal says it
@@ -55,12 +54,4 @@ def load_designer_weights(root: Path, spec: ModelSpec) -> nn.Module:
         except (KeyError, RuntimeError) as exc:
             raise InvalidModelDirectoryError(f"{path}: the stacked classifier does not fit ({exc})", HINT) from None
         state = {k: v.float() if v.dtype == torch.float64 else v for k, v in state.items()}
-    network = build_model(spec.architecture, spec.num_classes, **spec.options)
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        lines = str(exc).strip().splitlines()
-        raise InvalidModelDirectoryError(
-            f"the designer's weights {path} do not fit {spec.architecture} with {spec.num_classes} classes "
-            f"({lines[1].strip() if len(lines) > 1 else lines[0]})", HINT) from None
-    return network
+    return state

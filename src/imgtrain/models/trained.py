@@ -43,19 +43,18 @@ def load_trained_model(root: Path | str) -> TrainedModel:
     weights. Nothing in the directory is imported, unpickled or run."""
     root = Path(root)
     spec = load_known_spec(root, need_trained=True)
-    if spec.made_by == DESIGNER:
-        from imgtrain.models.designer import load_designer_weights
-
-        network = load_designer_weights(root, spec)
-        network.eval()
-        return TrainedModel(network, spec, root)
-    network = build_model(spec.architecture, spec.num_classes, **spec.options)
     path = root / spec.weights
-    try:
-        check_regular(path)
-        state = load_file(path)
-    except (FileNotFoundError, SafetensorError, OSError) as exc:
-        raise InvalidModelDirectoryError(f"cannot read weights {path} ({exc})", HINT) from None
+    if spec.made_by == DESIGNER:  # a torch state dict the designer saved, read as tensors only
+        from imgtrain.models.designer import designer_state
+
+        state = designer_state(path, spec)
+    else:
+        try:
+            check_regular(path)
+            state = load_file(path)
+        except (FileNotFoundError, SafetensorError, OSError) as exc:
+            raise InvalidModelDirectoryError(f"cannot read weights {path} ({exc})", HINT) from None
+    network = build_model(spec.architecture, spec.num_classes, **spec.options)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
