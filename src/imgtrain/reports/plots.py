@@ -85,17 +85,28 @@ def confusion(counts: np.ndarray, normalised: np.ndarray, labels: Sequence[str])
     return fig
 
 
-def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], columns: int = 8):
-    """Images (H x W x 3 uint8) in a grid, each titled: the training images as the model sees them."""
-    import matplotlib
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], columns: int = 8) -> bytes:
+    """Images (H x W x 3 uint8) in a grid, each titled, as PNG bytes: the training images as the model sees
+    them. Drawn with Pillow, not matplotlib: every training run makes one, and this takes milliseconds."""
+    import io
 
+    from PIL import Image, ImageDraw, ImageFont
+
+    cell = max(96, max((max(im.shape[:2]) for im in images), default=96))
+    title, gap = 16, 6
     rows = max(1, math.ceil(len(images) / columns))
-    with matplotlib.rc_context({"text.parse_math": False}):
-        fig = _figure(1.45 * columns, 1.6 * rows)
-        axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-        for ax in axes:
-            ax.axis("off")
-        for ax, image, title in zip(axes, images, titles, strict=False):
-            ax.imshow(image, interpolation="nearest" if image.shape[0] <= 64 else "antialiased")
-            ax.set_title(title if len(title) <= 18 else title[:17] + "…", fontsize=9)
-    return fig
+    sheet = Image.new("RGB", (columns * (cell + gap) + gap, rows * (cell + title + gap) + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for k, (image, name) in enumerate(zip(images, titles, strict=False)):
+        x, y = gap + (k % columns) * (cell + gap), gap + (k // columns) * (cell + title + gap)
+        picture = Image.fromarray(image)
+        scale = cell / max(picture.size)
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                                 Image.NEAREST if scale >= 2 else Image.BILINEAR)
+        sheet.paste(picture, (x + (cell - picture.width) // 2, y + title))
+        text = name if len(name) <= 16 else name[:15] + "…"
+        draw.text((x + cell // 2, y + title // 2), text, fill="black", font=font, anchor="mm")
+    out = io.BytesIO()
+    sheet.save(out, format="PNG")
+    return out.getvalue()

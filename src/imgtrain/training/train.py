@@ -80,7 +80,7 @@ from imgtrain.models.trained import load_trained_model
 from imgtrain.precision import PRECISIONS, denormals_flushed, resolve_precision
 from imgtrain.progress import bar
 from imgtrain.reports import plots
-from imgtrain.reports.page import REPORT_FILE, figure_png
+from imgtrain.reports.page import REPORT_FILE
 from imgtrain.reports.training import TRAINING_IMAGES, read_history, training_page
 from imgtrain.seeding import as_uint32, seed_everything
 from imgtrain.threads import Threads, parse_threads, worker_count
@@ -576,7 +576,7 @@ def _training_images(feed: Feeder, categories: list[str], count: int = 32) -> by
             shown.append((x.permute(1, 2, 0).numpy(), categories[label]))
         if len(shown) == count:
             break
-    return figure_png(plots.image_grid([x for x, _ in shown], [c for _, c in shown]))
+    return plots.image_grid([x for x, _ in shown], [c for _, c in shown])
 
 
 class _Progress:
