@@ -178,3 +178,85 @@ def test_evaluate_agrees_with_scikit_learn(tmp_path):
         for i, label in enumerate(every):
             assert ours["per_class"][label] == pytest.approx(
                 {"precision": p[i], "recall": r[i], "f1": f[i], "support": support[i]}), (case, label)
+
+
+def _designer_scored(folder, truth, predicted, labels, *, label_column="category"):
+    """A scored DataFrameDirectory as the designer's Score Model writes it: Parquet only, no scored.csv."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    folder.mkdir()
+    columns = {label_column: truth, "id": list(range(len(truth)))}
+    for label in labels:
+        columns[f"Scored Probabilities_{label}"] = [0.9 if p == label else 0.1 / (len(labels) - 1) for p in predicted]
+    columns["Scored Labels"] = predicted
+    pq.write_table(pa.table(columns), folder / "_data.parquet")
+    (folder / "_meta.yaml").write_text(yaml.safe_dump({
+        "type": "DataFrameDirectory", "extension": {}, "format": "Parquet", "data": "_data.parquet",
+        "samples": "_samples.json", "schema": "schema/_schema.json", "visualization": "_data.visualization"}))
+    (folder / "schema").mkdir()
+    (folder / "schema" / "_schema.json").write_text(json.dumps({
+        "columnAttributes": [{"name": n, "type": "Numeric"} for n in columns],
+        "labelColumns": {"True Labels": label_column},
+        "scoreColumns": {"Multi Class Assigned Labels": "Scored Labels"}}))
+
+
+def test_score_writes_the_designers_dataframe_directory_beside_scored_csv(tmp_path, trained_model, image_dirs):
+    import pyarrow.parquet as pq
+    import yaml
+
+    score_image_model(trained_model, image_dirs["val"], tmp_path / "s", top_k=2, num_workers=0, **QUIET)
+    rows = read_scored(tmp_path / "s")
+    meta = yaml.safe_load((tmp_path / "s" / "_meta.yaml").read_text())
+    assert {k: meta[k] for k in ("type", "format", "data", "schema", "samples", "visualization")} == {
+        "type": "DataFrameDirectory", "format": "Parquet", "data": "_data.parquet",
+        "schema": "schema/_schema.json", "samples": "_samples.json", "visualization": "_data.visualization"}
+    assert meta["extension"]["image_root"] and meta["extension"]["csv"] == "scored.csv"
+    table = pq.read_table(tmp_path / "s" / "_data.parquet").to_pydict()
+    assert list(table) == list(rows[0])  # the same columns, in the same order
+    assert table["id"] == [int(r["id"]) for r in rows] and table["category"] == [r["category"] for r in rows]
+    for column in ("Scored Probabilities_dark", "Top 2 Probability"):
+        assert np.allclose(table[column], [float(r[column]) for r in rows], rtol=1e-5)
+    assert table["Scored Labels"] == [r["Scored Labels"] for r in rows]
+    schema = json.loads((tmp_path / "s" / "schema" / "_schema.json").read_text())
+    assert schema["labelColumns"] == {"True Labels": "category"}
+    assert schema["scoreColumns"]["Multi Class Assigned Labels"] == "Scored Labels"
+    assert {a["name"]: a["elementType"]["typeName"] for a in schema["columnAttributes"]}["id"] == "int64"
+    assert len(json.loads((tmp_path / "s" / "_samples.json").read_text())) == 3
+    # Evaluate reads either file to the same figures.
+    from_csv = evaluate_model(tmp_path / "s", tmp_path / "e1", **QUIET)
+    (tmp_path / "s" / "scored.csv").unlink()
+    from_parquet = evaluate_model(tmp_path / "s", tmp_path / "e2", **QUIET)
+    assert from_parquet == from_csv
+    assert (tmp_path / "e2" / "report.html").stat().st_size > 10_000
+
+
+def test_evaluate_reads_the_designers_scored_dataframe_directory(tmp_path):
+    truth = ["cat", "cat", "dog", "dog", "bird"]
+    predicted = ["cat", "dog", "dog", "dog", "cat"]
+    _designer_scored(tmp_path / "scored", truth, predicted, ["bird", "cat", "dog"], label_column="label")
+    metrics = evaluate_model(tmp_path / "scored", tmp_path / "eval", **QUIET)
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    assert metrics["confusion_matrix"]["labels"] == ["bird", "cat", "dog"]  # the probability columns' order
+    assert metrics["per_class"]["dog"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8,
+                                                        "support": 2})
+    assert "id 1" in (tmp_path / "eval" / "report.html").read_text()  # the rows are named by their ids
+    run_cli("evaluate-model", "--scored-dataset", str(tmp_path / "scored"), "--output", str(tmp_path / "eval2"))
+
+
+def test_unreadable_dataframe_directories_get_named_errors(tmp_path):
+    _designer_scored(tmp_path / "bad", ["a"], ["a"], ["a", "b"])
+    (tmp_path / "bad" / "_data.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InvalidDatasetError, match="not a readable Parquet file"):
+        evaluate_model(tmp_path / "bad", tmp_path / "e", **QUIET)
+    (tmp_path / "bad" / "_data.parquet").unlink()
+    with pytest.raises(InvalidDatasetError, match="holds no _data.parquet"):
+        evaluate_model(tmp_path / "bad", tmp_path / "e", **QUIET)
+    meta = (tmp_path / "bad" / "_meta.yaml")
+    meta.write_text(meta.read_text().replace("format: Parquet", "format: Csv"))
+    result = run_cli("evaluate-model", "--scored-dataset", str(tmp_path / "bad"), "--output", str(tmp_path / "e"),
+                     check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "format 'Csv'" in result.stderr and "InvalidDatasetError" in result.stderr
+    assert not (tmp_path / "e").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from imgtrain.directories import dataframe_directory
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
 from imgtrain.directories.files import open_text, read_text
 from imgtrain.errors import InvalidDatasetError, NotLabeledDatasetError
@@ -46,36 +47,57 @@ class ScoredTable:
 
 
 def read_scored(scored: Path) -> ScoredTable:
-    path = scored / SCORED_FILE if scored.is_dir() else scored
-    hint = "pass the output of `imgtrain score-image-model`"
+    """imgtrain's scored.csv, or a DataFrameDirectory in Parquet such as the designer's Score Model writes."""
+    hint = "pass the output of `imgtrain score-image-model` or of the designer's Score Model"
+    if scored.is_dir() and not (scored / SCORED_FILE).exists() and dataframe_directory.is_dataframe_directory(scored):
+        table = dataframe_directory.read(scored, hint)
+        path, columns = scored / dataframe_directory.DATA_FILE, table.columns
+        label_column = table.label_columns.get(dataframe_directory.TRUE_LABELS, LABEL_COLUMN)
+        scored_label = table.score_columns.get(dataframe_directory.ASSIGNED_LABELS, SCORED_LABEL)
+    else:
+        path = scored / SCORED_FILE if scored.is_dir() else scored
+        columns = _csv_columns(path, hint)
+        label_column, scored_label = LABEL_COLUMN, SCORED_LABEL
+    if scored_label not in columns:
+        raise InvalidDatasetError(f"{path} has no {scored_label!r} column", hint)
+    if label_column not in columns:
+        raise NotLabeledDatasetError(
+            f"{path} has no true labels (no {label_column!r} column): the scored images were unlabeled",
+            "score a labelled ImageDirectory or a folder with one sub-folder per category")
+    n = len(columns[scored_label])
+    if not n:
+        raise InvalidDatasetError(f"{path} holds no rows", hint)
+    for name in (label_column, scored_label):
+        if None in columns[name]:
+            raise InvalidDatasetError(f"{path}: data row {columns[name].index(None) + 1} has no {name!r}", hint)
+    truth, predicted = [str(v) for v in columns[label_column]], [str(v) for v in columns[scored_label]]
+    labels = [h[len(PROBABILITY_PREFIX):] for h in columns if h.startswith(PROBABILITY_PREFIX)]
+    if "image" in columns:
+        images = [str(v or "") for v in columns["image"]]
+    else:  # the designer's table names its rows by id only
+        images = [f"id {v}" for v in columns["id"]] if "id" in columns else [""] * n
+    confidence = [_number(columns.get(PROBABILITY_PREFIX + p, [None] * n)[i]) for i, p in enumerate(predicted)]
+    return ScoredTable(truth, predicted, labels, images, np.array(confidence),
+                       [str(v) for v in columns[ORIGINAL_COLUMN]] if ORIGINAL_COLUMN in columns else None,
+                       _image_root(path.parent))
+
+
+def _csv_columns(path: Path, hint: str) -> dict[str, list]:
     try:
         with open_text(path) as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             rows = list(reader)
     except FileNotFoundError:
-        raise InvalidDatasetError(f"{scored} holds no {SCORED_FILE}", hint) from None
+        raise InvalidDatasetError(f"{path.parent} holds no {SCORED_FILE}", hint) from None
     except OSError as exc:  # a pipe or a device in its place, a permission
         raise InvalidDatasetError(f"{path} cannot be read ({exc.strerror or exc})", hint) from None
     except (csv.Error, UnicodeDecodeError) as exc:
         raise InvalidDatasetError(f"{path} is not a readable CSV ({exc})", hint) from None
-    if SCORED_LABEL not in header:
-        raise InvalidDatasetError(f"{path} has no {SCORED_LABEL!r} column", hint)
-    if LABEL_COLUMN not in header:
-        raise NotLabeledDatasetError(
-            f"{path} has no true labels (no {LABEL_COLUMN!r} column): the scored images were unlabeled",
-            "score a labelled ImageDirectory or a folder with one sub-folder per category")
-    if not rows:
-        raise InvalidDatasetError(f"{path} holds no rows", hint)
     for n, row in enumerate(rows, 1):
-        if row[LABEL_COLUMN] is None or row[SCORED_LABEL] is None:
+        if any(row.get(h) is None for h in header):
             raise InvalidDatasetError(f"{path}: data row {n} has fewer fields than the header", hint)
-    labels = [h[len(PROBABILITY_PREFIX):] for h in header if h.startswith(PROBABILITY_PREFIX)]
-    predicted = [r[SCORED_LABEL] for r in rows]
-    return ScoredTable([r[LABEL_COLUMN] for r in rows], predicted, labels, [r.get("image") or "" for r in rows],
-                       np.array([_number(r.get(PROBABILITY_PREFIX + p)) for r, p in zip(rows, predicted, strict=True)]),
-                       [r[ORIGINAL_COLUMN] for r in rows] if ORIGINAL_COLUMN in header else None,
-                       _image_root(path.parent))
+    return {h: [r[h] for r in rows] for h in header}
 
 
 def _number(text: str | None) -> float:
@@ -91,7 +113,11 @@ def _image_root(folder: Path) -> Path | None:
         meta = yaml.safe_load(read_text(folder / META_FILE))
     except (OSError, yaml.YAMLError, InvalidDatasetError, ValueError):
         return None
-    root = meta.get(IMAGE_ROOT) if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    extension = meta.get("extension")  # where Score Image Model keeps it; older versions kept it at the top
+    root = extension.get(IMAGE_ROOT) if isinstance(extension, dict) else None
+    root = root or meta.get(IMAGE_ROOT)
     return Path(root) if isinstance(root, str) else None
 
 

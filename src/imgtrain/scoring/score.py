@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from imgtrain.data.convert import find_images, is_image_file
 from imgtrain.data.dataset import BadImagePolicy, ImageDataset, SeededSampler
@@ -21,6 +20,7 @@ from imgtrain.data.decode import ON_BAD_IMAGE
 from imgtrain.data.loading import make_loader
 from imgtrain.data.transforms import Normalize
 from imgtrain.device import resolve_device
+from imgtrain.directories import dataframe_directory
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
 from imgtrain.directories.image_directory import META_FILE, ImageDirectory
 from imgtrain.distributed import ALONE, World, join_world, leave_world, rank_device
@@ -229,30 +229,38 @@ def _write_scores(output: Path | str, rows: _Rows, model: TrainedModel, probabil
         raise InvalidDatasetError(f"none of the {len(rows.paths):,} images could be decoded",
                                   "see the warnings above for each file's reason")
     order = np.argsort(-probabilities, axis=1, kind="stable")
+    kept = np.flatnonzero(scored)
+    columns: dict[str, list] = {}
+    if rows.ids is not None:
+        columns["id"] = [rows.ids[i] for i in kept]
+    columns["image"] = [rows.names[i] for i in kept]
+    if rows.originals is not None:
+        columns[ORIGINAL_COLUMN] = [rows.originals[i] for i in kept]
+    if rows.categories is not None:
+        columns[LABEL_COLUMN] = [rows.categories[i] for i in kept]
+    for j, label in enumerate(labels):
+        columns[PROBABILITY_PREFIX + label] = probabilities[kept, j].tolist()
+    columns[SCORED_LABEL] = [labels[order[i, 0]] for i in kept]
+    for k in range(top_k or 0):
+        columns[f"Top {k + 1} Label"] = [labels[order[i, k]] for i in kept]
+        columns[f"Top {k + 1} Probability"] = [float(probabilities[i, order[i, k]]) for i in kept]
+    probability_columns = {PROBABILITY_PREFIX + label for label in labels} | {
+        name for name in columns if name.startswith("Top ") and name.endswith(" Probability")}
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
-        header = (["id"] if rows.ids is not None else []) + ["image"]
-        header += [ORIGINAL_COLUMN] if rows.originals is not None else []
-        header += [LABEL_COLUMN] if rows.categories is not None else []
-        header += [PROBABILITY_PREFIX + label for label in labels] + [SCORED_LABEL]
-        header += [f"Top {k} {what}" for k in range(1, (top_k or 0) + 1) for what in ("Label", "Probability")]
         with open(tmp / SCORED_FILE, "w", newline="", encoding="utf-8", errors="backslashreplace") as out:
             writer = csv.writer(out)
-            writer.writerow(header)
-            for i, name in enumerate(rows.names):
-                if not scored[i]:
-                    continue
-                row: list = ([rows.ids[i]] if rows.ids is not None else []) + [name]
-                row += [rows.originals[i]] if rows.originals is not None else []
-                row += [rows.categories[i]] if rows.categories is not None else []
-                row += [f"{p:.6g}" for p in probabilities[i]] + [labels[order[i, 0]]]
-                for j in order[i, :top_k or 0]:
-                    row += [labels[j], f"{probabilities[i, j]:.6g}"]
-                writer.writerow(row)
-        meta = {"type": "DataFrameDirectory", "format": "csv", "data": SCORED_FILE,
-                "label_column": LABEL_COLUMN if rows.categories is not None else None,
-                "scored_label_column": SCORED_LABEL, "labels": list(labels),
-                "trained_model": str(model.path.resolve()), IMAGE_ROOT: str(rows.root.absolute())}
-        (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
+            writer.writerow(columns)
+            for values in zip(*columns.values(), strict=True):
+                writer.writerow([f"{v:.6g}" if name in probability_columns else v
+                                 for name, v in zip(columns, values, strict=True)])
+        # The same table as the designer's Score Model writes it, so that its Evaluate Model reads ours.
+        dataframe_directory.write(tmp, dataframe_directory.Table(
+            columns,
+            {dataframe_directory.TRUE_LABELS: LABEL_COLUMN} if rows.categories is not None else {},
+            {**{PROBABILITY_PREFIX + label: PROBABILITY_PREFIX + label for label in labels},
+             dataframe_directory.ASSIGNED_LABELS: SCORED_LABEL},
+            {"csv": SCORED_FILE, "labels": list(labels), "trained_model": str(model.path.resolve()),
+             IMAGE_ROOT: str(rows.root.absolute())}))
     return ScoreResult(Path(output), int(scored.sum()), rows.categories is not None)
 
 
