@@ -35,7 +35,9 @@ def test_the_components_are_the_modules_python_functions():
         assert set(component.inputs) | set(component.outputs) | set(component.parameters) <= takes, component.name
         positional = [p.name for p in signature.values() if p.default is inspect.Parameter.empty
                       and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-        assert positional == [*component.inputs, *component.outputs], component.name
+        required = [port for port in component.inputs if port not in component.optional]
+        assert positional == [*required, *component.outputs], component.name
+        assert set(component.optional) <= set(component.inputs)
     assert set(SHORT_NAMES.values()) <= set(COMPONENTS)
 
 
@@ -48,6 +50,18 @@ def test_the_demo_pipeline_reads_and_shows_its_graph():
     shown = run_cli("pipeline", "show", EXAMPLE).stdout
     assert "step   train      train-pytorch-model  [untrained_model <- untrained.output" in shown
     assert "output model <- train.output" in shown
+
+
+def test_a_training_step_may_take_a_transformation(tmp_path):
+    text = EXAMPLE.read_text().replace("  train:\n", "  augment:\n    component: init-image-transformation\n"
+                                       "    inputs: {size: 36, crop_size: 32}\n  train:\n")
+    text = text.replace("      epochs: 5\n",
+                        "      epochs: 5\n      transformation: ${{parent.jobs.augment.outputs.output}}\n")
+    (tmp_path / "p.yaml").write_text(text)
+    pipeline = load_pipeline(tmp_path / "p.yaml")
+    assert str(pipeline.steps["train"].inputs["transformation"]) == "augment.output"
+    assert list(pipeline.steps).index("augment") < list(pipeline.steps).index("train")
+    assert "transformation" not in load_pipeline(EXAMPLE).steps["train"].inputs  # optional
 
 
 @pytest.mark.parametrize("change, message", [

@@ -114,3 +114,124 @@ def test_what_is_not_a_transformation_is_a_named_error(coloured, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     help_text = run_cli("apply-image-transformation", "--help").stdout
     assert "inference: drops the random ones (RandomResizedCrop" in " ".join(help_text.split())
+
+
+def test_the_sizes_a_transformation_makes():
+    from imgtrain.data.transformation import ImageTransformation, TrainingTransformation
+    from imgtrain.errors import InvalidParameterError
+
+    def plan(image_size=None, **params):
+        return TrainingTransformation.of(ImageTransformation(**params).operations(), image_size, lambda: 64)
+
+    designer = plan()  # Resize 256, CenterCrop 224, RandomHorizontalFlip
+    assert (designer.cached_size, designer.image_size) == (224, 224)
+    assert [op.name for op in designer.fixed] == ["Resize", "CenterCrop"] == [op.name for op in designer.inference]
+    assert [op.name for op in designer.random] == ["RandomHorizontalFlip"]
+    crops = plan(center_crop=False, random_resized_crop=True, random_size=200)  # cached 256 squares, 200 crops
+    assert (crops.cached_size, crops.image_size) == (256, 200) and [op.name for op in crops.inference] == ["Resize"]
+    padded = plan(size=40, crop_size=32, pad=True, padding=4, random_crop=True, random_crop_size=32)
+    assert (padded.cached_size, padded.image_size) == (40, 32)
+    flips = plan(resize=False, center_crop=False)  # no size in it: the one asked for, else the fallback
+    assert (flips.cached_size, flips.image_size) == (64, 64)
+    assert plan(96, resize=False, center_crop=False).image_size == 96
+    with pytest.raises(InvalidParameterError, match="96 disagrees with the transformation, whose operations make 224"):
+        plan(96)
+
+
+def test_random_operations_are_seeded_per_image_and_epoch():
+    import random
+
+    import torch
+
+    from imgtrain.data.transformation import ImageTransformation
+    from imgtrain.data.transforms import RandomOperations
+
+    ops = ImageTransformation(resize=False, center_crop=False, random_rotation=True, random_rotation_degrees=30,
+                              random_erasing=True).operations()
+    augment = RandomOperations(ops, 24)
+    x = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    first, again = augment(x, random.Random(7)), augment(x, random.Random(7))
+    assert first.shape == (3, 24, 24) and first.dtype == torch.uint8  # squashed to the model's size
+    assert torch.equal(first, again) and not torch.equal(first, augment(x, random.Random(8)))
+    assert torch.equal(torch.rand(1), before)  # torch's own generator is left as it was
+
+
+@pytest.fixture(scope="module")
+def trained_with_transformation(tmp_path_factory, image_dirs):
+    from imgtrain import train_pytorch_model
+
+    root = tmp_path_factory.mktemp("with-transformation")
+    init_image_transformation(root / "t", size=40, crop_size=32, random_rotation=True, random_rotation_degrees=10)
+    logged = []
+    train_pytorch_model(image_dirs["untrained"], image_dirs["train"], image_dirs["val"], root / "model",
+                        epochs=2, batch_size=8, num_workers=0, transformation=root / "t", log=logged.append)
+    return root, logged
+
+
+def test_training_with_a_transformation_records_and_scoring_applies_it(trained_with_transformation, image_dirs,
+                                                                       tmp_path):
+    import torch
+    import yaml
+    from torchvision.transforms.v2 import functional
+
+    from imgtrain import predict
+    from imgtrain.data.decode import load_rgb
+    from imgtrain.data.transforms import Normalize
+    from imgtrain.models.trained import load_trained_model
+
+    root, logged = trained_with_transformation
+    spec = yaml.safe_load((root / "model" / "model_spec.yaml").read_text())
+    assert spec["input"]["image_size"] == 32  # the size the operations make, not the data's default
+    assert spec["input"]["transformation"] == [["Resize", 40], ["CenterCrop", 32]]  # the random ones dropped
+    assert spec["training"]["transformation"] == str(root / "t")
+    assert any("Resize, CenterCrop once (32 px, cached), RandomHorizontalFlip, RandomRotation every epoch" in m
+               for m in logged)
+    assert any("augmentation the transformation's random operations" in m for m in logged)
+    # Scoring applies the recorded operations by itself: the same as doing them by hand.
+    model = load_trained_model(root / "model")
+    data = ImageDirectory.load(image_dirs["val"])
+    paths = [data.path(i) for i in range(3)]
+    by_hand = torch.stack([functional.center_crop(functional.resize(functional.pil_to_tensor(load_rgb(p)), 40), 32)
+                           for p in paths])
+    normalize = Normalize(model.spec.input.mean, model.spec.input.std)
+    with torch.inference_mode():
+        expected = model.network.eval()(normalize(by_hand)).softmax(dim=1).numpy()
+    answers = predict(model, paths, precision="fp32")
+    got = np.array([[a.probabilities[label] for label in model.labels] for a in answers])
+    assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_a_transformation_trains_deterministically_and_is_named_when_wrong(trained_with_transformation, image_dirs,
+                                                                            tmp_path):
+    from imgtrain import train_pytorch_model
+
+    class Interrupt(BaseException):
+        pass
+
+    def interrupt_after_epoch_1(message: str) -> None:
+        if message.startswith("epoch 1/"):
+            raise Interrupt
+
+    # Interrupted after epoch 1, resumed, with worker processes this time: the very weights of the
+    # uninterrupted run in one process (the random operations draw by image and epoch, not by worker).
+    root, _ = trained_with_transformation
+    args = (image_dirs["untrained"], image_dirs["train"], image_dirs["val"], tmp_path / "again")
+    with pytest.raises(Interrupt):
+        train_pytorch_model(*args, epochs=2, batch_size=8, num_workers=2, transformation=root / "t",
+                            log=interrupt_after_epoch_1)
+    train_pytorch_model(*args, epochs=2, batch_size=8, num_workers=2, transformation=root / "t", resume=True,
+                        log=lambda m: None)
+    weights = (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert weights == (root / "model" / "model.safetensors").read_bytes()
+    common = ["train-pytorch-model", "--untrained-model", image_dirs["untrained"], "--training-data",
+              image_dirs["train"], "--validation-data", image_dirs["val"], "--transformation"]
+    for extra, message in [(["--augmentation", "shift-flip"], "shift-flip and --transformation both augment"),
+                           (["--image-size", "64"], "--image-size 64 disagrees with"),
+                           ([], "is not a TransformationDirectory")]:
+        given = image_dirs["val"] if not extra else root / "t"
+        r = run_cli(*common, given, *extra, "--output", tmp_path / "x", check=False)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "x").exists()

@@ -160,7 +160,8 @@ def _train(args) -> None:
         image_size=args.image_size, device=args.device, precision=args.precision, optimizer=args.optimizer,
         augmentation=args.augmentation, num_workers=args.num_workers, on_bad_image=args.on_bad_image,
         cache=args.cache, threads=args.threads, lr_scaling=args.lr_scaling, sync_batchnorm=args.sync_batchnorm,
-        compile=args.compile, class_weights=args.class_weights, sampler=args.sampler)
+        compile=args.compile, class_weights=args.class_weights, sampler=args.sampler,
+        transformation=args.transformation)
     result = train_pytorch_model(args.untrained_model, args.training_data, args.validation_data,
                                  args.output, params, overwrite=args.overwrite, resume=args.resume,
                                  restart=args.restart, log=_Log(args.quiet), progress=_progress(args),
@@ -378,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augmentation", choices=("shift", "shift-flip", "none"), default="shift",
                    help="per-epoch augmentation: shift moves images by up to 1/16 of their side (safe for "
                         "digits and text); shift-flip adds horizontal flips (photos only)")
+    p.add_argument("--transformation", default=None, metavar="T",
+                   help="a TransformationDirectory (`imgtrain init-image-transformation`, or the designer's) in place "
+                        "of --augmentation: its fixed operations (Resize, CenterCrop, Pad, Grayscale) run once per "
+                        "image, before the decoded-image cache; its random ones anew every epoch, seeded. The "
+                        "model's image size is the size the operations make; the model records the fixed "
+                        "operations and scoring applies them")
     p.add_argument("--class-weights", choices=("none", "balanced"), default="none",
                    help="balanced: weight each class's loss by the inverse of its share of the training images "
                         "(a class with a tenth of the images weighs ten times as much)")

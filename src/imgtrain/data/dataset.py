@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from imgtrain.data.cache import DecodedImageCache
 from imgtrain.data.decode import load_rgb
-from imgtrain.data.transforms import Augmentation, prepare
+from imgtrain.data.transforms import Augmentation, Preparation, RandomOperations
 from imgtrain.errors import BadImageError
 
 
@@ -88,13 +88,14 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, paths: Sequence[Path | str], labels: np.ndarray | None, image_size: int, *,
-                 augment: Augmentation | None = None,
-                 cache: DecodedImageCache | None = None) -> None:
+                 augment: Augmentation | RandomOperations | None = None,
+                 cache: DecodedImageCache | None = None, prepare: Preparation | None = None) -> None:
         self.paths = [str(p) for p in paths]  # strings: a third of the memory of Path objects
         self.labels = labels
-        self.image_size = image_size
+        self.image_size = image_size  # of what the dataset yields: prepared (and augmented) images
         self.augment = augment
         self.cache = cache
+        self.prepare = prepare or Preparation(image_size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -104,7 +105,7 @@ class ImageDataset(Dataset):
         if cached is not None:
             return cached if cached is not False else None
         try:
-            x = prepare(load_rgb(self.paths[i], draft_size=self.image_size), self.image_size)
+            x = self.prepare(load_rgb(self.paths[i], draft_size=self.prepare.draft_size))
         except BadImageError:
             x = None
         if self.cache is not None:

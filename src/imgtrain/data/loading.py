@@ -64,22 +64,22 @@ def remove_caches(folder: Path, keep: list[str] = ()) -> None:
             file.unlink(missing_ok=True)
 
 
-def open_caches(folder: Path, counts: dict[str, int], image_size: int, *, make: bool, shared: bool,
+def open_caches(folder: Path, caches: dict[str, tuple[int, int]], *, make: bool, shared: bool,
                 barrier: Callable[[], None], log: Callable[[str], None]) -> dict[str, DecodedImageCache | None]:
-    """One decoded-image cache per named data set in ``folder``, where it fits on the disk.
+    """One decoded-image cache per named data set in ``folder`` (``caches``: name -> (images, side)),
+    where it fits on the disk.
 
     ``make``: this process makes the files (one process of a run); the others (``shared``: on the
     same machine) open them after ``barrier``. Not ``shared`` (ranks on other machines), they go
     without, since a memory map is coherent only on one machine.
     """
-    caches: dict[str, DecodedImageCache | None] = dict.fromkeys(counts)
+    opened: dict[str, DecodedImageCache | None] = dict.fromkeys(caches)
     if make:
-        remove_caches(folder, keep=[cache_name(name, image_size) for name in counts])
-        for name, count in counts.items():
-            caches[name] = DecodedImageCache.create_if_it_fits(folder / cache_name(name, image_size), count,
-                                                               image_size, log)
+        remove_caches(folder, keep=[cache_name(name, size) for name, (_, size) in caches.items()])
+        for name, (count, size) in caches.items():
+            opened[name] = DecodedImageCache.create_if_it_fits(folder / cache_name(name, size), count, size, log)
     barrier()
     if not make and shared:
-        for name, count in counts.items():
-            caches[name] = DecodedImageCache.open_existing(folder / cache_name(name, image_size), count, image_size)
-    return caches
+        for name, (count, size) in caches.items():
+            opened[name] = DecodedImageCache.open_existing(folder / cache_name(name, size), count, size)
+    return opened

@@ -24,7 +24,7 @@ from imgtrain.data.decode import load_rgb
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input
 from imgtrain.directories.image_directory import ImageDirectory, write_image_directory_files
 from imgtrain.directories.transformation_directory import Operation, load_transformation, write_transformation
-from imgtrain.errors import check_choice, check_range
+from imgtrain.errors import InvalidParameterError, check_choice, check_range, option
 from imgtrain.progress import bar
 
 MODES = ("training", "inference")
@@ -168,3 +168,84 @@ def apply_image_transformation(
         write_image_directory_files(tmp, files, images.categories or None, images.labels, ids=images.ids,
                                     infos=infos)
     return ImageDirectory.load(output)
+
+
+@dataclass(frozen=True)
+class TrainingTransformation:
+    """A transformation as Train PyTorch Model runs it (``--transformation``) and the trained model keeps it.
+
+    - ``fixed``: the operations before the first random one, run once per image; their result, a
+      ``cached_size`` square, is what the decoded-image cache keeps.
+    - ``random``: the rest, anew for every image and epoch (in place of ``--augmentation``), ending in an
+      ``image_size`` square: the size the network trains at.
+    - ``inference``: every operation that is not random, wherever it stands: what the trained model
+      records and scoring (and validation) applies, before squashing to ``image_size`` when the
+      result is another shape.
+
+    The sizes are read off the operations: a crop (CenterCrop, RandomCrop, RandomResizedCrop) or a
+    Resize to a square makes a square of its size, Pad adds to it, the rest keep it. Where the fixed
+    operations leave the shape to the picture (a Resize of the shorter side alone), the cache keeps
+    squares of that Resize's size (``fallback_size`` without one) and the random ones start from it.
+    """
+
+    fixed: tuple[Operation, ...]
+    random: tuple[Operation, ...]
+    inference: tuple[Operation, ...]
+    cached_size: int
+    image_size: int
+
+    @classmethod
+    def of(cls, operations: list[Operation], image_size: int | None, fallback_size: Callable[[], int],
+           source: str = "the transformation") -> TrainingTransformation:
+        """``image_size``: the one asked for (None: none); ``fallback_size``: the size to use where neither
+        the operations nor the user decide (called only then)."""
+        first_random = next((i for i, op in enumerate(operations) if is_random(op)), len(operations))
+        fixed, random = tuple(operations[:first_random]), tuple(operations[first_random:])
+        inference = tuple(op for op in operations if not is_random(op))
+        decided = square_side(operations, None)
+        if decided is not None and image_size is not None and decided != image_size:
+            raise InvalidParameterError(
+                f"{option('image_size')} {image_size} disagrees with {source}, whose operations make "
+                f"{decided} x {decided} images", f"drop {option('image_size')}, or change the transformation's sizes")
+        cached = square_side(fixed, None) or _last_resize(fixed) or decided or image_size or fallback_size()
+        final = square_side(random, cached) or cached
+        return cls(fixed, random, inference, cached, final)
+
+
+def _size(op: Operation) -> tuple[int, int] | int | None:
+    """An operation's size argument: (height, width), or one number (a Resize's shorter side, a crop's side)."""
+    size = op.argument.get("size") if isinstance(op.argument, dict) else op.argument
+    if isinstance(size, list):
+        return (int(size[0]), int(size[0])) if len(size) == 1 else (int(size[0]), int(size[1]))
+    return None if size is None else int(size)
+
+
+def _padding(op: Operation, side: int) -> int | None:
+    """A square of ``side`` after Pad: a side of 2p, or left + right (None where the padding makes it oblong)."""
+    p = op.argument.get("padding", 0) if isinstance(op.argument, dict) else op.argument
+    p = [p] if isinstance(p, (int, float)) else list(p)
+    left, top, right, bottom = (p * 4)[:4] if len(p) == 1 else (p * 2)[:4] if len(p) == 2 else p[:4]
+    return side + int(left) + int(right) if left + right == top + bottom else None
+
+
+def square_side(operations: tuple[Operation, ...] | list[Operation], side: int | None) -> int | None:
+    """The side of the square ``operations`` leave, given a square of ``side`` (None: a picture of any
+    shape); None where the result's shape depends on the picture."""
+    for op in operations:
+        size = _size(op)
+        if op.name in ("Resize", "CenterCrop", "RandomCrop", "RandomResizedCrop"):
+            if isinstance(size, tuple):
+                side = size[0] if size[0] == size[1] else None
+            elif op.name != "Resize" or side is not None:  # a Resize of a square's side keeps it square
+                side = size
+        elif op.name == "Pad" and side is not None:
+            side = _padding(op, side)
+        elif op.name in ("RandomRotation", "RandomAffine") and isinstance(op.argument, dict) \
+                and op.argument.get("expand"):
+            side = None
+    return side
+
+
+def _last_resize(operations: tuple[Operation, ...]) -> int | None:
+    sizes = [_size(op) for op in operations if op.name == "Resize"]
+    return next((s if isinstance(s, int) else max(s) for s in reversed(sizes) if s is not None), None)

@@ -9,6 +9,7 @@ processes than float32).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,6 +24,56 @@ def prepare(image: Image.Image, image_size: int) -> torch.Tensor:
     """RGB picture -> uint8 3 x size x size: the whole image, squashed to a square (no crop)."""
     resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
     return v2.functional.pil_to_tensor(resized)
+
+
+def squash(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A uint8 CHW tensor resized to size x size, unless it is already."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return v2.functional.resize(x, [size, size], antialias=True)
+
+
+class Preparation:
+    """What happens to a decoded picture once (its result is what the decoded-image cache keeps):
+    by default the whole picture squashed to size x size; with a transformation's fixed operations
+    (Resize, CenterCrop, Pad, Grayscale), those, then squashed to size x size when they leave
+    another shape."""
+
+    def __init__(self, size: int, operations: Sequence | None = None) -> None:
+        from imgtrain.data.transformation import compose
+
+        self.size = size
+        self.steps = compose(list(operations)) if operations else None
+        first = operations[0] if operations else None
+        # JPEGs decode at a reduced scale only where the picture is resized first anyway: a crop
+        # of the full picture must see its full resolution.
+        if first is None:
+            self.draft_size = size
+        elif first.name == "Resize" and isinstance(first.argument, (int, float)):
+            self.draft_size = int(first.argument)
+        else:
+            self.draft_size = None
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.steps is None:
+            return prepare(image, self.size)
+        return squash(self.steps(v2.functional.pil_to_tensor(image)), self.size)
+
+
+class RandomOperations:
+    """A transformation's random operations (torchvision's), drawn anew for each image and epoch from
+    the generator passed in, then squashed to size x size when they leave another shape."""
+
+    def __init__(self, operations: Sequence, size: int) -> None:
+        from imgtrain.data.transformation import compose
+
+        self.steps, self.size = compose(list(operations)), size
+
+    def __call__(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        # torchvision draws from torch's global generator: seeded for this image, then given back as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.getrandbits(63))
+            return squash(self.steps(x), self.size)
 
 
 class Augmentation:

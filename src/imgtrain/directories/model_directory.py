@@ -25,7 +25,8 @@ import yaml
 
 from imgtrain.directories.atomic import atomic_file
 from imgtrain.directories.files import read_text
-from imgtrain.errors import InvalidModelDirectoryError
+from imgtrain.directories.transformation_directory import parse_operations
+from imgtrain.errors import InvalidModelDirectoryError, InvalidTransformationDirectoryError
 
 META_FILE = "_meta.yaml"
 SPEC_FILE = "model_spec.yaml"
@@ -50,6 +51,9 @@ class InputSpec:
     std: list[float]
     resize: str = "squash"  # the whole image is resized to image_size x image_size
     color_mode: str = "RGB"
+    # a transformation's fixed operations, [[name, argument], ...] as in a TransformationDirectory: applied to
+    # the decoded image first, then resized as above when they leave another shape
+    transformation: list | None = None
 
 
 @dataclass
@@ -257,6 +261,11 @@ def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:
         size_ok = stats_ok = False
     if not (size_ok and stats_ok):
         raise bad("input must give image_size (8..4096) and 3 means and 3 positive stds")
+    if spec.input.transformation is not None:
+        try:  # checked as a TransformationDirectory's are: known operations, plain arguments
+            parse_operations(spec.input.transformation, f"{root / SPEC_FILE}, input transformation")
+        except InvalidTransformationDirectoryError as exc:
+            raise InvalidModelDirectoryError(exc.message, HINT) from None
     weights = raw.get("weights")
     if not isinstance(weights, str) or Path(weights).name != weights:
         raise bad("weights must name a file inside the directory")

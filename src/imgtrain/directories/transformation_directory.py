@@ -80,13 +80,17 @@ def load_transformation(root: Path | str) -> list[Operation]:
         pairs = json.loads(read_text(root / TRANSFORMS_FILE))
     except (OSError, ValueError) as exc:
         raise InvalidTransformationDirectoryError(f"{root / TRANSFORMS_FILE} cannot be read ({exc})", HINT) from None
+    return parse_operations(pairs, str(root / TRANSFORMS_FILE))
+
+
+def parse_operations(pairs: object, where: str) -> list[Operation]:
+    """``[[name, argument], ...]`` as operations, each checked; InvalidTransformationDirectoryError naming ``where``."""
     if not isinstance(pairs, list):
-        raise InvalidTransformationDirectoryError(f"{root / TRANSFORMS_FILE} is not a list of [name, argument]", HINT)
-    return [_operation(pair, n, root / TRANSFORMS_FILE) for n, pair in enumerate(pairs, 1)]
+        raise InvalidTransformationDirectoryError(f"{where} is not a list of [name, argument]", HINT)
+    return [_operation(pair, f"{where}, operation {n}") for n, pair in enumerate(pairs, 1)]
 
 
-def _operation(pair: object, n: int, path: Path) -> Operation:
-    where = f"{path}, operation {n}"
+def _operation(pair: object, where: str) -> Operation:
     if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
         raise InvalidTransformationDirectoryError(f"{where} is {pair!r}, not a [name, argument] pair", HINT)
     name, argument = pair

@@ -33,6 +33,16 @@ class TrainedModel:
     def image_size(self) -> int:
         return self.spec.input.image_size
 
+    @property
+    def preparation(self):
+        """What a decoded image goes through before the network: the recorded transformation's fixed
+        operations if any, then resized to the model's size."""
+        from imgtrain.data.transforms import Preparation
+        from imgtrain.directories.transformation_directory import parse_operations
+
+        pairs = self.spec.input.transformation
+        return Preparation(self.image_size, parse_operations(pairs, "the model's transformation") if pairs else None)
+
     def __iter__(self):
         """``network, spec = load_trained_model(...)`` as before the fields had names."""
         return iter((self.network, self.spec))

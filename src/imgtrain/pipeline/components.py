@@ -21,6 +21,7 @@ class Component:
     inputs: tuple[str, ...]  # input ports: folders (or files) made by another step or given to the pipeline
     outputs: tuple[str, ...]  # output ports: the folders the step writes
     parameters: dict[str, str] = field(default_factory=dict)  # name -> kind
+    optional: tuple[str, ...] = ()  # input ports that may be left unbound
 
 
 _TRAINING = {"epochs": INT, "batch_size": INT, "learning_rate": FLOAT, "random_seed": INT, "patience": INT,
@@ -48,7 +49,8 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in [
     Component("resnet", "imgtrain.models.untrained:resnet", (), ("output",),
               {"model_name": STR, "pretrained": BOOL, "zero_init_residual": BOOL}),
     Component("train-pytorch-model", "imgtrain.training.train:train_pytorch_model",
-              ("untrained_model", "training_data", "validation_data"), ("output",), _TRAINING),
+              ("untrained_model", "training_data", "validation_data", "transformation"), ("output",), _TRAINING,
+              optional=("transformation",)),
     Component("score-image-model", "imgtrain.scoring.score:score_image_model", ("trained_model", "dataset"),
               ("output",), {"batch_size": INT, "device": STR, "num_workers": OPTIONAL_INT, "precision": STR,
                             "on_bad_image": STR, "top_k": OPTIONAL_INT}),

@@ -156,7 +156,7 @@ def _step(name: str, job: object, inputs: dict, values: dict, jobs: dict, path: 
                 f"its inputs: {', '.join(component.inputs) or 'none'}; its parameters: "
                 f"{', '.join(component.parameters) or 'none'}")
             raise InvalidPipelineError(f"{where}: {component.name} has no input or parameter {key!r}", hint)
-    missing = [port for port in component.inputs if port not in step.inputs]
+    missing = [port for port in component.inputs if port not in step.inputs and port not in component.optional]
     if missing:
         raise InvalidPipelineError(f"{where}: input {missing[0]} is not bound",
                                    "bind it to ${{parent.inputs.NAME}} or ${{parent.jobs.STEP.outputs.PORT}}")

@@ -138,7 +138,7 @@ def _probabilities(
     precision = resolve_precision(precision, device)
     network = model.network.to(device, memory_format=torch.channels_last)
     normalize = Normalize(model.spec.input.mean, model.spec.input.std).to(device)
-    images = ImageDataset(paths, None, model.image_size)
+    images = ImageDataset(paths, None, model.image_size, prepare=model.preparation)
     share = SeededSampler(len(paths), 0, shuffle=False, rank=world.rank, ranks=world.size)
     workers = min(worker_count(num_workers, processes=world.local_size),
                   len(share) // batch_size)  # a worker per batch at most

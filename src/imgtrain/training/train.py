@@ -26,7 +26,15 @@ from torch import nn
 from imgtrain.data.dataset import BadImagePolicy, ImageDataset, SeededSampler
 from imgtrain.data.decode import ON_BAD_IMAGE
 from imgtrain.data.loading import Feeder, open_caches, remove_caches
-from imgtrain.data.transforms import AUGMENTATIONS, DEFAULT_AUGMENTATION, Normalize, build_augmentation
+from imgtrain.data.transformation import TrainingTransformation
+from imgtrain.data.transforms import (
+    AUGMENTATIONS,
+    DEFAULT_AUGMENTATION,
+    Normalize,
+    Preparation,
+    RandomOperations,
+    build_augmentation,
+)
 from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import (
     OWNER_FILE,
@@ -52,6 +60,7 @@ from imgtrain.directories.model_directory import (
     load_model_spec,
     write_model_directory,
 )
+from imgtrain.directories.transformation_directory import load_transformation
 from imgtrain.distributed import (
     ALONE,
     World,
@@ -107,7 +116,7 @@ RESUME_PREFIX = ".imgtrain-resume-"
 _FREE_PARAMETERS = ("num_workers", "device", "on_bad_image", "cache", "threads")
 # Parameters added after runs were first fingerprinted: at these defaults they are left out of the
 # fingerprint, so that a checkpoint or a finished output of an older version still matches.
-_LATER_DEFAULTS = {"class_weights": "none", "sampler": "uniform"}
+_LATER_DEFAULTS = {"class_weights": "none", "sampler": "uniform", "transformation": None}
 BAD_IMAGES_KEPT = 100  # bad images named in the spec (and the report) per data set; the rest are counted
 
 __all__ = ["EpochMetrics", "TrainResult", "TrainingParameters", "train_pytorch_model"]
@@ -137,6 +146,7 @@ class TrainingParameters:
     compile: bool = False  # torch.compile the model: slower start, faster steps on long GPU runs
     class_weights: str = "none"  # balanced: each class's loss weighted by (images / classes) / its images
     sampler: str = "uniform"  # balanced: every class drawn equally often in each epoch (with replacement)
+    transformation: str | None = None  # a TransformationDirectory: its random operations replace the augmentation
 
     def check(self, training_size: int, world: World = ALONE) -> None:
         check_range("epochs", self.epochs, low=1)
@@ -162,6 +172,12 @@ class TrainingParameters:
         check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         check_choice("class_weights", self.class_weights, CLASS_WEIGHTS)
         check_choice("sampler", self.sampler, SAMPLERS)
+        if self.transformation is not None:
+            self.transformation = str(self.transformation)  # a path, as the spec and the trackers record it
+        if self.transformation is not None and self.augmentation != DEFAULT_AUGMENTATION:
+            raise InvalidParameterError(
+                f"{option('augmentation', self.augmentation)} and {option('transformation')} both augment",
+                f"drop {option('augmentation')}: with a transformation, its random operations are the augmentation")
 
     @property
     def balanced(self) -> bool:
@@ -263,8 +279,9 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
     seed_everything(run.seed)
     stepper, state, files = _model_and_state(run, resume=resume, log=log)
     # The caches come after the checkpoint was accepted: a refused resume reserves no disk space.
-    caches = open_caches(run.work, {"training": len(run.train_set), "validation": len(run.val_set)}
-                         if params.cache else {}, run.image_size, make=world.is_main,
+    caches = open_caches(run.work, {"training": (len(run.train_set), run.cached_size),
+                                    "validation": (len(run.val_set), run.image_size)} if params.cache else {},
+                         make=world.is_main,
                          shared=world.local_size == world.size, barrier=world.barrier, log=log)
     train_feed, val_feed, bad = _feeders(run, caches, log)
     _describe(run, stepper, caches, log)
@@ -334,6 +351,7 @@ class _Run:
     val_labels: np.ndarray
     precision: str
     image_size: int
+    transformation: TrainingTransformation | None
     workers: int
     run_parameters: dict  # what the result depends on, recorded in checkpoints
     run_id: dict  # what a checkpoint must match to be resumed
@@ -354,6 +372,12 @@ class _Run:
         run_parameters = {**{k: v for k, v in asdict(params).items()
                              if k not in _FREE_PARAMETERS and _LATER_DEFAULTS.get(k, object()) != v},
                           "precision": precision}
+        transformation = None
+        if params.transformation is not None:  # its operations count, not where it lies
+            operations = load_transformation(params.transformation)
+            transformation = TrainingTransformation.of(operations, params.image_size,
+                                                       lambda: auto_image_size(train_set), str(params.transformation))
+            run_parameters["transformation"] = [op.to_json() for op in operations]
         run_id = fingerprint({
             "parameters": _resumable(run_parameters),
             "training data": file_digest(train_set.root / IMAGE_LIST, train_set.root / SCHEMA_FILE),
@@ -361,8 +385,9 @@ class _Run:
             "untrained model": file_digest(untrained_model / SPEC_FILE),
         })
         return cls(untrained_model, training_data, validation_data, output, params, device, world, base, train_set,
-                   val_set, train_labels, val_labels, precision, params.image_size or auto_image_size(train_set),
-                   worker_count(params.num_workers, processes=world.local_size), run_parameters, run_id)
+                   val_set, train_labels, val_labels, precision,
+                   transformation.image_size if transformation else params.image_size or auto_image_size(train_set),
+                   transformation, worker_count(params.num_workers, processes=world.local_size), run_parameters, run_id)
 
     @property
     def work(self) -> Path:
@@ -397,6 +422,11 @@ class _Run:
         if self.base.trained and self.base.input is not None:
             return list(self.base.input.mean), list(self.base.input.std)
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+    @property
+    def cached_size(self) -> int:
+        """The side of the training images the decoded-image cache keeps (before the random operations)."""
+        return self.transformation.cached_size if self.transformation else self.image_size
 
     @property
     def class_counts(self) -> tuple[np.ndarray, np.ndarray]:
@@ -474,11 +504,15 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
 
 def _feeders(run: _Run, caches: dict, log) -> tuple[Feeder, Feeder, dict[str, BadImagePolicy]]:
     """The training and validation batches of this process's shares, and what to do with a bad image."""
-    params, world, size = run.params, run.world, run.image_size
+    params, world, size, t = run.params, run.world, run.image_size, run.transformation
+    augment = build_augmentation(size, params.augmentation)
+    if t is not None:
+        augment = RandomOperations(t.random, size) if t.random else None
     train_images = ImageDataset([run.train_set.path(i) for i in range(len(run.train_set))], run.train_labels, size,
-                                augment=build_augmentation(size, params.augmentation), cache=caches.get("training"))
+                                augment=augment, cache=caches.get("training"),
+                                prepare=Preparation(run.cached_size, t.fixed if t else None))
     val_images = ImageDataset([run.val_set.path(i) for i in range(len(run.val_set))], run.val_labels, size,
-                              cache=caches.get("validation"))
+                              cache=caches.get("validation"), prepare=Preparation(size, t.inference if t else None))
     feed = dict(batch_size=params.batch_size, workers=run.workers, device=run.device)
     balanced = run.train_labels if params.sampler == "balanced" else None
     train = Feeder(train_images, SeededSampler(len(train_images), run.seed, shuffle=True, rank=world.rank,
@@ -504,9 +538,17 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
             f"{params.batch_size} images a step, {world.size * params.batch_size} together; learning rate "
             f"{params.learning_rate:g} x {params.learning_rate_factor(world.size):g} ({option('lr_scaling')} "
             f"{params.lr_scaling}) = {run.learning_rate:g}")
+    augmentation = params.augmentation
+    if run.transformation is not None:
+        t = run.transformation
+        log(f"transformation {params.transformation}: "
+            f"{', '.join(op.name for op in t.fixed) or 'nothing'} once ({t.cached_size} px, cached), "
+            f"{', '.join(op.name for op in t.random) or 'nothing'} every epoch; scoring applies "
+            f"{', '.join(op.name for op in t.inference) or 'nothing'}")
+        augmentation = "the transformation's random operations" if t.random else "none"
     log(f"device {run.device}, precision {run.precision}, image size {run.image_size}, batch size "
         f"{params.batch_size}, learning rate {run.learning_rate:g}, {params.optimizer}, augmentation "
-        f"{params.augmentation}, up to {params.epochs} epochs, patience {params.patience}, {run.workers} data "
+        f"{augmentation}, up to {params.epochs} epochs, patience {params.patience}, {run.workers} data "
         f"workers, decoded-image cache {'on' if any(caches.values()) else 'off'}, {stepper.threads.describe()}")
     training, validation = run.class_counts
     log(f"{balance.describe(run.train_set.categories, training, validation)}; "
@@ -539,7 +581,9 @@ def _trained_spec(run: _Run, state: Fit, bad: dict[str, set[int]]) -> ModelSpec:
     return ModelSpec(
         architecture=base.architecture, pretrained=base.pretrained, options=base.options, trained=True,
         labels=list(run.train_set.categories), weights=WEIGHTS_FILE, versions=library_versions(),
-        input=InputSpec(image_size=run.image_size, mean=list(run.normalization[0]), std=list(run.normalization[1])),
+        input=InputSpec(image_size=run.image_size, mean=list(run.normalization[0]), std=list(run.normalization[1]),
+                        transformation=[op.to_json() for op in run.transformation.inference]
+                        if run.transformation and run.transformation.inference else None),
         training={**asdict(params), "image_size": run.image_size, "num_workers": run.workers,
                   "device": str(run.device), "precision": run.precision, "processes": run.world.size,
                   "effective_learning_rate": run.learning_rate, "best_epoch": state.stopper.best_epoch,
