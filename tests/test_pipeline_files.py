@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from imgtrain.errors import InvalidPipelineError
 from imgtrain.pipeline.components import COMPONENTS, SHORT_NAMES
 from imgtrain.pipeline.file import load_pipeline
 
@@ -62,6 +63,20 @@ def test_a_training_step_may_take_a_transformation(tmp_path):
     assert str(pipeline.steps["train"].inputs["transformation"]) == "augment.output"
     assert list(pipeline.steps).index("augment") < list(pipeline.steps).index("train")
     assert "transformation" not in load_pipeline(EXAMPLE).steps["train"].inputs  # optional
+
+
+def test_azures_own_keys_are_read(tmp_path):
+    """A file written for Azure ML: where and how it runs is ignored, settings.force_rerun is honoured."""
+    azure = ("$schema: https://azuremlschemas.azureedge.net/latest/pipelineJob.schema.json\n"
+             "experiment_name: digits\ntags: {team: vision}\ncompute: azureml:gpu-cluster\n"
+             "settings: {default_compute: azureml:cpu-cluster, force_rerun: true}\n")
+    text = EXAMPLE.read_text().replace("type: pipeline\n", "type: pipeline\n" + azure)
+    text = text.replace("    component: resnet\n", "    component: resnet\n    compute: azureml:cpu\n    tags: {}\n")
+    (tmp_path / "p.yaml").write_text(text)
+    assert load_pipeline(tmp_path / "p.yaml").force_rerun and not load_pipeline(EXAMPLE).force_rerun
+    (tmp_path / "p.yaml").write_text(text.replace("force_rerun: true", "force_rerun: yes please"))
+    with pytest.raises(InvalidPipelineError, match="force_rerun true or false"):
+        load_pipeline(tmp_path / "p.yaml")
 
 
 @pytest.mark.parametrize("change, message", [

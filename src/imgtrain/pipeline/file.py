@@ -37,7 +37,8 @@ from imgtrain.pipeline.components import COMPONENTS, SHORT_NAMES, Component, fit
 _BINDING = re.compile(r"^\$\{\{\s*parent\.(?:inputs\.(?P<input>[\w-]+)|jobs\.(?P<job>[\w-]+)\.outputs\.(?P<port>\w+)"
                       r"|outputs\.(?P<output>[\w-]+))\s*\}\}$")
 PORT_TYPES = ("uri_folder", "uri_file")
-_JOB_KEYS = {"component", "inputs", "outputs", "type", "display_name", "description"}
+_JOB_KEYS = {"component", "inputs", "outputs", "type", "display_name", "description",
+             "name", "tags", "compute", "environment_variables"}  # the last four: Azure's, read and ignored
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Pipeline:
     values: dict[str, object]  # pipeline inputs that are plain values, for parameters
     steps: dict[str, Step]  # in an order they can run in
     outputs: dict[str, tuple[str, str]]  # published name -> (step, port)
+    force_rerun: bool = False  # settings.force_rerun, as Azure has it
 
 
 def load_pipeline(path: Path | str) -> Pipeline:
@@ -80,17 +82,22 @@ def load_pipeline(path: Path | str) -> Pipeline:
         raise InvalidPipelineError(f"{path} cannot be read as YAML ({str(exc).splitlines()[0]})", _HINT) from None
     if not isinstance(raw, dict) or raw.get("type") != "pipeline":
         raise InvalidPipelineError(f"{path} is not a pipeline file (it needs `type: pipeline`)", _HINT)
+    # Azure's keys that say where and how it runs (compute, experiment, identity) are read and ignored.
     unknown = sorted(set(raw) - {"type", "inputs", "jobs", "outputs", "display_name", "description",
-                                 "experiment_name", "settings", "$schema"}, key=str)
+                                 "experiment_name", "settings", "$schema", "name", "tags", "compute",
+                                 "identity"}, key=str)
     if unknown:
         raise InvalidPipelineError(f"{path}: unknown key {unknown[0]!r} at the top", _HINT)
+    settings = raw.get("settings") or {}
+    if not isinstance(settings, dict) or not isinstance(settings.get("force_rerun", False), bool):
+        raise InvalidPipelineError(f"{path}: settings must be a mapping, and its force_rerun true or false", _HINT)
     inputs, values = _pipeline_inputs(raw.get("inputs") or {}, path)
     jobs = raw.get("jobs")
     if not isinstance(jobs, dict) or not jobs:
         raise InvalidPipelineError(f"{path} has no jobs", "add `jobs:`, one entry per step")
     steps = {str(name): _step(str(name), job, inputs, values, jobs, path) for name, job in jobs.items()}
     outputs = _pipeline_outputs(raw.get("outputs") or {}, steps, path)
-    return Pipeline(path, inputs, values, _in_order(steps, path), outputs)
+    return Pipeline(path, inputs, values, _in_order(steps, path), outputs, settings.get("force_rerun", False))
 
 
 _HINT = "see the README, \"Pipelines\""

@@ -46,6 +46,7 @@ def run_pipeline(file: Path | str, output: Path | str | None = None, *, force_re
     """Run every step (or reuse it), then publish the pipeline's outputs under ``output``/NAME (default: a
     folder ``<file name>-output`` beside the file); with no outputs declared, every step's."""
     pipeline = load_pipeline(file)
+    force_rerun = force_rerun or pipeline.force_rerun
     for name, (kind, path) in pipeline.inputs.items():
         if not (path.is_dir() if kind == "uri_folder" else path.is_file()):
             raise InvalidPipelineError(f"{pipeline.path}: input {name!r} ({kind}) {path} does not exist",
