@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -249,6 +250,10 @@ def test_unreadable_dataframe_directories_get_named_errors(tmp_path):
     _designer_scored(tmp_path / "bad", ["a"], ["a"], ["a", "b"])
     (tmp_path / "bad" / "_data.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(InvalidDatasetError, match="not a readable Parquet file"):
+        evaluate_model(tmp_path / "bad", tmp_path / "e", **QUIET)
+    (tmp_path / "bad" / "_data.parquet").unlink()
+    os.mkfifo(tmp_path / "bad" / "_data.parquet")  # read blindly, a pipe would wait for ever
+    with pytest.raises(InvalidDatasetError, match="named pipe"):
         evaluate_model(tmp_path / "bad", tmp_path / "e", **QUIET)
     (tmp_path / "bad" / "_data.parquet").unlink()
     with pytest.raises(InvalidDatasetError, match="holds no _data.parquet"):
