@@ -783,7 +783,7 @@ def test_more_user_errors_are_one_line(tmp_path, image_dirs, trained_model):
     r = run_cli("evaluate-model", "--scored-dataset", scored, "--output", tmp_path / "e2", check=False)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f"error: InvalidDatasetError: {scored / 'scored.csv'}: data row 2 has fewer fields than the header. "
-        "pass the output of `imgtrain score-image-model`")
+        "pass the output of `imgtrain score-image-model` or of the designer's Score Model")
     for output in (".", "/"):
         r = run_cli("convert-to-image-directory", image_dirs["train"], "--output", output, check=False)
         assert r.returncode == 1 and r.stderr.startswith("error: OutputNotWritableError: the output "), r.stderr

@@ -286,6 +286,23 @@ def _report(args) -> None:
     _say(args, f"Report written to {args.output}")
 
 
+def _export(args) -> None:
+    from imgtrain.deploy.export import export_model
+
+    path = export_model(args.trained_model, args.output, format=args.format, opset=args.opset,
+                        overwrite=args.overwrite, log=_Log(args.quiet))
+    _say(args, f"Exported to {path} (metadata in {path.parent / 'metadata.json'})")
+
+
+def _serve(args) -> None:
+    from imgtrain.deploy.serve import ServeOptions, serve
+
+    options = ServeOptions(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                           max_queue=args.max_queue, max_body_mb=args.max_body_mb, threads=args.threads)
+    serve(args.trained_model, host=args.host, port=args.port, name=args.name, options=options,
+          log=_Log(args.quiet))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="imgtrain", formatter_class=_Formatter,
@@ -542,6 +559,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a labelled output of `imgtrain score-image-model` to evaluate on the same page")
     p.add_argument("--output", required=True, help="the HTML file to write, e.g. report.html")
     _common(p)
+
+    p = command("export", _export,
+                "Export a trained model for standard runtimes: ONNX (model.onnx) or torch.export (model.pt2). "
+                "Input `images`: uint8 [N, H, W, 3] RGB at the model's image size (resized outside the graph, as "
+                "the `resize` metadata says); output `probabilities`: float32 [N, C]; metadata `labels`, "
+                "`image_size`, `resize`. Checked against the model before it is written.")
+    p.add_argument("trained_model", metavar="MODEL", help="output of `imgtrain train-pytorch-model`")
+    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx",
+                   help="onnx (needs imgtrain[export]) or pt2 (torch.export.save; torch.export.load reads it)")
+    p.add_argument("--opset", type=_int, default=None, help="the ONNX opset (default: torch's)")
+    p.add_argument("--output", required=True, help="the folder to write the model file and metadata.json into")
+    _common(p)
+
+    p = command("serve", _serve,
+                "Serve a trained model over HTTP: the Open Inference Protocol (KServe v2, Triton) at "
+                "/v2/models/NAME/infer and TorchServe's shape at /predictions/NAME, with dynamic batching "
+                "(README, \"Serve\"). Runs until SIGTERM or Ctrl-C, which let the requests in flight finish.")
+    p.add_argument("trained_model", metavar="MODEL", help="output of `imgtrain train-pytorch-model`")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=_int, default=8080, help="the port to listen on")
+    p.add_argument("--name", default=None, help="the model's name in the URLs (default: MODEL's folder name)")
+    p.add_argument("--max-batch-size", type=_int, default=16,
+                   help="images of concurrent requests run through the network together, at most")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for requests still being decoded (a lone client never waits)")
+    p.add_argument("--max-queue", type=_int, default=256, help="images waiting, at most; more get 503 at once")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="a larger request body gets 413")
+    _threads(p)
+    p.add_argument("--quiet", action="store_true", help="print only warnings and errors")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 

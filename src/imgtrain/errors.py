@@ -130,6 +130,10 @@ class InvalidPipelineError(ImgtrainError):
     bindings, cycles."""
 
 
+class ExportError(ImgtrainError):
+    """The exporter cannot turn the model into the format asked for (an architecture or opset it refuses)."""
+
+
 class MissingDependencyError(ImgtrainError):
     """An option needs an optional package (an extra, such as imgtrain[mlflow]) that is not installed."""
 

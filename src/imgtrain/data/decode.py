@@ -87,6 +87,17 @@ def load_rgb(path: Path | str, draft_size: int | None = None) -> Image.Image:
         raise error from None
 
 
+def decode_rgb(data: bytes, name: str, draft_size: int | None = None) -> Image.Image:
+    """``load_rgb`` for bytes in memory (an uploaded file): BadImageError naming ``name`` and the reason."""
+    try:
+        return _open_rgb(io.BytesIO(data), draft_size)
+    except _FAILURES as exc:
+        reason = describe_failure(exc, len(data))
+        error = BadImageError(f"cannot decode image {name}: {reason}", "send an image file (JPEG, PNG, ...)")
+        error.reason = reason
+        raise error from None
+
+
 def _to_uint8(im: Image.Image) -> Image.Image:
     """By mode, never by content: integer images are 16-bit (0..65535), float images 0..1."""
     import numpy as np

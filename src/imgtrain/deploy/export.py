@@ -1,0 +1,200 @@
+"""Export a trained model to the standard runtimes: ONNX (``model.onnx``) and torch.export (``model.pt2``).
+
+Both hold one graph with one contract, so that a caller needs neither imgtrain nor its preprocessing code:
+
+- input ``images``: uint8 ``[N, H, W, 3]``, RGB as decoded, H = W = the model's image size, any N;
+- output ``probabilities``: float32 ``[N, C]``, the classes in the order of the ``labels`` metadata;
+- inside the graph: the scaling to [0, 1], the normalisation with the model's mean and std, the
+  network and the softmax. Outside it: decoding and the resize to the model's size, which the
+  ``resize`` metadata spells out (and ``transformation``, where the model records one).
+
+The metadata travels inside the file (ONNX ``metadata_props``; the .pt2 archive's extra files) and in
+``metadata.json`` beside it. Every export is checked before it is published: the exported graph must
+give the network's own probabilities on a batch of images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
+from imgtrain.errors import ExportError, MissingDependencyError, check_choice, check_range
+from imgtrain.models.trained import TrainedModel, load_trained_model
+
+FORMATS = ("onnx", "pt2")
+FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}
+METADATA_FILE = "metadata.json"
+INPUT, OUTPUT = "images", "probabilities"
+SQUASH = ("the whole image resized to image_size x image_size (no crop) with Pillow's bilinear filter, "
+          "Image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None), after EXIF "
+          "orientation is applied and the image is converted to RGB")
+_RTOL, _ATOL = 1e-3, 1e-5  # how close the exported graph's probabilities must be to the network's
+
+
+class Deployable(nn.Module):
+    """uint8 ``[N, H, W, 3]`` RGB images -> float32 ``[N, C]`` class probabilities."""
+
+    def __init__(self, network: nn.Module, mean, std) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()
+        return self.network((x - self.mean) / self.std).softmax(dim=1)
+
+
+def metadata_of(model: TrainedModel) -> dict[str, str]:
+    """The exported model's metadata: every value a string, as ONNX's metadata_props hold them."""
+    from imgtrain import __version__
+
+    spec = model.spec
+    meta = {"labels": json.dumps(model.labels, ensure_ascii=False), "image_size": str(model.image_size),
+            "resize": SQUASH, "input": f"{INPUT}: uint8 [N, {model.image_size}, {model.image_size}, 3], RGB",
+            "output": f"{OUTPUT}: float32 [N, {len(model.labels)}], in the order of labels",
+            "architecture": spec.architecture, "mean": json.dumps(spec.input.mean), "std": json.dumps(spec.input.std),
+            "producer": f"imgtrain {__version__}"}
+    if spec.input.transformation:
+        meta["transformation"] = json.dumps(spec.input.transformation)
+        meta["resize"] = ("first the operations of transformation (torchvision.transforms.v2 on the uint8 image, in "
+                          "order), then, when they leave another shape, resized to image_size x image_size with "
+                          "torchvision's antialiased bilinear resize")
+    return meta
+
+
+def export_model(
+    trained_model: TrainedModel | Path | str,
+    output: Path | str,
+    *,
+    format: str = "onnx",
+    opset: int | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> Path:
+    """Export a trained model directory to ``output``/model.onnx or ``output``/model.pt2 (with metadata.json);
+    returns the model file's path. ``opset``: the ONNX opset (default: torch's)."""
+    check_choice("format", format, FORMATS)
+    if opset is not None:
+        check_range("opset", opset, low=1, high=99)
+    model = trained_model if isinstance(trained_model, TrainedModel) else None
+    check_not_an_input(output, {"trained model": model.path if model else trained_model})
+    model = model or load_trained_model(trained_model)
+    check_output_writable(Path(output), overwrite=overwrite)
+    size = model.image_size
+    deployable = Deployable(model.network.float().eval(), model.spec.input.mean, model.spec.input.std).eval()
+    example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    metadata = metadata_of(model)
+    log(f"Exporting {model.spec.architecture} ({len(model.labels)} classes, {size} px) to "
+        f"{'ONNX' + (f' opset {opset}' if opset else '') if format == 'onnx' else 'torch.export'}")
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        path = tmp / FILES[format]
+        if format == "onnx":
+            _onnx(deployable, example, path, metadata, opset, model.spec.architecture)
+        else:
+            _pt2(deployable, example, path, metadata, model.spec.architecture)
+        (tmp / METADATA_FILE).write_text(json.dumps({**metadata, "labels": model.labels}, indent=2,
+                                                    ensure_ascii=False), encoding="utf-8")
+    return Path(output) / FILES[format]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keep what the exporters print and log out of the user's terminal (the outcome is what counts)."""
+    quieted = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+    levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(quieted, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _batch_dim():
+    return {INPUT: {0: torch.export.Dim("batch", min=1, max=65536)}}
+
+
+def _refused(architecture: str, what: str, exc: BaseException, hint: str) -> ExportError:
+    reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return ExportError(f"{architecture} could not be exported to {what}: {type(exc).__name__}: {reason[:300]}", hint)
+
+
+def _onnx(deployable: Deployable, example: torch.Tensor, path: Path, metadata: dict[str, str], opset: int | None,
+          architecture: str) -> None:
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError:
+        raise MissingDependencyError("exporting to ONNX needs the onnx and onnxscript packages",
+                                     "install them with `pip install 'imgtrain[export]'`") from None
+    what = "ONNX" + (f" opset {opset}" if opset else "")
+    hint = "try another --opset (18 or later), or --format pt2"
+    try:
+        with _quiet():  # the exporter prints its progress, and logs the tracebacks it recovers from
+            program = torch.onnx.export(deployable, (example,), input_names=[INPUT], output_names=[OUTPUT],
+                                        dynamic_shapes=_batch_dim(), opset_version=opset, dynamo=True,
+                                        verbose=False)
+        if program is None:
+            raise RuntimeError("the exporter gave no program")
+        program.save(str(path))
+        graph = onnx.load(str(path))
+        got = {entry.domain or "ai.onnx": entry.version for entry in graph.opset_import}.get("ai.onnx")
+        if opset is not None and got != opset:
+            raise RuntimeError(f"the exporter wrote opset {got}, not {opset}")
+        for key, value in metadata.items():
+            graph.metadata_props.add(key=key, value=value)
+        onnx.checker.check_model(graph)
+        onnx.save(graph, str(path))
+    except ExportError:
+        raise
+    except Exception as exc:  # whatever the exporter raises, the user gets one named line
+        raise _refused(architecture, what, exc, hint) from None
+    try:
+        import onnxruntime
+    except ImportError:
+        return  # the export is checked where onnxruntime is installed (imgtrain[export] brings it)
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise _refused(architecture, what, exc, hint + " (onnxruntime could not load it)") from None
+    _check_same(deployable, lambda x: session.run([OUTPUT], {INPUT: x.numpy()})[0], example, architecture, what)
+
+
+def _pt2(deployable: Deployable, example: torch.Tensor, path: Path, metadata: dict[str, str],
+         architecture: str) -> None:
+    try:
+        with _quiet():
+            program = torch.export.export(deployable, (example,), dynamic_shapes=_batch_dim())
+        torch.export.save(program, str(path), extra_files=dict(metadata))
+        loaded = torch.export.load(str(path)).module()
+    except Exception as exc:
+        raise _refused(architecture, "torch.export", exc, "try --format onnx") from None
+    _check_same(deployable, lambda x: loaded(x).detach().numpy(), example, architecture, "torch.export")
+
+
+def _check_same(deployable: Deployable, run: Callable[[torch.Tensor], np.ndarray], example: torch.Tensor,
+                architecture: str, what: str) -> None:
+    """The exported graph against the network, on another batch size than the example's."""
+    images = torch.randint(0, 256, (3, *example.shape[1:]), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = deployable(images).numpy()
+    got = np.asarray(run(images))
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=_RTOL, atol=_ATOL):
+        worst = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("nan")
+        raise ExportError(f"the {what} export of {architecture} does not compute what the model does (shape "
+                          f"{got.shape} for {expected.shape}, largest difference {worst:.3g})",
+                          "report it, naming the architecture; --format pt2 or onnx may do")

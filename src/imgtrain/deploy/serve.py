@@ -1,0 +1,453 @@
+"""A real-time scoring endpoint: the Open Inference Protocol (v2, KServe's and Triton's) and TorchServe's shape.
+
+Endpoints, for the model named NAME (default: the model directory's folder name):
+
+- ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2/models/NAME/ready``: 200 once the model is loaded.
+- ``GET /v2``, ``/v2/models/NAME``: server and model metadata (the input ``images``, BYTES ``[-1]``: encoded
+  image files; the output ``probabilities``, FP32 ``[-1, C]``; labels, image size and architecture).
+- ``POST /v2/models/NAME/infer``: the images as a BYTES input of shape ``[N]``, base64 strings in JSON or
+  raw bytes in the binary-data extension that Triton's clients send. The answer holds ``probabilities``
+  (FP32 ``[N, C]``); asked for with the classification extension (``"parameters": {"classification": k}``
+  on the output), the top k as BYTES ``"probability:index:label"``; binary when asked (``binary_data``).
+- ``POST /predictions/NAME``: one raw image as the body (``Content-Type: image/*``), or multipart form data
+  with files in field ``data``: JSON with each image's label and per-class probabilities.
+
+Bad requests get a 4xx with ``{"error": ...}`` and the server goes on: not an image, truncated, empty, a
+decompression bomb (400), over the size limit (413), a content type it does not take (415), an unknown
+model (404). Concurrent requests are batched (deploy/batching.py); a full queue answers 503. SIGTERM (and
+Ctrl-C) stop taking connections and let the requests in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import signal
+import struct
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgtrain.errors import BadImageError, MissingDependencyError, check_range
+
+INPUT, OUTPUT = "images", "probabilities"
+BINARY_HEADER = "Inference-Header-Content-Length"
+_MB = 2**20
+
+
+@dataclass
+class ServeOptions:
+    """How the endpoint batches, queues and limits requests."""
+
+    max_batch_size: int = 16  # images run through the network together, at most
+    max_wait_ms: float = 5.0  # how long a batch waits for requests still being decoded
+    max_queue: int = 256  # images waiting, at most; beyond, 503
+    max_body_mb: float = 20.0  # a request body larger than this gets 413
+    threads: int | str | None = None  # torch's CPU threads, as for training and scoring
+
+    def check(self) -> None:
+        check_range("max_batch_size", self.max_batch_size, low=1, high=4096)
+        check_range("max_wait_ms", self.max_wait_ms, low=0, high=10_000)
+        check_range("max_queue", self.max_queue, low=1)
+        check_range("max_body_mb", self.max_body_mb, low=0, low_inclusive=False)
+
+
+class RequestError(Exception):
+    """A request the server refuses: its HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _imports():
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("`imgtrain serve` needs starlette and uvicorn",
+                                     "install them with `pip install 'imgtrain[serve]'`") from None
+
+
+class Endpoint:
+    """The model, ready to answer: decoding, preparation and the batched network."""
+
+    def __init__(self, model, name: str, options: ServeOptions, log: Callable[[str], None]) -> None:
+        from imgtrain.data.transforms import Normalize
+        from imgtrain.deploy.batching import Batcher
+        from imgtrain.precision import autocast, resolve_precision
+        from imgtrain.threads import Threads, parse_threads
+
+        self.model, self.name, self.options, self.log = model, name, options, log
+        self.labels = list(model.labels)
+        self.preparation = model.preparation
+        self.threads = Threads(parse_threads(options.threads), log)
+        device = torch.device("cpu")
+        precision = resolve_precision("auto", device)
+        network = model.network.to(memory_format=torch.channels_last).eval()
+        normalize = Normalize(model.spec.input.mean, model.spec.input.std)
+
+        def run(batch: torch.Tensor) -> np.ndarray:
+            torch.set_flush_denormal(True)  # this thread's flag (see imgtrain.precision)
+            with torch.inference_mode(), autocast(precision, device):
+                return network(normalize(batch)).float().softmax(dim=1).numpy()
+
+        self.describe = (f"{model.spec.architecture}, {len(self.labels)} classes, {model.image_size} px, "
+                         f"precision {precision}, {self.threads.describe()}")
+        self.batcher = Batcher(run, max_batch=options.max_batch_size, max_wait_ms=options.max_wait_ms,
+                               max_queue=options.max_queue)
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "versions": ["1"], "platform": "pytorch_imgtrain",
+                "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+                "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(self.labels)]}],
+                "parameters": {"labels": self.labels, "image_size": self.model.image_size,
+                               "architecture": self.model.spec.architecture,
+                               "content": "encoded image files (JPEG, PNG, ...), one per element"}}
+
+    def _decode(self, blobs: list[bytes], names: list[str]) -> torch.Tensor:
+        from imgtrain.data.decode import decode_rgb
+
+        images = []
+        for blob, name in zip(blobs, names, strict=True):
+            try:
+                images.append(self.preparation(decode_rgb(blob, name, draft_size=self.preparation.draft_size)))
+            except BadImageError as exc:
+                raise RequestError(400, f"{name}: {exc.reason}") from None
+        return torch.stack(images)
+
+    async def probabilities(self, blobs: list[bytes], names: list[str]) -> np.ndarray:
+        """Each image's class probabilities: decoded in a worker thread, then batched with other requests'."""
+        from starlette.concurrency import run_in_threadpool
+
+        from imgtrain.deploy.batching import QueueFullError
+
+        if not blobs:
+            raise RequestError(400, "no image in the request")
+        limit = self.options.max_queue
+        if len(blobs) > limit:
+            raise RequestError(413, f"{len(blobs)} images in one request, more than the server holds at once "
+                                    f"({limit}): send at most {limit} a request")
+        try:
+            self.batcher.reserve(len(blobs))
+        except QueueFullError:
+            raise RequestError(503, f"the server is busy: {self.batcher.pending} images are in hand, and it holds "
+                                    f"{limit}; retry later") from None
+        try:
+            self.batcher.coming(+1)
+            try:
+                images = await run_in_threadpool(self._decode, blobs, names)
+            finally:
+                self.batcher.coming(-1)
+            return await self.batcher(images)
+        finally:
+            self.batcher.release(len(blobs))
+
+
+async def _body(request, limit: int) -> bytes:
+    """The request's body, refused with 413 past ``limit`` bytes (by its Content-Length, or as it streams)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the body is {int(declared):,} bytes, over the limit of {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _content_type(request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+# --- The Open Inference Protocol --------------------------------------------------------------------
+
+
+def _bytes_elements(tensor: dict, binary: bytes | None) -> list[bytes]:
+    """The encoded images of a BYTES input: binary (each element a 4-byte little-endian length, then its
+    bytes) or JSON (base64 strings, possibly nested as the shape is)."""
+    if binary is not None:
+        elements, at = [], 0
+        while at < len(binary):
+            if at + 4 > len(binary):
+                raise RequestError(400, f"input {tensor.get('name')!r}: its binary data ends inside a length")
+            (length,) = struct.unpack_from("<I", binary, at)
+            at += 4
+            if at + length > len(binary):
+                raise RequestError(400, f"input {tensor.get('name')!r}: its binary data is shorter than it says")
+            elements.append(binary[at:at + length])
+            at += length
+        return elements
+    data = tensor.get("data")
+    flat = []
+
+    def walk(value) -> None:
+        if isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str):
+            flat.append(value)
+        else:
+            raise RequestError(400, f"input {tensor.get('name')!r}: BYTES data must be base64 strings")
+
+    walk(data if data is not None else [])
+    try:
+        return [base64.b64decode(text, validate=True) for text in flat]
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"input {tensor.get('name')!r}: an element is not base64") from None
+
+
+def _infer_request(body: bytes, header_length: str | None) -> tuple[dict, list[bytes]]:
+    """The request's JSON and its input's images."""
+    binary_region = None
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise RequestError(400, f"{BINARY_HEADER} is {header_length!r}, not a length within the body")
+        body, binary_region = body[:int(header_length)], body[int(header_length):]
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError(400, "the request is not JSON (an inference request, or its header before the "
+                                "binary data)") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or len(request["inputs"]) != 1:
+        raise RequestError(400, f"an inference request has one input, {INPUT!r}, of BYTES (the encoded images)")
+    tensor = request["inputs"][0]
+    if not isinstance(tensor, dict) or tensor.get("datatype") != "BYTES":
+        raise RequestError(400, f"input {INPUT!r} must be of datatype BYTES (the encoded image files)")
+    parameters = tensor.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    binary = None
+    if size is not None:
+        if binary_region is None or not isinstance(size, int) or size > len(binary_region):
+            raise RequestError(400, f"input {tensor.get('name')!r} has binary_data_size {size!r}, which the "
+                                    "binary data after the header does not hold")
+        binary = binary_region[:size]
+    images = _bytes_elements(tensor, binary)
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape) \
+            or int(np.prod(shape)) != len(images):
+        raise RequestError(400, f"input {tensor.get('name')!r} has shape {shape!r} for {len(images)} element(s)")
+    return request, images
+
+
+def _bytes_payload(strings: list[str]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in (s.encode() for s in strings))
+
+
+def _infer_response(request: dict, probabilities: np.ndarray, labels: list[str], name: str):
+    """The answer, in JSON or with binary data after a JSON header, as asked."""
+    from starlette.responses import JSONResponse, Response
+
+    asked = request.get("outputs") or [{"name": OUTPUT}]
+    defaults = request.get("parameters") or {}
+    binary_default = bool(defaults.get("binary_data_output", False)) if isinstance(defaults, dict) else False
+    outputs, chunks = [], []
+    for wanted in asked:
+        if not isinstance(wanted, dict) or wanted.get("name") != OUTPUT:
+            raise RequestError(400, f"unknown output {wanted.get('name') if isinstance(wanted, dict) else wanted!r}:"
+                                    f" the model has {OUTPUT!r}")
+        parameters = wanted.get("parameters") or {}
+        k = parameters.get("classification", 0)
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= len(labels):
+            raise RequestError(400, f"classification must be a count of labels from 0 to {len(labels)}")
+        if k:  # the classification extension: "probability:index:label", most probable first
+            order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+            strings = [f"{probabilities[i, j]:.6f}:{j}:{labels[j]}" for i in range(len(order)) for j in order[i]]
+            output = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(order), k]}
+            payload, data = _bytes_payload(strings), strings
+        else:
+            output = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
+            payload, data = probabilities.astype("<f4").tobytes(), probabilities.ravel().tolist()
+        if parameters.get("binary_data", binary_default):
+            output["parameters"] = {"binary_data_size": len(payload)}
+            chunks.append(payload)
+        else:
+            output["data"] = data
+        outputs.append(output)
+    answer = {"model_name": name, "model_version": "1", "outputs": outputs}
+    if "id" in request:
+        answer["id"] = request["id"]
+    if not chunks:
+        return JSONResponse(answer)
+    header = json.dumps(answer).encode()
+    return Response(header + b"".join(chunks), media_type="application/octet-stream",
+                    headers={BINARY_HEADER: str(len(header))})
+
+
+# --- The application ----------------------------------------------------------------------------------
+
+
+def make_app(endpoint: Endpoint):
+    """The Starlette application answering for ``endpoint``."""
+    from starlette.applications import Starlette
+    from starlette.formparsers import MultiPartParser
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from imgtrain import __version__
+
+    limit = int(endpoint.options.max_body_mb * _MB)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def handler(function):
+        async def handle(request: Request):
+            name = request.path_params.get("name")
+            if name is not None and name != endpoint.name:
+                return error(404, f"unknown model {name!r}: this server has {endpoint.name!r}")
+            version = request.path_params.get("version")
+            if version is not None and version != "1":
+                return error(404, f"model {name!r} has version 1 only, not {version!r}")
+            try:
+                return await function(request)
+            except RequestError as exc:
+                return error(exc.status, exc.message)
+        return handle
+
+    async def live(request: Request):
+        return JSONResponse({"live": True})
+
+    async def ready(request: Request):
+        return JSONResponse({"ready": True})
+
+    async def model_ready(request: Request):
+        return JSONResponse({"name": endpoint.name, "ready": True})
+
+    async def server_metadata(request: Request):
+        return JSONResponse({"name": "imgtrain", "version": __version__,
+                             "extensions": ["binary_tensor_data", "classification", "statistics"]})
+
+    async def model_metadata(request: Request):
+        return JSONResponse(endpoint.metadata())
+
+    async def model_stats(request: Request):  # Triton's statistics extension, its counts only
+        return JSONResponse({"model_stats": [{"name": endpoint.name, "version": "1",
+                                              "inference_count": endpoint.batcher.images,
+                                              "execution_count": endpoint.batcher.batches,
+                                              "pending_count": endpoint.batcher.pending}]})
+
+    async def infer(request: Request):
+        header = request.headers.get(BINARY_HEADER)
+        kind = _content_type(request)
+        if header is None and kind not in ("", "application/json"):
+            raise RequestError(415, f"an inference request is JSON (application/json), or JSON then binary data "
+                                    f"with the {BINARY_HEADER} header; not {kind}")
+        body = await _body(request, limit)
+        parsed, images = _infer_request(body, header)
+        probabilities = await endpoint.probabilities(images, [f"image {i}" for i in range(len(images))])
+        return _infer_response(parsed, probabilities, endpoint.labels, endpoint.name)
+
+    async def predictions(request: Request):
+        kind = _content_type(request)
+        if kind == "multipart/form-data":
+            body = await _body(request, limit)
+
+            async def again():  # the body, read within the limit, for the form parser
+                yield body
+                yield b""
+
+            try:
+                form = await MultiPartParser(request.headers, again(), max_files=endpoint.options.max_queue + 1,
+                                             max_fields=100).parse()
+            except Exception as exc:  # a malformed form is the client's
+                raise RequestError(400, f"the multipart form cannot be read ({exc})") from None
+            files = [f for f in form.getlist("data") if hasattr(f, "read")]
+            if not files:
+                raise RequestError(400, "the form has no file in field 'data'")
+            blobs = [await f.read() for f in files]
+            names = [f.filename or f"image {i}" for i, f in enumerate(files)]
+        elif kind in ("", "application/octet-stream") or kind.startswith("image/"):
+            blob = await _body(request, limit)
+            if not blob:
+                raise RequestError(400, "the body is empty: send an image")
+            blobs, names = [blob], ["the body"]
+        else:
+            raise RequestError(415, f"send an image (Content-Type image/*) or multipart form data with files in "
+                                    f"field 'data'; not {kind}")
+        probabilities = await endpoint.probabilities(blobs, names)
+        answers = []
+        for name, row in zip(names, probabilities, strict=True):
+            best = int(row.argmax())
+            answers.append({"image": name, "label": endpoint.labels[best], "probability": float(row[best]),
+                            "probabilities": dict(zip(endpoint.labels, map(float, row), strict=True))})
+        return JSONResponse(answers if kind == "multipart/form-data" else answers[0])
+
+    @asynccontextmanager
+    async def lifespan(app):
+        with endpoint.threads:
+            yield
+            await asyncio.get_running_loop().run_in_executor(None, endpoint.batcher.stop)
+
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    routes = [
+        Route("/v2/health/live", live), Route("/v2/health/ready", ready),
+        Route("/v2", handler(server_metadata)),
+        Route(model, handler(model_metadata)), Route(versioned, handler(model_metadata)),
+        Route(model + "/ready", handler(model_ready)), Route(versioned + "/ready", handler(model_ready)),
+        Route(model + "/stats", handler(model_stats)),
+        Route(model + "/infer", handler(infer), methods=["POST"]),
+        Route(versioned + "/infer", handler(infer), methods=["POST"]),
+        Route("/predictions/{name}", handler(predictions), methods=["POST", "PUT"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+@contextmanager
+def _stop_signals_end_quietly():
+    """uvicorn stops gracefully on SIGTERM and SIGINT, then raises the signal again for whatever handled it
+    before: here, a handler that lets serve() return, so that a stop is a clean exit (0), not a kill."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda number, frame: None) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve(
+    trained_model: Path | str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    name: str | None = None,
+    options: ServeOptions | None = None,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> None:
+    """Serve a trained model over HTTP until SIGTERM or Ctrl-C (requests in flight finish first)."""
+    _imports()
+    import uvicorn
+
+    from imgtrain.models.trained import load_trained_model
+
+    options = options or ServeOptions()
+    options.check()
+    check_range("port", port, low=0, high=65535)
+    name = name or Path(trained_model).resolve().name
+    model = load_trained_model(trained_model)
+    endpoint = Endpoint(model, name, options, log)
+    log(f"Serving {name} ({endpoint.describe}) on http://{host}:{port}: Open Inference Protocol at "
+        f"/v2/models/{name}/infer, TorchServe's shape at /predictions/{name}; batches of up to "
+        f"{options.max_batch_size} images, waiting up to {options.max_wait_ms:g} ms for them; Ctrl-C or SIGTERM "
+        "stops it once the requests in flight are answered")
+    config = uvicorn.Config(make_app(endpoint), host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=30, backlog=2048)
+    with _stop_signals_end_quietly():
+        uvicorn.Server(config).run()
+    log(f"Stopped serving {name}: {endpoint.batcher.images:,} images scored in {endpoint.batcher.batches:,} batches")

@@ -1,0 +1,390 @@
+"""Export (ONNX, torch.export) and the real-time scoring endpoint, driven over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from imgtrain.directories.image_directory import ImageDirectory
+
+
+def _val_images(image_dirs, count=6):
+    data = ImageDirectory.load(image_dirs["val"])
+    return [data.path(i) for i in range(min(count, len(data)))]
+
+
+def _imgtrain_probabilities(model_dir, paths):
+    from imgtrain import load_trained_model, predict
+
+    model = load_trained_model(model_dir)
+    answers = predict(model, paths, precision="fp32")
+    return model, np.array([[a.probabilities[label] for label in model.labels] for a in answers])
+
+
+def _prepared(model, paths):
+    """The images as the exported graph takes them: decoded, resized, uint8 N x H x W x 3."""
+    from imgtrain.data.decode import load_rgb
+
+    return np.stack([model.preparation(load_rgb(p)).permute(1, 2, 0).numpy() for p in paths])
+
+
+# --- Export ------------------------------------------------------------------------------------------
+
+
+def test_onnx_export_gives_imgtrains_predictions(trained_model, image_dirs, tmp_path):
+    import onnxruntime
+
+    r = run_cli("export", trained_model, "--format", "onnx", "--output", tmp_path / "onnx")
+    assert "model.onnx" in r.stdout
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (given,), (answer,) = session.get_inputs(), session.get_outputs()
+    assert (given.name, given.type, given.shape[1:]) == ("images", "tensor(uint8)", [32, 32, 3])
+    assert isinstance(given.shape[0], str)  # the batch axis is dynamic
+    assert (answer.name, answer.type) == ("probabilities", "tensor(float)")
+    meta = session.get_modelmeta().custom_metadata_map
+    model, expected = _imgtrain_probabilities(trained_model, paths := _val_images(image_dirs))
+    assert json.loads(meta["labels"]) == model.labels and meta["image_size"] == "32"
+    assert "bilinear" in meta["resize"] and "reducing_gap=None" in meta["resize"]
+    got = session.run(["probabilities"], {"images": _prepared(model, paths)})[0]
+    assert got.shape == expected.shape and got.dtype == np.float32
+    assert np.allclose(got, expected, rtol=1e-3, atol=1e-5)
+    assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
+    assert json.loads((tmp_path / "onnx" / "metadata.json").read_text())["labels"] == model.labels
+
+
+def test_pt2_export_loads_without_imgtrain(trained_model, image_dirs, tmp_path):
+    from imgtrain.deploy.export import export_model
+
+    path = export_model(trained_model, tmp_path / "pt2", format="pt2", log=lambda m: None)
+    model, expected = _imgtrain_probabilities(trained_model, paths := _val_images(image_dirs, 5))
+    np.save(tmp_path / "images.npy", _prepared(model, paths))
+    # A fresh interpreter that never imports imgtrain: torch alone loads and runs the file.
+    script = (
+        "import json, sys, numpy as np, torch\n"
+        "extra = {'labels': '', 'image_size': ''}\n"
+        f"program = torch.export.load({str(path)!r}, extra_files=extra)\n"
+        f"x = torch.from_numpy(np.load({str(tmp_path / 'images.npy')!r}))\n"
+        "p = program.module()(x).detach().numpy()\n"
+        "assert 'imgtrain' not in sys.modules\n"
+        "print(json.dumps({'labels': json.loads(extra['labels']), 'size': extra['image_size'], 'p': p.tolist()}))\n")
+    out = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
+    result = json.loads(out.stdout)
+    assert result["labels"] == model.labels and result["size"] == "32"
+    assert np.allclose(np.array(result["p"]), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_a_refused_export_is_a_named_error(trained_model, tmp_path):
+    r = run_cli("export", trained_model, "--format", "onnx", "--opset", "7", "--output", tmp_path / "old",
+                check=False)
+    assert r.returncode == 1 and "ExportError" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "opset 7" in r.stderr and not (tmp_path / "old").exists()
+    r = run_cli("export", trained_model, "--format", "torchscript", "--output", tmp_path / "ts", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and not (tmp_path / "ts").exists()
+
+
+# --- Serve -------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`imgtrain serve` in a process of its own, on a free loopback port."""
+
+    def __init__(self, model, *args: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "imgtrain", "serve", str(model), "--port",
+                                         str(self.port), "--name", "shades", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server stopped: {self.process.stderr.read()}")
+            try:
+                if self.get("/v2/health/ready")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("the server did not get ready in 120 s")
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as response:
+                return response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as error:
+            return error.code, error.read(), dict(error.headers)
+
+    def get(self, path: str):
+        status, body, _ = self.request("GET", path)
+        return status, json.loads(body) if body else None
+
+    def post_json(self, path: str, document) -> tuple[int, dict]:
+        status, body, _ = self.request("POST", path, json.dumps(document).encode(),
+                                       {"Content-Type": "application/json"})
+        return status, json.loads(body)
+
+    def stop(self) -> tuple[int, str]:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        return self.process.returncode, err
+
+
+@pytest.fixture(scope="module")
+def server(trained_model):
+    running = Server(trained_model, "--max-batch-size", "8", "--max-body-mb", "1", "--max-queue", "64")
+    yield running
+    code, err = running.stop()
+    assert code == 0 and "Traceback" not in err, err
+
+
+def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"{name}\"\r\n"
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + blob + b"\r\n" for name, blob in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_health_and_metadata(server, trained_model):
+    from imgtrain import load_trained_model
+
+    labels = load_trained_model(trained_model).labels
+    assert server.get("/v2/health/live") == (200, {"live": True})
+    assert server.get("/v2/health/ready")[0] == 200 and server.get("/v2/models/shades/ready")[0] == 200
+    assert server.get("/v2")[1]["name"] == "imgtrain"
+    status, meta = server.get("/v2/models/shades")
+    assert status == 200 and meta["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(labels)]}]
+    assert meta["parameters"]["labels"] == labels and meta["parameters"]["image_size"] == 32
+    status, answer = server.get("/v2/models/nope")
+    assert status == 404 and "unknown model 'nope'" in answer["error"]
+
+
+def test_infer_in_json_and_predictions_give_imgtrains_answers(server, trained_model, image_dirs):
+    paths = _val_images(image_dirs, 4)
+    model, expected = _imgtrain_probabilities(trained_model, paths)
+    blobs = [p.read_bytes() for p in paths]
+    status, answer = server.post_json("/v2/models/shades/infer", {
+        "id": "42", "inputs": [{"name": "images", "shape": [4], "datatype": "BYTES",
+                                "data": [base64.b64encode(b).decode() for b in blobs]}]})
+    assert status == 200 and answer["id"] == "42" and answer["model_name"] == "shades"
+    (output,) = answer["outputs"]
+    assert output["name"] == "probabilities" and output["datatype"] == "FP32" and output["shape"] == [4, 3]
+    assert np.allclose(np.array(output["data"]).reshape(4, 3), expected, atol=1e-5)
+    # the classification extension: the top 2, "probability:index:label"
+    status, answer = server.post_json("/v2/models/shades/infer", {
+        "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
+                    "data": [base64.b64encode(blobs[0]).decode()]}],
+        "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]})
+    best = int(expected[0].argmax())
+    (top,) = answer["outputs"]
+    assert top["shape"] == [1, 2] and top["data"][0].endswith(f":{best}:{model.labels[best]}")
+    # TorchServe's shape: a raw image, or multipart form data with files in field 'data'
+    status, body, _ = server.request("POST", "/predictions/shades", blobs[0], {"Content-Type": "image/png"})
+    one = json.loads(body)
+    assert status == 200 and one["label"] == model.labels[best]
+    assert np.allclose([one["probabilities"][label] for label in model.labels], expected[0], atol=1e-5)
+    form, kind = _multipart([(p.name, b) for p, b in zip(paths, blobs, strict=True)])
+    status, body, _ = server.request("POST", "/predictions/shades", form, {"Content-Type": kind})
+    many = json.loads(body)
+    assert status == 200 and [a["image"] for a in many] == [p.name for p in paths]
+    assert [a["label"] for a in many] == [model.labels[i] for i in expected.argmax(axis=1)]
+
+
+def test_a_stock_open_inference_protocol_client_works(server, trained_model, image_dirs):
+    """Triton's own Python client, with its binary-data extension both ways."""
+    import tritonclient.http as triton
+
+    paths = _val_images(image_dirs, 3)
+    model, expected = _imgtrain_probabilities(trained_model, paths)
+    client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("shades")
+    assert client.get_model_metadata("shades")["outputs"][0]["shape"] == [-1, 3]
+    images = triton.InferInput("images", [len(paths)], "BYTES")
+    images.set_data_from_numpy(np.array([p.read_bytes() for p in paths], dtype=np.object_), binary_data=True)
+    result = client.infer("shades", [images])  # no outputs named: all of them, in binary
+    assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+    top = client.infer("shades", [images], outputs=[triton.InferRequestedOutput("probabilities", class_count=1)])
+    labels = [entry.decode().split(":")[2] for entry in top.as_numpy("probabilities").ravel()]
+    assert labels == [model.labels[i] for i in expected.argmax(axis=1)]
+
+
+def _bomb() -> bytes:
+    """A small PNG whose pixels would take far more memory than the file: 10,000 x 9,000 pixels."""
+    out = io.BytesIO()
+    Image.new("1", (10_000, 9_000)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("body, headers, status, message", [
+    (b"not an image at all", {"Content-Type": "image/jpeg"}, 400, "not an image"),
+    (b"", {"Content-Type": "image/png"}, 400, "empty"),
+    (None, {"Content-Type": "image/png"}, 400, "truncated"),  # the first half of a real PNG
+    ("bomb", {"Content-Type": "image/png"}, 400, "pixel limit"),
+    (b"x" * (2 * 2**20), {"Content-Type": "image/png"}, 413, "over the limit"),
+    (b"hello", {"Content-Type": "text/plain"}, 415, "not text/plain"),
+])
+def test_bad_requests_get_4xx_and_the_server_goes_on(server, image_dirs, body, headers, status, message):
+    if body is None:
+        body = _png_half()
+    elif body == "bomb":
+        body = _bomb()
+    got, answer, _ = server.request("POST", "/predictions/shades", body, headers)
+    assert got == status and message in json.loads(answer)["error"], answer
+    assert server.get("/v2/health/ready")[0] == 200
+    status, _, _ = server.request("POST", "/predictions/shades", _val_images(image_dirs, 1)[0].read_bytes(),
+                                  {"Content-Type": "image/png"})
+    assert status == 200  # still answering
+
+
+def _png_half() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()[: len(out.getvalue()) // 2]
+
+
+def test_bad_inference_requests_are_named(server):
+    for document, message in [({"inputs": []}, "one input"),
+                              ({"inputs": [{"name": "images", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+                               "BYTES"),
+                              ({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["%%"]}]},
+                               "not base64"),
+                              ({"inputs": [{"name": "images", "shape": [2], "datatype": "BYTES", "data": ["AA=="]}]},
+                               "shape [2] for 1")]:
+        status, answer = server.post_json("/v2/models/shades/infer", document)
+        assert status == 400 and message in answer["error"], answer
+    status, body, _ = server.request("POST", "/v2/models/shades/infer", b"{", {"Content-Type": "application/json"})
+    assert status == 400 and "not JSON" in json.loads(body)["error"]
+
+
+def test_a_load_of_concurrent_clients_is_batched(server, image_dirs):
+    """32 clients, 192 requests in all, within a time limit: every answer right, and fewer batches than images."""
+    paths = _val_images(image_dirs, 6)
+    blobs = [p.read_bytes() for p in paths]
+    before = server.get("/v2/models/shades/stats")[1]["model_stats"][0]
+    reference = {}
+    for i, blob in enumerate(blobs):
+        status, body, _ = server.request("POST", "/predictions/shades", blob, {"Content-Type": "image/png"})
+        reference[i] = json.loads(body)["label"]
+
+    def client(n: int) -> bool:
+        status, body, _ = server.request("POST", "/predictions/shades", blobs[n % len(blobs)],
+                                         {"Content-Type": "image/png"})
+        return status == 200 and json.loads(body)["label"] == reference[n % len(blobs)]
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(client, range(192)))
+    assert all(answers) and time.monotonic() - started < 120
+    after = server.get("/v2/models/shades/stats")[1]["model_stats"][0]
+    images = after["inference_count"] - before["inference_count"]
+    batches = after["execution_count"] - before["execution_count"]
+    assert images == 192 + len(blobs) and batches < images  # concurrent requests shared batches
+
+
+def test_the_batcher_refuses_work_past_its_bound():
+    import asyncio
+
+    import torch
+
+    from imgtrain.deploy.batching import Batcher, QueueFullError
+
+    gate = threading.Event()
+
+    def run(batch):
+        gate.wait(10)
+        return np.zeros((len(batch), 2), dtype=np.float32)
+
+    batcher = Batcher(run, max_batch=4, max_wait_ms=1, max_queue=3)
+
+    async def scenario():
+        batcher.reserve(2)
+        first = asyncio.ensure_future(batcher(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)))
+        with pytest.raises(QueueFullError):
+            batcher.reserve(2)  # 2 in hand, 2 more do not fit in 3
+        batcher.reserve(1)  # 1 does
+        gate.set()
+        assert (await first).shape == (2, 2)
+        batcher.release(3)
+        batcher.reserve(3)  # all free again
+
+    asyncio.run(scenario())
+    batcher.stop()
+    with pytest.raises(QueueFullError):
+        batcher.reserve(1)  # stopped: no new work
+
+
+def test_a_full_server_answers_503_and_sigterm_lets_requests_finish(trained_model, image_dirs):
+    running = Server(trained_model, "--max-queue", "600", "--max-batch-size", "600", "--max-body-mb", "100")
+    try:
+        blob = _val_images(image_dirs, 1)[0].read_bytes()
+        form, kind = _multipart([(f"{i}.png", blob) for i in range(601)])
+        status, body, _ = running.request("POST", "/predictions/shades", form, {"Content-Type": kind})
+        assert status == 413 and "more than the server holds at once (600)" in json.loads(body)["error"]
+        # 560 images in hand: a request for 50 more finds the server full.
+        big, kind = _multipart([(f"{i}.png", blob) for i in range(560)])
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(
+            running.request("POST", "/predictions/shades", big, {"Content-Type": kind})))
+        thread.start()
+        while running.get("/v2/models/shades/stats")[1]["model_stats"][0]["pending_count"] == 0 and not answers:
+            time.sleep(0.005)
+        small, small_kind = _multipart([(f"{i}.png", blob) for i in range(50)])
+        status, body, _ = running.request("POST", "/predictions/shades", small, {"Content-Type": small_kind})
+        thread.join(timeout=120)
+        assert answers and answers[0][0] == 200 and len(json.loads(answers[0][1])) == 560
+        busy = status == 503  # else the big request was answered before the small one came
+        assert busy and "the server is busy" in json.loads(body)["error"] or status == 200
+        # A request in flight when SIGTERM comes (its body half sent) is answered; then the server exits.
+        form, kind = _multipart([(f"{i}.png", blob) for i in range(4)])
+        connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)
+        connection.putrequest("POST", "/predictions/shades")
+        connection.putheader("Content-Type", kind)
+        connection.putheader("Content-Length", str(len(form)))
+        connection.endheaders(form[:100])
+        time.sleep(0.5)
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        connection.send(form[100:])
+        response = connection.getresponse()
+        assert response.status == 200 and len(json.loads(response.read())) == 4
+        code, err = running.stop()
+        assert code == 0 and "Stopped serving shades" in err, err
+        if not busy:
+            pytest.skip("the 560 images were scored before a second request could arrive: 503 not seen")
+    finally:
+        running.stop()
+
+
+def test_serve_refuses_what_is_not_a_trained_model(image_dirs):
+    r = run_cli("serve", image_dirs["untrained"], "--port", str(_free_port()), check=False)
+    assert r.returncode == 1 and "InvalidModelDirectoryError" in r.stderr and "Traceback" not in r.stderr
+    assert os.environ.get("IMGTRAIN_OFFLINE") == "1"
