@@ -17,6 +17,7 @@ from gpu import gpu
 from measure import CommandFailed, Section, med, num, python_startup_seconds, ratio, spread, table
 from responsiveness import shared_cpu, startup
 from scale import scale
+from serving import serving
 from torch import nn
 
 # --- 1. training throughput ----------------------------------------------------------------------------------
@@ -476,4 +477,5 @@ SECTIONS: dict[str, tuple[Callable[[Context], Section], str]] = {
     "shared": (shared_cpu, "training speed beside one and two busy processes"),
     "gpu": (gpu, "CUDA training speed vs the designer's recipe, FLOP/s, data wait (skipped without a GPU)"),
     "scale": (scale, "training and scoring, one process against N under torchrun"),
+    "serve": (serving, "imgtrain serve under 1, 8 and 32 clients, batched and one at a time, vs a bare call"),
 }

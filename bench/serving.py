@@ -3,8 +3,9 @@
 ResNet-18 at 224 px (trained for one epoch on synthetic 400 x 300 JPEG photos), each request one JPEG
 posted raw to /predictions/NAME over a kept-alive connection. Measured side by side in one run:
 
-- the bare in-process call: decoding and preparing one image, and the network on it, in this process
-  (no HTTP), the floor the server's single-client latency is held to;
+- the bare in-process call: decoding and preparing one image, and the network on it, in a Python
+  process set up as the server's is (no HTTP), the floor the server's single-client latency is held
+  to, alternated call by call with one client's requests so that both meet the same machine;
 - the server with its defaults (dynamic batching: up to 16 images, waiting up to 5 ms while other
   requests are being decoded);
 - the same server one request at a time (``--max-batch-size 1``): the baseline batching must beat.
@@ -19,7 +20,6 @@ import http.client
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -99,41 +99,63 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def _bare(model: Path, photos: Path, repeats: int) -> tuple[float, float]:
-    """In this process: median seconds for (decode + prepare + network on one image, the network alone)."""
-    script = f"""
-import json, statistics, time, torch, imgtrain
+_BARE = """
+import sys, time
+import imgtrain  # first, as in the server: it shortens OpenMP's spin-wait before torch starts
+import torch
 from pathlib import Path
 from imgtrain import load_trained_model
 from imgtrain.data.decode import decode_rgb
 from imgtrain.data.transforms import Normalize
-m = load_trained_model({str(model)!r})
-net = m.network.to(memory_format=torch.channels_last).eval()
-norm = Normalize(m.spec.input.mean, m.spec.input.std)
-blobs = [p.read_bytes() for p in sorted(Path({str(photos)!r}).rglob('*.jpg'))][:{PHOTOS}]
+loaded = load_trained_model(sys.argv[1])
+network = loaded.network.to(memory_format=torch.channels_last).eval()
+normalize = Normalize(loaded.spec.input.mean, loaded.spec.input.std)
+blobs = [Path(p).read_bytes() for p in sys.argv[2:]]
 torch.set_flush_denormal(True)
-whole, alone = [], []
 with torch.inference_mode():
-    for i in range({repeats}):
+    for line in sys.stdin:
+        blob = blobs[int(line)]
         t0 = time.perf_counter()
-        x = m.preparation(decode_rgb(blobs[i % len(blobs)], 'bench', draft_size=m.preparation.draft_size))[None]
+        x = loaded.preparation(decode_rgb(blob, 'bench', draft_size=loaded.preparation.draft_size))[None]
         t1 = time.perf_counter()
-        net(norm(x)).softmax(dim=1).numpy()
+        network(normalize(x)).softmax(dim=1).numpy()
         t2 = time.perf_counter()
-        if i >= 3:
-            whole.append(t2 - t0); alone.append(t2 - t1)
-print(json.dumps([statistics.median(whole), statistics.median(alone)]))
+        print(t2 - t0, t2 - t1, flush=True)
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    import json
 
-    whole, alone = json.loads(out.stdout.strip().splitlines()[-1])
-    return whole, alone
+
+def _paired(ctx: Context, port: int, model: Path, photos: list[Path], count: int
+            ) -> tuple[list[float], list[float], list[float]]:
+    """One client, alternating call by call with the bare in-process call (in a process of its own, set up as
+    the server is) on the same image, so that both meet the same machine: (server latencies, bare decode +
+    prepare + network, bare network alone)."""
+    bare = subprocess.Popen([ctx.python, "-c", _BARE, str(model), *map(str, photos)], env=ctx.env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    served, whole, alone = [], [], []
+    try:
+        for i in range(count + 3):
+            k = i % len(photos)
+            bare.stdin.write(f"{k}\n")
+            bare.stdin.flush()
+            both = [float(x) for x in bare.stdout.readline().split()]
+            t0 = time.perf_counter()
+            connection.request("POST", "/predictions/bench", photos[k].read_bytes(), {"Content-Type": "image/jpeg"})
+            connection.getresponse().read()
+            if i >= 3:
+                served.append(time.perf_counter() - t0)
+                whole.append(both[0])
+                alone.append(both[1])
+    finally:
+        connection.close()
+        bare.stdin.close()
+        bare.wait(timeout=60)
+    return served, whole, alone
 
 
 def serving(ctx: Context) -> Section:
     quick = ctx.config.quick
-    seconds = 3.0 if quick else 15.0
+    seconds, reps = (2.0, 1) if quick else (5.0, 3)
     photos = fixtures.photo_folder(ctx.cache, PHOTOS)
     root = ctx.work / "serve"
     if not (root / "model").exists():
@@ -143,40 +165,57 @@ def serving(ctx: Context) -> Section:
         ctx.imgtrain("train-pytorch-model", "--untrained-model", ctx.untrained("resnet18"), "--training-data",
                      root / "train", "--validation-data", root / "val", "--output", root / "model", "--epochs", 1,
                      "--image-size", 224, "--overwrite")
-    blobs = [p.read_bytes() for p in sorted(photos.rglob("*.jpg"))][:PHOTOS]
-    whole, alone = _bare(root / "model", photos, 20 if quick else 60)
-    ctx.log(f"[serve] bare call: {whole * 1000:.1f} ms (network {alone * 1000:.1f} ms)")
-    results: dict[tuple[str, int], tuple[float, list[float], int]] = {}
-    for label, args in (("dynamic batching (defaults)", ()), ("one request at a time", ("--max-batch-size", "1"))):
-        server = _Server(ctx, root / "model", *args)
-        try:
+    files = sorted(photos.rglob("*.jpg"))[:PHOTOS]
+    blobs = [p.read_bytes() for p in files]
+    paired: tuple[list[float], list[float], list[float]] = ([], [], [])
+    servers = {"dynamic batching (defaults)": (), "one request at a time": ("--max-batch-size", "1")}
+    rates: dict[tuple[str, int], list[float]] = {}
+    latencies: dict[tuple[str, int], list[float]] = {}
+    failures: dict[tuple[str, int], int] = {}
+    # Both servers wait, loaded, side by side (an idle one takes no CPU); the rows alternate between them
+    # and repeat, so that a change in the machine's speed falls on both alike.
+    running = {label: _Server(ctx, root / "model", *args) for label, args in servers.items()}
+    try:
+        for server in running.values():
             _load(server.port, blobs, 4, 1.0)  # warm up
+        for rep in range(reps):
+            for pooled, new in zip(paired, _paired(ctx, running["dynamic batching (defaults)"].port, root / "model",
+                                                   files, 10 if quick else 30), strict=True):
+                pooled.extend(new)
+            order = list(running) if rep % 2 == 0 else list(reversed(running))
             for clients in CLIENTS:
-                results[label, clients] = _load(server.port, blobs, clients, seconds)
-                rate, latencies, failed = results[label, clients]
-                ctx.log(f"[serve] {label}, {clients} clients: {rate:.1f} req/s, p50 "
-                        f"{statistics.median(latencies) * 1000:.0f} ms, {failed} failed")
-        finally:
+                for label in order:
+                    rate, times, failed = _load(running[label].port, blobs, clients, seconds)
+                    rates.setdefault((label, clients), []).append(rate)
+                    latencies.setdefault((label, clients), []).extend(times)
+                    failures[label, clients] = failures.get((label, clients), 0) + failed
+                    ctx.log(f"[serve] rep {rep + 1}/{reps} {label}, {clients} clients: {rate:.1f} req/s, p50 "
+                            f"{statistics.median(times) * 1000:.0f} ms")
+    finally:
+        for server in running.values():
             server.stop()
-    baseline_one = results["one request at a time", 1][0]
-    rows = []
-    for (label, clients), (rate, latencies, failed) in results.items():
-        rows.append([label, clients, f"{rate:.1f}", f"{rate / baseline_one:.2f}x",
-                     f"{statistics.median(latencies) * 1000:.0f}", f"{_percentile(latencies, 0.99) * 1000:.0f}",
-                     failed])
-    batched_32 = results["dynamic batching (defaults)", 32][0]
-    unbatched_32 = results["one request at a time", 32][0]
-    single = statistics.median(results["dynamic batching (defaults)", 1][1])
+    single, whole, alone = (statistics.median(values) for values in paired)
+    rate = {key: statistics.median(values) for key, values in rates.items()}
+    baseline_one = rate["one request at a time", 1]
+    rows = [[label, clients, f"{rate[label, clients]:.1f}", f"{rate[label, clients] / baseline_one:.2f}x",
+             f"{statistics.median(latencies[label, clients]) * 1000:.0f}",
+             f"{_percentile(latencies[label, clients], 0.99) * 1000:.0f}", failures[label, clients]]
+            for label in servers for clients in CLIENTS]
+    batched_32, unbatched_32 = rate["dynamic batching (defaults)", 32], rate["one request at a time", 32]
     summary = (f"At 32 clients, dynamic batching answers **{batched_32 / baseline_one:.2f}x** the requests per second "
                f"of one client served one request at a time, and {batched_32 / unbatched_32:.2f}x the unbatched "
-               f"server under the same 32 clients. At 1 client the median latency is {single * 1000:.1f} ms against "
-               f"{whole * 1000:.1f} ms for the bare in-process call with decoding ({single / whole:.2f}x; the network "
-               f"alone {alone * 1000:.1f} ms).")
+               f"server under the same 32 clients. One client, its requests alternating with the bare in-process "
+               f"call on the same images: a median of {single * 1000:.1f} ms a request against {whole * 1000:.1f} ms "
+               f"for the bare call with decoding (**{single / whole:.2f}x**; the network alone {alone * 1000:.1f} ms).")
     return Section("Serving: `imgtrain serve` under concurrent clients", [
         f"ResNet-18 at 224 px, each request one 400 x 300 JPEG posted raw to `/predictions/NAME` over a kept-alive "
-        f"connection, {seconds:g} s per row; clients are threads of the benchmark process on the same cores.",
+        f"connection. Both servers run side by side; each row is the median of {reps} runs of {seconds:g} s, "
+        "alternating between the servers; the latencies are pooled over the runs. Clients are threads of the "
+        "benchmark process, on the same cores as the server.",
         table(["server", "clients", "requests/s", "vs 1 client, one at a time", "p50 ms", "p99 ms", "failed"], rows),
-        table(["bare in-process call", "ms"], [["decode + prepare + network, one image", f"{whole * 1000:.1f}"],
-                                              ["network alone, one image", f"{alone * 1000:.1f}"]]),
+        table(["one client, alternating call by call", "median ms"],
+              [["`imgtrain serve`, one request (HTTP, decoding, network, answer)", f"{single * 1000:.1f}"],
+               ["bare in-process call: decode + prepare + network, one image", f"{whole * 1000:.1f}"],
+               ["bare in-process call: network alone", f"{alone * 1000:.1f}"]]),
         summary,
     ])

@@ -36,8 +36,11 @@ class Batcher:
     """Runs ``run`` (uint8 batch -> float32 probabilities) on batches of at most ``max_batch`` images."""
 
     def __init__(self, run: Callable[[torch.Tensor], np.ndarray], *, max_batch: int, max_wait_ms: float,
-                 max_queue: int) -> None:
+                 max_queue: int, setup: Callable[[], None] = lambda: None) -> None:
+        """``setup`` runs first in the batching thread: torch's thread settings belong to the thread that
+        computes (set from another thread, they left the network 1.5x slower here)."""
         self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait_ms / 1000, max_queue
+        self._setup = setup
         self._queue: deque[_Request] = deque()
         self.pending = 0  # images reserved: being decoded, queued or in the network
         self._coming = 0  # requests being decoded, which will queue soon
@@ -103,6 +106,7 @@ class Batcher:
             return taken
 
     def _work(self) -> None:
+        self._setup()
         while (taken := self._take()) is not None:
             try:
                 probabilities = self.run(torch.cat([r.images for r in taken]))
