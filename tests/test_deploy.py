@@ -384,7 +384,13 @@ def test_a_full_server_answers_503_and_sigterm_lets_requests_finish(trained_mode
         running.stop()
 
 
-def test_serve_refuses_what_is_not_a_trained_model(image_dirs):
+def test_serve_refuses_what_is_not_a_trained_model_and_a_busy_port(image_dirs, trained_model):
     r = run_cli("serve", image_dirs["untrained"], "--port", str(_free_port()), check=False)
     assert r.returncode == 1 and "InvalidModelDirectoryError" in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = run_cli("serve", trained_model, "--port", str(taken.getsockname()[1]), check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: InvalidParameterError: cannot listen on 127.0.0.1:")
+    assert "pick another --port" in r.stderr
     assert os.environ.get("IMGTRAIN_OFFLINE") == "1"

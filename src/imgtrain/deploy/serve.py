@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgtrain.errors import BadImageError, MissingDependencyError, check_range
+from imgtrain.errors import BadImageError, InvalidParameterError, MissingDependencyError, check_range, option
 
 INPUT, OUTPUT = "images", "probabilities"
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -407,6 +407,20 @@ def make_app(endpoint: Endpoint):
     return Starlette(routes=routes, lifespan=lifespan)
 
 
+def _check_address(host: str, port: int) -> None:
+    """A named error now, before the model loads, where the address cannot be listened on (in use, unknown)."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as exc:
+        raise InvalidParameterError(f"cannot listen on {host}:{port} ({exc.strerror or exc})",
+                                    f"pick another {option('port')}, or stop what listens there") from None
+
+
 @contextmanager
 def _stop_signals_end_quietly():
     """uvicorn stops gracefully on SIGTERM and SIGINT, then raises the signal again for whatever handled it
@@ -441,6 +455,7 @@ def serve(
     options = options or ServeOptions()
     options.check()
     check_range("port", port, low=0, high=65535)
+    _check_address(host, port)
     name = name or Path(trained_model).resolve().name
     # Denormal numbers flushed to zero in this thread before any other starts: the flag is per thread, and
     # the threads made later (uvicorn's, the decoding pool, OpenMP's workers, which move between callers)
