@@ -77,3 +77,23 @@ def test_densenet_pretrained_and_memory_efficient(tmp_path, monkeypatch):
     assert torch.equal(model.features.conv0.weight, imagenet["features.conv0.weight"])
     model.train()
     model(torch.randn(2, 3, 32, 32)).sum().backward()  # gradient checkpointing path runs
+
+
+def test_list_models_reads_torchvisions_registries():
+    import torchvision.models as tvm
+
+    from conftest import run_cli
+    from imgtrain.errors import InvalidParameterError
+    from imgtrain.models.catalog import catalog, select
+
+    every = run_cli("list-models", "--quiet").stdout.splitlines()[2:]
+    assert sorted(line.split()[0] for line in every) == sorted(tvm.list_models(module=tvm))  # none kept by hand
+    rows = {line.split()[0]: line.split() for line in every}
+    assert rows["resnet18"][1:4] == ["resnet", "11.7", "1.81"] and rows["resnet18"][-2:] == ["imgtrain", "resnet"]
+    assert rows["efficientnet_b3"][4:7] == ["82.0%", "47", "300"] and rows["efficientnet_b3"][-1] == "-"
+    known = catalog()
+    sizes = [r.params for r in select(known, "mobilenet", sort="params")]
+    assert len(sizes) == 3 and sizes == sorted(sizes, reverse=True)
+    assert [r.name for r in select(known, "vit_*", sort="accuracy")][0] == "vit_h_14"
+    with pytest.raises(InvalidParameterError, match="no torchvision classifier matches 'nothing-like-it'"):
+        select(known, "nothing-like-it")

@@ -303,6 +303,15 @@ def _serve(args) -> None:
           log=_Log(args.quiet))
 
 
+def _list_models(args) -> None:
+    from imgtrain.models.catalog import catalog, select, table
+
+    rows = select(catalog(), args.pattern, pretrained=args.pretrained, sort=args.sort)
+    print(table(rows))
+    _say(args, f"{len(rows)} of torchvision's image classifiers; GFLOPs at the image size shown, top-1 of its "
+               "ImageNet weights. The last column: the command that builds it today.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="imgtrain", formatter_class=_Formatter,
@@ -559,6 +568,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a labelled output of `imgtrain score-image-model` to evaluate on the same page")
     p.add_argument("--output", required=True, help="the HTML file to write, e.g. report.html")
     _common(p)
+
+    p = command("list-models", _list_models,
+                "A table of every image classifier torchvision ships, to choose from: family, parameters, GFLOPs "
+                "at its default image size, ImageNet top-1 of its pretrained weights, weight file size, default "
+                "image size; read from torchvision's own registries (nothing is built or downloaded).")
+    p.add_argument("pattern", nargs="?", default=None,
+                   help="a shell pattern ('efficientnet*') or part of a name ('mobilenet'); default: all")
+    p.add_argument("--pretrained", action="store_true", help="only those with pretrained ImageNet weights")
+    p.add_argument("--sort", choices=("name", "params", "gflops", "accuracy"), default="name",
+                   help="name (default), or most parameters, GFLOPs or accuracy first")
+    p.add_argument("--quiet", action="store_true", help="the table alone, without the line after it")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     p = command("export", _export,
                 "Export a trained model for standard runtimes: ONNX (model.onnx) or torch.export (model.pt2). "
