@@ -160,7 +160,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(trained_model):
-    running = Server(trained_model, "--max-batch-size", "8", "--max-body-mb", "1", "--max-queue", "64")
+    # fp32, as the answers it is compared with: on a CPU with native bf16, auto would serve in bf16
+    running = Server(trained_model, "--max-batch-size", "8", "--max-body-mb", "1", "--max-queue", "64",
+                     "--precision", "fp32")
     yield running
     code, err = running.stop()
     assert code == 0 and "Traceback" not in err, err

@@ -95,7 +95,8 @@ def test_a_designer_model_scores_as_the_network_it_holds(designer, trained_model
 
 def test_training_starts_from_designer_directories(designer, image_dirs, tmp_path):
     d = image_dirs
-    args = {"epochs": 1, "batch_size": 8, "image_size": 32, "num_workers": 0, "log": lambda m: None}
+    args = {"epochs": 1, "batch_size": 8, "image_size": 32, "num_workers": 0, "precision": "fp32",
+            "log": lambda m: None}
     from_untrained = train_pytorch_model(designer["untrained"], d["train"], d["val"], tmp_path / "a", **args)
     spec = load_trained_model(from_untrained.output).spec
     assert spec.architecture == "resnet18" and not spec.pretrained and spec.input.mean == IMAGENET["mean"]

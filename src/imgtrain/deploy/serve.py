@@ -36,7 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgtrain.errors import BadImageError, InvalidParameterError, MissingDependencyError, check_range, option
+from imgtrain.errors import (
+    BadImageError,
+    InvalidParameterError,
+    MissingDependencyError,
+    check_choice,
+    check_range,
+    option,
+)
 
 INPUT, OUTPUT = "images", "probabilities"
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -52,8 +59,10 @@ class ServeOptions:
     max_queue: int = 256  # images waiting, at most; beyond, 503
     max_body_mb: float = 20.0  # a request body larger than this gets 413
     threads: int | str | None = None  # torch's CPU threads, as for training and scoring
+    precision: str = "auto"  # bf16 where the CPU runs it natively, else fp32
 
     def check(self) -> None:
+        check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
         check_range("max_batch_size", self.max_batch_size, low=1, high=4096)
         check_range("max_wait_ms", self.max_wait_ms, low=0, high=10_000)
         check_range("max_queue", self.max_queue, low=1)
@@ -91,7 +100,7 @@ class Endpoint:
         self.preparation = model.preparation
         self.threads = Threads(parse_threads(options.threads), log)
         device = torch.device("cpu")
-        precision = resolve_precision("auto", device)
+        precision = resolve_precision(options.precision, device)
         network = model.network.to(memory_format=torch.channels_last).eval()
         normalize = Normalize(model.spec.input.mean, model.spec.input.std)
 
