@@ -25,6 +25,7 @@ _API = {
     "apply_image_transformation": "imgtrain.data.transformation",
     "densenet": "imgtrain.models.untrained",
     "resnet": "imgtrain.models.untrained",
+    "image_model": "imgtrain.models.untrained",
     "train_pytorch_model": "imgtrain.training.train",
     "TrainingParameters": "imgtrain.training.train",
     "score_image_model": "imgtrain.scoring.score",

@@ -151,6 +151,14 @@ def _resnet(args) -> None:
                f"written to {args.output}")
 
 
+def _image_model(args) -> None:
+    from imgtrain.models.untrained import image_model
+
+    spec = image_model(args.output, model_name=args.model_name, pretrained=args.pretrained, overwrite=args.overwrite)
+    _say(args, f"Untrained {spec.architecture} ({'pretrained' if spec.pretrained else 'from scratch'}) "
+               f"written to {args.output}")
+
+
 def _train(args) -> None:
     from imgtrain.training.train import TrainingParameters, train_pytorch_model
 
@@ -319,9 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, score and evaluate PyTorch image classifiers: the Azure ML designer's "
                     "image modules, as a command line.",
         epilog="Pipeline: convert-to-image-directory -> split-image-directory (-> init-image-transformation, "
-               "apply-image-transformation) -> densenet | resnet -> train-pytorch-model -> score-image-model -> "
-               "evaluate-model (short names in parentheses); `report` puts a model's training and evaluation on "
-               "one HTML page.\n"
+               "apply-image-transformation) -> densenet | resnet | image-model -> train-pytorch-model -> "
+               "score-image-model -> evaluate-model (short names in parentheses); `report` puts a model's training "
+               "and evaluation on one HTML page.\n"
                "Run `imgtrain <command> --help` for a command's parameters.")
     parser.add_argument("--version", action="version", version=f"imgtrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
@@ -374,10 +382,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output", required=True, help="the model directory to write")
         _common(p)
 
+    p = command("image-model", _image_model,
+                "Write an untrained model directory for any image classifier torchvision ships: ConvNeXt, "
+                "EfficientNet(V2), RegNet, MobileNetV2/V3, ShuffleNetV2, MNASNet, SqueezeNet, GoogLeNet, Inception "
+                "V3, VGG, ViT, Swin, MaxViT, DenseNet, ResNet (`imgtrain list-models` compares them).")
+    p.add_argument("--model-name", required=True, help="an architecture `imgtrain list-models` lists, e.g. "
+                                                       "mobilenet_v3_large or convnext_tiny")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from torchvision's ImageNet weights, downloaded once into torch's cache "
+                        "($TORCH_HOME/hub/checkpoints; offline, the error names the file to place there); the "
+                        "directory records how they expect their images; --no-pretrained starts from random weights")
+    p.add_argument("--output", required=True, help="the model directory to write")
+    _common(p)
+
     p = command("train-pytorch-model", _train,
                 "Train an untrained model directory on a labelled ImageDirectory; keep the epoch with the "
                 "lowest validation loss; stop after --patience epochs without improvement.")
-    p.add_argument("--untrained-model", required=True, help="output of `imgtrain densenet` or `imgtrain resnet`")
+    p.add_argument("--untrained-model", required=True,
+                   help="output of `imgtrain image-model`, `imgtrain densenet` or `imgtrain resnet`")
     p.add_argument("--training-data", required=True, help="labelled ImageDirectory to learn from")
     p.add_argument("--validation-data", required=True, help="labelled ImageDirectory with the same categories")
     p.add_argument("--output", required=True, help="the trained model directory to write")

@@ -85,6 +85,10 @@ class InvalidParameterError(ImgtrainError):
     """A parameter value is not one the module knows (a device, a model name, ...)."""
 
 
+class ImageSizeError(ImgtrainError):
+    """The architecture cannot take images of the size asked for (ViT, MaxViT, or below its smallest)."""
+
+
 class WeightsUnavailableError(ImgtrainError):
     """Pretrained weights are neither cached nor downloadable."""
 

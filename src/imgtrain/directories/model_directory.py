@@ -39,7 +39,8 @@ DESIGNER = "designer"  # ModelSpec.made_by of a directory Azure ML designer wrot
 DESIGNER_CLASSES = {"ResNet", "DenseNet"}
 DESIGNER_IMAGE_SIZE = 224  # the designer's default Init Image Transformation ends in a 224 px centre crop
 FORMAT_VERSION = 1
-HINT = "make one with `imgtrain densenet` or `imgtrain resnet` (untrained) or `imgtrain train-pytorch-model`"
+HINT = ("make one with `imgtrain image-model`, `imgtrain densenet` or `imgtrain resnet` (untrained) or "
+        "`imgtrain train-pytorch-model`")
 
 
 @dataclass
@@ -60,7 +61,8 @@ class InputSpec:
 class ModelSpec:
     architecture: str
     pretrained: bool
-    options: dict = field(default_factory=dict)  # memory_efficient / zero_init_residual
+    # the builder's keyword arguments: memory_efficient / zero_init_residual / transform_input
+    options: dict = field(default_factory=dict)
     trained: bool = False
     labels: list[str] = field(default_factory=list)
     input: InputSpec | None = None
@@ -68,6 +70,8 @@ class ModelSpec:
     training: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     made_by: str = FLAVOR  # or DESIGNER: read from the designer's files (its weights a torch state dict)
+    # how the pretrained weights expect their images (torchvision's resize_size, crop_size, interpolation, mean, std)
+    preprocessing: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -76,6 +80,8 @@ class ModelSpec:
     def to_dict(self) -> dict:
         d = {"flavor": FLAVOR, "format_version": FORMAT_VERSION, **asdict(self)}
         d.pop("made_by")  # what imgtrain writes is imgtrain's
+        if not self.preprocessing:
+            d.pop("preprocessing")
         d["num_classes"] = self.num_classes
         if not self.trained:
             for key in ("labels", "input", "weights", "training", "num_classes"):
@@ -151,7 +157,8 @@ def load_model_spec(root: Path | str, *, need_trained: bool | None = None) -> Mo
                                          "train it first with `imgtrain train-pytorch-model`")
     if need_trained is False and spec.trained:
         raise InvalidModelDirectoryError(f"{root} is already a trained model directory",
-                                         "pass the output of `imgtrain densenet` or `imgtrain resnet`")
+                                         "pass the output of `imgtrain image-model`, `imgtrain densenet` or "
+                                         "`imgtrain resnet`")
     return spec
 
 
@@ -240,12 +247,16 @@ def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:
     if not isinstance(arch, str) or not arch.isidentifier():  # which ones imgtrain builds is models/' to say
         raise bad(f"unknown architecture {arch!r}: not a model name")
     options = raw.get("options") or {}
-    allowed = {"memory_efficient", "zero_init_residual"}
+    allowed = {"memory_efficient", "zero_init_residual", "transform_input"}
     if not isinstance(options, dict) or set(options) - allowed or not all(
             isinstance(v, bool) for v in options.values()):
         raise bad(f"options must be booleans among {sorted(allowed)}")
+    preprocessing = raw.get("preprocessing") or {}
+    if not isinstance(preprocessing, dict):
+        raise bad("preprocessing must be a mapping")
     spec = ModelSpec(architecture=arch, pretrained=bool(raw.get("pretrained", False)), options=options,
-                     trained=bool(raw.get("trained", False)), versions=raw.get("versions") or {})
+                     trained=bool(raw.get("trained", False)), versions=raw.get("versions") or {},
+                     preprocessing=preprocessing)
     if not spec.trained:
         return spec
     labels = raw.get("labels")

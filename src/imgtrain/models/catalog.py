@@ -27,7 +27,7 @@ class ModelInfo:
     weights_mb: float | None
     image_size: int  # the DEFAULT weights' crop size
     pretrained: bool  # torchvision has ImageNet weights for it
-    module: str | None  # the imgtrain command that builds it today (densenet, resnet), or None
+    module: str  # the imgtrain command that builds it: densenet, resnet (the designer's), image-model
 
 
 def catalog() -> list[ModelInfo]:
@@ -43,7 +43,8 @@ def catalog() -> list[ModelInfo]:
         top1 = meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
         rows.append(ModelInfo(name, tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1],
                               int(meta.get("num_params", 0)), float(meta.get("_ops", 0.0)), top1,
-                              meta.get("_file_size"), int(crop[0]), default is not None, FAMILIES.get(name)))
+                              meta.get("_file_size"), int(crop[0]), default is not None,
+                              FAMILIES.get(name, "image-model")))
     return rows
 
 

@@ -18,7 +18,7 @@ import torch
 from imgtrain.directories.files import check_regular
 from imgtrain.directories.model_directory import HINT, ModelSpec
 from imgtrain.errors import InvalidModelDirectoryError
-from imgtrain.models.registry import get_architecture
+from imgtrain.models.registry import head_name
 
 PREFIX = "model."
 STACKED = "out_linear_model."
@@ -44,7 +44,7 @@ def designer_state(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
     unknown = sorted(set(saved) - {PREFIX + k for k in state} - {STACKED + k for k in stacked})
     if unknown:
         raise InvalidModelDirectoryError(f"{path} holds tensors no designer model has: {', '.join(unknown[:3])}", HINT)
-    head = get_architecture(spec.architecture).head
+    head = head_name(spec.architecture)
     if stacked:
         try:
             first_w, first_b = state.pop(f"{head}.weight"), state.pop(f"{head}.bias")

@@ -1,5 +1,7 @@
 """The DenseNet and ResNet modules' model names and the files of their ImageNet weights.
 
+Every other torchvision classifier is known to models/registry.py, from torchvision's own registries.
+
 Light: no torch import, so that `--help`, `imgtrain resnet` and `imgtrain densenet` start at
 once. The registry checks, on import, that these are the URLs of torchvision's own weights.
 """
@@ -50,8 +52,12 @@ def load_known_spec(root, *, need_trained: bool | None = None):
     from imgtrain.errors import InvalidModelDirectoryError
 
     spec = load_model_spec(root, need_trained=need_trained)
-    if spec.architecture not in FAMILIES:
+    if spec.architecture in FAMILIES:
+        return spec
+    from imgtrain.models.registry import is_known  # torchvision's registry: imports torchvision
+
+    if not is_known(spec.architecture):
         raise InvalidModelDirectoryError(
-            f"{root}/{SPEC_FILE}: unknown architecture {spec.architecture!r}; imgtrain knows {', '.join(FAMILIES)}",
-            HINT)
+            f"{root}/{SPEC_FILE}: unknown architecture {spec.architecture!r}; imgtrain builds the image classifiers "
+            "torchvision ships (`imgtrain list-models` lists them)", HINT)
     return spec

@@ -1,12 +1,28 @@
-"""The architectures imgtrain builds: torchvision's DenseNets and ResNets, by name only.
+"""The architectures imgtrain builds: every image classifier torchvision ships, by name only.
 
-A model directory names an architecture; it is looked up here and nowhere else, so opening
-a model directory never imports a module or runs code named in a file.
+The names, builders and ImageNet weights come from torchvision's own registries
+(``torchvision.models.list_models``, ``get_model_builder``, ``get_model_weights``), so a torchvision
+upgrade brings its new classifiers along. A model directory names an architecture; it is looked up
+here and nowhere else, so opening a model directory never imports a module or runs code named in a
+file.
+
+What differs between the families is kept to the few facts torchvision's builders need told:
+
+- the classifier head is the network's last Linear (SqueezeNet's: its last 1x1 convolution), found in
+  the built network, and replaced by one with as many outputs as there are classes;
+- Inception V3 and GoogLeNet: the auxiliary classifiers are loaded with the ImageNet weights and then
+  dropped (imgtrain trains on the main output), and their pretrained weights expect ``transform_input``;
+- ViT and MaxViT are built for one input size (``image_size`` / ``input_size``): see ``Architecture.sizes``.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import math
 import re
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,53 +31,181 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from imgtrain.errors import WeightsUnavailableError, option
-from imgtrain.models.names import FAMILIES, WEIGHTS_URLS, check_model_name
+from imgtrain.errors import ImageSizeError, InvalidParameterError, WeightsUnavailableError, option
+from imgtrain.models.names import FAMILIES
 from imgtrain.models.weights import ensure_pretrained_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096  # training's own bounds (--image-size)
+
+_AUXILIARY = ("inception", "googlenet")  # families with auxiliary classifiers and transform_input
+_SIZE_ARGUMENT = {"vision_transformer": "image_size", "maxvit": "input_size"}  # built for one input size
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How torchvision's ImageNet weights of an architecture expect their images (their eval transforms)."""
+
+    resize_size: int
+    crop_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return {"resize_size": self.resize_size, "crop_size": self.crop_size, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str
-    family: str  # the designer module that makes it: "densenet" or "resnet"
+    family: str  # torchvision's module: resnet, densenet, efficientnet, vision_transformer, ...
     builder: Callable[..., nn.Module]
-    weights: WeightsEnum  # torchvision's ImageNet weights for fine-tuning
-    head: str  # attribute holding the final Linear layer
+    weights: WeightsEnum | None  # torchvision's DEFAULT ImageNet weights, if it has any
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The weights' preprocessing; ImageNet's statistics at 224 px for an architecture without weights."""
+        if self.weights is None:
+            return Preprocessing(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
+        t = self.weights.transforms()
+        return Preprocessing(int(t.resize_size[0]), int(t.crop_size[0]), t.interpolation.value,
+                             tuple(float(x) for x in t.mean), tuple(float(x) for x in t.std))
+
+    @property
+    def min_size(self) -> int:
+        """The smallest image the network takes (torchvision's weights record it), at least training's 32."""
+        found = self.weights.meta.get("min_size", (1, 1))[0] if self.weights is not None else 1
+        return max(MIN_IMAGE_SIZE, int(found))
+
+    def sizes(self, pretrained: bool, trained_size: int | None = None) -> tuple[int, int, int]:
+        """The image sizes the network takes: (smallest, step, largest); every step from the smallest.
+
+        ViT cuts the image into patches and learns one position embedding per patch: from scratch any
+        multiple of the patch size, with ImageNet weights the weights' size only, once trained its
+        training size only. MaxViT's windows need multiples of 224. The rest take any size from the
+        smallest their weights record.
+        """
+        if self.family == "vision_transformer":
+            if trained_size is not None or pretrained:
+                size = trained_size or self.min_size
+                return size, 1, size
+            patch = int(re.search(r"_(\d+)$", self.name).group(1))
+            return math.ceil(MIN_IMAGE_SIZE / patch) * patch, patch, MAX_IMAGE_SIZE // patch * patch
+        if self.family == "maxvit":
+            return 224, 224, MAX_IMAGE_SIZE // 224 * 224
+        return self.min_size, 1, MAX_IMAGE_SIZE
+
+    def accepts(self, size: int, pretrained: bool, trained_size: int | None = None) -> bool:
+        low, step, high = self.sizes(pretrained, trained_size)
+        return low <= size <= high and (size - low) % step == 0
+
+    def fit_size(self, size: int, pretrained: bool, trained_size: int | None = None) -> int:
+        """The nearest size the network takes, not below ``size`` where possible."""
+        low, step, high = self.sizes(pretrained, trained_size)
+        return min(high, max(low, low + math.ceil((size - low) / step) * step))
+
+    def describe_sizes(self, pretrained: bool, trained_size: int | None = None) -> str:
+        low, step, high = self.sizes(pretrained, trained_size)
+        if low == high:
+            return f"{low} px only" + (" (its training size)" if trained_size else
+                                       " with its ImageNet weights" if pretrained else "")
+        if step > 1:
+            return f"multiples of {step} from {low} to {high} px"
+        return f"{low} to {high} px"
+
+    def check_size(self, size: int, pretrained: bool, source: str, trained_size: int | None = None) -> None:
+        """ImageSizeError, saying which sizes work, unless the network takes ``size`` px images."""
+        if not self.accepts(size, pretrained, trained_size):
+            suggestion = self.fit_size(size, pretrained, trained_size)
+            raise ImageSizeError(
+                f"{self.name} cannot take {size} px images ({source}); it takes "
+                f"{self.describe_sizes(pretrained, trained_size)}",
+                f"pass {option('image_size', suggestion)}, or leave it out and imgtrain chooses one")
 
 
-ARCHITECTURES: dict[str, Architecture] = {}
-
-for _builder, _weights in [
-    (tvm.densenet121, tvm.DenseNet121_Weights.DEFAULT),
-    (tvm.densenet161, tvm.DenseNet161_Weights.DEFAULT),
-    (tvm.densenet169, tvm.DenseNet169_Weights.DEFAULT),
-    (tvm.densenet201, tvm.DenseNet201_Weights.DEFAULT),
-    (tvm.resnet18, tvm.ResNet18_Weights.DEFAULT),
-    (tvm.resnet34, tvm.ResNet34_Weights.DEFAULT),
-    (tvm.resnet50, tvm.ResNet50_Weights.DEFAULT),
-    (tvm.resnet101, tvm.ResNet101_Weights.DEFAULT),
-    (tvm.resnet152, tvm.ResNet152_Weights.DEFAULT),
-    (tvm.resnext50_32x4d, tvm.ResNeXt50_32X4D_Weights.DEFAULT),
-    (tvm.resnext101_32x8d, tvm.ResNeXt101_32X8D_Weights.DEFAULT),
-    (tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.DEFAULT),
-    (tvm.wide_resnet101_2, tvm.Wide_ResNet101_2_Weights.DEFAULT),
-]:
-    _family = FAMILIES[_builder.__name__]
-    ARCHITECTURES[_builder.__name__] = Architecture(_builder.__name__, _family, _builder, _weights,
-                                                    "classifier" if _family == "densenet" else "fc")
-
-# names.py keeps the names and weight files light to import; they must be torchvision's own.
-assert list(ARCHITECTURES) == list(FAMILIES)
-assert {n: a.weights.url for n, a in ARCHITECTURES.items()} == WEIGHTS_URLS, "models/names.py is out of date"
+@functools.cache
+def architecture_names() -> tuple[str, ...]:
+    """Every image classifier torchvision ships, in its order."""
+    return tuple(tvm.list_models(module=tvm))
 
 
+@functools.cache
 def get_architecture(name: str) -> Architecture:
-    check_model_name(name)
-    return ARCHITECTURES[name]
+    if name not in architecture_names():
+        close = difflib.get_close_matches(name, architecture_names(), n=3)
+        raise InvalidParameterError(
+            f"unknown model name {name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""),
+            "`imgtrain list-models` lists every architecture imgtrain builds")
+    weights = tvm.get_model_weights(name)
+    return Architecture(name, tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1],
+                        tvm.get_model_builder(name), weights.DEFAULT if len(weights) else None)
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+def is_known(name: str) -> bool:
+    return name in FAMILIES or name in architecture_names()
+
+
+def head_of(model: nn.Module) -> str:
+    """The name of the classifier head: the network's last Linear, or last convolution (SqueezeNet)."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            last = name
+    if last is None:
+        raise InvalidParameterError(f"{type(model).__name__} has no Linear or convolution to classify with",
+                                    "choose another architecture (`imgtrain list-models`)")
+    return last
+
+
+@functools.cache
+def head_name(name: str) -> str:
+    """The head of architecture ``name``, from a network built on the meta device (no memory, no time)."""
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return head_of(_build(get_architecture(name), 1000, {}, None, pretrained=False))
+        except NotImplementedError:  # a builder that computes on tensors (RegNet): built for real
+            pass
+    return head_of(_build(get_architecture(name), 1000, {}, None, pretrained=False))
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    """Give ``model`` a new, freshly initialised head of ``num_classes`` outputs."""
+    path = head_of(model)
+    parent_name, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size, stride=old.stride)
+        nn.init.normal_(new.weight, mean=0.0, std=0.01)  # as torchvision's SqueezeNet starts its classifier
+        nn.init.zeros_(new.bias)
+    setattr(parent, attr, new.to(device=old.weight.device, dtype=old.weight.dtype))
+
+
+def load_weights(network: nn.Module, state: dict, *, strict: bool = True):
+    """``network.load_state_dict`` for a plain dict of tensors, as safetensors gives: such a file keeps no
+    module versions, which some modules read (MNASNet refuses to load without), so the network's own
+    are used: imgtrain saved the weights from a network of the same build."""
+    ordered = OrderedDict(state)
+    ordered._metadata = getattr(network.state_dict(), "_metadata", None)
+    return network.load_state_dict(ordered, strict=strict)
+
+
+def _build(arch: Architecture, num_classes: int, options: dict, image_size: int | None, *,
+           pretrained: bool) -> nn.Module:
+    kwargs = dict(options)
+    if arch.family in _AUXILIARY:
+        # the auxiliary classifiers exist only to load the ImageNet weights; init_weights said once (no warning)
+        kwargs.update(aux_logits=pretrained, init_weights=not pretrained)
+    if arch.family in _SIZE_ARGUMENT:
+        size = image_size or arch.sizes(pretrained)[0]
+        kwargs[_SIZE_ARGUMENT[arch.family]] = size if arch.family == "vision_transformer" else (size, size)
+    return arch.builder(weights=None, num_classes=num_classes, **kwargs)
 
 
 _OLD_DENSENET_KEY = re.compile(
@@ -82,30 +226,38 @@ def build_model(
     num_classes: int,
     *,
     pretrained: bool = False,
-    memory_efficient: bool = False,
-    zero_init_residual: bool = False,
+    image_size: int | None = None,
+    **options,
 ) -> nn.Module:
     """Build ``name`` with a classifier head of ``num_classes`` outputs.
 
     Pretrained: torchvision's ImageNet network with its 1000-way classifier *replaced* by a
-    new one (the designer stacked a second Linear on top of it instead).
+    new one (the designer stacked a second Linear on top of it instead). ``image_size`` matters
+    only to the architectures built for one input size (ViT, MaxViT). ``options`` are the
+    builder's own: memory_efficient (DenseNet), zero_init_residual (ResNet), transform_input
+    (Inception V3, GoogLeNet).
     """
     arch = get_architecture(name)
-    kwargs = {"memory_efficient": memory_efficient} if arch.family == "densenet" else {
-        "zero_init_residual": zero_init_residual}
-    if pretrained:
-        path = ensure_pretrained_weights(name)
-        model = arch.builder(weights=None, **kwargs)
-        try:
-            # weights_only: tensors are read, no pickled code is ever run (the file may have been placed by hand).
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(_new_densenet_keys(state) if arch.family == "densenet" else state)
-        except Exception as exc:  # a damaged, hostile or wrong file
-            raise WeightsUnavailableError(
-                f"the cached weights {path} cannot be loaded ({type(exc).__name__})",
-                f"delete the file so that it is downloaded again, or pass {option('pretrained', False)}",
-            ) from None
-        old = getattr(model, arch.head)
-        setattr(model, arch.head, nn.Linear(old.in_features, num_classes))
-        return model
-    return arch.builder(weights=None, num_classes=num_classes, **kwargs)
+    if not pretrained:
+        return _build(arch, num_classes, options, image_size, pretrained=False)
+    if arch.weights is None:
+        raise WeightsUnavailableError(f"torchvision has no pretrained weights for {name}",
+                                      f"pass {option('pretrained', False)}")
+    path = ensure_pretrained_weights(name)
+    model = _build(arch, len(arch.weights.meta["categories"]), options, image_size, pretrained=True)
+    try:
+        # weights_only: tensors are read, no pickled code is ever run (the file may have been placed by hand).
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(_new_densenet_keys(state) if arch.family == "densenet" else state)
+    except Exception as exc:  # a damaged, hostile or wrong file
+        raise WeightsUnavailableError(
+            f"the cached weights {path} cannot be loaded ({type(exc).__name__})",
+            f"delete the file so that it is downloaded again, or pass {option('pretrained', False)}",
+        ) from None
+    if arch.family in _AUXILIARY:  # trained on the main output only: the auxiliary classifiers go
+        model.aux_logits = False
+        for aux in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+    replace_head(model, num_classes)
+    return model

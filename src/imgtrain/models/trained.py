@@ -13,7 +13,7 @@ from imgtrain.directories.files import check_regular
 from imgtrain.directories.model_directory import DESIGNER, HINT, ModelSpec
 from imgtrain.errors import InvalidModelDirectoryError
 from imgtrain.models.names import load_known_spec
-from imgtrain.models.registry import build_model
+from imgtrain.models.registry import build_model, load_weights
 
 
 @dataclass
@@ -64,9 +64,9 @@ def load_trained_model(root: Path | str) -> TrainedModel:
             state = load_file(path)
         except (FileNotFoundError, SafetensorError, OSError) as exc:
             raise InvalidModelDirectoryError(f"cannot read weights {path} ({exc})", HINT) from None
-    network = build_model(spec.architecture, spec.num_classes, **spec.options)
+    network = build_model(spec.architecture, spec.num_classes, image_size=spec.input.image_size, **spec.options)
     try:
-        network.load_state_dict(state, strict=True)
+        load_weights(network, state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise InvalidModelDirectoryError(

@@ -48,6 +48,8 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in [
               {"model_name": STR, "pretrained": BOOL, "memory_efficient": BOOL}),
     Component("resnet", "imgtrain.models.untrained:resnet", (), ("output",),
               {"model_name": STR, "pretrained": BOOL, "zero_init_residual": BOOL}),
+    Component("image-model", "imgtrain.models.untrained:image_model", (), ("output",),
+              {"model_name": STR, "pretrained": BOOL}),
     Component("train-pytorch-model", "imgtrain.training.train:train_pytorch_model",
               ("untrained_model", "training_data", "validation_data", "transformation"), ("output",), _TRAINING,
               optional=("transformation",)),

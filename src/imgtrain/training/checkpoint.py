@@ -21,6 +21,7 @@ from torch import nn
 from imgtrain.directories.atomic import write_safetensors
 from imgtrain.directories.files import check_regular, read_bytes
 from imgtrain.errors import CheckpointDamagedError, CheckpointMismatchError, option
+from imgtrain.models.registry import load_weights
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -107,7 +108,7 @@ def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimi
         raise CheckpointMismatchError(
             f"the checkpoint {path} was made with other {' and '.join(differ)}{_what_differs(meta, parameters)}",
             f"run with the same data and parameters to resume, or with {option('restart', True)} to start again")
-    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    load_weights(model, {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     skeleton = meta.pop("optimizer")
     opt_state = {"param_groups": skeleton["param_groups"], "state": {}}
     for pid, entries in skeleton["state"].items():

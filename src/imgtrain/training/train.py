@@ -84,7 +84,7 @@ from imgtrain.errors import (
     option,
 )
 from imgtrain.models.names import load_known_spec
-from imgtrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_model, get_architecture
+from imgtrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_model, get_architecture, head_of, replace_head
 from imgtrain.models.trained import load_trained_model
 from imgtrain.precision import PRECISIONS, denormals_flushed, resolve_precision
 from imgtrain.progress import bar
@@ -376,7 +376,7 @@ class _Run:
         if params.transformation is not None:  # its operations count, not where it lies
             operations = load_transformation(params.transformation)
             transformation = TrainingTransformation.of(operations, params.image_size,
-                                                       lambda: auto_image_size(train_set), str(params.transformation))
+                                                       lambda: _auto_size(base, train_set), str(params.transformation))
             run_parameters["transformation"] = [op.to_json() for op in operations]
         run_id = fingerprint({
             "parameters": _resumable(run_parameters),
@@ -385,8 +385,7 @@ class _Run:
             "untrained model": file_digest(untrained_model / SPEC_FILE),
         })
         return cls(untrained_model, training_data, validation_data, output, params, device, world, base, train_set,
-                   val_set, train_labels, val_labels, precision,
-                   transformation.image_size if transformation else params.image_size or auto_image_size(train_set),
+                   val_set, train_labels, val_labels, precision, _image_size(base, params, transformation, train_set),
                    transformation, worker_count(params.num_workers, processes=world.local_size), run_parameters, run_id)
 
     @property
@@ -418,10 +417,19 @@ class _Run:
     @property
     def normalization(self) -> tuple[list[float], list[float]]:
         """The mean and std images are normalised with: a trained model's own (the designer's are 0.5), else
-        ImageNet's."""
+        those of the pretrained weights (torchvision's: most are ImageNet's, some 0.5), else ImageNet's."""
         if self.base.trained and self.base.input is not None:
             return list(self.base.input.mean), list(self.base.input.std)
+        if self.base.pretrained:
+            return list(self.preprocessing["mean"]), list(self.preprocessing["std"])
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+    @property
+    def preprocessing(self) -> dict:
+        """What the pretrained weights expect, as the model directory records it (torchvision's otherwise)."""
+        if self.base.preprocessing:
+            return self.base.preprocessing
+        return get_architecture(self.base.architecture).preprocessing.to_dict() if self.base.pretrained else {}
 
     @property
     def cached_size(self) -> int:
@@ -463,7 +471,7 @@ def _take_work_directory(run: _Run, *, overwrite: bool, resume: bool, restart: b
 def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _RunFiles]:
     """The network, its optimiser and schedule, and the loop's state: fresh, or from the checkpoint."""
     params, device, world = run.params, run.device, run.world
-    network = _initial_model(run.base, run.untrained_model, len(run.train_set.categories))
+    network = _initial_model(run.base, run.untrained_model, len(run.train_set.categories), run.image_size)
     if params.sync_batchnorm and world.distributed:
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
     network = network.to(device, memory_format=torch.channels_last)
@@ -581,6 +589,7 @@ def _trained_spec(run: _Run, state: Fit, bad: dict[str, set[int]]) -> ModelSpec:
     return ModelSpec(
         architecture=base.architecture, pretrained=base.pretrained, options=base.options, trained=True,
         labels=list(run.train_set.categories), weights=WEIGHTS_FILE, versions=library_versions(),
+        preprocessing=run.preprocessing,
         input=InputSpec(image_size=run.image_size, mean=list(run.normalization[0]), std=list(run.normalization[1]),
                         transformation=[op.to_json() for op in run.transformation.inference]
                         if run.transformation and run.transformation.inference else None),
@@ -785,14 +794,38 @@ def _labels_in_order(val_set: ImageDirectory, categories: list[str]) -> np.ndarr
     return to_train[labels]
 
 
-def _initial_model(base: ModelSpec, path, num_classes: int) -> nn.Module:
+def _image_size(base: ModelSpec, params: TrainingParameters, transformation: TrainingTransformation | None,
+                train_set: ImageDirectory) -> int:
+    """The training image size: the transformation's, the one asked for, or one chosen from the images (the
+    nearest the architecture takes); ImageSizeError, before anything is trained, for one it cannot take."""
+    arch = get_architecture(base.architecture)
+    fixed = base.input.image_size if base.trained and base.input is not None else None
+    if transformation is not None:
+        arch.check_size(transformation.image_size, base.pretrained, f"the size {params.transformation} leaves",
+                        trained_size=fixed)
+        return transformation.image_size
+    if params.image_size is not None:
+        arch.check_size(params.image_size, base.pretrained, option("image_size", params.image_size),
+                        trained_size=fixed)
+        return params.image_size
+    return _auto_size(base, train_set)
+
+
+def _auto_size(base: ModelSpec, train_set: ImageDirectory) -> int:
+    """The size chosen from the training images (training/image_size.py), made one the architecture takes."""
+    fixed = base.input.image_size if base.trained and base.input is not None else None
+    return get_architecture(base.architecture).fit_size(auto_image_size(train_set), base.pretrained,
+                                                        trained_size=fixed)
+
+
+def _initial_model(base: ModelSpec, path, num_classes: int, image_size: int) -> nn.Module:
     """The network to start from: a fresh (or ImageNet) one, or the weights of a trained model."""
     if not base.trained:
-        return build_model(base.architecture, num_classes, pretrained=base.pretrained, **base.options)
+        return build_model(base.architecture, num_classes, pretrained=base.pretrained, image_size=image_size,
+                           **base.options)
     model = load_trained_model(path).network
-    head = get_architecture(base.architecture).head
     if base.num_classes != num_classes:
-        setattr(model, head, nn.Linear(getattr(model, head).in_features, num_classes))
+        replace_head(model, num_classes)
     return model
 
 
@@ -803,7 +836,7 @@ def _make_optimizer(model: nn.Module, base: ModelSpec, kind: str, learning_rate:
     Biases and normalisation weights get no weight decay. The fused implementations update
     all parameters in one kernel: on a CPU, 3x faster than the per-tensor loop.
     """
-    head = get_architecture(base.architecture).head
+    head = head_of(model)
     backbone_lr = learning_rate * (0.1 if base.pretrained or base.trained else 1.0)
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():

@@ -1,0 +1,192 @@
+"""Every image classifier torchvision ships, from imgtrain's registry: built, trained a step, saved, reloaded, scored.
+
+Each architecture runs at 64 px (or the nearest size it takes), with a plain SGD step (memory: twice the
+weights). The suite runs every architecture under 30M parameters and the smallest of each family (about
+50, a minute); ``IMGTRAIN_TEST_ZOO=all`` runs all 80, the giants included (ViT-H/14 and RegNetY-128GF, 640M
+parameters each: 5 minutes in all on 2 cores). The whole pipeline (image-model, train, score) runs for the
+families whose wiring differs: auxiliary classifiers and transform_input, fixed input sizes, other weights'
+statistics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from conftest import run_cli
+from imgtrain import image_model, predict, score_image_model, train_pytorch_model
+from imgtrain.directories.atomic import write_safetensors
+from imgtrain.directories.model_directory import (
+    InputSpec,
+    ModelSpec,
+    library_versions,
+    load_model_spec,
+    write_model_directory,
+)
+from imgtrain.errors import ImageSizeError, InvalidParameterError
+from imgtrain.models.catalog import catalog
+from imgtrain.models.registry import architecture_names, build_model, get_architecture, head_of
+from imgtrain.models.trained import load_trained_model
+from imgtrain.models.weights import weights_cache_path
+
+
+def test_the_registry_is_torchvisions():
+    names = architecture_names()
+    assert list(names) == torchvision.models.list_models(module=torchvision.models)
+    families = {get_architecture(n).family for n in names}
+    assert {"convnext", "efficientnet", "regnet", "mobilenetv3", "shufflenetv2", "mnasnet", "squeezenet",
+            "googlenet", "inception", "vgg", "vision_transformer", "swin_transformer", "maxvit", "densenet",
+            "resnet"} <= families
+
+
+def _in_the_suite() -> set[str]:
+    """Every architecture under 30M parameters, and the smallest of each family."""
+    rows = sorted(catalog(), key=lambda r: r.params)
+    smallest = {}
+    for row in rows:
+        smallest.setdefault(row.family, row.name)
+    return {r.name for r in rows if r.params < 30e6} | set(smallest.values())
+
+
+QUICK = _in_the_suite()
+ALL = os.environ.get("IMGTRAIN_TEST_ZOO") == "all"
+
+
+@pytest.mark.parametrize("name", architecture_names())
+def test_every_architecture_trains_saves_reloads_and_scores(name, tmp_path, labelled_folder):
+    if name not in QUICK and not ALL:
+        pytest.skip("a large architecture: IMGTRAIN_TEST_ZOO=all runs it")
+    arch = get_architecture(name)
+    size = arch.fit_size(64, pretrained=False)  # at 32 px some (RegNet) have 1x1 maps and wild gradients
+    torch.manual_seed(0)
+    model = build_model(name, 3, image_size=size)
+    head = model.get_submodule(head_of(model))
+    assert (head.out_features if isinstance(head, torch.nn.Linear) else head.out_channels) == 3
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    logits = model(torch.rand(4, 3, size, size))
+    assert logits.shape == (4, 3)  # one output: no auxiliary logits while training
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()
+    torch.optim.SGD(model.parameters(), lr=1e-3).step()
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the step changed nothing"
+
+    labels = ["bright", "dark", "mid"]
+    write_model_directory(tmp_path, ModelSpec(
+        architecture=name, pretrained=False, trained=True, labels=labels, weights="model.safetensors",
+        input=InputSpec(image_size=size, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        versions=library_versions()))
+    write_safetensors({k: v.contiguous() for k, v in after.items()}, tmp_path / "model.safetensors")
+    loaded = load_trained_model(tmp_path)
+    model.eval()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.isfinite(expected).all()
+        torch.testing.assert_close(loaded.network(x), expected)
+    images = sorted((labelled_folder / "dark").glob("*.png"))[:2]
+    found = predict(loaded, images, batch_size=2)
+    assert [p.image for p in found] == [str(i) for i in images]
+    assert all(p.label in labels and abs(sum(p.probabilities.values()) - 1) < 1e-4 for p in found)
+
+
+def place_fake_imagenet_weights(name: str) -> None:
+    """Stand-in ImageNet weights where torchvision's download would put them, as torchvision's builder makes
+    the network for its weights (auxiliary classifiers included)."""
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning) if name in ("googlenet", "inception_v3") else _nothing():
+        network = torchvision.models.get_model(name, weights=None)
+    path = weights_cache_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), path)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _pipeline(tmp_path, image_dirs, untrained, **training):
+    out = tmp_path / "model"
+    train_pytorch_model(untrained, image_dirs["train"], image_dirs["val"], out, epochs=1, batch_size=8,
+                        num_workers=0, log=lambda m: None, **training)
+    score_image_model(out, image_dirs["val"], tmp_path / "scored")
+    return load_model_spec(out), (tmp_path / "scored" / "scored.csv").read_text().splitlines()
+
+
+def test_googlenet_pretrained_drops_its_auxiliary_classifiers_and_keeps_transform_input(
+        tmp_path, monkeypatch, image_dirs):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    place_fake_imagenet_weights("googlenet")
+    run_cli("image-model", "--model-name", "googlenet", "--output", tmp_path / "untrained",
+            env={"TORCH_HOME": str(tmp_path / "torch")})
+    spec = load_model_spec(tmp_path / "untrained")
+    assert spec.options == {"transform_input": True}
+    assert spec.preprocessing == {"resize_size": 256, "crop_size": 224, "interpolation": "bilinear",
+                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    trained, rows = _pipeline(tmp_path, image_dirs, tmp_path / "untrained", image_size=32)
+    assert trained.options == {"transform_input": True} and trained.preprocessing == spec.preprocessing
+    assert len(rows) == 1 + 9  # the header and the validation images
+    network = load_trained_model(tmp_path / "model").network
+    assert network.transform_input and network.aux1 is None and network.fc.out_features == 3
+
+
+def test_the_weights_preprocessing_travels_to_the_trained_model(tmp_path, monkeypatch, image_dirs):
+    """EfficientNetV2-L's weights want images scaled to [-1, 1] (mean and std 0.5): training and scoring
+    normalise so, as the directory records. Its 118M parameters are too many for a test: a spec that records
+    0.5 for mobilenet_v3_small's weights shows the same path."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert get_architecture("efficientnet_v2_l").preprocessing.mean == (0.5, 0.5, 0.5)
+    place_fake_imagenet_weights("mobilenet_v3_small")
+    image_model(tmp_path / "untrained", model_name="mobilenet_v3_small")
+    spec_file = tmp_path / "untrained" / "model_spec.yaml"
+    raw = yaml.safe_load(spec_file.read_text())
+    assert raw["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    raw["preprocessing"].update(mean=[0.5] * 3, std=[0.5] * 3)
+    spec_file.write_text(yaml.safe_dump(raw))
+    trained, _ = _pipeline(tmp_path, image_dirs, tmp_path / "untrained")
+    assert trained.input.mean == [0.5] * 3 and trained.input.std == [0.5] * 3
+
+
+def test_vit_from_scratch_fits_the_chosen_size_to_its_patches(tmp_path, image_dirs):
+    image_model(tmp_path / "untrained", model_name="vit_b_32", pretrained=False)
+    trained, rows = _pipeline(tmp_path, image_dirs, tmp_path / "untrained", image_size=64)
+    assert trained.input.image_size == 64
+    network = load_trained_model(tmp_path / "model").network
+    assert network.image_size == 64 and network.heads.head.out_features == 3
+
+
+def test_sizes_an_architecture_cannot_take_are_refused_before_training(tmp_path, image_dirs):
+    image_model(tmp_path / "maxvit", model_name="maxvit_t", pretrained=False)
+    r = run_cli("train-pytorch-model", "--untrained-model", tmp_path / "maxvit", "--training-data",
+                image_dirs["train"], "--validation-data", image_dirs["val"], "--image-size", "256", "--output",
+                tmp_path / "out", check=False)
+    assert r.returncode == 1 and not (tmp_path / "out").exists()
+    assert r.stderr.strip() == ("error: ImageSizeError: maxvit_t cannot take 256 px images (--image-size 256); it "
+                                "takes multiples of 224 from 224 to 4032 px. pass --image-size 448, or leave it out "
+                                "and imgtrain chooses one")
+    vit = get_architecture("vit_b_16")
+    assert vit.sizes(pretrained=True) == (224, 1, 224) and vit.sizes(pretrained=False) == (32, 16, 4096)
+    with pytest.raises(ImageSizeError, match=r"vit_b_16 cannot take 64 px images \(x\); it takes 224 px only "
+                                             r"with its ImageNet weights"):
+        vit.check_size(64, True, "x")
+    with pytest.raises(ImageSizeError, match="takes 64 px only .its training size."):
+        vit.check_size(96, False, "x", trained_size=64)
+    assert get_architecture("inception_v3").fit_size(32, pretrained=False) == 75  # chosen sizes are fitted
+
+
+def test_unknown_names_get_the_closest_ones(tmp_path):
+    with pytest.raises(InvalidParameterError, match=r"unknown model name 'convnext_tiney' \(did you mean "
+                                                    r"convnext_tiny"):
+        image_model(tmp_path / "m", model_name="convnext_tiney", pretrained=False)
+    r = run_cli("image-model", "--model-name", "resnet19", "--no-pretrained", "--output", tmp_path / "m",
+                check=False)
+    assert r.returncode == 1 and "did you mean resnet18" in r.stderr and "imgtrain list-models" in r.stderr
+    assert not (tmp_path / "m").exists()
