@@ -11,6 +11,7 @@ statistics.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,3 +191,58 @@ def test_unknown_names_get_the_closest_ones(tmp_path):
                 check=False)
     assert r.returncode == 1 and "did you mean resnet18" in r.stderr and "imgtrain list-models" in r.stderr
     assert not (tmp_path / "m").exists()
+
+
+def _fake_timm_weights(hub: Path, name: str) -> torch.nn.Module:
+    """A timm network's weights in the Hugging Face Hub's cache layout, where timm's download would put them."""
+    import timm
+    from safetensors.torch import save_file
+
+    repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    torch.manual_seed(0)
+    network = timm.create_model(name, pretrained=False)
+    save_file(network.state_dict(), folder / "snapshots" / commit / "model.safetensors")
+    return network
+
+
+def test_timm_models_pretrained_from_the_hub_cache_and_from_scratch(tmp_path, monkeypatch, image_dirs):
+    pytest.importorskip("timm")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    imagenet = _fake_timm_weights(tmp_path / "hub", "convnext_nano")
+    run_cli("image-model", "--model-name", "timm/convnext_nano", "--output", tmp_path / "untrained",
+            env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    spec = load_model_spec(tmp_path / "untrained")
+    assert spec.architecture == "timm/convnext_nano" and spec.pretrained
+    assert spec.preprocessing["interpolation"] == "bicubic" and spec.preprocessing["crop_size"] == 224
+    model = build_model("timm/convnext_nano", 3, pretrained=True)
+    assert torch.equal(model.stem[0].weight, imagenet.stem[0].weight)  # the file's weights
+    assert head_of(model) == "head.fc" and model.head.fc.out_features == 3  # timm's reset_classifier
+    trained, rows = _pipeline(tmp_path, image_dirs, tmp_path / "untrained", image_size=32)
+    assert trained.architecture == "timm/convnext_nano" and len(rows) == 1 + 9
+    # from scratch, and a size a fixed-size timm model cannot take
+    image_model(tmp_path / "vit", model_name="timm/vit_tiny_patch16_224", pretrained=False)
+    with pytest.raises(ImageSizeError, match="timm/vit_tiny_patch16_224 cannot take 64 px images .* 224 px only"):
+        train_pytorch_model(tmp_path / "vit", image_dirs["train"], image_dirs["val"], tmp_path / "v", image_size=64)
+    r = run_cli("image-model", "--model-name", "timm/resnet18", "--output", tmp_path / "offline", check=False,
+                env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert r.returncode == 1 and "WeightsUnavailableError: pretrained weights for timm/resnet18 are not cached" in \
+        r.stderr and "models--timm--resnet18" in r.stderr and "--no-pretrained" in r.stderr
+    listed = run_cli("list-models", "timm/convnext_n*", "--quiet").stdout
+    assert "timm/convnext_nano " in listed
+
+
+def test_timm_names_without_timm_say_how_to_install_it(tmp_path):
+    """timm made unimportable (a package of that name that fails to import, first on the path)."""
+    shadow = tmp_path / "shadow" / "timm"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'timm'\")\n")
+    r = run_cli("image-model", "--model-name", "timm/convnext_nano", "--no-pretrained", "--output", tmp_path / "m",
+                check=False, env={"PYTHONPATH": str(tmp_path / "shadow")})
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "error: MissingDependencyError: timm's models (timm/NAME) need timm, which is not installed. install it "
+        "with `pip install 'imgtrain[timm]'`")

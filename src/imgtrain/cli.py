@@ -313,12 +313,14 @@ def _serve(args) -> None:
 
 
 def _list_models(args) -> None:
-    from imgtrain.models.catalog import catalog, select, table
+    from imgtrain.models.catalog import catalog, select, table, timm_catalog
 
-    rows = select(catalog(), args.pattern, pretrained=args.pretrained, sort=args.sort)
+    timm = (args.pattern or "").startswith("timm/")
+    rows = select(timm_catalog() if timm else catalog(), args.pattern, pretrained=args.pretrained, sort=args.sort)
     print(table(rows))
-    _say(args, f"{len(rows)} of torchvision's image classifiers; GFLOPs at the image size shown, top-1 of its "
-               "ImageNet weights. The last column: the command that builds it today.")
+    _say(args, f"{len(rows)} of timm's image classifiers (imgtrain[timm]); the image size of its default weights"
+         if timm else f"{len(rows)} of torchvision's image classifiers; GFLOPs at the image size shown, top-1 of its "
+                      "ImageNet weights ('timm/*' lists timm's). The last column: the command that builds it.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "EfficientNet(V2), RegNet, MobileNetV2/V3, ShuffleNetV2, MNASNet, SqueezeNet, GoogLeNet, Inception "
                 "V3, VGG, ViT, Swin, MaxViT, DenseNet, ResNet (`imgtrain list-models` compares them).")
     p.add_argument("--model-name", required=True, help="an architecture `imgtrain list-models` lists, e.g. "
-                                                       "mobilenet_v3_large or convnext_tiny")
+                                                       "mobilenet_v3_large or convnext_tiny; timm/NAME (e.g. "
+                                                       "timm/convnext_nano) builds timm's, with imgtrain[timm]")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from torchvision's ImageNet weights, downloaded once into torch's cache "
                         "($TORCH_HOME/hub/checkpoints; offline, the error names the file to place there); the "
@@ -597,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "at its default image size, ImageNet top-1 of its pretrained weights, weight file size, default "
                 "image size; read from torchvision's own registries (nothing is built or downloaded).")
     p.add_argument("pattern", nargs="?", default=None,
-                   help="a shell pattern ('efficientnet*') or part of a name ('mobilenet'); default: all")
+                   help="a shell pattern ('efficientnet*') or part of a name ('mobilenet'); default: all of "
+                        "torchvision's; 'timm/*' (or 'timm/convnext*') lists timm's, with imgtrain[timm]")
     p.add_argument("--pretrained", action="store_true", help="only those with pretrained ImageNet weights")
     p.add_argument("--sort", choices=("name", "params", "gflops", "accuracy"), default="name",
                    help="name (default), or most parameters, GFLOPs or accuracy first")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ DESIGNER = "designer"  # ModelSpec.made_by of a directory Azure ML designer wrot
 DESIGNER_CLASSES = {"ResNet", "DenseNet"}
 DESIGNER_IMAGE_SIZE = 224  # the designer's default Init Image Transformation ends in a 224 px centre crop
 FORMAT_VERSION = 1
+_TIMM_NAME = re.compile(r"timm/[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")  # timm's model name, perhaps with a weights tag
 HINT = ("make one with `imgtrain image-model`, `imgtrain densenet` or `imgtrain resnet` (untrained) or "
         "`imgtrain train-pytorch-model`")
 
@@ -244,7 +246,8 @@ def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:
         return InvalidModelDirectoryError(f"{root / SPEC_FILE}: {what}", HINT)
 
     arch = raw.get("architecture")
-    if not isinstance(arch, str) or not arch.isidentifier():  # which ones imgtrain builds is models/' to say
+    if not isinstance(arch, str) or not (arch.isidentifier() or _TIMM_NAME.fullmatch(arch)):
+        # which ones imgtrain builds is models/' to say
         raise bad(f"unknown architecture {arch!r}: not a model name")
     options = raw.get("options") or {}
     allowed = {"memory_efficient", "zero_init_residual", "transform_input"}

@@ -48,6 +48,21 @@ def catalog() -> list[ModelInfo]:
     return rows
 
 
+def timm_catalog() -> list[ModelInfo]:
+    """timm's architectures (imgtrain[timm]), as ``timm/NAME``: timm records no parameter counts or accuracies
+    without building them, so those columns are empty; the image size is its default weights'."""
+    from imgtrain.models.timm_models import timm_module
+
+    timm = timm_module()
+    with_weights = {n.split(".")[0] for n in timm.list_models(pretrained=True)}
+    rows = []
+    for name in timm.list_models():
+        cfg = timm.models.get_pretrained_cfg(name)
+        size = int(cfg.input_size[-1]) if cfg is not None else 224
+        rows.append(ModelInfo(f"timm/{name}", "timm", 0, 0.0, None, None, size, name in with_weights, "image-model"))
+    return rows
+
+
 def select(rows: list[ModelInfo], pattern: str | None = None, *, pretrained: bool = False,
            sort: str = "name") -> list[ModelInfo]:
     """The rows whose name matches ``pattern`` (a shell pattern such as ``'efficientnet*'``, or a part of
@@ -58,7 +73,8 @@ def select(rows: list[ModelInfo], pattern: str | None = None, *, pretrained: boo
         glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
         rows = [r for r in rows if fnmatch.fnmatch(r.name.lower(), glob.lower())]
         if not rows:
-            raise InvalidParameterError(f"no torchvision classifier matches {pattern!r}",
+            raise InvalidParameterError(f"no {'timm' if pattern.startswith('timm/') else 'torchvision'} classifier "
+                                        f"matches {pattern!r}",
                                         "run `imgtrain list-models` for all of them")
     if pretrained:
         rows = [r for r in rows if r.pretrained]
@@ -70,7 +86,7 @@ def select(rows: list[ModelInfo], pattern: str | None = None, *, pretrained: boo
 def table(rows: list[ModelInfo]) -> str:
     """A plain-text table, one row per architecture."""
     header = ["name", "family", "params (M)", "GFLOPs", "ImageNet top-1", "weights (MB)", "image size", "imgtrain"]
-    lines = [[r.name, r.family, f"{r.params / 1e6:.1f}", f"{r.gflops:.2f}",
+    lines = [[r.name, r.family, f"{r.params / 1e6:.1f}" if r.params else "-", f"{r.gflops:.2f}" if r.gflops else "-",
               f"{r.top1:.1f}%" if r.top1 is not None else "-",
               f"{r.weights_mb:.0f}" if r.weights_mb is not None else "-", str(r.image_size),
               f"imgtrain {r.module}" if r.module else "-"] for r in rows]

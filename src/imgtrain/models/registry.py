@@ -66,6 +66,10 @@ class Architecture:
     weights: WeightsEnum | None  # torchvision's DEFAULT ImageNet weights, if it has any
 
     @property
+    def has_weights(self) -> bool:
+        return self.weights is not None
+
+    @property
     def preprocessing(self) -> Preprocessing:
         """The weights' preprocessing; ImageNet's statistics at 224 px for an architecture without weights."""
         if self.weights is None:
@@ -126,6 +130,32 @@ class Architecture:
                 f"pass {option('image_size', suggestion)}, or leave it out and imgtrain chooses one")
 
 
+@dataclass(frozen=True)
+class TimmArchitecture(Architecture):
+    """A timm model (models/timm_models.py): sizes and preprocessing from its pretrained config."""
+
+    @property
+    def has_weights(self) -> bool:
+        from imgtrain.models.timm_models import pretrained_config
+
+        return bool(pretrained_config(self.name).get("hf_hub_id"))
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        from imgtrain.models.timm_models import preprocessing
+
+        p = preprocessing(self.name)
+        return Preprocessing(p["resize_size"], p["crop_size"], p["interpolation"], tuple(p["mean"]), tuple(p["std"]))
+
+    def sizes(self, pretrained: bool, trained_size: int | None = None) -> tuple[int, int, int]:
+        from imgtrain.models.timm_models import fixed_size
+
+        fixed = fixed_size(self.name)
+        if fixed:  # built for one size: its config's (a trained one: that too, since it was built so)
+            return fixed, 1, fixed
+        return MIN_IMAGE_SIZE, 1, MAX_IMAGE_SIZE
+
+
 @functools.cache
 def architecture_names() -> tuple[str, ...]:
     """Every image classifier torchvision ships, in its order."""
@@ -134,6 +164,11 @@ def architecture_names() -> tuple[str, ...]:
 
 @functools.cache
 def get_architecture(name: str) -> Architecture:
+    if name.startswith("timm/"):
+        from imgtrain.models.timm_models import build_timm, check_timm_name
+
+        check_timm_name(name)
+        return TimmArchitecture(name, "timm", build_timm, None)
     if name not in architecture_names():
         close = difflib.get_close_matches(name, architecture_names(), n=3)
         raise InvalidParameterError(
@@ -145,11 +180,26 @@ def get_architecture(name: str) -> Architecture:
 
 
 def is_known(name: str) -> bool:
+    """A name imgtrain builds (a timm name without timm installed: MissingDependencyError, saying how)."""
+    if name.startswith("timm/"):
+        from imgtrain.models.timm_models import check_timm_name
+
+        try:
+            check_timm_name(name)
+        except InvalidParameterError:
+            return False
+        return True
     return name in FAMILIES or name in architecture_names()
 
 
 def head_of(model: nn.Module) -> str:
-    """The name of the classifier head: the network's last Linear, or last convolution (SqueezeNet)."""
+    """The name of the classifier head: timm's ``get_classifier()``, else the network's last Linear, or last
+    convolution (SqueezeNet)."""
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        for name, module in model.named_modules():
+            if module is head and name:
+                return name
     last = None
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -173,7 +223,11 @@ def head_name(name: str) -> str:
 
 
 def replace_head(model: nn.Module, num_classes: int) -> None:
-    """Give ``model`` a new, freshly initialised head of ``num_classes`` outputs."""
+    """Give ``model`` a new, freshly initialised head of ``num_classes`` outputs (timm's models: their own
+    ``reset_classifier``)."""
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+        return
     path = head_of(model)
     parent_name, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -238,6 +292,8 @@ def build_model(
     (Inception V3, GoogLeNet).
     """
     arch = get_architecture(name)
+    if isinstance(arch, TimmArchitecture):
+        return arch.builder(name, num_classes, pretrained=pretrained, image_size=image_size)
     if not pretrained:
         return _build(arch, num_classes, options, image_size, pretrained=False)
     if arch.weights is None:

@@ -24,8 +24,12 @@ def _make(family: str, output, model_name: str, pretrained: bool, options: dict,
 def _write(output, model_name: str, pretrained: bool, options: dict, preprocessing: dict,
            overwrite: bool) -> ModelSpec:
     check_output_writable(output, overwrite=overwrite)
-    if pretrained:
-        ensure_pretrained_weights(model_name)  # fail now, not at training time
+    if pretrained and model_name.startswith("timm/"):
+        from imgtrain.models.timm_models import ensure_timm_weights
+
+        ensure_timm_weights(model_name)  # fail now, not at training time
+    elif pretrained:
+        ensure_pretrained_weights(model_name)
     spec = ModelSpec(architecture=model_name, pretrained=pretrained, options=options,
                      versions=library_versions(), preprocessing=preprocessing)
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
@@ -47,12 +51,13 @@ def resnet(output, *, model_name: str = RESNET_DEFAULT, pretrained: bool = True,
 
 def image_model(output, *, model_name: str, pretrained: bool = True, overwrite: bool = False) -> ModelSpec:
     """Write an untrained model directory for any image classifier torchvision ships (`imgtrain list-models`):
-    ConvNeXt, EfficientNet(V2), RegNet, MobileNet, ViT, Swin, ... With ``pretrained``, its ImageNet weights are
-    fetched now, and the directory records how they expect their images (resize, crop, mean, std)."""
+    ConvNeXt, EfficientNet(V2), RegNet, MobileNet, ViT, Swin, ..., or timm's as ``timm/NAME`` (with the
+    extra imgtrain[timm]). With ``pretrained``, its weights are fetched now, and the directory records how
+    they expect their images (resize, crop, mean, std)."""
     from imgtrain.models.registry import get_architecture
 
     arch = get_architecture(model_name)  # an unknown name: InvalidParameterError naming the closest ones
-    if pretrained and arch.weights is None:
+    if pretrained and not arch.has_weights:
         raise InvalidParameterError(f"torchvision has no pretrained weights for {model_name}",
                                     f"pass {option('pretrained', False)}")
     # Inception V3's and GoogLeNet's ImageNet weights were trained on images scaled to [-1, 1]: their builders
