@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -65,6 +66,10 @@ def test_the_evaluation_report_shows_the_worst_mistakes(reports):
     confidence = [float(p) for *_, p in mistakes]
     assert confidence == sorted(confidence, reverse=True)  # the most confident first
     assert mistakes[0][0].startswith(("dark/", "mid/"))
+    if importlib.util.find_spec("captum") is not None:  # imgtrain[explain]: where the model looked, for 8 of them
+        explained = re.findall(r'<figure><img src="data:image/png;base64,[^"]+" alt="([^"]+)">', page.split(
+            'id="explanations"')[1])
+        assert explained == [m[0] for m in mistakes[:8]]
 
 
 def test_report_combines_both_and_refuses_what_it_should(reports, trained_model, tmp_path):
@@ -120,8 +125,13 @@ def test_a_browser_shows_the_plots(reports, tmp_path):
     """Render every page in headless Chromium and look at the screenshot's pixels: the curves (matplotlib's
     blue and orange lines), the confusion matrix (its darkest blue), the images. The same pages with their
     pictures taken out show none of it: the test can tell a page with plots from a blank one."""
-    shots = {name: screenshot(reports[name], tmp_path / f"{name}.png", tmp_path / "profile", 4000)
-             for name in ("training", "evaluation", "combined")}
+    # The evaluation page without its saliency overlays (imgtrain[explain]), whose colour map has every colour
+    evaluation = tmp_path / "evaluation.html"
+    evaluation.write_text(re.sub(r'<h2 id="explanations">.*(?=</body>)', "", reports["evaluation"].read_text(),
+                                 flags=re.S))
+    pages = {"training": reports["training"], "evaluation": evaluation, "combined": reports["combined"]}
+    shots = {name: screenshot(page, tmp_path / f"{name}.png", tmp_path / "profile", 4000)
+             for name, page in pages.items()}
     blank = tmp_path / "combined-blank.html"  # the page that has every plot, with its pictures taken out
     blank.write_text(re.sub(r'src="data:image/png;base64,[^"]+"', 'src=""', reports["combined"].read_text()))
     shots["combined-blank"] = screenshot(blank, tmp_path / "combined-blank.png", tmp_path / "profile", 4000)

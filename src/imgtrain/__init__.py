@@ -34,6 +34,7 @@ _API = {
     "load_trained_model": "imgtrain.models.trained",
     "TrainedModel": "imgtrain.models.trained",
     "predict": "imgtrain.scoring.score",
+    "explain": "imgtrain.scoring.explain",
     "Prediction": "imgtrain.scoring.score",
 }
 __all__ = [*_API, "__version__"]

@@ -159,6 +159,13 @@ def _image_model(args) -> None:
                f"written to {args.output}")
 
 
+def _explain(args) -> None:
+    from imgtrain.scoring.explain import explain
+
+    explain(args.trained_model, args.dataset, args.output, images=args.images, overwrite=args.overwrite,
+            log=_Log(args.quiet))
+
+
 def _train(args) -> None:
     from imgtrain.training.train import TrainingParameters, train_pytorch_model
 
@@ -607,6 +614,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name (default), or most parameters, GFLOPs or accuracy first")
     p.add_argument("--quiet", action="store_true", help="the table alone, without the line after it")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    p = command("explain", _explain,
+                "Show where a trained model looked: for each image, the image beside a saliency map over it "
+                "(Grad-CAM for convolutional networks, integrated gradients for ViT, Swin and MaxViT), with the "
+                "true and predicted label and the probability; PNG files and one HTML page (index.html). With "
+                "labelled images, the mistakes come first, the most confident first. Needs imgtrain[explain].")
+    p.add_argument("--trained-model", required=True, help="output of `imgtrain train-pytorch-model`")
+    p.add_argument("--dataset", required=True, nargs="+",
+                   help="an ImageDirectory, a folder, or image files and glob patterns, as score takes")
+    p.add_argument("--images", type=_int, default=16, help="how many images to explain")
+    p.add_argument("--output", required=True, help="the folder to write the PNG files and index.html into")
+    _common(p)
 
     p = command("export", _export,
                 "Export a trained model for standard runtimes: ONNX (model.onnx) or torch.export (model.pt2). "

@@ -60,8 +60,9 @@ def thumbnail(path: Path | None) -> bytes | None:
 
 
 def evaluation_page(metrics: dict, mistakes: list[Mistake], title: str = "Evaluation report",
-                    confusion_png: bytes | None = None) -> Page:
-    """``confusion_png``: the confusion matrix already drawn (else it is drawn here)."""
+                    confusion_png: bytes | None = None, overlays: list[tuple[Mistake, bytes]] = ()) -> Page:
+    """``confusion_png``: the confusion matrix already drawn (else it is drawn here). ``overlays``: where the
+    model looked for some of the mistakes (scoring/explain.py), drawn under them."""
     page = Page(title)
     matrix = metrics["confusion_matrix"]
     labels, counts = matrix["labels"], np.array(matrix["counts"])
@@ -85,4 +86,10 @@ def evaluation_page(metrics: dict, mistakes: list[Mistake], title: str = "Evalua
     page.paragraph(f"The {len(mistakes)} wrong answers given with the highest probability, most confident first.")
     page.gallery((thumbnail(m.path), [m.image] + ([f"(was {m.original})"] if m.original else [])
                   + [f"true: {m.truth}", f"predicted: {m.predicted} ({m.probability:.1%})"]) for m in mistakes)
+    if overlays:
+        page.heading("Where the model looked", "explanations")
+        page.paragraph(f"The {len(overlays)} worst mistakes, each beside a saliency map of the class the model "
+                       "chose (red: what raised its score most; `imgtrain explain` draws them for any images).")
+        for m, png in overlays:
+            page.figure(png, m.image, m.image)
     return page

@@ -107,18 +107,37 @@ def _number(text: str | None) -> float:
         return float("nan")
 
 
-def _image_root(folder: Path) -> Path | None:
-    """Where the scored images' names start from, as Score Image Model recorded it in _meta.yaml."""
+def _meta(folder: Path) -> dict:
+    """The scored folder's _meta.yaml: Score Image Model's keys under ``extension`` (older versions kept them
+    at the top), {} where there is none or it cannot be read."""
     try:
         meta = yaml.safe_load(read_text(folder / META_FILE))
     except (OSError, yaml.YAMLError, InvalidDatasetError, ValueError):
-        return None
+        return {}
     if not isinstance(meta, dict):
-        return None
-    extension = meta.get("extension")  # where Score Image Model keeps it; older versions kept it at the top
-    root = extension.get(IMAGE_ROOT) if isinstance(extension, dict) else None
-    root = root or meta.get(IMAGE_ROOT)
+        return {}
+    extension = meta.get("extension")
+    return {**meta, **extension} if isinstance(extension, dict) else meta
+
+
+def _image_root(folder: Path) -> Path | None:
+    """Where the scored images' names start from, as Score Image Model recorded it in _meta.yaml."""
+    root = _meta(folder).get(IMAGE_ROOT)
     return Path(root) if isinstance(root, str) else None
+
+
+def _overlays(folder: Path, mistakes: list[Mistake]) -> list:
+    """Where the model that scored the images (as _meta.yaml names it) looked for the worst mistakes, when
+    imgtrain[explain] is installed and the model is still there."""
+    import importlib.util
+
+    model = _meta(folder).get("trained_model")
+    if not mistakes or not isinstance(model, str) or not Path(model).is_dir() \
+            or importlib.util.find_spec("captum") is None:
+        return []
+    from imgtrain.scoring.explain import mistake_overlays
+
+    return mistake_overlays(model, mistakes)
 
 
 def evaluate_model(
@@ -140,7 +159,11 @@ def evaluate_model(
         confusion = figure_png(plots.confusion(np.array(matrix["counts"]), np.array(matrix["normalized"]),
                                                matrix["labels"]))
         (tmp / CONFUSION_PNG).write_bytes(confusion)
-        evaluation_page(metrics, mistakes_of(table), confusion_png=confusion).write(tmp / REPORT_FILE)
+        mistakes = mistakes_of(table)
+        overlays = _overlays(Path(scored_dataset), mistakes)
+        evaluation_page(metrics, mistakes, confusion_png=confusion, overlays=overlays).write(tmp / REPORT_FILE)
+        if overlays:
+            log(f"The report shows where the model looked for {len(overlays)} of the worst mistakes")
     return metrics
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +33,14 @@ def report(
     page = training_page_of(Path(trained_model), title=f"Report: {Path(trained_model).name}")
     if scored_dataset is not None:
         table = read_scored(Path(scored_dataset))
-        page.extend(evaluation_page(metrics_of(table), mistakes_of(table),
-                                    title=f"Evaluation on {Path(scored_dataset).name}"))
+        mistakes = mistakes_of(table)
+        overlays = []
+        if mistakes and importlib.util.find_spec("captum") is not None:
+            from imgtrain.scoring.explain import mistake_overlays
+
+            overlays = mistake_overlays(Path(trained_model), mistakes)
+        page.extend(evaluation_page(metrics_of(table), mistakes, title=f"Evaluation on {Path(scored_dataset).name}",
+                                    overlays=overlays))
     page.write(output)
     log(f"Report written to {output}")
     return output
