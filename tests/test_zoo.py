@@ -10,6 +10,7 @@ statistics.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -99,19 +100,11 @@ def place_fake_imagenet_weights(name: str) -> None:
     """Stand-in ImageNet weights where torchvision's download would put them, as torchvision's builder makes
     the network for its weights (auxiliary classifiers included)."""
     torch.manual_seed(0)
-    with pytest.warns(FutureWarning) if name in ("googlenet", "inception_v3") else _nothing():
+    with pytest.warns(FutureWarning) if name in ("googlenet", "inception_v3") else contextlib.nullcontext():
         network = torchvision.models.get_model(name, weights=None)
-    path = weights_cache_path(name)
+    path = weights_cache_path(name, get_architecture(name).weights.url)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), path)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _pipeline(tmp_path, image_dirs, untrained, **training):

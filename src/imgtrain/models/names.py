@@ -43,21 +43,3 @@ def check_model_name(name: str) -> str:
     if name not in FAMILIES:
         raise InvalidParameterError(f"unknown model name {name!r}", f"choose one of {', '.join(model_names())}")
     return FAMILIES[name]
-
-
-def load_known_spec(root, *, need_trained: bool | None = None):
-    """A model directory's spec (directories/ reads and checks its form) whose architecture imgtrain
-    can build: InvalidModelDirectoryError naming the file otherwise."""
-    from imgtrain.directories.model_directory import HINT, SPEC_FILE, load_model_spec
-    from imgtrain.errors import InvalidModelDirectoryError
-
-    spec = load_model_spec(root, need_trained=need_trained)
-    if spec.architecture in FAMILIES:
-        return spec
-    from imgtrain.models.registry import is_known  # torchvision's registry: imports torchvision
-
-    if not is_known(spec.architecture):
-        raise InvalidModelDirectoryError(
-            f"{root}/{SPEC_FILE}: unknown architecture {spec.architecture!r}; imgtrain builds the image classifiers "
-            "torchvision ships (`imgtrain list-models` lists them)", HINT)
-    return spec

@@ -31,7 +31,13 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from imgtrain.errors import ImageSizeError, InvalidParameterError, WeightsUnavailableError, option
+from imgtrain.errors import (
+    ImageSizeError,
+    InvalidModelDirectoryError,
+    InvalidParameterError,
+    WeightsUnavailableError,
+    option,
+)
 from imgtrain.models.names import FAMILIES
 from imgtrain.models.weights import ensure_pretrained_weights
 
@@ -192,6 +198,20 @@ def is_known(name: str) -> bool:
     return name in FAMILIES or name in architecture_names()
 
 
+def load_known_spec(root, *, need_trained: bool | None = None):
+    """A model directory's spec (directories/ reads and checks its form) whose architecture imgtrain
+    can build: InvalidModelDirectoryError naming the file otherwise (a timm name without timm:
+    MissingDependencyError, saying how to install it)."""
+    from imgtrain.directories.model_directory import HINT, SPEC_FILE, load_model_spec
+
+    spec = load_model_spec(root, need_trained=need_trained)
+    if not is_known(spec.architecture):
+        raise InvalidModelDirectoryError(
+            f"{root}/{SPEC_FILE}: unknown architecture {spec.architecture!r}; imgtrain builds the image classifiers "
+            "torchvision ships (`imgtrain list-models` lists them)", HINT)
+    return spec
+
+
 def head_of(model: nn.Module) -> str:
     """The name of the classifier head: timm's ``get_classifier()``, else the network's last Linear, or last
     convolution (SqueezeNet)."""
@@ -299,7 +319,7 @@ def build_model(
     if arch.weights is None:
         raise WeightsUnavailableError(f"torchvision has no pretrained weights for {name}",
                                       f"pass {option('pretrained', False)}")
-    path = ensure_pretrained_weights(name)
+    path = ensure_pretrained_weights(name, arch.weights.url)
     model = _build(arch, len(arch.weights.meta["categories"]), options, image_size, pretrained=True)
     try:
         # weights_only: tensors are read, no pickled code is ever run (the file may have been placed by hand).

@@ -12,8 +12,7 @@ from torch import nn
 from imgtrain.directories.files import check_regular
 from imgtrain.directories.model_directory import DESIGNER, HINT, ModelSpec
 from imgtrain.errors import InvalidModelDirectoryError
-from imgtrain.models.names import load_known_spec
-from imgtrain.models.registry import build_model, load_weights
+from imgtrain.models.registry import build_model, load_known_spec, load_weights
 
 
 @dataclass

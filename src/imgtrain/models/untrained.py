@@ -22,14 +22,14 @@ def _make(family: str, output, model_name: str, pretrained: bool, options: dict,
 
 
 def _write(output, model_name: str, pretrained: bool, options: dict, preprocessing: dict,
-           overwrite: bool) -> ModelSpec:
+           overwrite: bool, url: str | None = None) -> ModelSpec:
     check_output_writable(output, overwrite=overwrite)
     if pretrained and model_name.startswith("timm/"):
         from imgtrain.models.timm_models import ensure_timm_weights
 
         ensure_timm_weights(model_name)  # fail now, not at training time
     elif pretrained:
-        ensure_pretrained_weights(model_name)
+        ensure_pretrained_weights(model_name, url)
     spec = ModelSpec(architecture=model_name, pretrained=pretrained, options=options,
                      versions=library_versions(), preprocessing=preprocessing)
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
@@ -64,4 +64,4 @@ def image_model(output, *, model_name: str, pretrained: bool = True, overwrite: 
     # turn ImageNet-normalised input into that when told so.
     options = {"transform_input": True} if pretrained and arch.family in ("inception", "googlenet") else {}
     return _write(output, model_name, pretrained, options, arch.preprocessing.to_dict() if pretrained else {},
-                  overwrite)
+                  overwrite, arch.weights.url if arch.weights is not None else None)

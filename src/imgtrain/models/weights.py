@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from imgtrain.errors import WeightsUnavailableError, option
-from imgtrain.models.names import WEIGHTS_URLS
+from imgtrain.models.names import WEIGHTS_URLS, check_model_name
 from imgtrain.progress import showing
 
 OFFLINE_ENV = "IMGTRAIN_OFFLINE"  # set to 1 to never download pretrained weights
@@ -28,31 +28,23 @@ def torch_hub_dir() -> Path:
     return Path(os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache, "torch")))) / "hub"
 
 
-def weights_url(name: str) -> str:
-    """The URL of torchvision's DEFAULT ImageNet weights of ``name`` (the designer's modules' names are
-    known without importing torchvision)."""
-    if name in WEIGHTS_URLS:
-        return WEIGHTS_URLS[name]
-    from imgtrain.models.registry import get_architecture
-
-    weights = get_architecture(name).weights
-    if weights is None:
-        raise WeightsUnavailableError(f"torchvision has no pretrained weights for {name}",
-                                      f"pass {option('pretrained', False)} to train it from scratch")
-    return weights.url
+def weights_cache_path(name: str, url: str | None = None) -> Path:
+    """Where torchvision keeps (and looks for) the pretrained weights of ``name``: the file of ``url``, torchvision's
+    DEFAULT weights (models/registry.py knows them; the designer's modules' names are known here, without
+    importing torchvision)."""
+    if url is None:
+        check_model_name(name)
+        url = WEIGHTS_URLS[name]
+    return torch_hub_dir() / "checkpoints" / os.path.basename(url)
 
 
-def weights_cache_path(name: str) -> Path:
-    """Where torchvision keeps (and looks for) the pretrained weights of ``name``."""
-    return torch_hub_dir() / "checkpoints" / os.path.basename(weights_url(name))
-
-
-def ensure_pretrained_weights(name: str) -> Path:
-    """Make sure the ImageNet weights of ``name`` are in torch's cache; download them if allowed."""
-    path = weights_cache_path(name)
+def ensure_pretrained_weights(name: str, url: str | None = None) -> Path:
+    """Make sure the ImageNet weights of ``name`` (the file of ``url``) are in torch's cache; download them if
+    allowed."""
+    path = weights_cache_path(name, url)
     if path.is_file():
         return path
-    url = weights_url(name)
+    url = url or WEIGHTS_URLS[name]
     hint = f"download {url} and place it at {path}, or pass {option('pretrained', False)} to train from scratch"
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         raise WeightsUnavailableError(

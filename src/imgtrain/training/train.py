@@ -83,8 +83,15 @@ from imgtrain.errors import (
     check_range,
     option,
 )
-from imgtrain.models.names import load_known_spec
-from imgtrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_model, get_architecture, head_of, replace_head
+from imgtrain.models.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_model,
+    get_architecture,
+    head_of,
+    load_known_spec,
+    replace_head,
+)
 from imgtrain.models.trained import load_trained_model
 from imgtrain.precision import PRECISIONS, denormals_flushed, resolve_precision
 from imgtrain.progress import bar
