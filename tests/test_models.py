@@ -98,3 +98,14 @@ def test_list_models_reads_torchvisions_registries():
     assert [r.name for r in select(known, "vit_*", sort="accuracy")][0] == "vit_h_14"
     with pytest.raises(InvalidParameterError, match="no torchvision classifier matches 'nothing-like-it'"):
         select(known, "nothing-like-it")
+
+
+def test_the_designer_modules_weight_files_are_torchvisions():
+    """names.py knows the DenseNet and ResNet weight files without importing torchvision: they must be the
+    files of torchvision's DEFAULT weights, which the registry loads."""
+    from imgtrain.models.names import FAMILIES, WEIGHTS_URLS
+    from imgtrain.models.registry import get_architecture
+
+    assert list(WEIGHTS_URLS) == list(FAMILIES)
+    assert WEIGHTS_URLS == {name: get_architecture(name).weights.url for name in FAMILIES}
+    assert {get_architecture(name).family for name in FAMILIES} == {"densenet", "resnet"}
