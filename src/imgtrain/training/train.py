@@ -805,8 +805,7 @@ def _image_size(base: ModelSpec, params: TrainingParameters, transformation: Tra
                 train_set: ImageDirectory) -> int:
     """The training image size: the transformation's, the one asked for, or one chosen from the images (the
     nearest the architecture takes); ImageSizeError, before anything is trained, for one it cannot take."""
-    arch = get_architecture(base.architecture)
-    fixed = base.input.image_size if base.trained and base.input is not None else None
+    arch, fixed = get_architecture(base.architecture), _trained_size(base)
     if transformation is not None:
         arch.check_size(transformation.image_size, base.pretrained, f"the size {params.transformation} leaves",
                         trained_size=fixed)
@@ -820,9 +819,13 @@ def _image_size(base: ModelSpec, params: TrainingParameters, transformation: Tra
 
 def _auto_size(base: ModelSpec, train_set: ImageDirectory) -> int:
     """The size chosen from the training images (training/image_size.py), made one the architecture takes."""
-    fixed = base.input.image_size if base.trained and base.input is not None else None
     return get_architecture(base.architecture).fit_size(auto_image_size(train_set), base.pretrained,
-                                                        trained_size=fixed)
+                                                        trained_size=_trained_size(base))
+
+
+def _trained_size(base: ModelSpec) -> int | None:
+    """A trained model's image size (a ViT's position embeddings fit that size alone)."""
+    return base.input.image_size if base.trained and base.input is not None else None
 
 
 def _initial_model(base: ModelSpec, path, num_classes: int, image_size: int) -> nn.Module:
