@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgtrain.errors import MissingDependencyError
+from imgtrain.errors import InvalidParameterError, MissingDependencyError
 
 PAGE = "index.html"
 MIN_CELLS = 7  # Grad-CAM's map: the deepest one with at least this many cells a side (ResNet's last at 224 px)
@@ -72,7 +72,8 @@ def _grad_cam_layer(network: nn.Module, x: torch.Tensor) -> nn.Module:
             h.remove()
     fine = [m for m, side in seen if side >= MIN_CELLS] or [m for m, side in seen if side > 1]
     if not fine:
-        raise MissingDependencyError(f"{type(network).__name__} has no feature map to explain with Grad-CAM", "")
+        raise InvalidParameterError(f"{type(network).__name__} has no feature map to explain with Grad-CAM",
+                                    "explain a model trained at a larger --image-size")
     return fine[-1]
 
 
