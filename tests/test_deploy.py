@@ -330,10 +330,48 @@ def test_a_load_of_concurrent_clients_is_batched(server, image_dirs):
     assert images == 192 + len(blobs) and batches < images  # concurrent requests shared batches
 
 
-def test_the_batcher_refuses_work_past_its_bound():
+def test_requests_are_decoded_without_torch_and_scored_as_imgtrain_scores(trained_model, image_dirs):
+    """The decoding threads run no torch operation (deploy/batching.py: a second thread computing in torch
+    makes OpenMP put its workers to sleep between operations), and give the pixels the preparation gives."""
     import asyncio
 
-    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from imgtrain.data.decode import load_rgb
+    from imgtrain.deploy.serve import Endpoint, ServeOptions
+
+    class Operations(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    paths = _val_images(image_dirs, 4)
+    model, expected = _imgtrain_probabilities(trained_model, paths)
+    endpoint = Endpoint(trained_model, "shades", ServeOptions(precision="fp32"), log=lambda m: None)
+    try:
+        with Operations() as operations:
+            images = endpoint._decode([p.read_bytes() for p in paths], [p.name for p in paths])
+        assert operations.seen == [] and all(isinstance(image, np.ndarray) for image in images)
+        for path, image in zip(paths, images, strict=True):
+            assert np.array_equal(image, model.preparation(load_rgb(path)).permute(1, 2, 0).numpy())
+        got = asyncio.run(endpoint.probabilities([p.read_bytes() for p in paths], [p.name for p in paths]))
+        assert np.allclose(got, expected, atol=1e-5)
+    finally:
+        endpoint.batcher.stop()
+
+
+def test_a_model_that_cannot_load_is_raised_where_the_endpoint_is_made(image_dirs):
+    from imgtrain.deploy.serve import Endpoint, ServeOptions
+    from imgtrain.errors import InvalidModelDirectoryError
+
+    with pytest.raises(InvalidModelDirectoryError):
+        Endpoint(image_dirs["untrained"], "shades", ServeOptions(), log=lambda m: None)
+
+
+def test_the_batcher_refuses_work_past_its_bound():
+    import asyncio
 
     from imgtrain.deploy.batching import Batcher, QueueFullError
 
@@ -343,11 +381,11 @@ def test_the_batcher_refuses_work_past_its_bound():
         gate.wait(10)
         return np.zeros((len(batch), 2), dtype=np.float32)
 
-    batcher = Batcher(run, max_batch=4, max_wait_ms=1, max_queue=3)
+    batcher = Batcher(lambda: run, max_batch=4, max_wait_ms=1, max_queue=3)
 
     async def scenario():
         batcher.reserve(2)
-        first = asyncio.ensure_future(batcher(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)))
+        first = asyncio.ensure_future(batcher([np.zeros((8, 8, 3), np.uint8)] * 2))
         with pytest.raises(QueueFullError):
             batcher.reserve(2)  # 2 in hand, 2 more do not fit in 3
         batcher.reserve(1)  # 1 does

@@ -204,6 +204,29 @@ def test_training_with_a_transformation_records_and_scoring_applies_it(trained_w
     assert np.allclose(got, expected, atol=1e-5)
 
 
+def test_the_endpoint_applies_the_recorded_transformation(trained_with_transformation, image_dirs):
+    """`imgtrain serve` decodes in worker threads and runs the transformation's operations (torch) in its
+    network's thread: its answers are predict's."""
+    import asyncio
+
+    from imgtrain import load_trained_model, predict
+    from imgtrain.deploy.serve import Endpoint, ServeOptions
+
+    root, _ = trained_with_transformation
+    model = load_trained_model(root / "model")
+    data = ImageDirectory.load(image_dirs["val"])
+    paths = [data.path(i) for i in range(3)]
+    answers = predict(model, paths, precision="fp32")
+    expected = np.array([[a.probabilities[label] for label in model.labels] for a in answers])
+    endpoint = Endpoint(root / "model", "t", ServeOptions(precision="fp32"), log=lambda m: None)
+    try:
+        assert not endpoint.preparation.plain
+        got = asyncio.run(endpoint.probabilities([p.read_bytes() for p in paths], [p.name for p in paths]))
+    finally:
+        endpoint.batcher.stop()
+    assert np.allclose(got, expected, atol=1e-5)
+
+
 def test_a_transformation_trains_deterministically_and_is_named_when_wrong(trained_with_transformation, image_dirs,
                                                                             tmp_path):
     from imgtrain import train_pytorch_model

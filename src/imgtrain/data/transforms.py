@@ -20,10 +20,14 @@ AUGMENTATIONS = ("shift", "shift-flip", "none")
 DEFAULT_AUGMENTATION = "shift"
 
 
+def squashed(image: Image.Image, image_size: int) -> Image.Image:
+    """The whole picture squashed to size x size (no crop), antialiased bilinear."""
+    return image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
+
+
 def prepare(image: Image.Image, image_size: int) -> torch.Tensor:
     """RGB picture -> uint8 3 x size x size: the whole image, squashed to a square (no crop)."""
-    resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return v2.functional.pil_to_tensor(resized)
+    return v2.functional.pil_to_tensor(squashed(image, image_size))
 
 
 def squash(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -58,6 +62,18 @@ class Preparation:
         if self.steps is None:
             return prepare(image, self.size)
         return squash(self.steps(v2.functional.pil_to_tensor(image)), self.size)
+
+    @property
+    def plain(self) -> bool:
+        """No transformation's operations: Pillow alone prepares the picture (see ``pixels``)."""
+        return self.steps is None
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """The plain preparation as a size x size x 3 uint8 array (channels last), made by Pillow and numpy
+        without torch: for threads that must not start torch's parallel work (deploy/batching.py)."""
+        if not self.plain:
+            raise ValueError("a transformation's operations run in torch: call the preparation itself")
+        return np.asarray(squashed(image, self.size))
 
 
 class RandomOperations:

@@ -1,11 +1,19 @@
 """Dynamic batching: the images of concurrent requests go through the network together.
 
-One thread owns the network. Requests queue their prepared images; the thread takes what is
-queued, waits up to ``max_wait`` for more only while other requests are still being decoded (one
-client alone never waits), runs the batch, and hands each request its rows. The work in hand is
-bounded in images: a request reserves room for its images before they are decoded and frees it
-once answered; past ``max_queue`` it is refused at once (the server answers 503) rather than left
-to wait behind more work than it can hope to see done.
+One thread owns the network, and it alone runs torch: it loads the model, then runs every batch;
+the threads that decode requests use Pillow and numpy only. The reason is libgomp, the OpenMP
+under torch's CPU kernels: it keeps a team of worker threads for every thread that computes in
+parallel, and once the threads of all teams outnumber the cores it cuts the spin of a waiting
+thread to 100 turns, so that each parallel region (some 60 in a ResNet-18 image) puts the
+workers to sleep and wakes them again. Measured on 2 cores: a network loaded in the main
+thread and run in another took 1.4x longer an image at batch size 1; a small operation, 5x.
+
+Requests queue their decoded images; the thread takes what is queued, waits up to ``max_wait``
+for more only while other requests are still being decoded (one client alone never waits),
+runs the batch, and hands each request its rows. The work in hand is bounded in images: a
+request reserves room for its images before they are decoded and frees it once answered; past
+``max_queue`` it is refused at once (the server answers 503) rather than left to wait behind
+more work than it can hope to see done.
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 class QueueFullError(Exception):
@@ -27,20 +34,22 @@ class QueueFullError(Exception):
 
 @dataclass
 class _Request:
-    images: torch.Tensor  # uint8 N x 3 x S x S
+    images: list  # decoded images, as the network's ``run`` takes them
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
 
 
 class Batcher:
-    """Runs ``run`` (uint8 batch -> float32 probabilities) on batches of at most ``max_batch`` images."""
+    """Runs batches of at most ``max_batch`` images through the network, in a thread of its own."""
 
-    def __init__(self, run: Callable[[torch.Tensor], np.ndarray], *, max_batch: int, max_wait_ms: float,
-                 max_queue: int, setup: Callable[[], None] = lambda: None) -> None:
-        """``setup`` runs first in the batching thread: torch's thread settings belong to the thread that
-        computes (set from another thread, they left the network 1.5x slower here)."""
-        self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait_ms / 1000, max_queue
-        self._setup = setup
+    def __init__(self, start: Callable[[], Callable[[list], np.ndarray]], *, max_batch: int,
+                 max_wait_ms: float, max_queue: int) -> None:
+        """``start`` runs first, in the batching thread, and returns ``run``: a batch's images (a list) ->
+        float32 probabilities, a row each. Returns once ``start`` has; what it raised is raised here."""
+        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
+        self._start = start
+        self._started = threading.Event()
+        self._failure: BaseException | None = None
         self._queue: deque[_Request] = deque()
         self.pending = 0  # images reserved: being decoded, queued or in the network
         self._coming = 0  # requests being decoded, which will queue soon
@@ -50,6 +59,9 @@ class Batcher:
         self.images = 0
         self._thread = threading.Thread(target=self._work, name="imgtrain-batcher", daemon=True)
         self._thread.start()
+        self._started.wait()
+        if self._failure is not None:
+            raise self._failure
 
     def coming(self, delta: int) -> None:
         """A request starts (+1) or stops (-1) decoding: while some do, a batch waits a little for them."""
@@ -68,7 +80,7 @@ class Batcher:
         with self._changed:
             self.pending -= count
 
-    async def __call__(self, images: torch.Tensor) -> np.ndarray:
+    async def __call__(self, images: list) -> np.ndarray:
         loop = asyncio.get_running_loop()
         request = _Request(images, loop.create_future(), loop)
         with self._changed:
@@ -106,10 +118,16 @@ class Batcher:
             return taken
 
     def _work(self) -> None:
-        self._setup()
+        try:
+            run = self._start()
+        except BaseException as exc:  # raised in the thread that made the batcher
+            self._failure = exc
+            return
+        finally:
+            self._started.set()
         while (taken := self._take()) is not None:
             try:
-                probabilities = self.run(torch.cat([r.images for r in taken]))
+                probabilities = run([image for r in taken for image in r.images])
             except BaseException as exc:  # every waiting request hears of it
                 for r in taken:
                     r.loop.call_soon_threadsafe(_settle, r.future, None, exc)

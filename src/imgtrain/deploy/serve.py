@@ -87,35 +87,49 @@ def _imports():
 
 
 class Endpoint:
-    """The model, ready to answer: decoding, preparation and the batched network."""
+    """The model, ready to answer: decoding, preparation and the batched network.
 
-    def __init__(self, model, name: str, options: ServeOptions, log: Callable[[str], None]) -> None:
-        from imgtrain.data.transforms import Normalize
+    The model is loaded, and every torch operation runs, in the batching thread (deploy/batching.py
+    says why); the threads that decode requests use Pillow and numpy."""
+
+    def __init__(self, trained_model: Path | str, name: str, options: ServeOptions,
+                 log: Callable[[str], None]) -> None:
         from imgtrain.deploy.batching import Batcher
-        from imgtrain.precision import autocast, resolve_precision
         from imgtrain.threads import Threads, parse_threads
 
-        self.model, self.name, self.options, self.log = model, name, options, log
-        self.labels = list(model.labels)
-        self.preparation = model.preparation
+        self.name, self.options, self.log = name, options, log
         self.threads = Threads(parse_threads(options.threads), log)
+        self.batcher = Batcher(lambda: self._start(trained_model), max_batch=options.max_batch_size,
+                               max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
+
+    def _start(self, trained_model: Path | str) -> Callable[[list], np.ndarray]:
+        """In the batching thread: load the model and return what runs a batch through it."""
+        from imgtrain.data.transforms import Normalize
+        from imgtrain.models.trained import load_trained_model
+        from imgtrain.precision import autocast, resolve_precision
+
+        # First, before this thread's OpenMP workers exist: they inherit the flag, which is per thread.
+        torch.set_flush_denormal(True)
+        self.threads.__enter__()
+        self.model = model = load_trained_model(trained_model)
+        self.labels = list(model.labels)
+        self.preparation = preparation = model.preparation
         device = torch.device("cpu")
-        precision = resolve_precision(options.precision, device)
+        precision = resolve_precision(self.options.precision, device)
         network = model.network.to(memory_format=torch.channels_last).eval()
         normalize = Normalize(model.spec.input.mean, model.spec.input.std)
+        self.describe = (f"{model.spec.architecture}, {len(self.labels)} classes, {model.image_size} px, "
+                         f"precision {precision}, {self.threads.describe()}")
 
-        def setup() -> None:  # in the thread that runs the network
-            self.threads.__enter__()
-            torch.set_flush_denormal(True)  # a per-thread flag (see serve())
-
-        def run(batch: torch.Tensor) -> np.ndarray:
+        def run(images: list) -> np.ndarray:
+            if preparation.plain:  # N x S x S x 3 arrays: a channels-last N x 3 x S x S view
+                batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+            else:  # decoded pictures, for the transformation's operations
+                batch = torch.stack([preparation(image) for image in images])
             with torch.inference_mode(), autocast(precision, device):
                 return network(normalize(batch)).float().softmax(dim=1).numpy()
 
-        self.describe = (f"{model.spec.architecture}, {len(self.labels)} classes, {model.image_size} px, "
-                         f"precision {precision}, {self.threads.describe()}")
-        self.batcher = Batcher(run, max_batch=options.max_batch_size, max_wait_ms=options.max_wait_ms,
-                               max_queue=options.max_queue, setup=setup)
+        return run
 
     def metadata(self) -> dict:
         return {"name": self.name, "versions": ["1"], "platform": "pytorch_imgtrain",
@@ -125,16 +139,19 @@ class Endpoint:
                                "architecture": self.model.spec.architecture,
                                "content": "encoded image files (JPEG, PNG, ...), one per element"}}
 
-    def _decode(self, blobs: list[bytes], names: list[str]) -> torch.Tensor:
+    def _decode(self, blobs: list[bytes], names: list[str]) -> list:
+        """In a worker thread, with Pillow and numpy only: each image decoded, and prepared where no
+        transformation asks for torch."""
         from imgtrain.data.decode import decode_rgb
 
         images = []
         for blob, name in zip(blobs, names, strict=True):
             try:
-                images.append(self.preparation(decode_rgb(blob, name, draft_size=self.preparation.draft_size)))
+                image = decode_rgb(blob, name, draft_size=self.preparation.draft_size)
             except BadImageError as exc:
                 raise RequestError(400, f"{name}: {exc.reason}") from None
-        return torch.stack(images)
+            images.append(self.preparation.pixels(image) if self.preparation.plain else image)
+        return images
 
     async def probabilities(self, blobs: list[bytes], names: list[str]) -> np.ndarray:
         """Each image's class probabilities: decoded in a worker thread, then batched with other requests'."""
@@ -459,19 +476,12 @@ def serve(
     _imports()
     import uvicorn
 
-    from imgtrain.models.trained import load_trained_model
-
     options = options or ServeOptions()
     options.check()
     check_range("port", port, low=0, high=65535)
     _check_address(host, port)
     name = name or Path(trained_model).resolve().name
-    # Denormal numbers flushed to zero in this thread before any other starts: the flag is per thread, and
-    # the threads made later (uvicorn's, the decoding pool, OpenMP's workers, which move between callers)
-    # inherit it. Set in the batching thread alone, OpenMP's workers missed it: the network took 1.5x longer.
-    torch.set_flush_denormal(True)
-    model = load_trained_model(trained_model)
-    endpoint = Endpoint(model, name, options, log)
+    endpoint = Endpoint(trained_model, name, options, log)
     log(f"Serving {name} ({endpoint.describe}) on http://{host}:{port}: Open Inference Protocol at "
         f"/v2/models/{name}/infer, TorchServe's shape at /predictions/{name}; batches of up to "
         f"{options.max_batch_size} images, waiting up to {options.max_wait_ms:g} ms for them; Ctrl-C or SIGTERM "
