@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke test")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help="comma-separated sections to run: " + "; ".join(f"{k}: {v}" for k, (_, v) in
-                                                                            SECTIONS.items()))
+                                                                            SECTIONS.items()).replace("%", "%%"))
     parser.add_argument("--out", type=Path, help="the markdown results file (default: bench/results/<date>.md, "
                                                  "<date>-quick.md with --quick)")
     parser.add_argument("--cache-dir", type=Path,

@@ -4,8 +4,9 @@ ResNet-18 at 224 px (trained for one epoch on synthetic 400 x 300 JPEG photos), 
 posted raw to /predictions/NAME over a kept-alive connection. Measured side by side in one run:
 
 - the bare in-process call: decoding and preparing one image, and the network on it, in a Python
-  process set up as the server's is (no HTTP), the floor the server's single-client latency is held
-  to, alternated call by call with one client's requests so that both meet the same machine;
+  process set up as the server's is, in its precision (no HTTP), the floor the server's single-client
+  latency is held to, alternated call by call with one client's requests so that both meet the same
+  machine; and the network alone at batch sizes 1 and 16, an image, which bounds what batching buys;
 - the server with its defaults (dynamic batching: up to 16 images, waiting up to 5 ms while other
   requests are being decoded);
 - the same server one request at a time (``--max-batch-size 1``): the baseline batching must beat.
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import fixtures
 from context import Context
-from measure import Section, table
+from measure import REPO, Section, table
+from responsiveness import Code, codes
 
 CLIENTS = (1, 8, 32)
 PHOTOS = 48
@@ -39,11 +41,11 @@ def _free_port() -> int:
 
 
 class _Server:
-    def __init__(self, ctx: Context, model: Path, *args: str) -> None:
+    def __init__(self, ctx: Context, code: Code, model: Path, *args: str) -> None:
         self.port = _free_port()
         self.process = subprocess.Popen([ctx.python, "-m", "imgtrain", "serve", str(model), "--port", str(self.port),
-                                         "--name", "bench", *args], env=ctx.env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
+                                         "--name", "bench", *args], env=code.env(ctx), cwd=REPO,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -100,35 +102,57 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 _BARE = """
-import sys, time
+import statistics, sys, time
 import imgtrain  # first, as in the server: it shortens OpenMP's spin-wait before torch starts
+import numpy as np
 import torch
 from pathlib import Path
 from imgtrain import load_trained_model
 from imgtrain.data.decode import decode_rgb
 from imgtrain.data.transforms import Normalize
+from imgtrain.precision import autocast, resolve_precision
+torch.set_flush_denormal(True)
 loaded = load_trained_model(sys.argv[1])
 network = loaded.network.to(memory_format=torch.channels_last).eval()
 normalize = Normalize(loaded.spec.input.mean, loaded.spec.input.std)
+cpu = torch.device('cpu')
+precision = resolve_precision('auto', cpu)  # as the server, at its default
 blobs = [Path(p).read_bytes() for p in sys.argv[2:]]
-torch.set_flush_denormal(True)
-with torch.inference_mode():
-    for line in sys.stdin:
-        blob = blobs[int(line)]
-        t0 = time.perf_counter()
-        x = loaded.preparation(decode_rgb(blob, 'bench', draft_size=loaded.preparation.draft_size))[None]
-        t1 = time.perf_counter()
-        network(normalize(x)).softmax(dim=1).numpy()
-        t2 = time.perf_counter()
-        print(t2 - t0, t2 - t1, flush=True)
+
+def forward(x):
+    with torch.inference_mode(), autocast(precision, cpu):
+        return network(normalize(x)).float().softmax(dim=1).numpy()
+
+for line in sys.stdin:
+    if line.startswith('batches'):  # the network alone, per image, at batch sizes 1 and 16, alternating
+        size = loaded.image_size
+        x1, x16 = (torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8) for n in (1, 16))
+        one, sixteen = [], []
+        forward(x1), forward(x16)  # each shape's first call prepares its kernels
+        for _ in range(int(line.split()[1])):
+            for x, times in ((x1, one), (x16, sixteen)):
+                t0 = time.perf_counter()
+                forward(x)
+                times.append((time.perf_counter() - t0) / len(x))
+        print(statistics.median(one), statistics.median(sixteen), flush=True)
+        continue
+    blob = blobs[int(line)]
+    t0 = time.perf_counter()
+    pixels = loaded.preparation.pixels(decode_rgb(blob, 'bench', draft_size=loaded.preparation.draft_size))
+    x = torch.from_numpy(pixels[None].copy()).permute(0, 3, 1, 2)
+    t1 = time.perf_counter()
+    forward(x)
+    t2 = time.perf_counter()
+    print(t2 - t0, t2 - t1, flush=True)
 """
 
 
 def _paired(ctx: Context, port: int, model: Path, photos: list[Path], count: int
-            ) -> tuple[list[float], list[float], list[float]]:
+            ) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
     """One client, alternating call by call with the bare in-process call (in a process of its own, set up as
-    the server is) on the same image, so that both meet the same machine: (server latencies, bare decode +
-    prepare + network, bare network alone)."""
+    the server is, in its precision) on the same image, so that both meet the same machine: (server latencies,
+    bare decode + prepare + network, bare network alone); then the bare network's time an image at batch
+    sizes 1 and 16."""
     bare = subprocess.Popen([ctx.python, "-c", _BARE, str(model), *map(str, photos)], env=ctx.env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -146,11 +170,14 @@ def _paired(ctx: Context, port: int, model: Path, photos: list[Path], count: int
                 served.append(time.perf_counter() - t0)
                 whole.append(both[0])
                 alone.append(both[1])
+        bare.stdin.write(f"batches {max(3, count // 5)}\n")
+        bare.stdin.flush()
+        one, sixteen = (float(x) for x in bare.stdout.readline().split())
     finally:
         connection.close()
         bare.stdin.close()
         bare.wait(timeout=60)
-    return served, whole, alone
+    return served, whole, alone, [one], [sixteen]
 
 
 def serving(ctx: Context) -> Section:
@@ -167,14 +194,19 @@ def serving(ctx: Context) -> Section:
                      "--image-size", 224, "--overwrite")
     files = sorted(photos.rglob("*.jpg"))[:PHOTOS]
     blobs = [p.read_bytes() for p in files]
-    paired: tuple[list[float], list[float], list[float]] = ([], [], [])
-    servers = {"dynamic batching (defaults)": (), "one request at a time": ("--max-batch-size", "1")}
+    paired: tuple[list[float], ...] = ([], [], [], [], [])
+    # label: (code, arguments, the label of its baseline); with --compare-with, the revision's servers too
+    servers: dict[str, tuple[Code, tuple[str, ...], str]] = {}
+    for code in codes(ctx):
+        suffix = "" if code.src is None else f", {code.name}"
+        servers[f"dynamic batching (defaults){suffix}"] = (code, (), f"one request at a time{suffix}")
+        servers[f"one request at a time{suffix}"] = (code, ("--max-batch-size", "1"), f"one request at a time{suffix}")
     rates: dict[tuple[str, int], list[float]] = {}
     latencies: dict[tuple[str, int], list[float]] = {}
     failures: dict[tuple[str, int], int] = {}
-    # Both servers wait, loaded, side by side (an idle one takes no CPU); the rows alternate between them
-    # and repeat, so that a change in the machine's speed falls on both alike.
-    running = {label: _Server(ctx, root / "model", *args) for label, args in servers.items()}
+    # The servers wait, loaded, side by side (an idle one takes no CPU); the rows alternate between them
+    # and repeat, so that a change in the machine's speed falls on all alike.
+    running = {label: _Server(ctx, code, root / "model", *args) for label, (code, args, _) in servers.items()}
     try:
         for server in running.values():
             _load(server.port, blobs, 4, 1.0)  # warm up
@@ -194,10 +226,10 @@ def serving(ctx: Context) -> Section:
     finally:
         for server in running.values():
             server.stop()
-    single, whole, alone = (statistics.median(values) for values in paired)
+    single, whole, alone, one, sixteen = (statistics.median(values) for values in paired)
     rate = {key: statistics.median(values) for key, values in rates.items()}
     baseline_one = rate["one request at a time", 1]
-    rows = [[label, clients, f"{rate[label, clients]:.1f}", f"{rate[label, clients] / baseline_one:.2f}x",
+    rows = [[label, clients, f"{rate[label, clients]:.1f}", f"{rate[label, clients] / rate[servers[label][2], 1]:.2f}x",
              f"{statistics.median(latencies[label, clients]) * 1000:.0f}",
              f"{_percentile(latencies[label, clients], 0.99) * 1000:.0f}", failures[label, clients]]
             for label in servers for clients in CLIENTS]
@@ -206,16 +238,22 @@ def serving(ctx: Context) -> Section:
                f"of one client served one request at a time, and {batched_32 / unbatched_32:.2f}x the unbatched "
                f"server under the same 32 clients. One client, its requests alternating with the bare in-process "
                f"call on the same images: a median of {single * 1000:.1f} ms a request against {whole * 1000:.1f} ms "
-               f"for the bare call with decoding (**{single / whole:.2f}x**; the network alone {alone * 1000:.1f} ms).")
+               f"for the bare call with decoding (**{single / whole:.2f}x**; the network alone {alone * 1000:.1f} ms). "
+               f"What batching can buy: in-process, the network alone takes {one * 1000:.1f} ms an image at batch "
+               f"size 1 and {sixteen * 1000:.1f} at 16 ({one / sixteen:.2f}x); at 32 clients the server answers "
+               f"a request every {1000 / batched_32:.1f} ms, decoding and HTTP included.")
     return Section("Serving: `imgtrain serve` under concurrent clients", [
         f"ResNet-18 at 224 px, each request one 400 x 300 JPEG posted raw to `/predictions/NAME` over a kept-alive "
-        f"connection. Both servers run side by side; each row is the median of {reps} runs of {seconds:g} s, "
+        f"connection. The servers run side by side; each row is the median of {reps} runs of {seconds:g} s, "
         "alternating between the servers; the latencies are pooled over the runs. Clients are threads of the "
-        "benchmark process, on the same cores as the server.",
+        "benchmark process, on the same cores as the server. Each server is compared with its own code's one "
+        "client served one request at a time.",
         table(["server", "clients", "requests/s", "vs 1 client, one at a time", "p50 ms", "p99 ms", "failed"], rows),
         table(["one client, alternating call by call", "median ms"],
               [["`imgtrain serve`, one request (HTTP, decoding, network, answer)", f"{single * 1000:.1f}"],
                ["bare in-process call: decode + prepare + network, one image", f"{whole * 1000:.1f}"],
-               ["bare in-process call: network alone", f"{alone * 1000:.1f}"]]),
+               ["bare in-process call: network alone", f"{alone * 1000:.1f}"],
+               ["bare network alone, an image at batch size 1 (random pixels)", f"{one * 1000:.1f}"],
+               ["bare network alone, an image at batch size 16 (random pixels)", f"{sixteen * 1000:.1f}"]]),
         summary,
     ])

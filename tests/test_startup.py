@@ -87,3 +87,11 @@ print(after_directories, sorted(m for m in sys.modules if m.startswith("imgtrain
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[] []", r.stdout
+
+
+def test_the_benchmarks_help_lists_every_section():
+    """bench/run.py --help (its section list once held a bare %, which argparse took for a format)."""
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    r = subprocess.run([sys.executable, str(bench / "run.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "serve:" in r.stdout and "zoo:" in r.stdout
