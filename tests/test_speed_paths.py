@@ -91,3 +91,24 @@ def test_data_wait_is_measured(tmp_path, image_dirs, workers):
     result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", num_workers=workers,
                                  **TRAIN, **QUIET)
     assert all(0 <= m.data_wait_fraction < 1 for m in result.history)
+
+
+def test_denormals_are_flushed_in_every_thread_torch_computes_with():
+    """The flag is per thread, and OpenMP's workers, made at torch's first parallel work, do not take it from
+    the thread that sets it later: before, training and scoring flushed denormals in half of every operation."""
+    import sklearn.metrics  # noqa: F401  (its wheel's own libgomp, loaded beside torch's, as in an evaluation)
+
+    from imgtrain.precision import denormals_flushed
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # a team of two, whatever the cores: each thread gets half of the work below
+    try:
+        tiny = torch.from_numpy(np.full(2_000_000, 1e-39, dtype=np.float32))  # denormal
+        tiny.mul(0.5)  # the workers exist before the flag is set, as in a run
+        with denormals_flushed():
+            inside = tiny.mul(0.5)
+        outside = tiny.mul(0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert int((inside == 0).sum()) == len(tiny)  # flushed in every thread
+    assert int((outside == 0).sum()) == 0  # and set back afterwards

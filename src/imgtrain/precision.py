@@ -4,6 +4,7 @@ scaling on GPUs without bf16, fp32 otherwise."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import torch
@@ -40,9 +41,58 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 def denormals_flushed():
     """Flush denormal numbers to zero while training or scoring on the CPU: a nearly converged
     model's tiny gradients otherwise slow steps down up to 50x (measured on ResNet-18). The flag
-    is the calling thread's; it is set back to the default (off) afterwards."""
-    torch.set_flush_denormal(True)
+    belongs to each thread, and OpenMP's worker threads, made at torch's first parallel work (before
+    this, in any run), do not take it from the thread that sets it later: it is set in this thread
+    and in each worker torch computes with, and set back to the default (off) afterwards. Enter it
+    once the run's thread count is set."""
+    _in_every_openmp_thread(lambda: torch.set_flush_denormal(True))
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        _in_every_openmp_thread(lambda: torch.set_flush_denormal(False))
+
+
+def _in_every_openmp_thread(function) -> None:
+    """``function()`` in this thread and in each worker of the OpenMP team torch's parallel work from this
+    thread will use (an OpenMP parallel region of that size, through the runtime's ``GOMP_parallel``, which
+    libgomp, LLVM's libomp and Intel's all export); in this thread alone where no runtime is found."""
+    from imgtrain.threads import torch_default_threads
+
+    found = _openmp_parallel()
+    if found is None:
+        function()
+        return
+    parallel, region = found
+    # A team as large as any this process is likely to have made: torch's default, or more where set since.
+    parallel(region(lambda _: function()), None, max(torch.get_num_threads(), torch_default_threads()), 0)
+
+
+@functools.cache
+def _openmp_parallel():
+    """``GOMP_parallel`` of the OpenMP runtime torch computes with, among this process's mapped libraries, and
+    the type of the function it runs; or None. Other packages bring their own copies (scikit-learn's wheels a
+    libgomp in scikit_learn.libs): torch's own is preferred, then one that no other wheel vendors."""
+    import ctypes
+
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    runtimes = []
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        path = Path(fields[5]) if len(fields) == 6 else None
+        if path and path.name.startswith(("libgomp", "libomp", "libiomp5")) and path not in runtimes:
+            runtimes.append(path)
+    home = Path(torch.__file__).resolve().parent
+    runtimes.sort(key=lambda p: (home not in p.resolve().parents, p.parent.name.endswith(".libs")))
+    region = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    for path in runtimes:
+        try:
+            parallel = ctypes.CDLL(str(path)).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        parallel.argtypes = [region, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        parallel.restype = None
+        return parallel, region
+    return None

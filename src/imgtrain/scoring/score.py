@@ -153,7 +153,7 @@ def _probabilities(
     scored = np.zeros(len(mine), dtype=bool)
     bad_images = BadImagePolicy(on_bad_image, images, world.own_log(log))  # each names the bad ones it meets
     shown = bar(what="scoring", total=len(paths), show=progress if world.is_main else False)
-    with torch.inference_mode(), denormals_flushed(), threads, shown:
+    with torch.inference_mode(), threads, denormals_flushed(), shown:
         for batch in loader:
             threads.step()
             x, _, index = bad_images.filter(batch)

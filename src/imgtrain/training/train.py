@@ -312,7 +312,7 @@ def _fit_and_publish(run: _Run, stepper: Stepper, state: Fit, train_feed: Feeder
         return _Progress(batches, f"epoch {epoch}/{params.epochs}", show=progress if world.is_main else False)
 
     try:
-        with denormals_flushed(), stepper.threads:
+        with stepper.threads, denormals_flushed():
             state = fit(stepper, state, train_feed, val_feed, bad, files, log, epoch_bar, [trackers])
     except torch.OutOfMemoryError:
         raise _out_of_memory(run.device, params, run.image_size) from None
