@@ -66,7 +66,7 @@ class Config:
     imgtrain_recipe: str  # "designer": imgtrain with SGD and no augmentation, the baseline's work; "defaults"
     imgtrain_extra: tuple[str, ...] = ()  # more train-pytorch-model arguments for the throughput runs
     parity_seeds: tuple[int, ...] = (1,)  # training seeds of the fp32/bf16 comparison (one run each)
-    compare_with: str | None = None  # a git revision whose code the start-up and shared-CPU sections also run
+    compare_with: str | None = None  # a git revision whose code the start-up, shared-CPU and serve sections also run
 
     @classmethod
     def full(cls) -> Config:

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="time imgtrain at its defaults (AdamW, shift augmentation) instead of with the "
                              "baseline's optimiser and no augmentation")
     parser.add_argument("--compare-with", metavar="REV",
-                        help="a git revision (e.g. a commit before a change) whose code the startup and shared "
+                        help="a git revision (e.g. a commit before a change) whose code the startup, shared and serve "
                              "sections run too, side by side")
     parser.add_argument("--imgtrain-args", default="",
                         help="more arguments for imgtrain's throughput runs, e.g. '--precision fp32' to compare "
