@@ -41,10 +41,10 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 def denormals_flushed():
     """Flush denormal numbers to zero while training or scoring on the CPU: a nearly converged
     model's tiny gradients otherwise slow steps down up to 50x (measured on ResNet-18). The flag
-    belongs to each thread, and OpenMP's worker threads, made at torch's first parallel work (before
-    this, in any run), do not take it from the thread that sets it later: it is set in this thread
-    and in each worker torch computes with, and set back to the default (off) afterwards. Enter it
-    once the run's thread count is set."""
+    belongs to each thread, and OpenMP's worker threads, made at torch's first parallel work (in a
+    run, before this), do not take it from the thread that sets it later: it is set here in this
+    thread and in each worker torch computes with, and set back to the default (off) afterwards.
+    Enter it once the run's thread count is set."""
     _in_every_openmp_thread(lambda: torch.set_flush_denormal(True))
     try:
         yield
