@@ -4,9 +4,9 @@ ResNet-18 at 224 px (trained for one epoch on synthetic 400 x 300 JPEG photos), 
 posted raw to /predictions/NAME over a kept-alive connection. Measured side by side in one run:
 
 - the bare in-process call: decoding and preparing one image, and the network on it, in a Python
-  process set up as the server's is, in its precision (no HTTP), the floor the server's single-client
-  latency is held to, alternated call by call with one client's requests so that both meet the same
-  machine; and the network alone at batch sizes 1 and 16, an image, which bounds what batching buys;
+  process set up as the server's is, on its device and in its precision (no HTTP), the floor the server's
+  single-client latency is held to, alternated call by call with one client's requests so that both meet
+  the same machine; and the network alone at batch sizes 1 and 16, an image, which bounds what batching buys;
 - the server with its defaults (dynamic batching: up to 16 images, waiting up to 5 ms while other
   requests are being decoded);
 - the same server one request at a time (``--max-batch-size 1``): the baseline batching must beat.
@@ -110,18 +110,21 @@ from pathlib import Path
 from imgtrain import load_trained_model
 from imgtrain.data.decode import decode_rgb
 from imgtrain.data.transforms import Normalize
+from imgtrain.device import resolve_device
 from imgtrain.precision import autocast, resolve_precision
 torch.set_flush_denormal(True)
 loaded = load_trained_model(sys.argv[1])
-network = loaded.network.to(memory_format=torch.channels_last).eval()
-normalize = Normalize(loaded.spec.input.mean, loaded.spec.input.std)
-cpu = torch.device('cpu')
-precision = resolve_precision('auto', cpu)  # as the server, at its default
+device = resolve_device('auto')  # as the server, at its defaults
+precision = resolve_precision('auto', device)
+network = loaded.network.to(device, memory_format=torch.channels_last).eval()
+normalize = Normalize(loaded.spec.input.mean, loaded.spec.input.std).to(device)
 blobs = [Path(p).read_bytes() for p in sys.argv[2:]]
+name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
+print(f'{name}, precision {precision}', flush=True)
 
-def forward(x):
-    with torch.inference_mode(), autocast(precision, cpu):
-        return network(normalize(x)).float().softmax(dim=1).numpy()
+def forward(x):  # from the host's memory to the answer there, as the server runs it
+    with torch.inference_mode(), autocast(precision, device):
+        return network(normalize(x.to(device))).float().softmax(dim=1).cpu().numpy()
 
 for line in sys.stdin:
     if line.startswith('batches'):  # the network alone, per image, at batch sizes 1 and 16, alternating
@@ -148,15 +151,16 @@ for line in sys.stdin:
 
 
 def _paired(ctx: Context, port: int, model: Path, photos: list[Path], count: int
-            ) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
+            ) -> tuple[str, list[float], list[float], list[float], list[float], list[float]]:
     """One client, alternating call by call with the bare in-process call (in a process of its own, set up as
-    the server is, in its precision) on the same image, so that both meet the same machine: (server latencies,
-    bare decode + prepare + network, bare network alone); then the bare network's time an image at batch
-    sizes 1 and 16."""
+    the server is, on its device and in its precision) on the same image, so that both meet the same machine:
+    (where the network runs, server latencies, bare decode + prepare + network, bare network alone); then the
+    bare network's time an image at batch sizes 1 and 16."""
     bare = subprocess.Popen([ctx.python, "-c", _BARE, str(model), *map(str, photos)], env=ctx.env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     served, whole, alone = [], [], []
+    where = bare.stdout.readline().strip()
     try:
         for i in range(count + 3):
             k = i % len(photos)
@@ -177,7 +181,7 @@ def _paired(ctx: Context, port: int, model: Path, photos: list[Path], count: int
         connection.close()
         bare.stdin.close()
         bare.wait(timeout=60)
-    return served, whole, alone, [one], [sixteen]
+    return where, served, whole, alone, [one], [sixteen]
 
 
 def serving(ctx: Context) -> Section:
@@ -195,6 +199,7 @@ def serving(ctx: Context) -> Section:
     files = sorted(photos.rglob("*.jpg"))[:PHOTOS]
     blobs = [p.read_bytes() for p in files]
     paired: tuple[list[float], ...] = ([], [], [], [], [])
+    where = ""
     # label: (code, arguments, the label of its baseline); with --compare-with, the revision's servers too
     servers: dict[str, tuple[Code, tuple[str, ...], str]] = {}
     for code in codes(ctx):
@@ -211,8 +216,9 @@ def serving(ctx: Context) -> Section:
         for server in running.values():
             _load(server.port, blobs, 4, 1.0)  # warm up
         for rep in range(reps):
-            for pooled, new in zip(paired, _paired(ctx, running["dynamic batching (defaults)"].port, root / "model",
-                                                   files, 10 if quick else 30), strict=True):
+            where, *measured = _paired(ctx, running["dynamic batching (defaults)"].port, root / "model", files,
+                                       10 if quick else 30)
+            for pooled, new in zip(paired, measured, strict=True):
                 pooled.extend(new)
             order = list(running) if rep % 2 == 0 else list(reversed(running))
             for clients in CLIENTS:
@@ -243,8 +249,9 @@ def serving(ctx: Context) -> Section:
                f"size 1 and {sixteen * 1000:.1f} at 16 ({one / sixteen:.2f}x); at 32 clients the server answers "
                f"a request every {1000 / batched_32:.1f} ms, decoding and HTTP included.")
     return Section("Serving: `imgtrain serve` under concurrent clients", [
-        f"ResNet-18 at 224 px, each request one 400 x 300 JPEG posted raw to `/predictions/NAME` over a kept-alive "
-        f"connection. The servers run side by side; each row is the median of {reps} runs of {seconds:g} s, "
+        f"ResNet-18 at 224 px, the network on {where}, each request one 400 x 300 JPEG posted raw to "
+        f"`/predictions/NAME` over a kept-alive connection. The servers run side by side; each row is the median "
+        f"of {reps} runs of {seconds:g} s, "
         "alternating between the servers; the latencies are pooled over the runs. Clients are threads of the "
         "benchmark process, on the same cores as the server. Each server is compared with its own code's one "
         "client served one request at a time.",

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from imgtrain import load_trained_model, score_image_model, train_pytorch_model
+from test_deploy import Server, _imgtrain_probabilities, _val_images
 from test_reliability import Interrupt, _interrupt_after
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
@@ -72,3 +73,26 @@ def test_torchrun_with_nccl(tmp_path, image_dirs):
     trained = load_trained_model(tmp_path / "m")
     assert trained.spec.training["processes"] == processes
     assert not any(k.startswith("module.") for k in trained.network.state_dict())
+
+
+def test_serving_on_a_gpu_answers_as_the_cpu_does(trained_model, image_dirs):
+    """`imgtrain serve` runs the network on the GPU (by default, where there is one), over real HTTP."""
+    import json
+
+    paths = _val_images(image_dirs, 6)
+    model, expected = _imgtrain_probabilities(trained_model, paths)
+    running = Server(trained_model, "--precision", "fp32")
+    try:
+        status, meta = running.get("/v2/models/shades")
+        assert status == 200
+        for path, row in zip(paths, expected, strict=True):
+            status, body, _ = running.request("POST", "/predictions/shades", path.read_bytes(),
+                                              {"Content-Type": "image/png"})
+            answer = json.loads(body)
+            first, second = sorted(row)[-2:][::-1]
+            assert status == 200 and (answer["label"] == model.labels[int(row.argmax())] or first - second < 0.02)
+            # cuDNN's convolutions run in TF32 on tensor cores: close to the CPU's fp32, not equal
+            assert [answer["probabilities"][label] for label in model.labels] == pytest.approx(row, abs=1e-2)
+    finally:
+        code, err = running.stop()
+    assert code == 0 and "on cuda, precision fp32" in err, err

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import run_cli
@@ -35,7 +36,7 @@ def _imgtrain_probabilities(model_dir, paths):
     from imgtrain import load_trained_model, predict
 
     model = load_trained_model(model_dir)
-    answers = predict(model, paths, precision="fp32")
+    answers = predict(model, paths, precision="fp32", device="cpu")
     return model, np.array([[a.probabilities[label] for label in model.labels] for a in answers])
 
 
@@ -160,9 +161,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(trained_model):
-    # fp32, as the answers it is compared with: on a CPU with native bf16, auto would serve in bf16
+    # fp32 on the CPU, as the answers it is compared with: on a CPU with native bf16, auto would serve in bf16
+    # (and on a GPU machine, auto would serve there: tests/test_cuda.py does)
     running = Server(trained_model, "--max-batch-size", "8", "--max-body-mb", "1", "--max-queue", "64",
-                     "--precision", "fp32")
+                     "--precision", "fp32", "--device", "cpu")
     yield running
     code, err = running.stop()
     assert code == 0 and "Traceback" not in err, err
@@ -349,7 +351,7 @@ def test_requests_are_decoded_without_torch_and_scored_as_imgtrain_scores(traine
 
     paths = _val_images(image_dirs, 4)
     model, expected = _imgtrain_probabilities(trained_model, paths)
-    endpoint = Endpoint(trained_model, "shades", ServeOptions(precision="fp32"), log=lambda m: None)
+    endpoint = Endpoint(trained_model, "shades", ServeOptions(precision="fp32", device="cpu"), log=lambda m: None)
     try:
         with Operations() as operations:
             images = endpoint._decode([p.read_bytes() for p in paths], [p.name for p in paths])
@@ -451,4 +453,8 @@ def test_serve_refuses_what_is_not_a_trained_model_and_a_busy_port(image_dirs, t
         r = run_cli("serve", trained_model, "--port", str(taken.getsockname()[1]), check=False)
     assert r.returncode == 1 and r.stderr.startswith("error: InvalidParameterError: cannot listen on 127.0.0.1:")
     assert "pick another --port" in r.stderr
+    if not torch.cuda.is_available():  # tests/test_cuda.py serves on a GPU where there is one
+        r = run_cli("serve", trained_model, "--device", "cuda", "--port", str(_free_port()), check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.startswith("error: InvalidParameterError: device cuda was asked for but no CUDA GPU"), r.stderr
     assert os.environ.get("IMGTRAIN_OFFLINE") == "1"

@@ -314,7 +314,7 @@ def _serve(args) -> None:
 
     options = ServeOptions(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, max_body_mb=args.max_body_mb, threads=args.threads,
-                           precision=args.precision)
+                           precision=args.precision, device=args.device)
     serve(args.trained_model, host=args.host, port=args.port, name=args.name, options=options,
           log=_Log(args.quiet))
 
@@ -653,9 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits for requests still being decoded (a lone client never waits)")
     p.add_argument("--max-queue", type=_int, default=256, help="images waiting, at most; more get 503 at once")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="a larger request body gets 413")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 where the CPU runs it natively, else fp32 (fp32 answers as `imgtrain score "
-                        "--precision fp32` and an ONNX export do)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 where the CPU or GPU runs it natively, fp16 on other GPUs, else fp32 (fp32 "
+                        "answers as `imgtrain score --precision fp32` and an ONNX export do)")
     _threads(p)
     p.add_argument("--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")

@@ -59,10 +59,15 @@ class ServeOptions:
     max_queue: int = 256  # images waiting, at most; beyond, 503
     max_body_mb: float = 20.0  # a request body larger than this gets 413
     threads: int | str | None = None  # torch's CPU threads, as for training and scoring
-    precision: str = "auto"  # bf16 where the CPU runs it natively, else fp32
+    precision: str = "auto"  # bf16 on a GPU and where the CPU runs it natively, else fp32 (fp16 on older GPUs)
+    device: str = "auto"  # the first CUDA GPU where there is one, else the CPU
 
     def check(self) -> None:
-        check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        from imgtrain.device import resolve_device
+        from imgtrain.precision import PRECISIONS
+
+        check_choice("precision", self.precision, PRECISIONS)
+        resolve_device(self.device)  # cuda without a GPU is named now, before anything loads
         check_range("max_batch_size", self.max_batch_size, low=1, high=4096)
         check_range("max_wait_ms", self.max_wait_ms, low=0, high=10_000)
         check_range("max_queue", self.max_queue, low=1)
@@ -105,6 +110,7 @@ class Endpoint:
     def _start(self, trained_model: Path | str) -> Callable[[list], np.ndarray]:
         """In the batching thread: load the model and return what runs a batch through it."""
         from imgtrain.data.transforms import Normalize
+        from imgtrain.device import resolve_device
         from imgtrain.models.trained import load_trained_model
         from imgtrain.precision import autocast, resolve_precision
 
@@ -114,21 +120,25 @@ class Endpoint:
         self.model = model = load_trained_model(trained_model)
         self.labels = list(model.labels)
         self.preparation = preparation = model.preparation
-        device = torch.device("cpu")
+        device = resolve_device(self.options.device)
         precision = resolve_precision(self.options.precision, device)
-        network = model.network.to(memory_format=torch.channels_last).eval()
-        normalize = Normalize(model.spec.input.mean, model.spec.input.std)
-        self.describe = (f"{model.spec.architecture}, {len(self.labels)} classes, {model.image_size} px, "
-                         f"precision {precision}, {self.threads.describe()}")
+        network = model.network.to(device, memory_format=torch.channels_last).eval()
+        normalize = Normalize(model.spec.input.mean, model.spec.input.std).to(device)
+        self.describe = (f"{model.spec.architecture}, {len(self.labels)} classes, {model.image_size} px, on "
+                         f"{device}, precision {precision}, {self.threads.describe()}")
+
+        def forward(batch: torch.Tensor) -> np.ndarray:  # uint8 N x 3 x S x S, on the CPU
+            with torch.inference_mode(), autocast(precision, device):
+                return network(normalize(batch.to(device))).float().softmax(dim=1).cpu().numpy()
 
         def run(images: list) -> np.ndarray:
             if preparation.plain:  # N x S x S x 3 arrays: a channels-last N x 3 x S x S view
-                batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-            else:  # decoded pictures, for the transformation's operations
-                batch = torch.stack([preparation(image) for image in images])
-            with torch.inference_mode(), autocast(precision, device):
-                return network(normalize(batch)).float().softmax(dim=1).numpy()
+                return forward(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
+            return forward(torch.stack([preparation(image) for image in images]))  # pictures, for the operations
 
+        # One image through it before the server says it is ready: the first call sets up the kernels (on a
+        # GPU, CUDA's libraries: a second or more), which the first client would otherwise wait for.
+        forward(torch.zeros((1, 3, model.image_size, model.image_size), dtype=torch.uint8))
         return run
 
     def metadata(self) -> dict:
