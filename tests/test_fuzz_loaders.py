@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from imgtrain import ImageDirectory, load_trained_model
@@ -66,6 +66,7 @@ def test_image_directory_files_with_any_content(tmp_path_factory, image_dirs, ta
 
 
 @FUZZ
+@example(lines=[{"image_info": {"file_name": "image/0\x00.png"}, "category": "dark"}])
 @given(lines=st.lists(rows, min_size=1, max_size=4))
 def test_image_lists_with_hostile_rows(tmp_path_factory, image_dirs, lines):
     with _copy_of(image_dirs["val"], tmp_path_factory) as root:
@@ -88,6 +89,7 @@ def test_model_directory_files_with_any_content(tmp_path_factory, trained_model,
 
 
 @FUZZ
+@example(changes={"pretrained": "image/0_0.png", "weights": "\x00"})  # found on a GPU machine's hypothesis
 @given(changes=st.dictionaries(st.sampled_from(["architecture", "pretrained", "options", "trained", "labels",
                                                 "input", "weights", "flavor", "training", "versions"]),
                                json_values | names, min_size=1, max_size=3))

@@ -162,7 +162,7 @@ def _read_meta(root: Path) -> dict:
 
 def _inside(root: Path, name: object, what: str) -> Path:
     """A file name from a meta file as a path, refusing names that leave the directory."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or "\x00" in name:
         raise InvalidDatasetError(f"{root}: {what} is not a file name", _HINT)
     parts = PurePosixPath(name.replace("\\", "/"))
     if parts.is_absolute() or ".." in parts.parts or ":" in parts.parts[0]:

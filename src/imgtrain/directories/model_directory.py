@@ -91,6 +91,11 @@ class ModelSpec:
         return d
 
 
+def _a_file_name(name: object) -> bool:
+    """Whether a spec's file name names a file right inside the model directory (no folder, no NUL byte)."""
+    return isinstance(name, str) and "\x00" not in name and name not in ("", ".", "..") and Path(name).name == name
+
+
 def library_versions() -> dict[str, str]:
     """The versions that made a model directory, recorded in its spec (read from the installed
     packages' metadata: importing torch to ask would take seconds)."""
@@ -197,14 +202,14 @@ def _designer_spec(raw: dict, root: Path) -> ModelSpec:
         raise bad("flavor_extras.init_params.model_name is missing")
     options = {k: params[k] for k in ("memory_efficient", "zero_init_residual") if isinstance(params.get(k), bool)}
     weights = raw.get("model_file", "model")
-    if not isinstance(weights, str) or Path(weights).name != weights:
+    if not _a_file_name(weights):
         raise bad("model_file must name a file inside the directory")
     spec = ModelSpec(architecture=params["model_name"], pretrained=params.get("pretrained") is True, options=options,
                      weights=weights, made_by=DESIGNER)
     if "num_classes" not in params:
         return spec  # the designer's untrained directory: DenseNet or ResNet, not yet trained
     label_map = raw.get("label_map_file") or LABELS_FILE
-    if not isinstance(label_map, str) or Path(label_map).name != label_map or "\x00" in label_map:
+    if not _a_file_name(label_map):
         raise bad("label_map_file must name a file inside the directory")
     labels = _designer_labels(root / label_map, root)
     if type(params["num_classes"]) is not int or params["num_classes"] != len(labels):
@@ -281,7 +286,7 @@ def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:
         except InvalidTransformationDirectoryError as exc:
             raise InvalidModelDirectoryError(exc.message, HINT) from None
     weights = raw.get("weights")
-    if not isinstance(weights, str) or Path(weights).name != weights:
+    if not _a_file_name(weights):
         raise bad("weights must name a file inside the directory")
     training = raw.get("training") or {}
     if not isinstance(training, dict):
