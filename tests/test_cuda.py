@@ -96,3 +96,21 @@ def test_serving_on_a_gpu_answers_as_the_cpu_does(trained_model, image_dirs):
     finally:
         code, err = running.stop()
     assert code == 0 and "on cuda, precision fp32" in err, err
+
+
+def test_explaining_on_a_gpu_after_predicting_there(trained_model, image_dirs):
+    """predict() leaves the network on the GPU; explaining then runs there too, and agrees with the CPU."""
+    pytest.importorskip("captum")
+    from imgtrain import predict
+    from imgtrain.scoring.explain import explain_images
+
+    model = load_trained_model(trained_model)
+    paths = _val_images(image_dirs, 4)
+    predict(model, paths, device="cuda")
+    assert next(model.network.parameters()).device.type == "cuda"
+    names = [p.name for p in paths]
+    on_gpu = explain_images(model, paths, names, device="cuda")
+    on_cpu = explain_images(model, paths, names, device="cpu")
+    for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
+        assert gpu.predicted == cpu.predicted and gpu.probability == pytest.approx(cpu.probability, abs=1e-2)
+        assert gpu.saliency.shape == cpu.saliency.shape and abs(gpu.saliency - cpu.saliency).max() < 0.05

@@ -83,3 +83,8 @@ def test_transformers_get_integrated_gradients_and_the_cli_names_mistakes_first(
     again = run_cli("explain", "--trained-model", corner_model["model"], "--dataset", corner_model["val"],
                     "--output", tmp_path / "e", check=False)
     assert again.returncode == 1 and "OutputExistsError" in again.stderr
+    if not torch.cuda.is_available():  # tests/test_cuda.py explains on a GPU where there is one
+        gpu = run_cli("explain", "--trained-model", corner_model["model"], "--dataset", corner_model["val"],
+                      "--output", tmp_path / "g", "--device", "cuda", check=False)
+        assert gpu.returncode == 1 and "no CUDA GPU is available" in gpu.stderr and "Traceback" not in gpu.stderr
+        assert not (tmp_path / "g").exists()

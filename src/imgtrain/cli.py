@@ -162,8 +162,8 @@ def _image_model(args) -> None:
 def _explain(args) -> None:
     from imgtrain.scoring.explain import explain
 
-    explain(args.trained_model, args.dataset, args.output, images=args.images, overwrite=args.overwrite,
-            log=_Log(args.quiet))
+    explain(args.trained_model, args.dataset, args.output, images=args.images, device=args.device,
+            overwrite=args.overwrite, log=_Log(args.quiet))
 
 
 def _train(args) -> None:
@@ -625,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an ImageDirectory, a folder, or image files and glob patterns, as score takes")
     p.add_argument("--images", type=_int, default=16, help="how many images to explain")
     p.add_argument("--output", required=True, help="the folder to write the PNG files and index.html into")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
     _common(p)
 
     p = command("export", _export,

@@ -81,7 +81,7 @@ def saliency(network: nn.Module, x: torch.Tensor, targets: list[int], method: st
     """N x H x W maps for normalised images ``x`` (N x 3 x H x W) and their target classes."""
     attr = captum_module()
     network.eval()
-    target = torch.tensor(targets)
+    target = torch.tensor(targets, device=x.device)
     if method == "Grad-CAM":
         cam = attr.LayerGradCam(network, _grad_cam_layer(network, x))
         maps = cam.attribute(x, target=target, relu_attributions=True)
@@ -94,26 +94,29 @@ def saliency(network: nn.Module, x: torch.Tensor, targets: list[int], method: st
         maps = nn.functional.avg_pool2d(maps, 2 * side + 1, stride=1, padding=side, count_include_pad=False)[:, 0]
     maps = maps.detach().float().clamp(min=0)
     peak = maps.flatten(1).amax(dim=1).clamp(min=1e-12)
-    return (maps / peak[:, None, None]).numpy()
+    return (maps / peak[:, None, None]).cpu().numpy()
 
 
 def explain_images(model, paths: list[Path], names: list[str], truths: list[str | None] | None = None,
-                   batch_size: int = 8) -> list[Explanation]:
-    """An Explanation for each image file, for the class the model predicts."""
+                   batch_size: int = 8, device: str = "auto") -> list[Explanation]:
+    """An Explanation for each image file, for the class the model predicts, computed on ``device`` (auto:
+    the GPU where there is one), in fp32."""
     from imgtrain.data.decode import load_rgb
     from imgtrain.data.transforms import Normalize
+    from imgtrain.device import resolve_device
 
-    network = model.network.float().eval()
+    where = resolve_device(device)
+    network = model.network.to(where).float().eval()
     method = method_for(network)
-    normalize = Normalize(model.spec.input.mean, model.spec.input.std)
+    normalize = Normalize(model.spec.input.mean, model.spec.input.std).to(where)
     preparation = model.preparation
     out = []
     for start in range(0, len(paths), batch_size):
         chunk = range(start, min(start + batch_size, len(paths)))
         pictures = torch.stack([preparation(load_rgb(paths[i], draft_size=preparation.draft_size)) for i in chunk])
-        x = normalize(pictures)
+        x = normalize(pictures.to(where))
         with torch.no_grad():
-            probabilities = network(x).float().softmax(dim=1)
+            probabilities = network(x).float().softmax(dim=1).cpu()
         predicted = probabilities.argmax(dim=1).tolist()
         maps = saliency(network, x.requires_grad_(method != "Grad-CAM"), predicted, method)
         for k, i in enumerate(chunk):
@@ -158,11 +161,13 @@ def mistake_overlays(trained_model, mistakes, shown: int = 8) -> list[tuple[obje
         return []
 
 
-def explain(trained_model, dataset, output, *, images: int = 16, overwrite: bool = False,
+def explain(trained_model, dataset, output, *, images: int = 16, device: str = "auto", overwrite: bool = False,
             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> list[Explanation]:
     """Write, for up to ``images`` images of ``dataset`` (an ImageDirectory, folder, files or patterns), an
     overlay of where the model looked, as PNG files and one HTML page (``output/index.html``). With labels,
-    the mistakes come first, most confident first; then the rest in order."""
+    the mistakes come first, most confident first; then the rest in order. ``device``: auto (the GPU where
+    there is one), cpu, cuda or cuda:N."""
+    from imgtrain.device import resolve_device
     from imgtrain.directories.atomic import atomic_output_dir, check_output_writable
     from imgtrain.errors import check_range
     from imgtrain.models.trained import TrainedModel, load_trained_model
@@ -170,6 +175,7 @@ def explain(trained_model, dataset, output, *, images: int = 16, overwrite: bool
     from imgtrain.scoring.score import _rows, predict
 
     check_range("images", images, low=1)
+    resolve_device(device)  # cuda without a GPU: named before any work
     captum_module()  # missing: say so before any work
     rows = _rows(dataset)
     given = trained_model.path if isinstance(trained_model, TrainedModel) else trained_model
@@ -177,13 +183,14 @@ def explain(trained_model, dataset, output, *, images: int = 16, overwrite: bool
     model = trained_model if isinstance(trained_model, TrainedModel) else load_trained_model(trained_model)
     order = list(range(len(rows.paths)))
     if rows.categories is not None:
-        found = predict(model, rows.paths)
+        found = predict(model, rows.paths, device=device)
         wrong = [i for i in order if found[i].label != rows.categories[i]]
         wrong.sort(key=lambda i: -found[i].probability)
         order = wrong + [i for i in order if i not in set(wrong)]
     chosen = order[:images]
     explanations = explain_images(model, [rows.paths[i] for i in chosen], [rows.names[i] for i in chosen],
-                                  [rows.categories[i] for i in chosen] if rows.categories is not None else None)
+                                  [rows.categories[i] for i in chosen] if rows.categories is not None else None,
+                                  device=device)
     page = Page(f"Where {Path(model.path).name} looked")
     page.paragraph(f"{len(explanations)} images; {explanations[0].method} for the predicted class "
                    "(red: what raised its score most)." if explanations else "No images.", css="lead")
