@@ -22,7 +22,9 @@ from imgtrain.training.checkpoint import checkpoint_epoch
 from imgtrain.training.loop import evaluate
 
 # Long enough that a run can be killed between its first checkpoint and its end.
-ARGS = ("--epochs", "6", "--patience", "6", "--batch-size", "4", "--image-size", "32", "--num-workers", "0")
+# On the CPUs even where there is a GPU: two ranks need two GPUs (tests/test_cuda.py runs torchrun with NCCL)
+ARGS = ("--epochs", "6", "--patience", "6", "--batch-size", "4", "--image-size", "32", "--num-workers", "0",
+        "--device", "cpu")
 
 
 def torchrun(d: dict, output: Path, *extra: str, processes: int = 2, **popen) -> subprocess.Popen:
@@ -200,7 +202,8 @@ def test_scoring_under_torchrun_writes_the_table_of_one_process(tmp_path, refere
     score_image_model(reference, image_dirs["all"], tmp_path / "alone", num_workers=0, log=lambda m: None)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                         "imgtrain", "score", "--trained-model", reference, "--dataset", image_dirs["all"], "--output",
-                        tmp_path / "two", "--batch-size", "4", "--num-workers", "1"], capture_output=True, text=True,
+                        tmp_path / "two", "--batch-size", "4", "--num-workers", "1", "--device", "cpu"],
+                       capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Scored 36 images") == 1, r.stdout

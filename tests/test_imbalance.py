@@ -93,7 +93,7 @@ def _macro_recall(d: dict[str, Path], name: str, **choice) -> tuple[float, list[
     lines: list[str] = []
     model = d["root"] / name
     train_pytorch_model(d["untrained"], d["train"], d["val"], model, epochs=3, batch_size=16, image_size=32,
-                        num_workers=0, log=lines.append, **choice)
+                        num_workers=0, device="cpu", log=lines.append, **choice)  # re-evaluated on the CPU below
     score_image_model(model, d["val"], d["root"] / f"{name}-scored", log=lambda m: None)
     metrics = evaluate_model(d["root"] / f"{name}-scored", d["root"] / f"{name}-evaluation", log=lambda m: None)
     return metrics["recall_macro"], lines

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import torch
+
 from conftest import run_cli
 from test_models import place_fake_imagenet_weights
 
@@ -19,7 +21,8 @@ def test_cli_pipeline_end_to_end(tmp_path, labelled_folder):
     r = run_cli("train-pytorch-model", "--untrained-model", o / "untrained", "--training-data", o / "train",
                 "--validation-data", o / "val", "--output", o / "model", "--epochs", "3", "--batch-size", "8")
     assert "Trained model written to" in r.stdout
-    assert "image size 32" in r.stderr and "device cpu" in r.stderr  # it says what it uses
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert "image size 32" in r.stderr and f"device {device}" in r.stderr  # it says what it uses
     assert r.stderr.count("val loss") == 3
     run_cli("score-image-model", "--trained-model", o / "model", "--dataset", o / "val", "--output", o / "scored")
     r = run_cli("evaluate-model", "--scored-dataset", o / "scored", "--output", o / "eval")

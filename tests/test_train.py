@@ -60,7 +60,7 @@ def test_input_errors_name_the_problem(tmp_path, image_dirs, unlabeled):
                                  ("patience", 0, "[1, inf)")]:
         with pytest.raises(NotInRangeValueError, match=rf"parameter {name} is .*allowed: {re.escape(allowed)}"):
             train(d, tmp_path / "o", **{name: value})
-    with pytest.raises(InvalidParameterError, match="no CUDA GPU"):
+    with pytest.raises(InvalidParameterError, match="is not known" if torch.cuda.is_available() else "no CUDA GPU"):
         train(d, tmp_path / "o", device="cuda" if not torch.cuda.is_available() else "tpu")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
@@ -99,7 +99,7 @@ def test_trained_directory_is_complete_and_self_describing(trained_model, image_
     assert spec.labels == ["bright", "dark", "mid"] and spec.input.image_size == 32
     assert spec.input.mean == [0.485, 0.456, 0.406]
     assert spec.training["epochs"] == 3 and spec.training["batch_size"] == 8
-    assert spec.versions["torch"].startswith("2.14.1")
+    assert spec.versions["torch"] == torch.__version__.split("+")[0]  # as installed, without the local tag
     with open(trained_model / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "learning_rate", "train_images_per_second", "train_loss", "train_error",
@@ -134,7 +134,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, labelled_folder, image_di
                                    swap={"dark": "bright", "bright": "dark"})
     convert_to_image_directory(swapped, tmp_path / "val", log=lambda m: None)
     dirs = {**image_dirs, "val": tmp_path / "val"}
-    result = train(dirs, tmp_path / "out", epochs=12, patience=2)
+    result = train(dirs, tmp_path / "out", epochs=12, patience=2, device="cpu")  # re-evaluated on the CPU below
     assert result.stopped_epoch == result.best_epoch + 2 < 12
     losses = [m.validation_loss for m in result.history]
     assert len(losses) == result.stopped_epoch and min(losses) == losses[result.best_epoch - 1]

@@ -199,7 +199,7 @@ def test_training_with_a_transformation_records_and_scoring_applies_it(trained_w
     normalize = Normalize(model.spec.input.mean, model.spec.input.std)
     with torch.inference_mode():
         expected = model.network.eval()(normalize(by_hand)).softmax(dim=1).numpy()
-    answers = predict(model, paths, precision="fp32")
+    answers = predict(model, paths, precision="fp32", device="cpu")  # where `expected` was computed
     got = np.array([[a.probabilities[label] for label in model.labels] for a in answers])
     assert np.allclose(got, expected, atol=1e-5)
 

@@ -239,7 +239,8 @@ def test_timm_names_without_timm_say_how_to_install_it(tmp_path):
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'timm'\")\n")
     r = run_cli("image-model", "--model-name", "timm/convnext_nano", "--no-pretrained", "--output", tmp_path / "m",
-                check=False, env={"PYTHONPATH": str(tmp_path / "shadow")})
+                check=False, env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"),
+                                                                  *filter(None, [os.environ.get("PYTHONPATH")])])})
     assert r.returncode == 1 and r.stderr.strip() == (
         "error: MissingDependencyError: timm's models (timm/NAME) need timm, which is not installed. install it "
         "with `pip install 'imgtrain[timm]'`")
