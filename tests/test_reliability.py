@@ -292,9 +292,23 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, image_dirs, monkeypatch):
     del torchvision
 
 
+_ADDRESS_SPACE_OF_A_STARTED_RUN = """
+import torch, torchvision, imgtrain.training.train
+torchvision.models.resnet18()(torch.zeros(2, 3, 64, 64))  # torch's threads started, as in a run's first step
+print(next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmPeak')) * 1024)
+"""
+
+
 def test_out_of_memory_gets_a_clear_error(tmp_path, image_dirs):
+    # The address space a run takes before its first batch differs between builds and machines (a CUDA
+    # build maps more, each thread has its arenas): the limit leaves 2.5 GiB beyond it, where the first
+    # batch (27 images of 1536 px) needs several times that.
+    started = int(subprocess.run([sys.executable, "-c", _ADDRESS_SPACE_OF_A_STARTED_RUN], capture_output=True,
+                                 text=True, check=True).stdout)
+    limit = started + 2560 * 2**20
+
     def limit_memory():
-        resource.setrlimit(resource.RLIMIT_AS, (5000 * 2**20, 5000 * 2**20))
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     cmd = [sys.executable, "-m", "imgtrain", "train-pytorch-model", "--untrained-model", image_dirs["untrained"],
            "--training-data", image_dirs["train"], "--validation-data", image_dirs["val"], "--output",
