@@ -114,8 +114,11 @@ from imgtrain.device import resolve_device
 from imgtrain.precision import autocast, resolve_precision
 torch.set_flush_denormal(True)
 loaded = load_trained_model(sys.argv[1])
+from imgtrain.allocator import reuse_large_blocks
 device = resolve_device('auto')  # as the server, at its defaults
 precision = resolve_precision('auto', device)
+if device.type == 'cpu':
+    reuse_large_blocks()
 network = loaded.network.to(device, memory_format=torch.channels_last).eval()
 normalize = Normalize(loaded.spec.input.mean, loaded.spec.input.std).to(device)
 blobs = [Path(p).read_bytes() for p in sys.argv[2:]]

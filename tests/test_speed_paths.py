@@ -112,3 +112,45 @@ def test_denormals_are_flushed_in_every_thread_torch_computes_with():
         torch.set_num_threads(before)
     assert int((inside == 0).sum()) == len(tiny)  # flushed in every thread
     assert int((outside == 0).sum()) == 0  # and set back afterwards
+
+
+_FAULTS_OF_LARGE_BUFFERS = """
+import resource, sys
+import torch
+if sys.argv[1] != "plain":
+    from imgtrain import predict
+    from imgtrain.allocator import reuse_large_blocks
+    if sys.argv[1] == "predict":  # as scoring on the CPU sets it up
+        predict(sys.argv[2], sys.argv[3], device="cpu")
+    else:
+        print(reuse_large_blocks(), file=sys.stderr)
+faults = []
+for _ in range(6):  # a 48 MiB activation made and freed, as each inference pass does
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(12 * 2**20).fill_(1.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="glibc's malloc: Linux")
+def test_scoring_reuses_large_blocks_instead_of_faulting_in_fresh_pages(trained_model, image_dirs):
+    """allocator.py: by default glibc maps a 48 MiB block afresh at each allocation (about 12,000 pages faulted
+    in and zeroed each time); once scoring on the CPU has set malloc up, the block is reused."""
+    import subprocess
+    import sys
+
+    from imgtrain.directories.image_directory import ImageDirectory
+
+    image = ImageDirectory.load(image_dirs["val"]).path(0)
+
+    def faults(how: str, env: dict | None = None) -> int:
+        r = subprocess.run([sys.executable, "-c", _FAULTS_OF_LARGE_BUFFERS, how, str(trained_model), str(image)],
+                           capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
+        return int(r.stdout)
+
+    pages = 48 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    assert faults("plain") > pages  # four allocations, each faulting in most of its pages
+    assert faults("predict") < pages // 10
+    # a setting of one's own wins: imgtrain leaves malloc alone
+    assert faults("set", {"MALLOC_MMAP_THRESHOLD_": "131072"}) > pages

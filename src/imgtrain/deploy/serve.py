@@ -109,6 +109,7 @@ class Endpoint:
 
     def _start(self, trained_model: Path | str) -> Callable[[list], np.ndarray]:
         """In the batching thread: load the model and return what runs a batch through it."""
+        from imgtrain.allocator import reuse_large_blocks
         from imgtrain.data.transforms import Normalize
         from imgtrain.device import resolve_device
         from imgtrain.models.trained import load_trained_model
@@ -122,6 +123,8 @@ class Endpoint:
         self.preparation = preparation = model.preparation
         device = resolve_device(self.options.device)
         precision = resolve_precision(self.options.precision, device)
+        if device.type == "cpu":
+            reuse_large_blocks()  # each batch's activations from reused memory, not fresh pages (allocator.py)
         network = model.network.to(device, memory_format=torch.channels_last).eval()
         normalize = Normalize(model.spec.input.mean, model.spec.input.std).to(device)
         self.describe = (f"{model.spec.architecture}, {len(self.labels)} classes, {model.image_size} px, on "

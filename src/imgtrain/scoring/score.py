@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imgtrain.allocator import reuse_large_blocks
 from imgtrain.data.convert import find_images, is_image_file
 from imgtrain.data.dataset import BadImagePolicy, ImageDataset, SeededSampler
 from imgtrain.data.decode import ON_BAD_IMAGE
@@ -136,6 +137,8 @@ def _probabilities(
     """
     threads = Threads(parse_threads(threads), log)
     precision = resolve_precision(precision, device)
+    if device.type == "cpu":
+        reuse_large_blocks()  # each batch's activations from reused memory, not fresh pages (allocator.py)
     network = model.network.to(device, memory_format=torch.channels_last)
     normalize = Normalize(model.spec.input.mean, model.spec.input.std).to(device)
     images = ImageDataset(paths, None, model.image_size, prepare=model.preparation)
