@@ -6,11 +6,12 @@ most 32 MiB. An inference pass frees each activation as soon as the next layer h
 ResNet-18's first activations at batch size 16 and 224 px are 25-50 MiB: each pass then
 faulted in and zeroed some 17,000 pages anew (67 MiB), and a batch took 94 ms where it takes 73
 with the blocks reused. In `imgtrain serve` the state of the threshold depended on what the
-process had allocated before, so the same server ran 1.3-2x slower on some starts than on others
-(bench/README.md, "malloc").
+process had allocated before, so the same server answered up to 1.8x fewer requests on some starts
+than with the blocks reused (bench/README.md, "malloc").
 
 ``reuse_large_blocks()`` fixes the threshold at 256 MiB (blocks below it come from the heap and
-are reused) and trims the heap only when more than 512 MiB lie free at its top. Scoring and
+are reused) and trims the heap only when more than 512 MiB lie free at its top: the process keeps
+its largest batch's memory (a scoring run's peak rose by a tenth) and stops paying for it anew. Scoring and
 serving on the CPU call it; training, whose steps allocate the same sizes every time, gained
 nothing measurable from it and leaves malloc as it is. A setting of one's own wins: with
 MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ in the environment, or another allocator
