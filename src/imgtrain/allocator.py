@@ -11,11 +11,11 @@ than with the blocks reused (bench/README.md, "malloc").
 
 ``reuse_large_blocks()`` fixes the threshold at 256 MiB (blocks below it come from the heap and
 are reused) and trims the heap only when more than 512 MiB lie free at its top: the process keeps
-its largest batch's memory (a scoring run's peak rose by a tenth) and stops paying for it anew. Scoring and
-serving on the CPU call it; training, whose steps allocate the same sizes every time, gained
-nothing measurable from it and leaves malloc as it is. A setting of one's own wins: with
-MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ in the environment, or another allocator
-preloaded (jemalloc, tcmalloc), nothing is changed.
+its largest batch's memory (a scoring run's peak rose by a tenth) and stops paying for it anew.
+Scoring and serving on the CPU call it; training, whose steps allocate the same sizes every time,
+gained nothing measurable from it and leaves malloc as it is. A setting of one's own wins: with
+MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES in the environment, or another
+allocator preloaded (jemalloc, tcmalloc, mimalloc), nothing is changed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ MMAP_THRESHOLD = 256 * 2**20
 TRIM_THRESHOLD = 512 * 2**20
 _OLDER_GLIBC_MAX = 32 * 2**20  # the largest threshold older glibc versions accept on 64-bit systems
 
+_OWN_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
 _done = False
 
 
@@ -37,9 +40,9 @@ def reuse_large_blocks() -> bool:
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in (
-            "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")) \
-            or any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
+    own_setting = any(name in os.environ for name in _OWN_SETTINGS)
+    other_allocator = any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS)
+    if not sys.platform.startswith("linux") or own_setting or other_allocator:
         return False
     try:
         libc = ctypes.CDLL(None)
