@@ -79,28 +79,43 @@ def test_azures_own_keys_are_read(tmp_path):
         load_pipeline(tmp_path / "p.yaml")
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize("change, message, line", [
     (("component: evaluate-model", "component: evaluate-models"),
-     "step 'evaluate': unknown component 'evaluate-models'. did you mean evaluate-model?"),
+     "step 'evaluate': unknown component 'evaluate-models'. did you mean evaluate-model?", "evaluate-models"),
     (("epochs: 5", "epoch: 5"), "step 'train': train-pytorch-model has no input or parameter 'epoch'. did you mean "
-                                "epochs?"),
-    (("epochs: 5", "epochs: five"), "step 'train': parameter epochs is 'five'; it must be a integer"),
-    (("fraction: 0.9", "fraction: true"), "step 'split': parameter fraction is True; it must be a number"),
+                                "epochs?", "epoch: 5"),
+    (("epochs: 5", "epochs: five"), "step 'train': parameter epochs is 'five'; it must be an integer", "five"),
+    (("fraction: 0.9", "fraction: true"), "step 'split': parameter fraction is True; it must be a number", "true"),
     (('      validation_data: "${{parent.jobs.split.outputs.output_b}}"\n', ""),
-     "step 'train': input validation_data is not bound"),
+     "step 'train': input validation_data is not bound", "  train:"),
     (("parent.jobs.split.outputs.output_b}}\"\n      epochs", "parent.jobs.spilt.outputs.output_b}}\"\n      epochs"),
-     "step 'train': input validation_data binds to the step 'spilt', which does not exist"),
-    (("parent.jobs.split.outputs.output_a", "parent.jobs.split.outputs.output_c"),
-     "step 'train': input training_data binds to split.output_c, but split-image-directory has no output 'output_c'"),
-    (("parent.inputs.digits", "parent.inputs.photos"),
-     "step 'convert': input source binds to the pipeline input 'photos', which is not declared"),
+     "step 'train': input validation_data binds to the step 'spilt', which does not exist. did you mean split?",
+     "spilt"),
+    (("parent.jobs.split.outputs.output_a", "parent.jobs.split.outputs.outpt_a"),
+     "step 'train': input training_data binds to split.outpt_a, but split-image-directory has no output 'outpt_a'. "
+     "did you mean output_a?", "outpt_a"),
+    (("parent.inputs.digits", "parent.inputs.digit"),
+     "step 'convert': input source binds to the pipeline input 'digit', which is not declared (or is a value, not a "
+     "folder or file). did you mean digits?", "inputs.digit}"),
     (('inputs: {source: "${{parent.inputs.digits}}"}', 'inputs: {source: "${{parent.jobs.evaluate.outputs.output}}"}'),
-     "steps convert -> split -> untrained"),
-    (("type: pipeline", "type: command"), "is not a pipeline file (it needs `type: pipeline`)"),
+     "steps convert -> split -> untrained", None),
+    (("type: pipeline", "type: command"), "is not a pipeline file (it needs `type: pipeline`)", None),
     (('  evaluation: "${{parent.jobs.evaluate.outputs.output}}"', '  evaluation: "${{parent.jobs.judge.outputs.x}}"'),
-     "output 'evaluation' binds to judge.x, which no step writes"),
+     "output 'evaluation' binds to judge.x, which no step writes", "judge"),
+    (("inputs:\n  digits", "input:\n  digits"), "unknown key 'input' at the top. did you mean inputs?", "input:"),
+    (("    component: resnet\n", "    component: resnet\n    componnet: resnet\n"),
+     "step 'untrained': unknown key 'componnet'. did you mean component?", "componnet"),
+    # names become folders: never a path
+    (("  evaluation: ", "  ../../escaped-outside: "), "the output name '../../escaped-outside' is not a plain name",
+     "escaped-outside"),
+    (("  evaluation: ", "  /tmp/absolute: "), "the output name '/tmp/absolute' is not a plain name", "absolute"),
+    (("  evaluate:\n", "  ../evaluate:\n"), "the step name '../evaluate' is not a plain name", "../evaluate"),
+    (("  model: {type: uri_folder}", "  model: {type: uri_folder}\n  evaluation: {type: uri_folder}"),
+     "'evaluation' is given twice (first on line", "  evaluation: \""),
+    (("  score:\n", "  evaluate: {component: evaluate-model}\n  score:\n"), "'evaluate' is given twice",
+     "  evaluate:\n    component"),
 ])
-def test_every_mistake_is_one_line_naming_the_step(tmp_path, change, message):
+def test_every_mistake_is_one_line_naming_the_step(tmp_path, change, message, line):
     old, new = change
     text = EXAMPLE.read_text()
     assert old in text, old
@@ -113,6 +128,9 @@ def test_every_mistake_is_one_line_naming_the_step(tmp_path, change, message):
         assert "read each other's outputs in a cycle" in r.stderr and "convert" in r.stderr, r.stderr
     else:
         assert message in r.stderr, r.stderr
+    if line is not None:  # the line of the file where the mistake is
+        number = bad.read_text()[:bad.read_text().index(line)].count("\n") + 1
+        assert f"bad.yaml:{number}: " in r.stderr, (number, r.stderr)
 
 
 def _small_pipeline(folder: Path, source: Path, epochs: int) -> Path:
@@ -186,13 +204,74 @@ def test_a_killed_run_leaves_no_half_entry(tmp_path, labelled_folder):
             break
     process.wait(timeout=60)
     cache = tmp_path / CACHE_FOLDER
-    entries = [p for p in cache.iterdir() if not p.name.startswith("partial-")]
-    assert len(entries) == 3  # convert, split and untrained were complete; train was not
+    assert len(_entries(cache)) == 3  # convert, split and untrained were complete; train was not
     runs = run_pipeline(file, log=lambda m: None, force_rerun=True)
     assert [r.reused for r in runs] == [False] * 6  # --force-rerun runs everything
-    assert not list(cache.glob("partial-*")) and len(list(cache.iterdir())) == 6
+    assert not list(cache.glob("partial-*")) and len(_entries(cache)) == 6
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == [".locks"]
     assert (tmp_path / "p-output" / "model" / "model.safetensors").is_file()
     r = run_cli("pipeline", "run", file, check=False)
     assert r.returncode == 1 and "OutputExistsError" in r.stderr  # published outputs are not replaced unasked
     r = run_cli("pipeline", "run", file, "--overwrite")
     assert "6 reused" in r.stderr and r.stdout.strip() == "0 step(s) run, 6 reused"
+
+
+def _entries(cache: Path) -> list[Path]:
+    return [p for p in cache.iterdir() if not p.name.startswith(("partial-", "."))]
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_output_over_an_input_the_file_or_the_cache_is_refused(tmp_path):
+    """--overwrite never lets publishing replace the pipeline's own inputs, its file or its cache: each is refused
+    before any step runs, and the inputs stay byte for byte."""
+    from conftest import make_labelled_folder
+    from imgtrain.pipeline.run import CACHE_FOLDER
+
+    photos = make_labelled_folder(tmp_path / "data" / "photos-in", per_class=2)
+    file = tmp_path / "p.yaml"
+    file.write_text("type: pipeline\ninputs:\n  photos: {type: uri_folder, path: data/photos-in}\njobs:\n"
+                    "  convert: {component: convert, inputs: {source: \"${{parent.inputs.photos}}\"}}\n")
+    run_cli("pipeline", "run", file)  # the cache holds the convert step now
+    before, cache_before = _contents(photos), _contents(tmp_path / CACHE_FOLDER)
+    for output, message in [(photos, "is the pipeline input 'photos'"),
+                            (photos / "convert", "is inside the pipeline input 'photos'"),
+                            (tmp_path / "data", "holds the pipeline input 'photos'"),
+                            (tmp_path / CACHE_FOLDER, "is the step cache"),
+                            (tmp_path / CACHE_FOLDER / "out", "is inside the step cache"),
+                            (tmp_path, "holds the pipeline input")]:
+        r = run_cli("pipeline", "run", file, "--output", output, "--overwrite", check=False)
+        assert r.returncode == 1 and r.stderr.startswith("error: OutputNotWritableError: the output "), r.stderr
+        assert message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    r = run_cli("pipeline", "run", file, "--cache", photos / "cache", "--overwrite", check=False)
+    assert r.returncode == 1 and "the step cache" in r.stderr and "is inside the pipeline input 'photos'" in r.stderr
+    assert _contents(photos) == before and _contents(tmp_path / CACHE_FOLDER) == cache_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CACHE_FOLDER, "data", "p-output", "p.yaml"]
+
+
+def test_two_runs_sharing_a_cache_leave_each_other_alone(tmp_path, labelled_folder):
+    """Two pipeline files in one folder share its cache: a second run started while the first trains neither
+    deletes the first's work in progress nor computes the same step again; it waits and reuses it."""
+    from imgtrain.pipeline.run import run_pipeline
+
+    first = _small_pipeline(tmp_path, labelled_folder, epochs=3)
+    second = tmp_path / "q.yaml"
+    second.write_text(first.read_text())
+    process = subprocess.Popen([sys.executable, "-m", "imgtrain", "pipeline", "run", str(first)],
+                               stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in process.stderr:
+        said.append(line)
+        if line.startswith("epoch 1/3"):  # the first run is training, in its partial folder
+            break
+    heard: list[str] = []
+    runs = run_pipeline(second, log=heard.append)
+    said += process.stderr.readlines()
+    assert process.wait(timeout=120) == 0, "".join(said)
+    assert {r.name: r.reused for r in runs} == dict.fromkeys(["convert", "split", "untrained", "train", "score",
+                                                             "evaluate"], True), heard
+    assert any("train" in m and "another run is computing it" in m for m in heard), heard
+    for name in ("model/model.safetensors", "evaluation/metrics.json"):
+        assert (tmp_path / "p-output" / name).read_bytes() == (tmp_path / "q-output" / name).read_bytes()

@@ -132,7 +132,13 @@ def _owner_alive(folder: Path) -> bool:
 def remove_stale_temporaries(target: Path) -> None:
     """Delete temporary directories that killed runs left for ``target``."""
     target = Path(target).absolute()
-    for leftover in target.parent.glob(f"{TMP_PREFIX}{target.name}-*"):
+    remove_abandoned(target.parent, f"{TMP_PREFIX}{target.name}-*")
+
+
+def remove_abandoned(folder: Path, pattern: str) -> None:
+    """Delete the directories in ``folder`` matching ``pattern`` whose owner is dead: never a live run's,
+    nor one whose owner is not known."""
+    for leftover in Path(folder).glob(pattern):
         if leftover.is_dir() and not _owner_alive(leftover):
             shutil.rmtree(leftover, ignore_errors=True)
 

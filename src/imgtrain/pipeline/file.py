@@ -15,8 +15,9 @@
     outputs:
       model: ${{parent.jobs.train.outputs.output}}      # or a step binds `outputs: {output: ${{parent.outputs.model}}}`
 
-Every mistake is one line naming the step (InvalidPipelineError): an unknown component, port or
-parameter, a value of the wrong type, a missing or dangling binding, a cycle.
+Every mistake is one line naming the line of the file and the step (InvalidPipelineError): an unknown
+key, component, port or parameter (with the closest name), a key given twice, a name that is not a plain
+name (outputs and steps become folders), a value of the wrong type, a missing or dangling binding, a cycle.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from imgtrain.pipeline.components import COMPONENTS, SHORT_NAMES, Component, fit
 _BINDING = re.compile(r"^\$\{\{\s*parent\.(?:inputs\.(?P<input>[\w-]+)|jobs\.(?P<job>[\w-]+)\.outputs\.(?P<port>\w+)"
                       r"|outputs\.(?P<output>[\w-]+))\s*\}\}$")
 PORT_TYPES = ("uri_folder", "uri_file")
+_NAME = re.compile(r"^[\w-]{1,100}$", re.ASCII)  # what a binding can name; outputs and steps become folders
+_TOP_KEYS = {"type", "inputs", "jobs", "outputs", "display_name", "description", "experiment_name", "settings",
+             "$schema", "name", "tags", "compute", "identity"}  # Azure's where-and-how keys: read and ignored
 _JOB_KEYS = {"component", "inputs", "outputs", "type", "display_name", "description",
              "name", "tags", "compute", "environment_variables"}  # the last four: Azure's, read and ignored
 
@@ -75,29 +79,90 @@ class Pipeline:
 def load_pipeline(path: Path | str) -> Pipeline:
     path = Path(path)
     try:
-        raw = yaml.safe_load(read_text(path))
+        raw = yaml.load(read_text(path), Loader=_Loader)  # noqa: S506 (a SafeLoader that refuses duplicate keys)
     except FileNotFoundError:
         raise InvalidPipelineError(f"{path} does not exist", "pass a pipeline file (.yaml)") from None
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise InvalidPipelineError(f"{path} cannot be read as YAML ({str(exc).splitlines()[0]})", _HINT) from None
+    except _DuplicateKey as exc:
+        raise InvalidPipelineError(f"{path}:{exc.line}: {exc.key!r} is given twice (first on line {exc.first})",
+                                   "keep one: YAML would silently keep the last") from None
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else "nested too deeply"
+        raise InvalidPipelineError(f"{path} cannot be read as YAML ({reason})", _HINT) from None
     if not isinstance(raw, dict) or raw.get("type") != "pipeline":
         raise InvalidPipelineError(f"{path} is not a pipeline file (it needs `type: pipeline`)", _HINT)
-    # Azure's keys that say where and how it runs (compute, experiment, identity) are read and ignored.
-    unknown = sorted(set(raw) - {"type", "inputs", "jobs", "outputs", "display_name", "description",
-                                 "experiment_name", "settings", "$schema", "name", "tags", "compute",
-                                 "identity"}, key=str)
+    unknown = sorted(set(raw) - _TOP_KEYS, key=str)
     if unknown:
-        raise InvalidPipelineError(f"{path}: unknown key {unknown[0]!r} at the top", _HINT)
+        raise InvalidPipelineError(f"{_at(path, raw, unknown[0])}: unknown key {unknown[0]!r} at the top",
+                                   _closest(unknown[0], _TOP_KEYS, _HINT))
     settings = raw.get("settings") or {}
     if not isinstance(settings, dict) or not isinstance(settings.get("force_rerun", False), bool):
-        raise InvalidPipelineError(f"{path}: settings must be a mapping, and its force_rerun true or false", _HINT)
+        raise InvalidPipelineError(f"{_at(path, raw, 'settings')}: settings must be a mapping, and its force_rerun "
+                                   "true or false", _HINT)
     inputs, values = _pipeline_inputs(raw.get("inputs") or {}, path)
     jobs = raw.get("jobs")
     if not isinstance(jobs, dict) or not jobs:
         raise InvalidPipelineError(f"{path} has no jobs", "add `jobs:`, one entry per step")
-    steps = {str(name): _step(str(name), job, inputs, values, jobs, path) for name, job in jobs.items()}
+    for name in jobs:
+        _check_name(name, "step", path, jobs)
+    steps = {name: _step(name, job, inputs, values, jobs, path) for name, job in jobs.items()}
     outputs = _pipeline_outputs(raw.get("outputs") or {}, steps, path)
     return Pipeline(path, inputs, values, _in_order(steps, path), outputs, settings.get("force_rerun", False))
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: object, line: int, first: int) -> None:
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _Mapping(dict):
+    """A YAML mapping that remembers the line of each key, for messages."""
+
+    lines: dict
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error, not the last one silently kept
+    (two jobs of one name), and each mapping knows its keys' lines."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Mapping:
+    lines: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in lines:
+                raise _DuplicateKey(key, line, lines[key])
+            lines[key] = line
+        except TypeError:  # an unhashable key: construct_mapping names it
+            pass
+    mapping = _Mapping(loader.construct_mapping(node, deep=True))
+    mapping.lines = lines
+    return mapping
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _at(path: Path, mapping: object, key: object) -> str:
+    """``file:line`` of a key in a mapping (the file alone where the line is not known)."""
+    line = getattr(mapping, "lines", {}).get(key)
+    return f"{path}:{line}" if line else str(path)
+
+
+def _closest(word: object, choices, otherwise: str) -> str:
+    close = difflib.get_close_matches(str(word), sorted(map(str, choices)), n=1)
+    return f"did you mean {close[0]}?" if close else otherwise
+
+
+def _check_name(name: object, what: str, path: Path, mapping: dict) -> None:
+    """A step's or an output's name becomes a folder (in the cache, and under --output): a plain name only."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidPipelineError(f"{_at(path, mapping, name)}: the {what} name {name!r} is not a plain name",
+                                   "use letters, digits, _ and - (at most 100): it names a folder and a binding")
 
 
 _HINT = "see the README, \"Pipelines\""
@@ -108,16 +173,18 @@ def _pipeline_inputs(raw: object, path: Path) -> tuple[dict[str, tuple[str, Path
         raise InvalidPipelineError(f"{path}: inputs must be a mapping of names", _HINT)
     folders, values = {}, {}
     for name, spec in raw.items():
+        _check_name(name, "input", path, raw)
         if isinstance(spec, dict):
             kind, where = spec.get("type"), spec.get("path")
             if kind not in PORT_TYPES or not isinstance(where, str) or not where:
-                raise InvalidPipelineError(f"{path}: input {name!r} needs a type (uri_folder or uri_file) and a path",
-                                           _HINT)
-            folders[str(name)] = (kind, Path(os.path.normpath(path.parent / where)))
+                raise InvalidPipelineError(f"{_at(path, raw, name)}: input {name!r} needs a type (uri_folder or "
+                                           "uri_file) and a path", _HINT)
+            folders[name] = (kind, Path(os.path.normpath(path.parent / where)))
         elif spec is None or isinstance(spec, (bool, int, float, str)):
-            values[str(name)] = spec
+            values[name] = spec
         else:
-            raise InvalidPipelineError(f"{path}: input {name!r} is neither a folder or file nor a value", _HINT)
+            raise InvalidPipelineError(f"{_at(path, raw, name)}: input {name!r} is neither a folder or file nor a "
+                                       "value", _HINT)
     return folders, values
 
 
@@ -126,57 +193,63 @@ def _binding(value: object) -> re.Match | None:
 
 
 def _step(name: str, job: object, inputs: dict, values: dict, jobs: dict, path: Path) -> Step:
-    where = f"{path}: step {name!r}"
+    def where(mapping: object = jobs, key: object = name) -> str:
+        return f"{_at(path, mapping, key)}: step {name!r}"
+
     if not isinstance(job, dict):
-        raise InvalidPipelineError(f"{where} is not a mapping", _HINT)
+        raise InvalidPipelineError(f"{where()} is not a mapping", _HINT)
     extra = sorted(set(job) - _JOB_KEYS, key=str)
     if extra:
-        raise InvalidPipelineError(f"{where}: unknown key {extra[0]!r}", f"a step has {', '.join(sorted(_JOB_KEYS))}")
+        raise InvalidPipelineError(f"{where(job, extra[0])}: unknown key {extra[0]!r}",
+                                   _closest(extra[0], _JOB_KEYS, f"a step has {', '.join(sorted(_JOB_KEYS))}"))
     wanted = job.get("component")
     component = COMPONENTS.get(SHORT_NAMES.get(wanted, wanted)) if isinstance(wanted, str) else None
     if component is None:
-        close = difflib.get_close_matches(str(wanted), [*COMPONENTS, *SHORT_NAMES], n=1)
-        raise InvalidPipelineError(f"{where}: unknown component {wanted!r}",
-                                   f"did you mean {close[0]}?" if close else f"use one of {', '.join(COMPONENTS)}")
+        raise InvalidPipelineError(f"{where(job, 'component')}: unknown component {wanted!r}",
+                                   _closest(wanted, [*COMPONENTS, *SHORT_NAMES], f"use one of {', '.join(COMPONENTS)}"))
     step = Step(name, component)
     given = job.get("inputs") or {}
     if not isinstance(given, dict):
-        raise InvalidPipelineError(f"{where}: inputs must be a mapping", _HINT)
+        raise InvalidPipelineError(f"{where(job, 'inputs')}: inputs must be a mapping", _HINT)
     for key, value in given.items():
+        here = where(given, key)
         key = str(key)
         found = _binding(value)
         if key in component.inputs:
-            step.inputs[key] = _source(found, value, key, where, inputs, jobs)
+            step.inputs[key] = _source(found, value, key, here, inputs, jobs)
         elif key in component.parameters:
             if found and found["input"] is not None and found["input"] in values:
                 value = values[found["input"]]
             elif found:
-                raise InvalidPipelineError(f"{where}: parameter {key} can bind only to a value among the pipeline's "
-                                           f"inputs, not {value.strip()}", _HINT)
+                raise InvalidPipelineError(f"{here}: parameter {key} can bind only to a value among the pipeline's "
+                                           f"inputs, not {value.strip()}", _closest(found["input"], values, _HINT))
             if not fits(component.parameters[key], value):
-                raise InvalidPipelineError(f"{where}: parameter {key} is {value!r}; it must be a "
-                                           f"{component.parameters[key]}", _HINT)
+                kind = component.parameters[key]
+                raise InvalidPipelineError(f"{here}: parameter {key} is {value!r}; it must be "
+                                           f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}", _HINT)
             step.parameters[key] = value
         else:
-            close = difflib.get_close_matches(key, [*component.inputs, *component.parameters], n=1)
-            hint = f"did you mean {close[0]}?" if close else (
-                f"its inputs: {', '.join(component.inputs) or 'none'}; its parameters: "
-                f"{', '.join(component.parameters) or 'none'}")
-            raise InvalidPipelineError(f"{where}: {component.name} has no input or parameter {key!r}", hint)
+            raise InvalidPipelineError(f"{here}: {component.name} has no input or parameter {key!r}",
+                                       _closest(key, [*component.inputs, *component.parameters],
+                                                f"its inputs: {', '.join(component.inputs) or 'none'}; its "
+                                                f"parameters: {', '.join(component.parameters) or 'none'}"))
     missing = [port for port in component.inputs if port not in step.inputs and port not in component.optional]
     if missing:
-        raise InvalidPipelineError(f"{where}: input {missing[0]} is not bound",
+        raise InvalidPipelineError(f"{where()}: input {missing[0]} is not bound",
                                    "bind it to ${{parent.inputs.NAME}} or ${{parent.jobs.STEP.outputs.PORT}}")
     outputs = job.get("outputs") or {}
     if not isinstance(outputs, dict):
-        raise InvalidPipelineError(f"{where}: outputs must be a mapping", _HINT)
+        raise InvalidPipelineError(f"{where(job, 'outputs')}: outputs must be a mapping", _HINT)
     for port, value in outputs.items():
         if port not in component.outputs:
-            raise InvalidPipelineError(f"{where}: {component.name} has no output {port!r}",
-                                       f"its outputs: {', '.join(component.outputs)}")
+            raise InvalidPipelineError(f"{where(outputs, port)}: {component.name} has no output {port!r}",
+                                       _closest(port, component.outputs,
+                                                f"its outputs: {', '.join(component.outputs)}"))
         found = _binding(value)
         if not found or found["output"] is None:
-            raise InvalidPipelineError(f"{where}: output {port} must bind to ${{{{parent.outputs.NAME}}}}", _HINT)
+            raise InvalidPipelineError(f"{where(outputs, port)}: output {port} must bind to "
+                                       "${{parent.outputs.NAME}}", _HINT)
+        _check_name(found["output"], "output", path, outputs)
         step.published[str(port)] = found["output"]
     return step
 
@@ -189,16 +262,19 @@ def _source(found: re.Match | None, value: object, port: str, where: str, inputs
         if found["input"] not in inputs:
             raise InvalidPipelineError(f"{where}: input {port} binds to the pipeline input {found['input']!r}, "
                                        "which is not declared (or is a value, not a folder or file)",
-                                       "declare it under `inputs:` with a type and a path")
+                                       _closest(found["input"], inputs,
+                                                "declare it under `inputs:` with a type and a path"))
         return Source(input=found["input"])
     job, output = found["job"], found["port"]
     if job not in jobs:
-        raise InvalidPipelineError(f"{where}: input {port} binds to the step {job!r}, which does not exist", _HINT)
+        raise InvalidPipelineError(f"{where}: input {port} binds to the step {job!r}, which does not exist",
+                                   _closest(job, jobs, _HINT))
     other = jobs[job].get("component") if isinstance(jobs[job], dict) else None
     other = COMPONENTS.get(SHORT_NAMES.get(other, other)) if isinstance(other, str) else None
     if other is not None and output not in other.outputs:
         raise InvalidPipelineError(f"{where}: input {port} binds to {job}.{output}, but {other.name} has no output "
-                                   f"{output!r}", f"its outputs: {', '.join(other.outputs)}")
+                                   f"{output!r}", _closest(output, other.outputs,
+                                                           f"its outputs: {', '.join(other.outputs)}"))
     return Source(job=job, port=output)
 
 
@@ -208,19 +284,24 @@ def _pipeline_outputs(raw: object, steps: dict[str, Step], path: Path) -> dict[s
     bound = {name: (step.name, port) for step in steps.values() for port, name in step.published.items()}
     outputs = {}
     for name, value in raw.items():
-        name, found = str(name), _binding(value)
+        _check_name(name, "output", path, raw)
+        here, found = _at(path, raw, name), _binding(value)
         if found and found["job"] is not None:
             step = steps.get(found["job"])
             if step is None or found["port"] not in step.component.outputs:
-                raise InvalidPipelineError(f"{path}: output {name!r} binds to {found['job']}.{found['port']}, "
-                                           "which no step writes", _HINT)
+                hint = (_closest(found["job"], steps, _HINT) if step is None else
+                        _closest(found["port"], step.component.outputs,
+                                 f"its outputs: {', '.join(step.component.outputs)}"))
+                raise InvalidPipelineError(f"{here}: output {name!r} binds to {found['job']}.{found['port']}, "
+                                           "which no step writes", hint)
             outputs[name] = (found["job"], found["port"])
         elif found is None and (value is None or isinstance(value, dict)):  # declared; a step binds to it
             if name not in bound:
-                raise InvalidPipelineError(f"{path}: output {name!r} is declared but no step binds to it", _HINT)
+                raise InvalidPipelineError(f"{here}: output {name!r} is declared but no step binds to it",
+                                           _closest(name, bound, _HINT))
             outputs[name] = bound[name]
         else:
-            raise InvalidPipelineError(f"{path}: output {name!r} must be ${{{{parent.jobs.STEP.outputs.PORT}}}}", _HINT)
+            raise InvalidPipelineError(f"{here}: output {name!r} must be ${{{{parent.jobs.STEP.outputs.PORT}}}}", _HINT)
     for name, source in bound.items():
         outputs.setdefault(name, source)
     return outputs

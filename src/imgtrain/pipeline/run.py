@@ -3,14 +3,18 @@
 A step's cache key is a digest of the component, imgtrain's version, its parameters, and the digests
 of what it reads: a pipeline input's files (names and bytes), or the key of the step that wrote it.
 A re-run reuses every step whose key is in the cache and runs only what changed; ``force_rerun``
-runs everything again. A step runs into a temporary folder of the cache and becomes an entry only
-when complete, by a rename: a killed run leaves no half-written entry (its temporary folder is
-removed by the next run). What the pipeline publishes is copied out of the cache (hard links where
-the file system allows).
+runs everything again. A step runs into a temporary folder of the cache, owned by its process, and
+becomes an entry only when complete, by a rename: a killed run leaves no half-written entry (the next
+run removes its temporary folder once its owner is dead, never a live run's). Runs may share a cache
+(two pipeline files in one folder do): a step is computed under a lock of its key, so a second run
+that needs the same step waits for it and reuses it. What the pipeline publishes is copied out of the
+cache (hard links where the file system allows), into an output that must not be or hold any of the
+pipeline's inputs, its file or its cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -19,17 +23,26 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from imgtrain import __version__
-from imgtrain.directories.atomic import atomic_output_dir
-from imgtrain.errors import ImgtrainError, InvalidPipelineError
+from imgtrain.directories.atomic import (
+    TMP_PREFIX,
+    atomic_output_dir,
+    check_output_writable,
+    make_owned_dir,
+    path_relation,
+    publish,
+    remove_abandoned,
+)
+from imgtrain.errors import ImgtrainError, InvalidPipelineError, OutputNotWritableError
 from imgtrain.pipeline.file import Pipeline, Step, load_pipeline
 
 CACHE_FOLDER = ".imgtrain-cache"  # beside the pipeline file, unless asked for elsewhere
 _PARTIAL = "partial-"
+_LOCKS = ".locks"  # one lock file per entry, held while a run computes it
 
 
 @dataclass
@@ -52,9 +65,10 @@ def run_pipeline(file: Path | str, output: Path | str | None = None, *, force_re
             raise InvalidPipelineError(f"{pipeline.path}: input {name!r} ({kind}) {path} does not exist",
                                        "make it, or correct its path (relative to the pipeline file)")
     store = Path(cache) if cache is not None else pipeline.path.parent / CACHE_FOLDER
+    output = Path(output) if output is not None else pipeline.path.with_name(pipeline.path.stem + "-output")
+    _check_places(pipeline, output, store, overwrite=overwrite)
     store.mkdir(parents=True, exist_ok=True)
     _remove_partials(store)
-    output = Path(output) if output is not None else pipeline.path.with_name(pipeline.path.stem + "-output")
     digests = {name: _folder_digest(path) for name, (_, path) in pipeline.inputs.items()}
     keys: dict[str, str] = {}
     runs = []
@@ -62,18 +76,33 @@ def run_pipeline(file: Path | str, output: Path | str | None = None, *, force_re
         keys[step.name] = _key(step, digests, keys)
         entry = store / keys[step.name]
         started = time.perf_counter()
-        if entry.is_dir() and not force_rerun:
-            log(f"step {step.name} ({step.component.name}): reused from the cache")
-            runs.append(StepRun(step.name, keys[step.name], True, 0.0))
-            continue
-        log(f"step {step.name} ({step.component.name}): running")
-        _run_step(step, pipeline, store, keys, entry, log)
+        with _computing(entry, step, log):  # another run computing this step now: wait for it, then reuse it
+            if entry.is_dir() and not force_rerun:
+                log(f"step {step.name} ({step.component.name}): reused from the cache")
+                runs.append(StepRun(step.name, keys[step.name], True, 0.0))
+                continue
+            log(f"step {step.name} ({step.component.name}): running")
+            _run_step(step, pipeline, store, keys, entry, log)
         runs.append(StepRun(step.name, keys[step.name], False, time.perf_counter() - started))
     _publish(pipeline, store, keys, output, overwrite=overwrite)
     reused = [r.name for r in runs if r.reused]
     log(f"pipeline done: {len(runs) - len(reused)} step(s) run, {len(reused)} reused"
         + (f" ({', '.join(reused)})" if reused else "") + f"; outputs in {output}")
     return runs
+
+
+def _check_places(pipeline: Pipeline, output: Path, store: Path, *, overwrite: bool) -> None:
+    """Before any step runs: the output may not be, lie in or hold an input, the pipeline file or the cache
+    (publishing replaces it: with --overwrite that would delete them), and the cache may not be or lie in an
+    input (entries are written into it); it may hold one, as a cache beside the file does."""
+    inputs = {f"pipeline input {name!r}": where for name, (_, where) in pipeline.inputs.items()}
+    inputs["pipeline file"] = pipeline.path
+    check_output_writable(output, overwrite=overwrite, inputs={**inputs, "step cache": store})
+    for what, where in inputs.items():
+        relation = path_relation(store, where)
+        if relation in ("is", "is inside"):
+            raise OutputNotWritableError(f"the step cache {store} {relation} the {what} {where}: its entries would "
+                                         "be written into that input", "choose a --cache outside the pipeline's inputs")
 
 
 def _key(step: Step, digests: dict[str, str], keys: dict[str, str]) -> str:
@@ -99,7 +128,7 @@ def _folder_digest(path: Path) -> str:
 def _run_step(step: Step, pipeline: Pipeline, store: Path, keys: dict[str, str], entry: Path, log) -> None:
     module, name = step.component.function.split(":")
     function = getattr(importlib.import_module(module), name)
-    work = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{entry.name}-", dir=store))
+    work = make_owned_dir(Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{entry.name}-", dir=store)))
     try:
         arguments = {port: (pipeline.inputs[s.input][1] if s.input is not None else store / keys[s.job] / s.port)
                      for port, s in step.inputs.items()}
@@ -111,9 +140,7 @@ def _run_step(step: Step, pipeline: Pipeline, store: Path, keys: dict[str, str],
         except ImgtrainError as exc:  # the module's own error, said as the step's
             exc.message = f"step {step.name!r}: {exc.message}"
             raise
-        if entry.exists() and entry.is_dir():  # --force-rerun: the new run replaces the old entry
-            shutil.rmtree(entry)
-        os.replace(work, entry)  # complete: it becomes the entry in one step
+        publish(work, entry)  # complete: it becomes the entry in one step (--force-rerun: replacing the old one)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -125,8 +152,32 @@ def _parameters(function) -> set[str]:
 
 
 def _remove_partials(store: Path) -> None:
-    for partial in store.glob(f"{_PARTIAL}*"):
-        shutil.rmtree(partial, ignore_errors=True)
+    """The temporary folders of runs that were killed; a live run's (sharing the cache) are left alone."""
+    remove_abandoned(store, f"{_PARTIAL}*")
+    remove_abandoned(store, f"{TMP_PREFIX}*")  # an entry replaced by --force-rerun, moved aside
+
+
+@contextlib.contextmanager
+def _computing(entry: Path, step: Step, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of a step's cache entry: two runs sharing a cache never compute one step at once (the
+    second waits, then finds the entry made). Advisory locks (flock), released by the system when a run dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    locks = entry.parent / _LOCKS
+    locks.mkdir(exist_ok=True)
+    with open(locks / entry.name, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"step {step.name} ({step.component.name}): another run is computing it; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _publish(pipeline: Pipeline, store: Path, keys: dict[str, str], output: Path, *, overwrite: bool) -> None:
