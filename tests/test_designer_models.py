@@ -153,3 +153,33 @@ def test_designer_specs_with_hostile_fields(tmp_path_factory, designer, changes,
             load_trained_model(root)
         except ImgtrainError:
             pass
+
+
+def test_a_report_of_a_designer_model_and_of_a_data_set_another_model_scored(designer, trained_model, image_dirs,
+                                                                            tmp_path):
+    """The designer records no training history: `report` writes what the model has and says what is missing.
+    A data set scored by another model (here the designer's, the same network in another file) is refused,
+    since its mistakes would be explained with a model that did not make them; the same model moved is not."""
+    import shutil
+
+    from conftest import run_cli
+
+    run_cli("score", "--trained-model", designer["trained"], "--dataset", image_dirs["val"], "--output",
+            tmp_path / "scored-by-designer", "--device", "cpu")
+    r = run_cli("report", designer["trained"], "--scored-dataset", tmp_path / "scored-by-designer", "--output",
+                tmp_path / "designer.html")
+    assert r.stderr.startswith("warning: ") and "holds no training history (metrics.csv)" in r.stderr, r.stderr
+    assert "Azure ML designer" in r.stderr and "Traceback" not in r.stderr
+    page = (tmp_path / "designer.html").read_text()
+    assert "No training curves" in page and "resnet18" in page and "Evaluation on scored-by-designer" in page
+    assert all(label in page for label in load_trained_model(trained_model).labels)
+
+    r = run_cli("report", trained_model, "--scored-dataset", tmp_path / "scored-by-designer", "--output",
+                tmp_path / "mixed.html", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: InvalidDatasetError: "), r.stderr
+    assert f"was scored by another model ({designer['trained'].resolve()}), not {trained_model}" in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "mixed.html").exists()
+
+    moved = tmp_path / "moved-model"
+    shutil.copytree(designer["trained"], moved)
+    run_cli("report", moved, "--scored-dataset", tmp_path / "scored-by-designer", "--output", tmp_path / "ok.html")

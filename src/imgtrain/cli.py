@@ -297,7 +297,7 @@ def _report(args) -> None:
     from imgtrain.scoring.report import report
 
     report(args.trained_model, args.output, scored_dataset=args.scored_dataset, overwrite=args.overwrite,
-           log=lambda message: None)
+           log=_Log(quiet=True))  # its warnings; the summary below says where the page is
     _say(args, f"Report written to {args.output}")
 
 

@@ -68,6 +68,14 @@ def read_bytes(path: Path | str, limit: int | None = None) -> bytes:
     return data
 
 
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a regular file's bytes, read in blocks."""
+    import hashlib
+
+    with open_regular(path) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def read_text(path: Path | str) -> str:
     """The UTF-8 text of a regular file (UnicodeDecodeError, a ValueError, when it is not UTF-8)."""
     return read_bytes(path).decode("utf-8")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from pathlib import Path
 
-from imgtrain.directories.model_directory import METRICS_FILE, ModelSpec, load_model_spec
+from imgtrain.directories.model_directory import DESIGNER, METRICS_FILE, ModelSpec, load_model_spec
 from imgtrain.reports import plots
 from imgtrain.reports.page import Page, figure_png
 
@@ -22,13 +23,33 @@ def read_history(model: Path) -> list[dict]:
                 for row in csv.DictReader(f)]
 
 
-def training_page_of(model: Path, title: str | None = None) -> Page:
-    """The report of a trained model directory, from its files."""
+def training_page_of(model: Path, title: str | None = None, log: Callable[[str], None] = lambda m: None) -> Page:
+    """The report of a trained model directory, from its files. One without a training history (the designer's
+    Train PyTorch Model records none, or metrics.csv was removed) gets what it has, and ``log`` a warning."""
     model = Path(model)
     spec = load_model_spec(model, need_trained=True)
+    title = title or f"Training report: {model.name}"
+    if not (model / METRICS_FILE).is_file() or "best_epoch" not in spec.training:
+        made_by = spec.training.get("made_by") or "another tool"
+        missing = (f"{model} holds no training history ({METRICS_FILE}): it was made by {made_by}, which records "
+                   "none" if spec.made_by == DESIGNER else f"{model / METRICS_FILE} is missing")
+        log(f"warning: {missing}; the report shows the model's parameters, classes and input (and the evaluation, "
+            "given a scored data set), without curves or per-epoch figures")
+        return summary_page(spec, missing, title)
     images = model / TRAINING_IMAGES
-    return training_page(spec, read_history(model), images.read_bytes() if images.is_file() else None,
-                         title or f"Training report: {model.name}")
+    return training_page(spec, read_history(model), images.read_bytes() if images.is_file() else None, title)
+
+
+def summary_page(spec: ModelSpec, missing: str, title: str) -> Page:
+    """What a model without a training history tells of itself: architecture, classes, input, parameters."""
+    page = Page(title)
+    start = "fine-tuned from ImageNet weights" if spec.pretrained else "trained from scratch"
+    page.paragraph(f"{spec.architecture}, {start}, {spec.num_classes:,} classes. No training curves: {missing}.",
+                   css="lead")
+    _data_summary(page, spec.labels, spec.training)
+    page.heading("Parameters", "parameters")
+    page.table(["parameter", "value"], _parameters(spec))
+    return page
 
 
 def training_page(spec: ModelSpec, history: list[dict], training_images: bytes | None, title: str) -> Page:
@@ -61,14 +82,17 @@ def training_page(spec: ModelSpec, history: list[dict], training_images: bytes |
                     "the label (flipped digits, cropped-out objects) shows here.",
                     "a grid of augmented training images", "images-figure")
     page.heading("Parameters", "parameters")
-    rows = [("architecture", spec.architecture), ("pretrained", spec.pretrained),
+    page.table(["parameter", "value"], _parameters(spec))
+    return page
+
+
+def _parameters(spec: ModelSpec) -> list[tuple]:
+    return [("architecture", spec.architecture), ("pretrained", spec.pretrained),
             *((f"option {k}", v) for k, v in spec.options.items()),
-            *((k, _value(v)) for k, v in t.items() if k not in _NOT_PARAMETERS),
+            *((k, _value(v)) for k, v in spec.training.items() if k not in _NOT_PARAMETERS),
             ("input", f"{spec.input.image_size} px, resize {spec.input.resize}, mean {spec.input.mean}, "
                       f"std {spec.input.std}"),
             *((f"version of {k}", v) for k, v in spec.versions.items())]
-    page.table(["parameter", "value"], rows)
-    return page
 
 
 def _value(v: object) -> object:

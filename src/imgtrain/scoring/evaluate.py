@@ -27,6 +27,7 @@ from imgtrain.scoring.table import (
     PROBABILITY_PREFIX,
     SCORED_FILE,
     SCORED_LABEL,
+    TRAINED_MODEL,
 )
 
 METRICS_JSON = "metrics.json"
@@ -107,6 +108,12 @@ def _number(text: str | None) -> float:
         return float("nan")
 
 
+def scoring_record(scored: Path) -> dict:
+    """What Score Image Model recorded of a scored data set (a folder, or its scored.csv): the model that scored
+    it, its weights' sha256, the image root; {} for a table another tool wrote."""
+    return _meta(scored if scored.is_dir() else scored.parent)
+
+
 def _meta(folder: Path) -> dict:
     """The scored folder's _meta.yaml: Score Image Model's keys under ``extension`` (older versions kept them
     at the top), {} where there is none or it cannot be read."""
@@ -131,7 +138,7 @@ def _overlays(folder: Path, mistakes: list[Mistake]) -> list:
     imgtrain[explain] is installed and the model is still there."""
     import importlib.util
 
-    model = _meta(folder).get("trained_model")
+    model = _meta(folder).get(TRAINED_MODEL)
     if not mistakes or not isinstance(model, str) or not Path(model).is_dir() \
             or importlib.util.find_spec("captum") is None:
         return []

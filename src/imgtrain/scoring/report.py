@@ -8,10 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imgtrain.directories.atomic import check_output_writable
-from imgtrain.errors import OutputNotWritableError
+from imgtrain.directories.files import file_sha256
+from imgtrain.directories.model_directory import load_model_spec
+from imgtrain.errors import InvalidDatasetError, OutputNotWritableError
 from imgtrain.reports.evaluation import evaluation_page
 from imgtrain.reports.training import training_page_of
-from imgtrain.scoring.evaluate import metrics_of, mistakes_of, read_scored
+from imgtrain.scoring.evaluate import metrics_of, mistakes_of, read_scored, scoring_record
+from imgtrain.scoring.table import TRAINED_MODEL, WEIGHTS_SHA256
 
 
 def report(
@@ -23,14 +26,18 @@ def report(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> Path:
     """Write ``output`` (an HTML file): the model's training report and, with ``scored_dataset`` (the output
-    of Score Image Model, labelled), its evaluation on those images."""
-    output = Path(output)
+    of Score Image Model, labelled), its evaluation on those images. A model without a training history (the
+    designer's) gets what it has, and a warning says what is missing; a data set another model scored is
+    refused."""
+    output, trained_model = Path(output), Path(trained_model)
     if output.is_dir():
         raise OutputNotWritableError(f"the output {output} is a folder: the report is one HTML file",
                                      f"name a file, e.g. {output / 'report.html'}")
     inputs = {"trained model": trained_model, **({"scored dataset": scored_dataset} if scored_dataset else {})}
     check_output_writable(output, overwrite=overwrite, inputs=inputs)
-    page = training_page_of(Path(trained_model), title=f"Report: {Path(trained_model).name}")
+    if scored_dataset is not None:
+        _check_scored_by(trained_model, Path(scored_dataset))
+    page = training_page_of(trained_model, title=f"Report: {trained_model.name}", log=log)
     if scored_dataset is not None:
         table = read_scored(Path(scored_dataset))
         mistakes = mistakes_of(table)
@@ -38,9 +45,25 @@ def report(
         if mistakes and importlib.util.find_spec("captum") is not None:
             from imgtrain.scoring.explain import mistake_overlays
 
-            overlays = mistake_overlays(Path(trained_model), mistakes)
+            overlays = mistake_overlays(trained_model, mistakes)
         page.extend(evaluation_page(metrics_of(table), mistakes, title=f"Evaluation on {Path(scored_dataset).name}",
                                     overlays=overlays))
     page.write(output)
     log(f"Report written to {output}")
     return output
+
+
+def _check_scored_by(model: Path, scored: Path) -> None:
+    """Refuse a scored data set that Score Image Model recorded as scored by another model (its weights' sha256
+    differs): its mistakes are that model's, and the page would explain them with this one."""
+    record = scoring_record(scored)
+    digest = record.get(WEIGHTS_SHA256)
+    if not isinstance(digest, str):
+        return  # the designer's table, or one scored before the digest was recorded: nothing to compare
+    spec = load_model_spec(model, need_trained=True)
+    if file_sha256(model / spec.weights) != digest:
+        raise InvalidDatasetError(
+            f"{scored} was scored by another model ({record.get(TRAINED_MODEL, 'unknown')}), not {model}: its "
+            "predictions and mistakes are that model's",
+            f"score the images with this model first (imgtrain score-image-model --trained-model {model} ...), "
+            "or report the model that scored them")

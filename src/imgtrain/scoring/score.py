@@ -23,6 +23,7 @@ from imgtrain.data.transforms import Normalize
 from imgtrain.device import resolve_device
 from imgtrain.directories import dataframe_directory
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
+from imgtrain.directories.files import file_sha256
 from imgtrain.directories.image_directory import META_FILE, ImageDirectory
 from imgtrain.distributed import ALONE, World, join_world, leave_world, rank_device
 from imgtrain.errors import InvalidDatasetError, check_choice, check_range, option
@@ -36,6 +37,8 @@ from imgtrain.scoring.table import (
     PROBABILITY_PREFIX,
     SCORED_FILE,
     SCORED_LABEL,
+    TRAINED_MODEL,
+    WEIGHTS_SHA256,
 )
 from imgtrain.threads import Threads, parse_threads, worker_count
 
@@ -262,8 +265,8 @@ def _write_scores(output: Path | str, rows: _Rows, model: TrainedModel, probabil
             {dataframe_directory.TRUE_LABELS: LABEL_COLUMN} if rows.categories is not None else {},
             {**{PROBABILITY_PREFIX + label: PROBABILITY_PREFIX + label for label in labels},
              dataframe_directory.ASSIGNED_LABELS: SCORED_LABEL},
-            {"csv": SCORED_FILE, "labels": list(labels), "trained_model": str(model.path.resolve()),
-             IMAGE_ROOT: str(rows.root.absolute())}))
+            {"csv": SCORED_FILE, "labels": list(labels), TRAINED_MODEL: str(model.path.resolve()),
+             WEIGHTS_SHA256: file_sha256(model.path / model.spec.weights), IMAGE_ROOT: str(rows.root.absolute())}))
     return ScoreResult(Path(output), int(scored.sum()), rows.categories is not None)
 
 
