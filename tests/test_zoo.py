@@ -229,6 +229,14 @@ def test_timm_models_pretrained_from_the_hub_cache_and_from_scratch(tmp_path, mo
                 env={"HF_HUB_CACHE": str(tmp_path / "hub")})
     assert r.returncode == 1 and "WeightsUnavailableError: pretrained weights for timm/resnet18 are not cached" in \
         r.stderr and "models--timm--resnet18" in r.stderr and "--no-pretrained" in r.stderr
+    # no network, downloads allowed: one line at once, not the Hub client's half a minute of retries
+    r = run_cli("image-model", "--model-name", "timm/resnet18", "--output", tmp_path / "offline", check=False,
+                env={"HF_HUB_CACHE": str(tmp_path / "hub"), "IMGTRAIN_OFFLINE": "0",
+                     "HF_ENDPOINT": "https://hub.imgtrain-test.invalid"})
+    assert r.returncode == 1 and r.stderr.startswith("error: WeightsUnavailableError: pretrained weights for "
+                                                     "timm/resnet18 are not cached and the Hugging Face Hub cannot "
+                                                     "be reached (hub.imgtrain-test.invalid: "), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "models--timm--resnet18" in r.stderr
     listed = run_cli("list-models", "timm/convnext_n*", "--quiet").stdout
     assert "timm/convnext_nano " in listed
 

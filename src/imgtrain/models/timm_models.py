@@ -95,12 +95,35 @@ def ensure_timm_weights(name: str) -> Path:
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         raise WeightsUnavailableError(
             f"pretrained weights for {name} are not cached and {OFFLINE_ENV} forbids downloading", hint)
+    unreachable = _unreachable_hub()
+    if unreachable:  # the Hub's client would retry for half a minute, a line each time
+        raise WeightsUnavailableError(f"pretrained weights for {name} are not cached and the Hugging Face Hub cannot "
+                                      f"be reached ({unreachable})", hint)
     try:
         return Path(hf_hub_download(repo, WEIGHTS_FILE, cache_dir=cache))
     except Exception as exc:  # no network, no such file, a refused download: the hint says what to do
         raise WeightsUnavailableError(
             f"pretrained weights for {name} could not be downloaded from the Hugging Face Hub "
             f"({type(exc).__name__})", hint) from None
+
+
+def _unreachable_hub(timeout: float = 5.0) -> str | None:
+    """Why the Hub's host cannot be reached (a name that does not resolve, a refused or silent connection), or
+    None when it can, or when a proxy stands between (only a request through it can tell)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or exc}"
+    return None
 
 
 def build_timm(name: str, num_classes: int, *, pretrained: bool, image_size: int | None) -> nn.Module:
