@@ -65,6 +65,8 @@ def test_archives_with_wrapper_folders(tmp_path, labelled_folder, name):
     archive = _archive(labelled_folder, tmp_path / name)
     result = convert_to_image_directory(archive, tmp_path / "out")
     assert (result.num_images, result.categories) == (36, ["bright", "dark", "mid"])
+    if name.endswith(".zip"):  # Apple's metadata beside the wrapper folder: passed over, and listed
+        assert json.loads((tmp_path / "out" / "audit.json").read_text())["ignored"]["hidden"] == [f"{archive}:__MACOSX"]
     assert not (tmp_path / "out" / ".extracted").exists()
 
 
@@ -126,7 +128,20 @@ def test_cli_reports_what_it_found(tmp_path):
     shutil.copytree(src / "dark", src / "__MACOSX")
     result = run_cli("convert-to-image-directory", src, "--output", tmp_path / "out")
     assert "Found 6 images in 2 categories" in result.stdout
+    assert json.loads((tmp_path / "out" / "audit.json").read_text())["ignored"]["hidden"] == [str(src / "__MACOSX")]
     failed = run_cli("convert-to-image-directory", tmp_path / "missing", "--output", tmp_path / "o2", check=False)
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines() == [
         f"error: InvalidDatasetError: {tmp_path / 'missing'} does not exist. pass an existing folder or archive"]
+
+
+def test_every_error_is_one_line_whatever_it_quotes(tmp_path):
+    """tarfile's own message has a line per decompression it tried, and a file name may hold a line break: the CLI
+    prints one line all the same (a second line could pass for another message)."""
+    (tmp_path / "junk.tar.gz").write_bytes(b"junk")
+    r = run_cli("convert", tmp_path / "junk.tar.gz", "--output", tmp_path / "out", check=False)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"error: InvalidDatasetError: {tmp_path / 'junk.tar.gz'} is not a valid tar archive (neither gzip, bzip2 nor "
+        "xz compressed, nor a plain tar). check that the file downloaded completely"], r.stderr
+    r = run_cli("convert", tmp_path / "two\nlines", "--output", tmp_path / "out", check=False)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "two lines does not exist" in r.stderr, r.stderr

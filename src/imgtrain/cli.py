@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import sys
 
 from imgtrain import __version__
@@ -683,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         who = f"rank {_rank()}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
-        print(f"error: {who}{type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {who}{type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if _rank() != 0:
@@ -700,6 +701,12 @@ def main(argv: list[str] | None = None) -> int:
             hint = (". no output was written; free space on that disk, then re-run with --resume to continue from "
                     "the last epoch" if args.func is _train else
                     ". no output was written; free space on that disk, or write the output to another one")
-        print(f"error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's text on one line, whatever it quotes (another library's message over several lines, a file
+    name with a line break in it)."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", str(exc))

@@ -61,7 +61,7 @@ class FoundImages:
     items: list[tuple[Path, str | None]]
     outside_categories: list[Path] = field(default_factory=list)  # images beside the category folders
     empty_categories: list[str] = field(default_factory=list)
-    hidden: list[str] = field(default_factory=list)  # hidden files and folders passed over
+    hidden: list[str] = field(default_factory=list)  # hidden files and folders, and __MACOSX, passed over
     not_images: int = 0  # files without an image extension
     start: Path | None = None  # the folder given, before walking through wrapper folders
 
@@ -77,10 +77,10 @@ def is_image_file(path: Path) -> bool:
 def _images_below(folder: Path, found: FoundImages) -> list[Path]:
     images = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        found.hidden += [os.path.join(dirpath, d) for d in dirnames if d.startswith(".")]
+        found.hidden += [os.path.join(dirpath, d) for d in sorted(dirnames) if _ignored(d)]
         dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
         for f in sorted(filenames):
-            if f.startswith("."):
+            if _ignored(f):
                 found.hidden.append(os.path.join(dirpath, f))
             elif is_image_file(Path(f)):
                 images.append(Path(dirpath, f))
@@ -98,8 +98,10 @@ def find_images(root: Path | str) -> FoundImages:
     if not root.is_dir():
         raise InvalidDatasetError(f"{root} is not a folder or a supported archive",
                                   f"pass a folder, or an archive ending in {', '.join(ARCHIVE_SUFFIXES)}")
+    passed_over = []  # hidden entries and __MACOSX, in every folder walked through too
     while True:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
+        passed_over += [e.path for e in entries if _ignored(e.name)]
         folders = [Path(e.path) for e in entries if e.is_dir() and not _ignored(e.name)]
         # Anything not a folder that is named like an image is one to check, even a pipe or a device:
         # it is then left out with its reason, never silently passed over (nor opened blindly).
@@ -110,7 +112,7 @@ def find_images(root: Path | str) -> FoundImages:
             continue
         break
     found = FoundImages(root, [], [], start=start)
-    found.hidden = [e.path for e in entries if e.name.startswith(".")]
+    found.hidden = passed_over
     per_folder = {folder.name: _images_below(folder, found) for folder in folders}
     found.categories = [name for name, images_in in per_folder.items() if images_in]
     for name in found.categories:
@@ -275,6 +277,8 @@ def extract_archive(archive: Path, dest: Path) -> None:
         except (tarfile.TarError, EOFError, OSError) as exc:
             if getattr(exc, "errno", None) in DISK_FULL:
                 raise
+            if isinstance(exc, tarfile.ReadError) and "could not be opened" in str(exc):
+                exc = "neither gzip, bzip2 nor xz compressed, nor a plain tar"  # tarfile's one line per method
             raise InvalidDatasetError(f"{archive} is not a valid tar archive ({exc})",
                                       "check that the file downloaded completely") from None
     else:
