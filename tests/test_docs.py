@@ -1,0 +1,173 @@
+"""What the README and docs/ show is what imgtrain does: its pipeline and Python examples run as written, and
+every message they quote is the one imgtrain prints."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from test_models import place_fake_imagenet_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _block(text: str, heading: str, language: str) -> str:
+    """The first ```language block under a heading."""
+    section = text[text.index(f"\n{heading}\n"):]
+    return re.search(rf"```{language}\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readmes_pipeline_runs_as_written(tmp_path, labelled_folder, monkeypatch):
+    """The six commands of "The pipeline", as written, on a folder called photos/ (ImageNet weights placed where
+    the download would put them, since tests have no network)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # the CLI subprocesses inherit it
+    place_fake_imagenet_weights("resnet18")
+    (tmp_path / "photos").symlink_to(labelled_folder)
+    said = {}
+    for line in _block(README.read_text(), "## The pipeline", "sh").strip().splitlines():
+        words = shlex.split(line, comments=True)
+        assert words[0] == "imgtrain", line
+        r = subprocess.run([sys.executable, "-m", "imgtrain", *words[1:]], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, f"{line}\n{r.stderr}"
+        said[words[1]] = r
+    assert "Found 36 images in 3 categories" in said["convert-to-image-directory"].stdout
+    training = said["train-pytorch-model"]
+    assert "Trained model written to" in training.stdout and "fine-tuning ImageNet weights" in training.stderr
+    assert "image size 32" in training.stderr and training.stderr.count("val loss") == 5  # the designer's 5 epochs
+    metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert metrics["num_images"] == 4 and {"precision_macro", "f1_macro", "confusion_matrix"} <= set(metrics)
+    assert f"Accuracy {metrics['accuracy']:.2%}" in said["evaluate-model"].stdout
+    # Scoring with the saved model agrees with the best epoch's validation accuracy.
+    with open(tmp_path / "model" / "metrics.csv") as f:
+        best = min(csv.DictReader(f), key=lambda row: float(row["validation_loss"]))
+    assert metrics["accuracy"] == float(best["validation_top1_accuracy"])
+
+
+def test_the_readmes_python_example_runs_as_written(tmp_path, labelled_folder, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    place_fake_imagenet_weights("resnet18")
+    (tmp_path / "photos").symlink_to(labelled_folder)
+    monkeypatch.chdir(tmp_path)
+    code = _block(README.read_text(), "## The pipeline", "python")
+    space: dict = {}
+    exec(compile(code, "README.md", "exec"), space)  # noqa: S102 (the README's own example)
+    assert space["result"].history and space["metrics"]["num_images"] == 4
+    assert (tmp_path / "evaluation" / "report.html").is_file()
+
+
+# Every message the docs quote (`SomeError: ...`, `error: ...`, `warning: ...`), with a line imgtrain really
+# prints in that case. In a quote, `...`, `<x>` and upper-case placeholders (N, E, B, S, MODEL) stand for any text.
+# The cases that are quick to make are made and run here; the others name the test that asserts the printed line.
+QUOTED = {
+    "CheckpointMismatchError: ... made with other parameters: --learning-rate 0.001 then, --learning-rate 0.01 now":
+        ("CheckpointMismatchError: the checkpoint in m was made with other parameters: --learning-rate 0.001 then, "
+         "--learning-rate 0.01 now", "test_reliability.py::test_resume_refuses_other_data_or_parameters"),
+    "CheckpointMismatchError: ... was made by 2 process(es); this run has 4":
+        ("CheckpointMismatchError: the checkpoint in m was made by 2 process(es); this run has 4",
+         "test_distributed.py::test_resuming_with_another_number_of_processes_names_both"),
+    "DistributedRunError: another process of this run stopped":
+        ("DistributedRunError: another process of this run stopped or cannot be reached (Connection closed by peer)",
+         "test_distributed.py::test_a_bad_image_in_one_rank_stops_every_rank_with_its_name"),
+    "DistributedRunError: another process of this run stopped ...":
+        ("DistributedRunError: another process of this run stopped or cannot be reached (Connection closed by peer)",
+         "test_distributed.py::test_a_bad_image_in_one_rank_stops_every_rank_with_its_name"),
+    "InvalidDatasetError: S was scored by another model (/path/of/it), not MODEL":
+        ("InvalidDatasetError: scored was scored by another model (/path/of/it), not model",
+         "test_designer_models.py::test_a_report_of_a_designer_model_and_of_a_data_set_another_model_scored"),
+    "InvalidDatasetError: junk.tar.gz is not a valid tar archive (neither gzip, bzip2 nor xz compressed, nor a plain "
+    "tar)": ("convert", "junk.tar.gz", "--output", "out"),
+    "InvalidModelDirectoryError: ... cannot be read (a named pipe, not a regular file)":
+        ("InvalidModelDirectoryError: m/model_spec.yaml cannot be read (a named pipe, not a regular file)",
+         "test_inputs_are_safe.py::test_directories_with_special_files_get_named_errors"),
+    "InvalidPipelineError: p.yaml:22: step 'train': ...": ("pipeline", "show", "p.yaml"),
+    "MissingDependencyError: --mlflow needs the mlflow package, which is not installed":
+        ("MissingDependencyError: --mlflow needs the mlflow package, which is not installed. install it with "
+         "`pip install 'imgtrain[mlflow]'`", "test_tracking.py::test_a_missing_extra_is_one_line_before_any_work"),
+    "OSError: [Errno 28] No space left on device ... no output was written; free space on that disk, or write the "
+    "output to another one":
+        ("OSError: [Errno 28] No space left on device: 'disk/out/x.png'. no output was written; free space on "
+         "that disk, or write the output to another one",
+         "test_reliability.py::test_a_full_disk_while_converting_is_not_called_a_bad_archive"),
+    "OSError: [Errno 28] No space left on device: '<file>'. no output was written; free space on that disk, then "
+    "re-run with --resume to continue from the last epoch":
+        ("OSError: [Errno 28] No space left on device: 'disk/.imgtrain-resume-m/checkpoint.safetensors'. no output "
+         "was written; free space on that disk, then re-run with --resume to continue from the last epoch",
+         "test_reliability.py::test_a_full_disk_keeps_the_last_checkpoint_and_resume_finishes"),
+    "OutOfMemoryError: the cpu ran out of memory at batch size N and image size S. pass a smaller --batch-size (or "
+    "--image-size)":
+        ("OutOfMemoryError: the cpu ran out of memory at batch size 27 and image size 1536. pass a smaller "
+         "--batch-size (or --image-size)", "test_reliability.py::test_out_of_memory_gets_a_clear_error"),
+    "OutputNotWritableError: the output photos-in is the pipeline input 'photos' photos-in: writing it would destroy "
+    "that input": ("pipeline", "run", "p.yaml", "--output", "photos-in", "--overwrite"),
+    "OutputNotWritableError: the output val is the validation data val: writing it would destroy that input":
+        ("train", "--untrained-model", "untrained", "--training-data", "train", "--validation-data", "val",
+         "--output", "val"),
+    "TrainingDivergedError: the training loss became nan in epoch E, batch B. pass a lower --learning-rate ...":
+        ("TrainingDivergedError: the training loss became nan in epoch 1, batch 1. pass a lower --learning-rate "
+         "than 0.001", "test_reliability.py::test_nan_loss_stops_with_a_clear_error"),
+    "error: <Name>: <what is wrong>. <how to fix it>":
+        ("error: OutputExistsError: output model already exists. choose another output path, or pass --overwrite to "
+         "replace it", "test_reliability.py::test_existing_output_needs_overwrite"),
+    "error: rank N: BadImageError: cannot decode image ...":
+        ("error: rank 1: BadImageError: cannot decode image train/bad.png (truncated)",
+         "test_distributed.py::test_a_bad_image_in_one_rank_stops_every_rank_with_its_name"),
+}
+_QUOTE = re.compile(r"`((?:[A-Z][A-Za-z]*Error|error|warning): [^`]+)`")
+
+
+def _pattern(quote: str) -> re.Pattern:
+    parts = re.split(r"(\s?\.\.\.\s?|<[^>]+>|\b(?:[A-Z]|MODEL)\b)", quote)
+    return re.compile("".join(".*" if i % 2 else re.escape(p) for i, p in enumerate(parts)))
+
+
+def test_every_quoted_message_is_known_and_matches_a_printed_line():
+    found = {" ".join(q.split()) for doc in DOCS for q in _QUOTE.findall(doc.read_text())}
+    assert found - set(QUOTED) == set(), "a quote the docs added or changed: add it here with a line imgtrain prints"
+    assert set(QUOTED) - found == set(), "a quote no longer in the docs: remove it here"
+    for quote, case in QUOTED.items():
+        if isinstance(case[-1], str) and "::" in case[-1]:  # a printed line, and the test that asserts it
+            printed, test = case
+            assert _pattern(quote).search(printed), (quote, printed)
+            file, name = test.split("::")
+            assert f"def {name}(" in (ROOT / "tests" / file).read_text(), test
+
+
+def test_the_quoted_messages_that_are_quick_to_make_are_printed(tmp_path, image_dirs):
+    """Each quote whose case is quick to make: made here, and the quote found in what imgtrain prints."""
+    from conftest import make_labelled_folder
+
+    (tmp_path / "junk.tar.gz").write_bytes(b"junk")
+    make_labelled_folder(tmp_path / "photos-in", per_class=2)
+    example = (ROOT / "examples" / "pipeline.yaml").read_text().replace("digits", "photos")
+    (tmp_path / "p.yaml").write_text(example.replace("path: ../demo-output/mnist-images", "path: photos-in")
+                                     .replace("epochs: 5", "epochs: five"))
+    for name in ("untrained", "train", "val"):
+        os.symlink(image_dirs[name], tmp_path / name)
+    for quote, case in QUOTED.items():
+        if "::" in case[-1]:
+            continue
+        if case[:2] == ("pipeline", "run"):  # a file that reads: the output check comes before any step
+            (tmp_path / "p.yaml").write_text(example.replace("path: ../demo-output/mnist-images", "path: photos-in"))
+        r = subprocess.run([sys.executable, "-m", "imgtrain", *case], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, (case, r.stderr)
+        assert _pattern(quote).search(r.stderr), (quote, r.stderr)
+
+
+@pytest.mark.parametrize("flag", ["--help"])
+def test_the_cli_help_names_every_module_the_readme_lists(flag):
+    listed = set(re.findall(r"^\| `([a-z-]+) ", README.read_text(), re.M))
+    shown = run_cli(flag).stdout
+    assert listed and all(name in shown for name in listed), listed
