@@ -307,6 +307,39 @@ def test_bad_inference_requests_are_named(server):
     assert status == 400 and "not JSON" in json.loads(body)["error"]
 
 
+def _counts(server) -> tuple[int, int]:
+    """Images scored and batches run so far."""
+    stats = server.get("/v2/models/shades/stats")[1]["model_stats"][0]
+    return stats["inference_count"], stats["execution_count"]
+
+
+def _b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode()
+
+
+def _images(blobs: list[bytes], **fields) -> dict:
+    return {"name": "images", "shape": [len(blobs)], "datatype": "BYTES", "data": [_b64(b) for b in blobs], **fields}
+
+
+def test_a_request_of_more_images_than_the_batch_size_runs_in_batches_of_it(server, trained_model, image_dirs):
+    """20 images in one request at --max-batch-size 8: batches of 8, 8 and 4, the answers in the images' order."""
+    paths = (_val_images(image_dirs, 9) * 3)[:20]
+    model, expected = _imgtrain_probabilities(trained_model, paths)
+    blobs = [p.read_bytes() for p in paths]
+    before = _counts(server)
+    status, answer = server.post_json("/v2/models/shades/infer", {"inputs": [_images(blobs)]})
+    after = _counts(server)
+    assert status == 200 and (after[0] - before[0], after[1] - before[1]) == (20, 3)
+    assert np.allclose(np.array(answer["outputs"][0]["data"]).reshape(20, 3), expected, atol=1e-5)
+    form, kind = _multipart([(f"{i}-{p.name}", b) for i, (p, b) in enumerate(zip(paths, blobs, strict=True))])
+    status, body, _ = server.request("POST", "/predictions/shades", form, {"Content-Type": kind})
+    again = _counts(server)
+    answers = json.loads(body)
+    assert status == 200 and (again[0] - after[0], again[1] - after[1]) == (20, 3)
+    assert [a["image"] for a in answers] == [f"{i}-{p.name}" for i, p in enumerate(paths)]
+    assert np.allclose([[a["probabilities"][label] for label in model.labels] for a in answers], expected, atol=1e-5)
+
+
 def test_a_load_of_concurrent_clients_is_batched(server, image_dirs):
     """32 clients, 192 requests in all, within a time limit: every answer right, and fewer batches than images."""
     paths = _val_images(image_dirs, 6)
@@ -400,6 +433,45 @@ def test_the_batcher_refuses_work_past_its_bound():
     batcher.stop()
     with pytest.raises(QueueFullError):
         batcher.reserve(1)  # stopped: no new work
+
+
+def test_the_batcher_runs_no_batch_larger_than_its_maximum():
+    """Requests of 20, 5 and 17 images at max_batch 8: every batch within 8, each request's rows in its order;
+    a batch that fails fails its request, every part's failure retrieved (no asyncio warning of one never seen)."""
+    import asyncio
+    import gc
+
+    from imgtrain.deploy.batching import Batcher
+
+    sizes = []
+
+    def run(batch):
+        sizes.append(len(batch))
+        if -1 in batch:
+            raise ValueError("the network failed")
+        return np.array(batch, dtype=np.float32)[:, None]
+
+    batcher = Batcher(lambda: run, max_batch=8, max_wait_ms=20, max_queue=100)
+    unretrieved = []
+
+    async def scenario():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context))
+        asked = [list(range(20)), list(range(100, 105)), list(range(200, 217))]
+        answers = await asyncio.gather(*(batcher(images) for images in asked))
+        assert [a[:, 0].tolist() for a in answers] == asked
+        try:
+            await batcher([-1] * 20)
+        except ValueError as exc:  # not pytest.raises: its traceback would keep the parts' futures alive
+            assert str(exc) == "the network failed"
+        else:
+            raise AssertionError("a failed batch was answered")
+        gc.collect()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    assert max(sizes) <= 8 and sum(sizes) == 62 and unretrieved == []
 
 
 def test_a_full_server_answers_503_and_sigterm_lets_requests_finish(trained_model, image_dirs):
