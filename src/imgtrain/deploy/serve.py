@@ -9,13 +9,13 @@ Endpoints, for the model named NAME (default: the model directory's folder name)
   raw bytes in the binary-data extension that Triton's clients send. The answer holds ``probabilities``
   (FP32 ``[N, C]``); asked for with the classification extension (``"parameters": {"classification": k}``
   on the output), the top k as BYTES ``"probability:index:label"``; binary when asked (``binary_data``).
+  The request is checked whole, every field, before any image is decoded (400 naming the field).
 - ``POST /predictions/NAME``: one raw image as the body (``Content-Type: image/*``), or multipart form data
   with files in field ``data``: JSON with each image's label and per-class probabilities.
 
 Bad requests get a 4xx with ``{"error": ...}`` and the server goes on: not an image, truncated, empty, a
 decompression bomb (400), over the size limit (413), a content type it does not take (415), an unknown
-model (404). An inference request is checked whole, every field, before any image is decoded (400 naming
-the field). Concurrent requests are batched (deploy/batching.py); a full queue answers 503. SIGTERM (and
+model (404). Concurrent requests are batched (deploy/batching.py); a full queue answers 503. SIGTERM (and
 Ctrl-C) stop taking connections and let the requests in flight finish.
 """
 
