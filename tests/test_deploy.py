@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import run_cli
@@ -307,6 +310,278 @@ def test_bad_inference_requests_are_named(server):
     assert status == 400 and "not JSON" in json.loads(body)["error"]
 
 
+def _counts(server) -> tuple[int, int]:
+    """Images scored and batches run so far."""
+    stats = server.get("/v2/models/shades/stats")[1]["model_stats"][0]
+    return stats["inference_count"], stats["execution_count"]
+
+
+def _b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode()
+
+
+def _images(blobs: list[bytes], **fields) -> dict:
+    return {"name": "images", "shape": [len(blobs)], "datatype": "BYTES", "data": [_b64(b) for b in blobs], **fields}
+
+
+def _binary(document: dict, region: bytes) -> tuple[bytes, dict]:
+    """A request in the binary-data extension: the JSON, then ``region``."""
+    header = json.dumps(document).encode()
+    return header + region, {"Inference-Header-Content-Length": str(len(header)),
+                             "Content-Type": "application/octet-stream"}
+
+
+def _elements(blobs: list[bytes]) -> bytes:
+    return b"".join(len(b).to_bytes(4, "little") + b for b in blobs)
+
+
+def _deep(document: dict, depth: int) -> bytes:
+    """The document's JSON with its value "DEEP" replaced by lists nested ``depth`` deep."""
+    return json.dumps(document).replace('"DEEP"', "[" * depth + "]" * depth).encode()
+
+
+def _malformed(good: bytes) -> list[tuple[str, object, int, str]]:
+    """(what, the request: a document or (body, headers), status, a piece of the answer's reason)."""
+    one = [good, b"not an image"]  # decoded first, the second image would be the reason given
+    single, pair, region = _images([good]), _images(one), _elements(one)
+    return [
+        ("outputs: 5", {"inputs": [pair], "outputs": 5}, 400, "outputs is 5: it must be a list"),
+        ("an output's parameters a list", {"inputs": [pair],
+                                           "outputs": [{"name": "probabilities", "parameters": ["x"]}]},
+         400, "outputs[0].parameters is a list: it must be an object"),
+        ("5,000-deep JSON", (b"[" * 5000 + b"]" * 5000, {"Content-Type": "application/json"}), 400, "nests too deep"),
+        ("5,000 deep under a request's parameters", (_deep({"inputs": [pair], "parameters": {"x": "DEEP"}},
+                                                           5000), {}), 400, "nests too deep"),
+        ("a shape beyond any count", {"inputs": [_images(one, shape=[2**70])]}, 413, "more than the server holds"),
+        ("a shape whose product wraps to 1", {"inputs": [_images([good], shape=[-1, -1])]}, 400, "has shape [-1, -1]"),
+        ("a negative size", {"inputs": [_images(one, shape=[-2])]}, 400, "has shape [-2]"),
+        ("a size of true", {"inputs": [_images([good], shape=[True])]}, 400, "has shape [true]"),
+        ("another input's name", {"inputs": [_images(one, name="pictures")]}, 400, "unknown input 'pictures'"),
+        ("FP32 data said to be BYTES", {"inputs": [_images(one, datatype="FP32")]}, 400, "datatype 'FP32'"),
+        ("nested data", {"inputs": [{**single, "data": [single["data"]]}]}, 400, "a list of base64 strings"),
+        ("an id that is no string", {"id": {"a": 1}, "inputs": [pair]}, 400, "id is an object"),
+        ("an id of a lone surrogate", {"id": "\ud800", "inputs": [pair]}, 400, "lone UTF-16 surrogate"),
+        ("binary_data_output a string", {"inputs": [pair], "parameters": {"binary_data_output": "no"}},
+         400, "parameters.binary_data_output is \"no\": it must be true or false"),
+        ("classification as a string", {"inputs": [pair], "outputs": [
+            {"name": "probabilities", "parameters": {"classification": "2"}}]}, 400, "must be an integer"),
+        ("classification past the labels", {"inputs": [pair], "outputs": [
+            {"name": "probabilities", "parameters": {"classification": 4}}]}, 400, "from 0 to 3"),
+        ("binary_data a string", {"inputs": [pair], "outputs": [
+            {"name": "probabilities", "parameters": {"binary_data": "yes"}}]}, 400, "must be true or false"),
+        ("an output twice", {"inputs": [pair], "outputs": [{"name": "probabilities"}] * 2}, 400, "once"),
+        ("shared memory", {"inputs": [pair], "outputs": [
+            {"name": "probabilities", "parameters": {"shared_memory_region": "r"}}]}, 400, "shared memory"),
+        ("a negative binary_data_size", _binary({"inputs": [{**pair, "data": None, "parameters": {
+            "binary_data_size": -3}}]}, region), 400, "binary_data_size -3"),
+        ("binary_data_size beyond the body", _binary({"inputs": [{**pair, "data": None, "parameters": {
+            "binary_data_size": len(region) + 1}}]}, region), 400, "binary_data_size"),
+        ("binary_data_size true", _binary({"inputs": [{**pair, "data": None, "parameters": {
+            "binary_data_size": True}}]}, region), 400, "binary_data_size is true"),
+        ("more binary elements than the shape", _binary({"inputs": [{**pair, "data": None, "parameters": {
+            "binary_data_size": len(region) * 2}}]}, region * 2), 400, "holds more elements"),
+        ("an element longer than the data", _binary({"inputs": [{**pair, "data": None, "parameters": {
+            "binary_data_size": len(region)}}]}, (2**31).to_bytes(4, "little") + region[4:]), 400, "said to hold"),
+        ("binary data that no input claims", _binary({"inputs": [pair]}, region), 400, "no input claims"),
+        ("both data and binary_data_size", _binary({"inputs": [{**pair, "parameters": {
+            "binary_data_size": len(region)}}]}, region), 400, "no \"data\""),
+        ("a header length of no digits", (_binary({"inputs": [pair]}, b"")[0],
+                                          {"Inference-Header-Content-Length": "\u00b2"}), 400, "Header-Content-Length"),
+        ("a header length past the body", (_binary({"inputs": [pair]}, b"")[0],
+                                           {"Inference-Header-Content-Length": "99999"}), 400, "Header-Content-Length"),
+    ]
+
+
+def test_malformed_inference_requests_are_refused_before_decoding_or_scoring(server, image_dirs):
+    """Each a 4xx with a one-line reason naming the field, before any image is decoded (the second image of most
+    is no image: decoded first, it would be the reason) or scored (the server's counts stay), never a 500."""
+    good = _val_images(image_dirs, 1)[0].read_bytes()
+    for what, request, status, reason in _malformed(good):
+        body, headers = request if isinstance(request, tuple) else (json.dumps(request).encode(), {})
+        headers = {"Content-Type": "application/json", **headers}
+        before = _counts(server)
+        got, answer, _ = server.request("POST", "/v2/models/shades/infer", body, headers)
+        error = json.loads(answer)["error"] if got != 500 else answer.decode()
+        assert (got, "\n" in error) == (status, False) and reason in error, (what, got, error)
+        assert _counts(server) == before, what
+    # Deep JSON where nothing reads it parses (a request needs 5 levels, the parser allows some 1,000) and is served
+    deep = _deep({"inputs": [_images([good])], "parameters": {"x": "DEEP"}}, 200)
+    status, answer, _ = server.request("POST", "/v2/models/shades/infer", deep, {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [1, 3]
+
+
+def test_a_request_of_more_images_than_the_batch_size_runs_in_batches_of_it(server, trained_model, image_dirs):
+    """20 images in one request at --max-batch-size 8: batches of 8, 8 and 4, the answers in the images' order."""
+    paths = (_val_images(image_dirs, 9) * 3)[:20]
+    model, expected = _imgtrain_probabilities(trained_model, paths)
+    blobs = [p.read_bytes() for p in paths]
+    before = _counts(server)
+    status, answer = server.post_json("/v2/models/shades/infer", {"inputs": [_images(blobs)]})
+    after = _counts(server)
+    assert status == 200 and (after[0] - before[0], after[1] - before[1]) == (20, 3)
+    assert np.allclose(np.array(answer["outputs"][0]["data"]).reshape(20, 3), expected, atol=1e-5)
+    form, kind = _multipart([(f"{i}-{p.name}", b) for i, (p, b) in enumerate(zip(paths, blobs, strict=True))])
+    status, body, _ = server.request("POST", "/predictions/shades", form, {"Content-Type": kind})
+    again = _counts(server)
+    answers = json.loads(body)
+    assert status == 200 and (again[0] - after[0], again[1] - after[1]) == (20, 3)
+    assert [a["image"] for a in answers] == [f"{i}-{p.name}" for i, p in enumerate(paths)]
+    assert np.allclose([[a["probabilities"][label] for label in model.labels] for a in answers], expected, atol=1e-5)
+
+
+# --- The request schema, property-based: whatever a client sends, 200 or a 4xx with a one-line reason ---------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8)
+
+
+def _except(*kinds):
+    """JSON values of none of these kinds (bool is no int), and not null, which stands for an absent field."""
+    return JSON_VALUES.filter(lambda v: v is not None and not (isinstance(v, kinds) and not (
+        isinstance(v, bool) and int in kinds and bool not in kinds)))
+
+
+# Each defect makes a request invalid, whatever else it holds (an element length only in binary data)
+DEFECTS = ["id", "parameters", "binary_data_output", "inputs", "input", "name", "datatype", "shape", "count",
+           "input parameters", "binary_data_size", "data", "outputs", "output", "output name", "output twice",
+           "output parameters", "classification", "binary_data", "not JSON", "deep", "not an object",
+           "header length", "trailing bytes", "element length"]
+
+
+@st.composite
+def _inference_requests(draw, good: list[bytes], classes: int):
+    """(body, headers, defect or None, image count, whether every image decodes): a v2 inference request,
+    in JSON or the binary-data extension, with optional fields and unknown parameters, and at most one defect."""
+    count = draw(st.integers(1, 3))
+    blobs = draw(st.lists(st.sampled_from([*good, b"not an image", b""]), min_size=count, max_size=count))
+    binary = draw(st.booleans())
+    tensor = {"name": "images", "shape": [count], "datatype": "BYTES"}
+    request = {"inputs": [tensor]}
+    if draw(st.booleans()):
+        request["id"] = draw(st.text(max_size=8))
+    if draw(st.booleans()):
+        request["parameters"] = {"binary_data_output": draw(st.booleans()), "priority": draw(JSON_VALUES)}
+    if draw(st.booleans()):
+        output = {"name": "probabilities"}
+        if draw(st.booleans()):
+            output["parameters"] = {"classification": draw(st.integers(0, classes)),
+                                    "binary_data": draw(st.booleans() | st.none())}
+        request["outputs"] = draw(st.sampled_from([[output], []]))
+    region = _elements(blobs) if binary else b""
+    if binary:
+        tensor["parameters"] = {"binary_data_size": len(region)}
+    else:
+        tensor["data"] = [_b64(b) for b in blobs]
+    defect = draw(st.sampled_from([None, *DEFECTS]))
+    output = (request.get("outputs") or [{"name": "probabilities"}])[0]
+    if defect == "id":
+        request["id"] = draw(_except(str))
+    elif defect == "parameters":
+        request["parameters"] = draw(_except(dict))
+    elif defect == "binary_data_output":
+        request["parameters"] = {"binary_data_output": draw(_except(bool))}
+    elif defect == "inputs":
+        request["inputs"] = draw(_except(list) | st.just([]) | st.just([tensor, tensor]))
+    elif defect == "input":
+        request["inputs"] = [draw(_except(dict))]
+    elif defect == "name":
+        tensor["name"] = draw(JSON_VALUES.filter(lambda v: v != "images"))
+    elif defect == "datatype":
+        tensor["datatype"] = draw(JSON_VALUES.filter(lambda v: v != "BYTES"))
+    elif defect == "shape":
+        tensor["shape"] = draw(JSON_VALUES.filter(lambda v: v != [count]))
+    elif defect == "count":
+        tensor["shape"] = [draw(st.integers(max_value=0) | st.integers(min_value=10**6))]
+    elif defect == "input parameters":
+        tensor["parameters"] = draw(_except(dict))
+    elif defect == "binary_data_size":
+        tensor["parameters"] = {"binary_data_size": draw(_except(int) | st.integers().filter(
+            lambda n: not binary or n != len(region)))}
+    elif defect == "data":
+        tensor["data"] = draw(JSON_VALUES.filter(lambda v: v is not None if binary else not _base64s(v, count)))
+    elif defect == "outputs":
+        request["outputs"] = draw(_except(list))
+    elif defect == "output":
+        request["outputs"] = [draw(_except(dict))]
+    elif defect == "output name":
+        request["outputs"] = [{**output, "name": draw(JSON_VALUES.filter(lambda v: v != "probabilities"))}]
+    elif defect == "output twice":
+        request["outputs"] = [output, output]
+    elif defect == "output parameters":
+        request["outputs"] = [{"name": "probabilities", "parameters": draw(_except(dict))}]
+    elif defect == "classification":
+        k = draw(_except(int) | st.integers().filter(lambda n: not 0 <= n <= classes))
+        request["outputs"] = [{"name": "probabilities", "parameters": {"classification": k}}]
+    elif defect == "binary_data":
+        request["outputs"] = [{"name": "probabilities", "parameters": {"binary_data": draw(_except(bool))}}]
+    body = json.dumps(request).encode()
+    if defect == "not JSON":
+        body = draw(st.binary(max_size=30).filter(lambda b: not _parses(b)))
+    elif defect == "deep":
+        body = _deep({**request, "parameters": {"x": "DEEP"}}, draw(st.integers(2000, 6000)))
+    elif defect == "not an object":
+        body = json.dumps(draw(_except(dict))).encode()
+    headers = {"Content-Type": "application/json"}
+    if binary or defect in ("header length", "trailing bytes"):
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(body))}
+        if defect == "element length" and binary:  # the first element said to be longer than what follows
+            region = (len(region) + draw(st.integers(0, 2**31))).to_bytes(4, "little") + region[4:]
+        body += region
+    if defect == "header length":
+        headers["Inference-Header-Content-Length"] = draw(st.sampled_from(
+            ["", "-1", "1e3", "\u00b2", " 12", "9" * 5000, str(len(body) + draw(st.integers(1, 10**9)))]))
+    elif defect == "trailing bytes":
+        body += draw(st.binary(min_size=1, max_size=20))
+    if defect == "element length" and not binary:
+        defect = None  # JSON data has no element lengths: a good request
+    return body, headers, defect, count, all(b in good for b in blobs)
+
+
+def _base64s(value, count: int) -> bool:
+    """Whether ``value`` is well-formed JSON data for ``count`` images: as many base64 strings."""
+    if not isinstance(value, list) or len(value) != count or not all(isinstance(v, str) for v in value):
+        return False
+    try:
+        [base64.b64decode(v, validate=True) for v in value]
+    except ValueError:  # binascii.Error is one
+        return False
+    return True
+
+
+def _parses(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return True
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data())
+def test_any_inference_request_gets_200_or_a_4xx_and_no_invalid_one_is_decoded_or_scored(server, image_dirs, data):
+    good = [p.read_bytes() for p in _val_images(image_dirs, 2)]
+    body, headers, defect, count, decodable = data.draw(_inference_requests(good, 3))
+    before = _counts(server)
+    status, answer, answer_headers = server.request("POST", "/v2/models/shades/infer", body, headers)
+    after = _counts(server)
+    assert status == 200 or 400 <= status < 500, (status, answer[:300])
+    if status != 200:
+        error = json.loads(answer)["error"]
+        assert isinstance(error, str) and error and "\n" not in error
+        assert after == before  # nothing scored
+    if defect is not None:  # refused for its defect, not for an image decoded before the defect was seen
+        assert status in (400, 413) and not re.search(r"\bimage \d", error), (defect, error)
+    elif decodable:
+        assert status == 200 and after[0] - before[0] == count, answer[:300]
+        length = int({k.lower(): v for k, v in answer_headers.items()}.get("inference-header-content-length",
+                                                                              len(answer)))
+        assert json.loads(answer[:length])["outputs"][0]["shape"][0] == count
+    else:  # a good request whose images do not all decode: the image is the reason
+        assert status == 400 and re.search(r"\bimage \d", error), error
+
+
 def test_a_load_of_concurrent_clients_is_batched(server, image_dirs):
     """32 clients, 192 requests in all, within a time limit: every answer right, and fewer batches than images."""
     paths = _val_images(image_dirs, 6)
@@ -400,6 +675,45 @@ def test_the_batcher_refuses_work_past_its_bound():
     batcher.stop()
     with pytest.raises(QueueFullError):
         batcher.reserve(1)  # stopped: no new work
+
+
+def test_the_batcher_runs_no_batch_larger_than_its_maximum():
+    """Requests of 20, 5 and 17 images at max_batch 8: every batch within 8, each request's rows in its order;
+    a batch that fails fails its request, every part's failure retrieved (no asyncio warning of one never seen)."""
+    import asyncio
+    import gc
+
+    from imgtrain.deploy.batching import Batcher
+
+    sizes = []
+
+    def run(batch):
+        sizes.append(len(batch))
+        if -1 in batch:
+            raise ValueError("the network failed")
+        return np.array(batch, dtype=np.float32)[:, None]
+
+    batcher = Batcher(lambda: run, max_batch=8, max_wait_ms=20, max_queue=100)
+    unretrieved = []
+
+    async def scenario():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context))
+        asked = [list(range(20)), list(range(100, 105)), list(range(200, 217))]
+        answers = await asyncio.gather(*(batcher(images) for images in asked))
+        assert [a[:, 0].tolist() for a in answers] == asked
+        try:
+            await batcher([-1] * 20)
+        except ValueError as exc:  # not pytest.raises: its traceback would keep the parts' futures alive
+            assert str(exc) == "the network failed"
+        else:
+            raise AssertionError("a failed batch was answered")
+        gc.collect()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    assert max(sizes) <= 8 and sum(sizes) == 62 and unretrieved == []
 
 
 def test_a_full_server_answers_503_and_sigterm_lets_requests_finish(trained_model, image_dirs):

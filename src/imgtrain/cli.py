@@ -650,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_int, default=8080, help="the port to listen on")
     p.add_argument("--name", default=None, help="the model's name in the URLs (default: MODEL's folder name)")
     p.add_argument("--max-batch-size", type=_int, default=16,
-                   help="images of concurrent requests run through the network together, at most")
+                   help="images of concurrent requests run through the network together, at most (a request "
+                        "of more runs in batches of this many)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long a batch waits for requests still being decoded (a lone client never waits)")
     p.add_argument("--max-queue", type=_int, default=256, help="images waiting, at most; more get 503 at once")

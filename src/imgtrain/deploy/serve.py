@@ -9,6 +9,7 @@ Endpoints, for the model named NAME (default: the model directory's folder name)
   raw bytes in the binary-data extension that Triton's clients send. The answer holds ``probabilities``
   (FP32 ``[N, C]``); asked for with the classification extension (``"parameters": {"classification": k}``
   on the output), the top k as BYTES ``"probability:index:label"``; binary when asked (``binary_data``).
+  The request is checked whole, every field, before any image is decoded (400 naming the field).
 - ``POST /predictions/NAME``: one raw image as the body (``Content-Type: image/*``), or multipart form data
   with files in field ``data``: JSON with each image's label and per-class probabilities.
 
@@ -24,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 import signal
 import struct
 import sys
@@ -172,12 +174,8 @@ class Endpoint:
 
         from imgtrain.deploy.batching import QueueFullError
 
-        if not blobs:
-            raise RequestError(400, "no image in the request")
         limit = self.options.max_queue
-        if len(blobs) > limit:
-            raise RequestError(413, f"{len(blobs)} images in one request, more than the server holds at once "
-                                    f"({limit}): send at most {limit} a request")
+        _check_count(len(blobs), limit)
         try:
             self.batcher.reserve(len(blobs))
         except QueueFullError:
@@ -213,112 +211,211 @@ def _content_type(request) -> str:
 
 
 # --- The Open Inference Protocol --------------------------------------------------------------------
+#
+# The whole request is checked before any image is decoded or scored: its structure, each field's type,
+# the one input and its shape, the outputs asked for and the binary data. A request that fails any check
+# gets 400 with one line naming the field (413 for more images than the server holds), and costs no decoding.
+
+_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true or false"}
 
 
-def _bytes_elements(tensor: dict, binary: bytes | None) -> list[bytes]:
-    """The encoded images of a BYTES input: binary (each element a 4-byte little-endian length, then its
-    bytes) or JSON (base64 strings, possibly nested as the shape is)."""
-    if binary is not None:
-        elements, at = [], 0
-        while at < len(binary):
-            if at + 4 > len(binary):
-                raise RequestError(400, f"input {tensor.get('name')!r}: its binary data ends inside a length")
-            (length,) = struct.unpack_from("<I", binary, at)
-            at += 4
-            if at + length > len(binary):
-                raise RequestError(400, f"input {tensor.get('name')!r}: its binary data is shorter than it says")
-            elements.append(binary[at:at + length])
-            at += length
-        return elements
-    data = tensor.get("data")
-    flat = []
+@dataclass
+class _Output:
+    """An output asked for: the probabilities, or with ``top`` > 0 the top k (the classification extension)."""
 
-    def walk(value) -> None:
-        if isinstance(value, list):
-            for v in value:
-                walk(v)
-        elif isinstance(value, str):
-            flat.append(value)
-        else:
-            raise RequestError(400, f"input {tensor.get('name')!r}: BYTES data must be base64 strings")
-
-    walk(data if data is not None else [])
-    try:
-        return [base64.b64decode(text, validate=True) for text in flat]
-    except (binascii.Error, ValueError):
-        raise RequestError(400, f"input {tensor.get('name')!r}: an element is not base64") from None
+    top: int
+    binary: bool
 
 
-def _infer_request(body: bytes, header_length: str | None) -> tuple[dict, list[bytes]]:
-    """The request's JSON and its input's images."""
-    binary_region = None
+@dataclass
+class _InferRequest:
+    id: str | None
+    images: list[bytes]
+    outputs: list[_Output]
+
+
+def _shown(value) -> str:
+    """A value in a one-line message: containers by their kind (they may be large or deep), others as JSON."""
+    if isinstance(value, dict | list):
+        return _KINDS[type(value)]
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _field(container: dict, key: str, kind: type, where: str, default=None):
+    """``container[key]`` (``default`` when absent or null), refused with 400 unless of ``kind``."""
+    value = container.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise RequestError(400, f"{where} is {_shown(value)}: it must be {_KINDS[kind]}")
+    return value
+
+
+def _check_count(count: int, limit: int) -> None:
+    """A request's image count, refused before anything is decoded: none (400), or more than the server holds."""
+    if count < 1:
+        raise RequestError(400, "no image in the request")
+    if count > limit:
+        raise RequestError(413, f"{count} images in one request, more than the server holds at once ({limit}): "
+                                f"send at most {limit} a request")
+
+
+def _outputs(request: dict, classes: int) -> list[_Output]:
+    """The outputs asked for (all of them, the probabilities, when none are named), checked."""
+    parameters = _field(request, "parameters", dict, "parameters", {})
+    binary_default = _field(parameters, "binary_data_output", bool, "parameters.binary_data_output", False)
+    asked = _field(request, "outputs", list, "outputs") or [{"name": OUTPUT}]
+    outputs = []
+    for i, wanted in enumerate(asked):
+        where = f"outputs[{i}]"
+        if not isinstance(wanted, dict):
+            raise RequestError(400, f"{where} is {_shown(wanted)}: it must be an object, {{\"name\": \"{OUTPUT}\"}}")
+        name = _field(wanted, "name", str, f"{where}.name")
+        if name != OUTPUT:
+            raise RequestError(400, f"unknown output {name!r} in {where}: the model has {OUTPUT!r}")
+        if i:
+            raise RequestError(400, f"output {OUTPUT!r} is asked for more than once: ask for it once")
+        parameters = _field(wanted, "parameters", dict, f"{where}.parameters", {})
+        if "shared_memory_region" in parameters:
+            raise RequestError(400, f"{where} asks for shared memory, which this server does not offer: ask for "
+                                    "the output in JSON or binary data")
+        top = _field(parameters, "classification", int, f"{where}.parameters.classification", 0)
+        if not 0 <= top <= classes:
+            raise RequestError(400, f"{where}.parameters.classification is {top}: it must be a count of labels "
+                                    f"from 0 to {classes}")
+        outputs.append(_Output(top, _field(parameters, "binary_data", bool, f"{where}.parameters.binary_data",
+                                           binary_default)))
+    return outputs
+
+
+def _binary_elements(binary: bytes, count: int) -> list[bytes]:
+    """The ``count`` elements of BYTES binary data: each a 4-byte little-endian length, then its bytes."""
+    elements, at = [], 0
+    while at < len(binary) and len(elements) < count:
+        if at + 4 > len(binary):
+            raise RequestError(400, f"input {INPUT!r}: its binary data ends inside the length of element "
+                                    f"{len(elements)}")
+        (length,) = struct.unpack_from("<I", binary, at)
+        at += 4
+        if at + length > len(binary):
+            raise RequestError(400, f"input {INPUT!r}: element {len(elements)} of its binary data is said to "
+                                    f"hold {length:,} bytes, more than the binary data has left")
+        elements.append(binary[at:at + length])
+        at += length
+    if len(elements) != count or at != len(binary):
+        raise RequestError(400, f"input {INPUT!r} has shape [{count}], but its binary data holds "
+                                f"{'more elements' if at < len(binary) else f'{len(elements)} element(s)'}")
+    return elements
+
+
+def _infer_request(body: bytes, header_length: str | None, *, classes: int, max_images: int) -> _InferRequest:
+    """The request, checked whole, its images still encoded: the JSON, and with ``header_length`` (the
+    Inference-Header-Content-Length header) the binary data after it."""
+    binary = None
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise RequestError(400, f"{BINARY_HEADER} is {header_length!r}, not a length within the body")
-        body, binary_region = body[:int(header_length)], body[int(header_length):]
+        if not re.fullmatch(r"[0-9]{1,12}", header_length) or int(header_length) > len(body):
+            raise RequestError(400, f"{BINARY_HEADER} is {_shown(header_length)}: it must be the length of the "
+                                    f"JSON at the body's start, a number of bytes up to the body's {len(body):,}")
+        body, binary = body[:int(header_length)], body[int(header_length):]
     try:
         request = json.loads(body)
+    except RecursionError:  # the parser's own bound on nesting, some 1,000 levels; a request needs 5
+        raise RequestError(400, "the request's JSON nests too deeply to be an inference request") from None
     except (ValueError, UnicodeDecodeError):
         raise RequestError(400, "the request is not JSON (an inference request, or its header before the "
                                 "binary data)") from None
-    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or len(request["inputs"]) != 1:
+    if not isinstance(request, dict):
+        raise RequestError(400, f"the request is {_shown(request)}: it must be a JSON object with \"inputs\"")
+    request_id = _field(request, "id", str, "id")
+    try:
+        (request_id or "").encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): JSON allows it, the answer's UTF-8 cannot
+        raise RequestError(400, "id holds a lone UTF-16 surrogate, which is no text: send an id of text") from None
+    tensor, count = _input(request, max_images)
+    outputs = _outputs(request, classes)
+    return _InferRequest(request_id, _input_images(tensor, count, binary), outputs)
+
+
+def _input(request: dict, max_images: int) -> tuple[dict, int]:
+    """The one input, checked but for its data, and its image count."""
+    inputs = _field(request, "inputs", list, "inputs")
+    if not inputs or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise RequestError(400, f"an inference request has one input, {INPUT!r}, of BYTES (the encoded images)")
-    tensor = request["inputs"][0]
-    if not isinstance(tensor, dict) or tensor.get("datatype") != "BYTES":
-        raise RequestError(400, f"input {INPUT!r} must be of datatype BYTES (the encoded image files)")
-    parameters = tensor.get("parameters") or {}
-    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
-    binary = None
+    tensor = inputs[0]
+    name = _field(tensor, "name", str, "inputs[0].name")
+    if name != INPUT:
+        raise RequestError(400, f"unknown input {name!r}: the model takes one input, {INPUT!r}")
+    datatype = _field(tensor, "datatype", str, "inputs[0].datatype")
+    if datatype != "BYTES":
+        raise RequestError(400, f"input {INPUT!r} is of datatype {datatype!r}: it must be BYTES (the encoded "
+                                "image files)")
+    shape = _field(tensor, "shape", list, "inputs[0].shape", [])
+    if len(shape) != 1 or not isinstance(shape[0], int) or isinstance(shape[0], bool) or shape[0] < 0:
+        shown = ", ".join(_shown(d) for d in shape[:4]) + (", ..." if len(shape) > 4 else "")
+        raise RequestError(400, f"input {INPUT!r} has shape [{shown}]: it must be [N], N the number of images")
+    _check_count(shape[0], max_images)
+    if "shared_memory_region" in _field(tensor, "parameters", dict, "inputs[0].parameters", {}):
+        raise RequestError(400, f"input {INPUT!r} is in shared memory, which this server does not read: send "
+                                "the images in JSON or binary data")
+    return tensor, shape[0]
+
+
+def _input_images(tensor: dict, count: int, binary: bytes | None) -> list[bytes]:
+    """The input's ``count`` encoded images: from the binary data after the JSON (``binary``, None without
+    the header) where the input gives its binary_data_size, else from its JSON data, base64 strings."""
+    size = _field(tensor.get("parameters") or {}, "binary_data_size", int, "inputs[0].parameters.binary_data_size")
+    data = tensor.get("data")
     if size is not None:
-        if binary_region is None or not isinstance(size, int) or size > len(binary_region):
-            raise RequestError(400, f"input {tensor.get('name')!r} has binary_data_size {size!r}, which the "
-                                    "binary data after the header does not hold")
-        binary = binary_region[:size]
-    images = _bytes_elements(tensor, binary)
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape) \
-            or int(np.prod(shape)) != len(images):
-        raise RequestError(400, f"input {tensor.get('name')!r} has shape {shape!r} for {len(images)} element(s)")
-    return request, images
+        if binary is None or data is not None:
+            raise RequestError(400, f"input {INPUT!r} has binary_data_size, so its images come as binary data "
+                                    f"after the JSON, which needs the {BINARY_HEADER} header and no \"data\"")
+        if size != len(binary):
+            raise RequestError(400, f"input {INPUT!r} has binary_data_size {size:,}, but the body holds "
+                                    f"{len(binary):,} bytes after the JSON")
+        return _binary_elements(binary, count)
+    if binary:
+        raise RequestError(400, f"the body holds {len(binary):,} bytes after the JSON that no input claims: give "
+                                f"input {INPUT!r} its binary_data_size")
+    if not isinstance(data, list):
+        raise RequestError(400, f"input {INPUT!r}: its data must be a list of base64 strings, one per image")
+    if len(data) != count:
+        raise RequestError(400, f"input {INPUT!r} has shape [{count}] for {len(data)} element(s)")
+    if not all(isinstance(element, str) for element in data):
+        raise RequestError(400, f"input {INPUT!r}: its data must be a list of base64 strings, one per image")
+    try:
+        return [base64.b64decode(text, validate=True) for text in data]
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"input {INPUT!r}: an element is not base64") from None
 
 
 def _bytes_payload(strings: list[str]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in (s.encode() for s in strings))
 
 
-def _infer_response(request: dict, probabilities: np.ndarray, labels: list[str], name: str):
-    """The answer, in JSON or with binary data after a JSON header, as asked."""
+def _infer_response(request: _InferRequest, probabilities: np.ndarray, labels: list[str], name: str):
+    """The answer to a checked request, in JSON or with binary data after a JSON header, as asked."""
     from starlette.responses import JSONResponse, Response
 
-    asked = request.get("outputs") or [{"name": OUTPUT}]
-    defaults = request.get("parameters") or {}
-    binary_default = bool(defaults.get("binary_data_output", False)) if isinstance(defaults, dict) else False
     outputs, chunks = [], []
-    for wanted in asked:
-        if not isinstance(wanted, dict) or wanted.get("name") != OUTPUT:
-            raise RequestError(400, f"unknown output {wanted.get('name') if isinstance(wanted, dict) else wanted!r}:"
-                                    f" the model has {OUTPUT!r}")
-        parameters = wanted.get("parameters") or {}
-        k = parameters.get("classification", 0)
-        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= len(labels):
-            raise RequestError(400, f"classification must be a count of labels from 0 to {len(labels)}")
-        if k:  # the classification extension: "probability:index:label", most probable first
-            order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    for wanted in request.outputs:
+        if wanted.top:  # the classification extension: "probability:index:label", most probable first
+            order = np.argsort(-probabilities, axis=1, kind="stable")[:, :wanted.top]
             strings = [f"{probabilities[i, j]:.6f}:{j}:{labels[j]}" for i in range(len(order)) for j in order[i]]
-            output = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(order), k]}
+            output = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(order), wanted.top]}
             payload, data = _bytes_payload(strings), strings
         else:
             output = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
             payload, data = probabilities.astype("<f4").tobytes(), probabilities.ravel().tolist()
-        if parameters.get("binary_data", binary_default):
+        if wanted.binary:
             output["parameters"] = {"binary_data_size": len(payload)}
             chunks.append(payload)
         else:
             output["data"] = data
         outputs.append(output)
     answer = {"model_name": name, "model_version": "1", "outputs": outputs}
-    if "id" in request:
-        answer["id"] = request["id"]
+    if request.id is not None:
+        answer["id"] = request.id
     if not chunks:
         return JSONResponse(answer)
     header = json.dumps(answer).encode()
@@ -387,9 +484,10 @@ def make_app(endpoint: Endpoint):
             raise RequestError(415, f"an inference request is JSON (application/json), or JSON then binary data "
                                     f"with the {BINARY_HEADER} header; not {kind}")
         body = await _body(request, limit)
-        parsed, images = _infer_request(body, header)
-        probabilities = await endpoint.probabilities(images, [f"image {i}" for i in range(len(images))])
-        return _infer_response(parsed, probabilities, endpoint.labels, endpoint.name)
+        checked = _infer_request(body, header, classes=len(endpoint.labels), max_images=endpoint.options.max_queue)
+        names = [f"image {i}" for i in range(len(checked.images))]
+        return _infer_response(checked, await endpoint.probabilities(checked.images, names), endpoint.labels,
+                               endpoint.name)
 
     async def predictions(request: Request):
         kind = _content_type(request)
