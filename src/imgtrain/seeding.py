@@ -18,7 +18,9 @@ def as_uint32(seed: int) -> int:
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and every GPU), and ask for deterministic kernels.
 
-    Data order and augmentation are seeded per epoch and per image by the sampler.
+    Every process of a run seeds alike here, so that every one builds the same network; each then draws
+    what its forward passes need (dropout, stochastic depth) from its own stream (``seed_rank``). Data order
+    and augmentation are seeded per epoch and per image by the sampler.
     """
     import numpy as np
     import torch
@@ -30,3 +32,20 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of the torch generators of process ``rank``: streams that numpy's SeedSequence makes
+    independent of each other for every (seed, rank)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([as_uint32(seed), rank]).generate_state(1, np.uint64)[0])
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed this process's torch generators (the CPU's and every GPU's) for its forward passes: under
+    torchrun every process then draws its own dropout masks, as one process drawing for the whole batch
+    would, instead of all drawing the same ones. Checkpoints keep every process's generators."""
+    import torch
+
+    torch.manual_seed(rank_seed(seed, rank))
