@@ -98,7 +98,7 @@ from imgtrain.progress import bar
 from imgtrain.reports import plots
 from imgtrain.reports.page import REPORT_FILE
 from imgtrain.reports.training import TRAINING_IMAGES, read_history, training_page
-from imgtrain.seeding import as_uint32, seed_everything, seed_rank
+from imgtrain.seeding import as_uint32, seed_everything, seed_rank, torch_settings_restored
 from imgtrain.threads import Threads, parse_threads, worker_count
 from imgtrain.training import balance
 from imgtrain.training.checkpoint import (
@@ -255,17 +255,18 @@ def train_pytorch_model(
     tracking = Tracking(tensorboard, mlflow, log_every)
     tracking.check()
     device = resolve_device(params.device)
-    world = join_world(device)
-    try:
-        with world.speaking_for_the_others():
-            return _train(untrained_model, training_data, validation_data, Path(output), params,
-                          rank_device(device, world), world, overwrite=overwrite, resume=resume, restart=restart,
-                          log=log if world.is_main else lambda message: None, progress=progress,
-                          tracking=tracking if world.is_main else Tracking())
-    finally:
-        if world.is_main:
-            disown(resume_dir_for(output))  # what stays there (a checkpoint) is free for the next run to resume
-        leave_world(world)
+    with torch_settings_restored(device.type, log):  # what the run changes of torch's settings, put back
+        world = join_world(device)
+        try:
+            with world.speaking_for_the_others():
+                return _train(untrained_model, training_data, validation_data, Path(output), params,
+                              rank_device(device, world), world, overwrite=overwrite, resume=resume, restart=restart,
+                              log=log if world.is_main else lambda message: None, progress=progress,
+                              tracking=tracking if world.is_main else Tracking())
+        finally:
+            if world.is_main:
+                disown(resume_dir_for(output))  # what stays there (a checkpoint) is free for the next run to resume
+            leave_world(world)
 
 
 def _train(untrained_model, training_data, validation_data, output: Path, params: TrainingParameters,
