@@ -124,6 +124,36 @@ def test_each_rank_draws_its_own_dropout_masks():
     assert rank_seed(-1, 3) == rank_seed(2**32 - 1, 3)  # any integer is taken modulo 2**32, as elsewhere
 
 
+def test_each_rank_resumes_its_own_generators_and_older_checkpoints_still_resume(tmp_path):
+    """A checkpoint holds every rank's torch generators; each rank restores its own. One written by an earlier
+    version (rank 0's alone, as ``rng/torch``) restores that one, as it did."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from imgtrain.training.checkpoint import load_checkpoint, rng_state, save_checkpoint
+
+    network = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(network.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    cpu, path = torch.device("cpu"), tmp_path / "checkpoint.safetensors"
+    with torch.random.fork_rng(devices=[]):
+        streams = []
+        for seed in (11, 12):  # two processes' generators
+            torch.manual_seed(seed)
+            streams.append(rng_state(cpu))
+        save_checkpoint(path, network, optimizer, schedule, {"run_id": {}, "epoch": 1}, streams)
+        for rank in (0, 1):
+            load_checkpoint(path, {}, network, optimizer, schedule, rank=rank, device=cpu)
+            assert torch.equal(torch.get_rng_state(), streams[rank]["cpu"])
+        with safe_open(str(path), framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        legacy = {("rng/torch" if k == "rng/0/cpu" else k): v for k, v in tensors.items() if k != "rng/1/cpu"}
+        save_file(legacy, path, metadata=metadata)
+        torch.manual_seed(99)
+        load_checkpoint(path, {}, network, optimizer, schedule, rank=0, device=cpu)
+        assert torch.equal(torch.get_rng_state(), streams[0]["cpu"])
+
+
 def test_the_same_seed_gives_the_same_weights_and_a_killed_rank_ends_the_job(dropout_reference, with_dropout,
                                                                               tmp_path):
     """A network with dropout, two processes. Rank 1 is killed with SIGKILL after the first checkpoint:

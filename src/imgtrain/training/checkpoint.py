@@ -153,6 +153,8 @@ def _restore_torch_generators(tensors: dict[str, torch.Tensor], rank: int, devic
         if device is not None and device.type == "cuda" and f"rng/{rank}/cuda" in tensors:  # none from a CPU run
             torch.cuda.set_rng_state(tensors[f"rng/{rank}/cuda"], device)
         return
+    if "rng/torch" not in tensors:
+        return  # made by fewer processes: the run refuses it (its world size differs)
     # A checkpoint of an earlier version: rank 0's generators alone, every GPU's of its process
     torch.set_rng_state(tensors["rng/torch"])
     cuda_states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng/cuda/")),
