@@ -83,15 +83,90 @@ def test_two_processes_record_the_figures_of_one_process_evaluating_the_saved_we
     assert float(recorded["validation_loss"]) == pytest.approx(alone.loss, rel=1e-5)
 
 
-def test_the_same_seed_gives_the_same_weights_and_a_killed_rank_ends_the_job(reference, image_dirs, tmp_path):
-    """Rank 1 is killed with SIGKILL after the first checkpoint: torchrun ends the job non-zero, quickly,
-    leaving no output and a readable checkpoint; --resume under torchrun then finishes with the weights of
-    the uninterrupted run."""
+@pytest.fixture(scope="module")
+def with_dropout(tmp_path_factory, image_dirs) -> dict:
+    """The data of ``image_dirs`` and an untrained MobileNetV3-Small: dropout in its forward pass."""
+    from imgtrain import image_model
+
+    untrained = tmp_path_factory.mktemp("dropout") / "untrained"
+    image_model(untrained, model_name="mobilenet_v3_small", pretrained=False)
+    return {**image_dirs, "untrained": untrained}
+
+
+@pytest.fixture(scope="module")
+def dropout_reference(tmp_path_factory, with_dropout) -> Path:
+    """One uninterrupted run of two processes of a network with dropout."""
+    out = tmp_path_factory.mktemp("ddp") / "dropout-reference"
+    r = run_torchrun(with_dropout, out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _dropout_mask(generator_state: torch.Tensor) -> torch.Tensor:
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(generator_state)
+        return torch.nn.functional.dropout(torch.ones(1000), 0.2) == 0
+
+
+def test_each_rank_draws_its_own_dropout_masks():
+    """Every process seeds its generators from (seed, rank): the same masks for the same pair, other masks for
+    another rank or another seed."""
+    from imgtrain.seeding import rank_seed, seed_rank
+
+    def masks(seed: int, rank: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            seed_rank(seed, rank)
+            return torch.nn.functional.dropout(torch.ones(1000), 0.2) == 0
+
+    assert torch.equal(masks(1, 0), masks(1, 0)) and torch.equal(masks(1, 1), masks(1, 1))
+    assert not torch.equal(masks(1, 0), masks(1, 1)) and not torch.equal(masks(1, 1), masks(2, 1))
+    assert len({rank_seed(seed, rank) for seed in (0, 1, 2, 2**32 - 1) for rank in range(64)}) == 4 * 64
+    assert rank_seed(-1, 3) == rank_seed(2**32 - 1, 3)  # any integer is taken modulo 2**32, as elsewhere
+
+
+def test_each_rank_resumes_its_own_generators_and_older_checkpoints_still_resume(tmp_path):
+    """A checkpoint holds every rank's torch generators; each rank restores its own. One written by an earlier
+    version (rank 0's alone, as ``rng/torch``) restores that one, as it did."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from imgtrain.training.checkpoint import load_checkpoint, rng_state, save_checkpoint
+
+    network = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(network.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    cpu, path = torch.device("cpu"), tmp_path / "checkpoint.safetensors"
+    with torch.random.fork_rng(devices=[]):
+        streams = []
+        for seed in (11, 12):  # two processes' generators
+            torch.manual_seed(seed)
+            streams.append(rng_state(cpu))
+        save_checkpoint(path, network, optimizer, schedule, {"run_id": {}, "epoch": 1}, streams)
+        for rank in (0, 1):
+            load_checkpoint(path, {}, network, optimizer, schedule, rank=rank, device=cpu)
+            assert torch.equal(torch.get_rng_state(), streams[rank]["cpu"])
+        with safe_open(str(path), framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        legacy = {("rng/torch" if k == "rng/0/cpu" else k): v for k, v in tensors.items() if k != "rng/1/cpu"}
+        save_file(legacy, path, metadata=metadata)
+        torch.manual_seed(99)
+        load_checkpoint(path, {}, network, optimizer, schedule, rank=0, device=cpu)
+        assert torch.equal(torch.get_rng_state(), streams[0]["cpu"])
+
+
+def test_the_same_seed_gives_the_same_weights_and_a_killed_rank_ends_the_job(dropout_reference, with_dropout,
+                                                                              tmp_path):
+    """A network with dropout, two processes. Rank 1 is killed with SIGKILL after the first checkpoint:
+    torchrun ends the job non-zero, quickly, leaving no output and a readable checkpoint, which holds each
+    process's own random generators (they draw different dropout masks); --resume under torchrun then
+    finishes as the uninterrupted run did: every epoch's figures and the weights, bit for bit."""
+    from safetensors.torch import load_file
+
     out = tmp_path / "m"
     checkpoint = tmp_path / ".imgtrain-resume-m" / "checkpoint.safetensors"
     log = tmp_path / "killed.log"
     with open(log, "w") as err:
-        proc = torchrun(image_dirs, out, stdout=subprocess.DEVNULL, stderr=err)
+        proc = torchrun(with_dropout, out, stdout=subprocess.DEVNULL, stderr=err)
         try:
             while proc.poll() is None and not (checkpoint.exists() and checkpoint_epoch(checkpoint)):
                 time.sleep(0.01)
@@ -105,11 +180,23 @@ def test_the_same_seed_gives_the_same_weights_and_a_killed_rank_ends_the_job(ref
     assert proc.returncode != 0 and ended_after < 60, (proc.returncode, ended_after, log.read_text())
     assert not out.exists()
     assert 1 <= checkpoint_epoch(checkpoint) < 6
-    r = run_torchrun(image_dirs, out, "--resume")
+    saved = load_file(checkpoint)
+    assert not torch.equal(_dropout_mask(saved["rng/0/cpu"]), _dropout_mask(saved["rng/1/cpu"]))
+    r = run_torchrun(with_dropout, out, "--resume")
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stderr
-    # the same seed and world size: the resumed run and the uninterrupted one have identical weights
-    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    # the same seed and world size: the resumed run and the uninterrupted one have identical figures and weights
+    assert _figures(out) == _figures(dropout_reference)
+    assert (out / "model.safetensors").read_bytes() == (dropout_reference / "model.safetensors").read_bytes()
+
+
+def _figures(model: Path) -> list[tuple]:
+    """Each epoch's losses and accuracies (metrics.csv, without its timings)."""
+    import csv
+
+    with open(model / "metrics.csv", newline="") as f:
+        return [(r["train_loss"], r["train_error"], r["validation_loss"], r["validation_top1_accuracy"])
+                for r in csv.DictReader(f)]
 
 
 def _rank_pid(torchrun_pid: int, rank: int) -> int:

@@ -158,6 +158,8 @@ def test_predict_in_python(tmp_path, trained_model, labelled_folder, image_dirs)
 
 
 def test_evaluate_agrees_with_scikit_learn(tmp_path):
+    """Every figure as scikit-learn's default gives it: macro averages over the classes among the true or the
+    predicted labels, whatever other classes the model has (some cases have classes in neither)."""
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
     from imgtrain.scoring.evaluate import classification_metrics, confusion_matrix
@@ -165,20 +167,83 @@ def test_evaluate_agrees_with_scikit_learn(tmp_path):
     rng = np.random.default_rng(0)
     for case in range(20):
         labels = [f"c{i}" for i in range(int(rng.integers(2, 8)))]
-        truth = list(rng.choice(labels + ["unknown"] * (case % 2), size=int(rng.integers(1, 60))))
+        truth = list(rng.choice(labels[: max(1, len(labels) - case % 4)] + ["unknown"] * (case % 2),
+                                size=int(rng.integers(1, 60))))
         predicted = list(rng.choice(labels[: max(1, len(labels) - case % 3)], size=len(truth)))
         every = labels + sorted(set(truth) - set(labels))
         ours = classification_metrics(confusion_matrix(truth, predicted, every), every)
         assert ours["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
+        assert ours["macro_average_classes"] == sorted(set(truth) | set(predicted), key=every.index)
         for average in ("micro", "macro", "weighted"):
-            p, r, f, _ = precision_recall_fscore_support(truth, predicted, labels=every, average=average,
-                                                         zero_division=0)
+            p, r, f, _ = precision_recall_fscore_support(truth, predicted, average=average, zero_division=0)
             assert (ours[f"precision_{average}"], ours[f"recall_{average}"], ours[f"f1_{average}"]) == (
                 pytest.approx(p), pytest.approx(r), pytest.approx(f)), (case, average)
         p, r, f, support = precision_recall_fscore_support(truth, predicted, labels=every, zero_division=0)
         for i, label in enumerate(every):
             assert ours["per_class"][label] == pytest.approx(
                 {"precision": p[i], "recall": r[i], "f1": f[i], "support": support[i]}), (case, label)
+
+
+def _scored_csv(folder, truth, predicted, labels):
+    """A scored.csv as Score Image Model writes it, for a model with ``labels``."""
+    folder.mkdir()
+    with open(folder / "scored.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "category", *[f"Scored Probabilities_{label}" for label in labels], "Scored Labels"])
+        for i, (t, p) in enumerate(zip(truth, predicted, strict=True)):
+            w.writerow([f"{i}.png", t, *[0.9 if label == p else 0.1 / (len(labels) - 1) for label in labels], p])
+    return folder
+
+
+def test_macro_figures_leave_out_the_models_classes_absent_from_the_data(tmp_path):
+    """A 10-class model right on every image of 2 classes: every macro figure is 1, as scikit-learn's default
+    says, not 0.2 (the 8 classes with no image and no answer are not averaged); metrics.json and the report
+    say over which classes."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = [f"class{i}" for i in range(10)]
+    truth = ["class3"] * 4 + ["class7"] * 6
+    metrics = evaluate_model(_scored_csv(tmp_path / "perfect", truth, truth, labels), tmp_path / "e1", **QUIET)
+    assert metrics["accuracy"] == 1.0
+    assert (metrics["precision_macro"], metrics["recall_macro"], metrics["f1_macro"]) == (1.0, 1.0, 1.0)
+    assert metrics["macro_average_classes"] == ["class3", "class7"]
+    assert metrics["per_class"]["class0"]["support"] == 0 and len(metrics["per_class"]) == 10
+    assert json.loads((tmp_path / "e1" / "metrics.json").read_text())["macro_average_rule"] == (
+        "unweighted mean over the classes among the true or the predicted labels (scikit-learn's default)")
+    page = (tmp_path / "e1" / "report.html").read_text()
+    assert "Macro figures are the unweighted mean over the 2 classes among the true or the predicted labels" in page
+    assert "the model&#x27;s 8 other classes (class0, class1, class2, class4" in page
+    # the review's case: a 3-class model on 2 classes, recall 3/4 and 1/3: macro recall 0.542 (not 0.361)
+    truth = ["a"] * 4 + ["b"] * 6
+    predicted = ["a", "a", "a", "b"] + ["b"] * 2 + ["a"] * 4
+    metrics = evaluate_model(_scored_csv(tmp_path / "two", truth, predicted, ["a", "b", "c"]), tmp_path / "e2",
+                             **QUIET)
+    p, r, f, _ = precision_recall_fscore_support(truth, predicted, average="macro", zero_division=0)
+    assert (metrics["precision_macro"], metrics["recall_macro"], metrics["f1_macro"]) == (
+        pytest.approx(p), pytest.approx(r), pytest.approx(f))
+    assert round(metrics["recall_macro"], 3) == 0.542
+
+
+def test_true_labels_the_model_never_knew_are_named(tmp_path):
+    """A textures model evaluated on photos of cats and dogs: 0% is right, and a warning says why, naming the
+    classes, on the command line and in the report."""
+    truth = ["cat"] * 3 + ["dog"] * 2 + ["woven"]
+    predicted = ["woven", "dotted", "woven", "dotted", "dotted", "woven"]
+    scored = _scored_csv(tmp_path / "scored", truth, predicted, ["dotted", "woven"])
+    said: list[str] = []
+    metrics = evaluate_model(scored, tmp_path / "e", log=said.append)
+    assert metrics["unknown_true_labels"] == ["cat", "dog"]
+    warning = ("warning: 5 of 6 scored images have a true label the model does not know (cat, dog): the model can "
+               "never give it, so they all count as errors")
+    assert any(line.startswith(warning) for line in said), said
+    assert "Warning: 5 of 6 scored images have a true label the model does not know (cat, dog)" in (
+        tmp_path / "e" / "report.html").read_text()
+    r = run_cli("evaluate-model", "--scored-dataset", scored, "--output", tmp_path / "e2")
+    assert warning in r.stderr
+    quiet: list[str] = []
+    metrics = evaluate_model(_scored_csv(tmp_path / "known", ["dotted"], ["woven"], ["dotted", "woven"]),
+                             tmp_path / "e3", log=quiet.append)
+    assert metrics["unknown_true_labels"] == [] and not any("warning" in line for line in quiet)
 
 
 def _designer_scored(folder, truth, predicted, labels, *, label_column="category"):

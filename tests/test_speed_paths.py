@@ -60,6 +60,33 @@ def test_precision_choices(tmp_path, image_dirs):
         assert np.isfinite(result.best_validation_loss)
 
 
+def test_auto_precision_is_bf16_only_where_the_gpu_runs_it_natively(monkeypatch):
+    """V100 and T4 emulate bf16 (torch.cuda.is_bf16_supported() says yes by default): fp16 with loss scaling
+    there; bf16 from Ampere on. And the GPU asked is the run's, not torch's current device."""
+    from types import SimpleNamespace
+
+    from imgtrain.precision import Gpu, auto_precision
+
+    for name, capability, expected in [("Tesla V100-SXM2-32GB", (7, 0), "fp16"), ("Tesla T4", (7, 5), "fp16"),
+                                       ("Quadro RTX 8000", (7, 5), "fp16"), ("NVIDIA A100-SXM4-80GB", (8, 0), "bf16"),
+                                       ("NVIDIA GeForce RTX 3090", (8, 6), "bf16"), ("NVIDIA L4", (8, 9), "bf16"),
+                                       ("NVIDIA H100 80GB HBM3", (9, 0), "bf16"), ("NVIDIA B200", (10, 0), "bf16")]:
+        assert auto_precision(Gpu(name, capability)) == expected, name
+    assert auto_precision(Gpu("AMD Instinct MI250X", (9, 0), rocm=True)) == "bf16"
+    # A machine with an A100 as cuda:0 and a T4 as cuda:1, and what torch answers about them
+    gpus = [SimpleNamespace(name="NVIDIA A100-SXM4-80GB", major=8, minor=0),
+            SimpleNamespace(name="Tesla T4", major=7, minor=5)]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpus[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # of cuda:0
+    assert resolve_precision("auto", torch.device("cuda", 1)) == "fp16"
+    assert resolve_precision("auto", torch.device("cuda", 0)) == resolve_precision("auto", torch.device("cuda")) == (
+        "bf16")
+    assert resolve_precision("fp32", torch.device("cuda", 1)) == "fp32"
+    gpus.reverse()  # after torch.cuda.set_device(1), or with the T4 first: "cuda" is the current GPU
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+
+
 def test_augmentation_shifts_and_flips_only_when_asked():
     x = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 32, 32)
     shift = build_augmentation(32, "shift")

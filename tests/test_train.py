@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -181,3 +182,70 @@ def test_hostile_model_directories_give_named_errors(tmp_path, trained_model, da
     damage(root)
     with pytest.raises(InvalidModelDirectoryError, match=message):
         load_trained_model(root)
+
+
+def _torch_settings() -> tuple:
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+
+
+def test_a_run_puts_back_the_torch_settings_it_changed(tmp_path, image_dirs):
+    """Training asks for deterministic kernels, turns cuDNN's autotuner off and seeds the random generators:
+    for the run only. Afterwards, finished or failed, the process has its own settings and random streams
+    back (the Python API and pipelines run many things in one process)."""
+    import random
+
+    import numpy as np
+
+    class Stop(Exception):
+        pass
+
+    def seed_mine() -> None:
+        random.seed(7)
+        np.random.seed(7)
+        torch.manual_seed(7)
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.random()), float(torch.rand(()))
+
+    before = _torch_settings()
+    seen: list[tuple] = []
+
+    def log(message: str) -> None:
+        if message.startswith("Training "):  # the model is built: the run's settings hold
+            seen.append(_torch_settings())
+            if len(seen) == 2:
+                raise Stop
+
+    try:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+        seed_mine()
+        expected = draws()
+        for out in ("finished", "failed"):
+            seed_mine()
+            with pytest.raises(Stop) if out == "failed" else contextlib.nullcontext():
+                train_pytorch_model(image_dirs["untrained"], image_dirs["train"], image_dirs["val"], tmp_path / out,
+                                    epochs=1, batch_size=8, image_size=32, num_workers=0, log=log)
+            assert seen[-1] == (True, True, False, True)  # during the run: deterministic
+            assert _torch_settings() == (False, False, True, False), out  # after it: as they were
+            assert draws() == expected, out
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2:]
+
+
+def test_when_cublas_cannot_be_deterministic_it_is_said():
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it first runs: a run sets it before its own first use of the
+    GPU, and says plainly where that is too late (CUDA used before in the process) or the value is another."""
+    from imgtrain.seeding import cublas_nondeterminism
+
+    assert cublas_nondeterminism("cpu", {}, cuda_in_use=True) is None
+    assert cublas_nondeterminism("cuda", {}, cuda_in_use=False) is None  # the run sets it now
+    for value in (":4096:8", ":16:8"):
+        assert cublas_nondeterminism("cuda", {"CUBLAS_WORKSPACE_CONFIG": value}, cuda_in_use=True) is None
+    late = cublas_nondeterminism("cuda", {}, cuda_in_use=True)
+    assert late.startswith("CUDA was in use in this process before the run, without CUBLAS_WORKSPACE_CONFIG: ")
+    assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in late
+    other = cublas_nondeterminism("cuda", {"CUBLAS_WORKSPACE_CONFIG": ":0:0"}, cuda_in_use=False)
+    assert other.startswith("CUBLAS_WORKSPACE_CONFIG is ':0:0', with which cuBLAS does not compute deterministically")

@@ -102,14 +102,19 @@ class World:
             return log
         return lambda message: print(f"rank {self.rank}: {message}", file=sys.stderr, flush=True)
 
+    def gather(self, value: T) -> list[T] | None:
+        """Rank 0: every rank's ``value``, in the order of the ranks (other ranks: None)."""
+        if not self.distributed:
+            return [value]
+        parts: list | None = [None] * self.size if self.is_main else None
+        dist.gather_object(value, parts, dst=0)
+        return parts
+
     def gather_rows(self, indices: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray | None:
         """Rank 0: a ``total``-row array holding every rank's ``rows`` at their ``indices`` (other ranks:
         None). Alone: the rows placed at their indices."""
-        parts = [(indices, rows)]
-        if self.distributed:
-            parts = [None] * self.size if self.is_main else None
-            dist.gather_object((indices, rows), parts, dst=0)
-        if not self.is_main:
+        parts = self.gather((indices, rows))
+        if parts is None:
             return None
         full = np.zeros((total, *rows.shape[1:]), dtype=rows.dtype)
         for where, values in parts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,12 +22,40 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@dataclass(frozen=True)
+class Gpu:
+    """What the precision ``auto`` stands for on a GPU depends on, as torch reports it."""
+
+    name: str
+    capability: tuple[int, int]  # CUDA's compute capability: (7, 0) V100, (7, 5) T4, (8, 0) A100, (9, 0) H100
+    rocm: bool = False
+
+    @property
+    def native_bf16(self) -> bool:
+        """Whether the GPU multiplies bf16 matrices in hardware: NVIDIA's from Ampere (8.0) on. Volta and Turing
+        only emulate bf16, more slowly than their fp16 tensor cores, yet ``torch.cuda.is_bf16_supported()``
+        counts emulation by default. On ROCm, every GPU torch supports has bf16, as torch says."""
+        return self.rocm or self.capability >= (8, 0)
+
+
+def gpu_of(device: torch.device) -> Gpu:
+    """The GPU ``device`` names (``cuda`` alone: the current one, which a run on ``cuda`` uses)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    properties = torch.cuda.get_device_properties(index)
+    return Gpu(properties.name, (properties.major, properties.minor), rocm=bool(torch.version.hip))
+
+
+def auto_precision(gpu: Gpu) -> str:
+    """bf16 where the GPU runs it natively, else fp16 (training scales its loss: torch.amp.GradScaler)."""
+    return "bf16" if gpu.native_bf16 else "fp16"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision ``auto`` stands for on this device."""
+    """The precision ``auto`` stands for on this device: on a GPU, the one the run uses."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return auto_precision(gpu_of(device))
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 

@@ -17,7 +17,7 @@ from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, c
 from imgtrain.directories.files import open_text, read_text
 from imgtrain.errors import InvalidDatasetError, NotLabeledDatasetError
 from imgtrain.reports import plots
-from imgtrain.reports.evaluation import Mistake, evaluation_page, worst_mistakes
+from imgtrain.reports.evaluation import Mistake, evaluation_page, unknown_labels_note, worst_mistakes
 from imgtrain.reports.page import REPORT_FILE, figure_png
 from imgtrain.scoring.table import (
     IMAGE_ROOT,
@@ -160,6 +160,8 @@ def evaluate_model(
     check_output_writable(Path(output), overwrite=overwrite)
     log(f"Evaluating {len(table.truth):,} scored images")
     metrics = metrics_of(table)
+    if metrics["unknown_true_labels"]:
+        log(f"warning: {unknown_labels_note(metrics)}")
     matrix = metrics["confusion_matrix"]
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         (tmp / METRICS_JSON).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -176,10 +178,13 @@ def evaluate_model(
 
 def metrics_of(table: ScoredTable) -> dict:
     """metrics.json's figures for a scored table."""
-    # Labels the model does not know (in a table edited by hand) count as errors, never as a crash.
+    # Labels the model does not know (images of other classes, a table edited by hand) count as errors, never
+    # as a crash; true labels among them are named (``unknown_true_labels``), since no answer can be right.
     labels = table.labels + sorted((set(table.truth) | set(table.predicted)) - set(table.labels))
     counts = confusion_matrix(table.truth, table.predicted, labels)
     metrics = classification_metrics(counts, labels)
+    known = set(table.labels)
+    metrics["unknown_true_labels"] = sorted(set(table.truth) - known) if known else []
     rows = counts.sum(axis=1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     metrics["confusion_matrix"] = {"labels": labels, "counts": counts.tolist(),
@@ -199,13 +204,24 @@ def confusion_matrix(truth: list[str], predicted: list[str], labels: list[str]) 
     return counts
 
 
+MACRO_RULE = "unweighted mean over the classes among the true or the predicted labels (scikit-learn's default)"
+
+
 def classification_metrics(counts: np.ndarray, labels: list[str]) -> dict:
     """Accuracy, and precision, recall and F1 per class and averaged (micro, macro, weighted), from a
     confusion matrix; a ratio with nothing to divide by is 0. Computed here from the counts rather than
     with scikit-learn, whose import alone takes longer than the whole command: scikit-learn's
-    ``precision_recall_fscore_support(..., zero_division=0)`` gives the same figures (a test checks it)."""
+    ``precision_recall_fscore_support(truth, predicted, average=..., zero_division=0)`` gives the same
+    figures (a test checks it).
+
+    Macro averages take the classes among the true or the predicted labels, as scikit-learn does by default
+    (and the designer): a class of the model with no image in the data and never predicted has no precision
+    or recall to average, and counting it as 0 would make a 10-class model that is right on every image of
+    2 classes score a macro F1 of 0.2. The classes averaged are listed (``macro_average_classes``); per
+    class, every label is there, those with no image with support 0."""
     tp = np.diag(counts).astype(float)
     predicted, support = counts.sum(axis=0).astype(float), counts.sum(axis=1).astype(float)
+    present = (predicted + support) > 0
 
     def ratio(a, b):
         return np.divide(a, b, out=np.zeros_like(a, dtype=float), where=b > 0)
@@ -216,14 +232,17 @@ def classification_metrics(counts: np.ndarray, labels: list[str]) -> dict:
     for average, (p, r, f) in {
         "micro": (ratio(tp.sum(), predicted.sum()), ratio(tp.sum(), support.sum()),
                   ratio(2 * tp.sum(), predicted.sum() + support.sum())),
-        "macro": (precision.mean(), recall.mean(), f1.mean()),
+        "macro": (precision[present].mean(), recall[present].mean(), f1[present].mean()),
         "weighted": tuple(float(v @ support / n) for v in (precision, recall, f1)),
     }.items():
         metrics[f"precision_{average}"], metrics[f"recall_{average}"], metrics[f"f1_{average}"] = (
             float(p), float(r), float(f))
+    metrics["macro_average_classes"] = [label for label, p in zip(labels, present, strict=True) if p]
+    metrics["macro_average_rule"] = MACRO_RULE
     metrics["per_class"] = {
         label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                 "support": int(support[i])}
         for i, label in enumerate(labels)
     }
     return metrics
+

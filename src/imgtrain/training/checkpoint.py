@@ -4,6 +4,11 @@ Tensors (model, optimizer state, torch random states) are safetensors tensors; t
 (scheduler, early stopping, history, python and numpy random states, the run's
 fingerprint) is JSON in the file's metadata. Nothing is pickled. Data order and
 augmentation are pure functions of (seed, epoch, image), so they need no saved state.
+
+Torch's generators are kept for every process of the run (``rng/<rank>/cpu``, and
+``rng/<rank>/cuda`` for the GPU it computes on): each process draws its own dropout masks
+(seeding.seed_rank), and each resumes its own stream. Python's and numpy's are every
+process's alike (nothing of a run draws from them after seeding) and kept once.
 """
 
 from __future__ import annotations
@@ -49,9 +54,19 @@ def checkpoint_epoch(path: Path) -> int | None:
         return None
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's torch generators that a run on ``device`` draws from: the CPU's, and its GPU's."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
-    """Write a checkpoint atomically (temporary file, then rename)."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict,
+                    rng: list[dict[str, torch.Tensor]]) -> None:
+    """Write a checkpoint atomically (temporary file, then rename); ``rng``: every process's
+    ``rng_state``, in the order of their ranks."""
     tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     skeleton: dict = {"param_groups": opt["param_groups"], "state": {}}
@@ -63,10 +78,9 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                 skeleton["state"][str(pid)][key] = None
             else:
                 skeleton["state"][str(pid)][key] = value
-    tensors["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
+    for rank, generators in enumerate(rng):
+        for name, value in generators.items():
+            tensors[f"rng/{rank}/{name}"] = value
     np_state = np.random.get_state()
     meta = {
         **state,
@@ -89,8 +103,10 @@ def _what_differs(meta: dict, parameters: dict | None) -> str:
 
 
 def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, parameters: dict | None = None) -> dict:
-    """Restore model, optimizer, scheduler and random states; return the JSON state.
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, parameters: dict | None = None, *,
+                    rank: int = 0, device: torch.device | None = None) -> dict:
+    """Restore model, optimizer, scheduler and random states (those of process ``rank``, whose GPU is
+    ``device`` if any); return the JSON state.
 
     Refuses, naming what differs, a checkpoint whose run had other data or parameters.
     """
@@ -123,12 +139,25 @@ def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimi
                 if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
                     optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
     scheduler.load_state_dict(meta.pop("scheduler"))
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    _restore_torch_generators(tensors, rank, device)
     py = meta.pop("rng_python")
     random.setstate((py[0], tuple(py[1]), py[2]))
     npy = meta.pop("rng_numpy")
     np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
     return meta
+
+
+def _restore_torch_generators(tensors: dict[str, torch.Tensor], rank: int, device: torch.device | None) -> None:
+    if f"rng/{rank}/cpu" in tensors:
+        torch.set_rng_state(tensors[f"rng/{rank}/cpu"])
+        if device is not None and device.type == "cuda" and f"rng/{rank}/cuda" in tensors:  # none from a CPU run
+            torch.cuda.set_rng_state(tensors[f"rng/{rank}/cuda"], device)
+        return
+    if "rng/torch" not in tensors:
+        return  # made by fewer processes: the run refuses it (its world size differs)
+    # A checkpoint of an earlier version: rank 0's generators alone, every GPU's of its process
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda_states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng/cuda/")),
+                                              key=lambda k: int(k.rsplit("/", 1)[1]))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])

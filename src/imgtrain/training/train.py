@@ -98,7 +98,7 @@ from imgtrain.progress import bar
 from imgtrain.reports import plots
 from imgtrain.reports.page import REPORT_FILE
 from imgtrain.reports.training import TRAINING_IMAGES, read_history, training_page
-from imgtrain.seeding import as_uint32, seed_everything
+from imgtrain.seeding import as_uint32, seed_everything, seed_rank, torch_settings_restored
 from imgtrain.threads import Threads, parse_threads, worker_count
 from imgtrain.training import balance
 from imgtrain.training.checkpoint import (
@@ -107,6 +107,7 @@ from imgtrain.training.checkpoint import (
     file_digest,
     fingerprint,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
 )
 from imgtrain.training.early_stopping import EarlyStopping
@@ -254,17 +255,18 @@ def train_pytorch_model(
     tracking = Tracking(tensorboard, mlflow, log_every)
     tracking.check()
     device = resolve_device(params.device)
-    world = join_world(device)
-    try:
-        with world.speaking_for_the_others():
-            return _train(untrained_model, training_data, validation_data, Path(output), params,
-                          rank_device(device, world), world, overwrite=overwrite, resume=resume, restart=restart,
-                          log=log if world.is_main else lambda message: None, progress=progress,
-                          tracking=tracking if world.is_main else Tracking())
-    finally:
-        if world.is_main:
-            disown(resume_dir_for(output))  # what stays there (a checkpoint) is free for the next run to resume
-        leave_world(world)
+    with torch_settings_restored(device.type, log):  # what the run changes of torch's settings, put back
+        world = join_world(device)
+        try:
+            with world.speaking_for_the_others():
+                return _train(untrained_model, training_data, validation_data, Path(output), params,
+                              rank_device(device, world), world, overwrite=overwrite, resume=resume, restart=restart,
+                              log=log if world.is_main else lambda message: None, progress=progress,
+                              tracking=tracking if world.is_main else Tracking())
+        finally:
+            if world.is_main:
+                disown(resume_dir_for(output))  # what stays there (a checkpoint) is free for the next run to resume
+            leave_world(world)
 
 
 def _train(untrained_model, training_data, validation_data, output: Path, params: TrainingParameters,
@@ -490,7 +492,7 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
     state = Fit(params.epochs, EarlyStopping(params.patience))
     if resume and run.checkpoint.is_file():
         saved = load_checkpoint(run.checkpoint, run.run_id, network, optimizer, schedule,
-                                _resumable(run.run_parameters))
+                                _resumable(run.run_parameters), rank=world.rank, device=device)
         done_by = saved.get("world_size", 1)
         if done_by != world.size:
             raise CheckpointMismatchError(
@@ -502,6 +504,8 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
         state.history = [EpochMetrics(**m) for m in saved["history"]]
         log(f"resuming {run.output} after epoch {state.epoch} from its checkpoint")
         _extend_schedule(schedule, optimizer, saved["parameters"].get("epochs"), params.epochs, state.epoch, log)
+    else:
+        seed_rank(run.seed, world.rank)  # every process built the same network; its dropout masks are its own
     model = ddp(network, device) if world.distributed else network
     if params.compile:
         model = torch.compile(model)
@@ -513,7 +517,7 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
                       device, run.precision, params.learning_rate, Threads(params.threads, log), world,
                       loss_fn=nn.CrossEntropyLoss(weight=training if params.class_weights == "balanced" else None),
                       validation_weights=validation if params.balanced else None)
-    files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters)
+    files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters, device)
     return stepper, state, files
 
 
@@ -664,19 +668,21 @@ class _RunFiles:
     scaler: torch.amp.GradScaler
     run_id: dict
     run_parameters: dict
+    device: torch.device
 
     def save_best(self, network: nn.Module) -> None:
         if self.world.is_main:
             _save_weights(network, self.work / WEIGHTS_FILE)
 
     def save_checkpoint(self, epoch: int, stopper: EarlyStopping, history: list[EpochMetrics]) -> None:
+        generators = self.world.gather(rng_state(self.device))  # every process's, for each to resume its own
         if not self.world.is_main:
             return
         _write_metrics(self.work / METRICS_FILE, history)
         save_checkpoint(self.work / CHECKPOINT_FILE, self.network, self.optimizer, self.schedule, {
             "run_id": self.run_id, "parameters": self.run_parameters, "epoch": epoch,
             "early_stopping": asdict(stopper), "history": [asdict(m) for m in history],
-            "scaler": self.scaler.state_dict(), "world_size": self.world.size})
+            "scaler": self.scaler.state_dict(), "world_size": self.world.size}, generators)
 
 
 def _remove_leftovers(work: Path) -> None:
