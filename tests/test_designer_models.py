@@ -183,3 +183,11 @@ def test_a_report_of_a_designer_model_and_of_a_data_set_another_model_scored(des
     moved = tmp_path / "moved-model"
     shutil.copytree(designer["trained"], moved)
     run_cli("report", moved, "--scored-dataset", tmp_path / "scored-by-designer", "--output", tmp_path / "ok.html")
+
+    # images of classes the model never knew (a table of another tool's, with no record of who scored it)
+    from test_score_evaluate import _scored_csv
+
+    known = load_trained_model(trained_model).labels
+    photos = _scored_csv(tmp_path / "photos", ["cat", "dog", known[0]], known, known)
+    r = run_cli("report", designer["trained"], "--scored-dataset", photos, "--output", tmp_path / "photos.html")
+    assert "warning: 2 of 3 scored images have a true label the model does not know (cat, dog)" in r.stderr, r.stderr

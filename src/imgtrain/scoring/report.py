@@ -11,7 +11,7 @@ from imgtrain.directories.atomic import check_output_writable
 from imgtrain.directories.files import file_sha256
 from imgtrain.directories.model_directory import load_model_spec
 from imgtrain.errors import InvalidDatasetError, OutputNotWritableError
-from imgtrain.reports.evaluation import evaluation_page
+from imgtrain.reports.evaluation import evaluation_page, unknown_labels_note
 from imgtrain.reports.training import training_page_of
 from imgtrain.scoring.evaluate import metrics_of, mistakes_of, read_scored, scoring_record
 from imgtrain.scoring.table import TRAINED_MODEL, WEIGHTS_SHA256
@@ -46,7 +46,10 @@ def report(
             from imgtrain.scoring.explain import mistake_overlays
 
             overlays = mistake_overlays(trained_model, mistakes)
-        page.extend(evaluation_page(metrics_of(table), mistakes, title=f"Evaluation on {Path(scored_dataset).name}",
+        metrics = metrics_of(table)
+        if metrics["unknown_true_labels"]:
+            log(f"warning: {unknown_labels_note(metrics)}")
+        page.extend(evaluation_page(metrics, mistakes, title=f"Evaluation on {Path(scored_dataset).name}",
                                     overlays=overlays))
     page.write(output)
     log(f"Report written to {output}")
