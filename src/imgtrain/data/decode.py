@@ -152,15 +152,16 @@ def decode_rgb(data: bytes, name: str, draft_size: int | None = None, max_bytes:
         raise _sent_image_error(exc, data, name) from None
 
 
-def decode_cost(data: bytes, name: str, draft_size: int | None = None, max_bytes: int | None = None) -> int:
-    """What ``decode_rgb`` would hold at once to decode ``data``, from its header alone (nothing is decoded);
-    BadImageError, as decode_rgb's, for a file it would refuse before decoding."""
+def decode_cost(data: bytes, name: str, draft_size: int | None = None,
+                max_bytes: int | None = None) -> tuple[int, int]:
+    """What ``decode_rgb`` would hold at once to decode ``data``, and the bytes of the RGB picture it returns,
+    from its header alone (nothing is decoded); BadImageError, as decode_rgb's, for a file it would refuse."""
     source = io.BytesIO(data)
     try:
         with _named_failures(source):
             im = picture.open_image(source, draft_size)
             _admit(max_bytes)(im)
-            return picture.decode_bytes(im)
+            return picture.decode_bytes(im), im.width * im.height * 4
     except _FAILURES as exc:
         raise _sent_image_error(exc, data, name) from None
 

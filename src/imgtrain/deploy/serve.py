@@ -164,13 +164,15 @@ class Endpoint:
         image decoded, and prepared where no transformation asks for torch."""
         from imgtrain.data.decode import decode_cost, decode_rgb
 
-        draft, limit = self.preparation.draft_size, self.decoding.limit
-        need = 0
+        draft, limit, plain = self.preparation.draft_size, self.decoding.limit, self.preparation.plain
+        peak, kept = 0, 0  # one image decoded at a time; what each leaves until answered
         for blob, name in zip(blobs, names, strict=True):
             try:
-                need += decode_cost(blob, name, draft, limit)
+                decoding, picture = decode_cost(blob, name, draft, limit)
             except BadImageError as exc:
                 raise RequestError(400, f"{name}: {exc.reason}") from None
+            peak, kept = max(peak, decoding), kept + (3 * self.model.image_size ** 2 if plain else picture)
+        need = peak + kept
         if need > limit:
             raise RequestError(413, f"the {len(blobs)} images take {need / _MB:,.0f} MB to decode, over the "
                                     f"{limit / _MB:,.0f} MB the server decodes at once: send fewer in a request")
