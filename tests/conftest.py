@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -78,3 +79,24 @@ def trained_model(tmp_path_factory, image_dirs) -> Path:
     train_pytorch_model(image_dirs["untrained"], image_dirs["train"], image_dirs["val"], out,
                         epochs=3, batch_size=8, image_size=32, num_workers=0, precision="fp32", log=lambda m: None)
     return out
+
+
+def foreign_images() -> dict[str, bytes]:
+    """Images of formats imgtrain does not read (Pillow would take the first two), and content no decoder takes,
+    each under a name that says otherwise: a file's name is no guide to which decoder its bytes reach."""
+    def saved(format: str) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(out, format)
+        return out.getvalue()
+
+    return {"eps.png": saved("EPS"), "ico.jpg": saved("ICO"), "pdf.png": saved("PDF"),
+            "svg.png": b'<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16"><rect width="16" '
+                       b'height="16" fill="red"/></svg>'}
+
+
+def mpo_image(size: tuple[int, int] = (200, 160)) -> bytes:
+    """A multi-picture JPEG, as phones write: Pillow opens it as MPO, a kind of JPEG."""
+    out = io.BytesIO()
+    first = Image.fromarray(np.random.default_rng(3).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    first.save(out, "MPO", save_all=True, append_images=[Image.new("RGB", size, (9, 9, 9))])
+    return out.getvalue()

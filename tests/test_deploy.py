@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,63 @@ def test_pt2_export_loads_without_imgtrain(trained_model, image_dirs, tmp_path):
     result = json.loads(out.stdout)
     assert result["labels"] == model.labels and result["size"] == "32"
     assert np.allclose(np.array(result["p"]), expected, rtol=1e-3, atol=1e-5)
+
+
+def _photos(root, count: int = 8) -> list:
+    """JPEGs large enough to be decoded at reduced scale for a 32 px model (one turned by EXIF, one a phone's MPO),
+    and a transparent PNG: what PNGs alone would not show."""
+    from conftest import mpo_image
+
+    rng = np.random.default_rng(11)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        w, h = int(rng.integers(96, 320)), int(rng.integers(96, 320))
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h) + 60 * (i % 3)], axis=-1)
+        pixels = np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+        exif = Image.Exif()
+        exif[0x0112] = 6 if i == 0 else 1
+        Image.fromarray(pixels).save(path := root / f"{i}.jpg", quality=int(rng.integers(60, 95)), exif=exif.tobytes())
+        paths.append(path)
+    (root / "phone.jpg").write_bytes(mpo_image())
+    Image.fromarray(rng.integers(0, 255, (120, 90, 4), dtype=np.uint8), "RGBA").save(root / "clear.png")
+    return [*paths, root / "phone.jpg", root / "clear.png"]
+
+
+def test_the_exports_recipe_gives_scorings_answers_on_jpegs(trained_model, tmp_path):
+    """Fed as the export's preprocess.py feeds it, the ONNX graph answers as imgtrain scores (fp32): on JPEGs
+    too, which imgtrain decodes at reduced scale when the model is much smaller than the picture."""
+    import importlib.util
+
+    import onnx
+    import onnxruntime
+
+    from imgtrain.deploy.export import DEFAULT_OPSET
+
+    paths = _photos(tmp_path / "photos")
+    model, expected = _imgtrain_probabilities(trained_model, paths)
+    run_cli("export", trained_model, "--format", "onnx", "--output", tmp_path / "onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["draft_size"] == "32" and "Image.draft('RGB', (draft_size, draft_size))" in meta["resize"]
+    spec = importlib.util.spec_from_file_location("preprocess", tmp_path / "onnx" / "preprocess.py")
+    preprocess = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preprocess)
+    x = np.stack([preprocess.preprocess(p, int(meta["image_size"])) for p in paths])
+    got = session.run(["probabilities"], {"images": x})[0]
+    assert np.abs(got - expected).max() < 1e-5
+    graph = onnx.load(tmp_path / "onnx" / "model.onnx")
+    assert {entry.domain or "ai.onnx": entry.version for entry in graph.opset_import}["ai.onnx"] == DEFAULT_OPSET
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"opset (default: {DEFAULT_OPSET};" in readme
+
+
+def test_opset_is_refused_for_pt2(trained_model, tmp_path):
+    r = run_cli("export", trained_model, "--format", "pt2", "--opset", "13", "--output", tmp_path / "pt2", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and not (tmp_path / "pt2").exists()
+    assert r.stderr.strip() == ("error: InvalidParameterError: --opset is for ONNX: a .pt2 holds torch's own "
+                                "operators, which have no opset. leave out --opset, or pass --format onnx")
 
 
 def test_a_refused_export_is_a_named_error(trained_model, tmp_path):
@@ -273,6 +331,65 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(server, image_dirs, body, h
     status, _, _ = server.request("POST", "/predictions/shades", _val_images(image_dirs, 1)[0].read_bytes(),
                                   {"Content-Type": "image/png"})
     assert status == 200  # still answering
+
+
+def test_images_of_other_formats_are_refused_by_name(server):
+    """EPS (which Pillow hands to Ghostscript), ICO, PDF and SVG are bad images (400); a phone's MPO is a JPEG."""
+    from conftest import foreign_images, mpo_image
+
+    said = {}
+    for name, data in foreign_images().items():
+        status, body, _ = server.request("POST", "/predictions/shades", data, {"Content-Type": "image/png"})
+        said[name] = (status, json.loads(body)["error"])
+    reads = "(it reads JPEG, PNG, PPM/PGM, BMP, TIFF and WebP)"
+    assert said == {"eps.png": (400, f"the body: not an image imgtrain reads: EPS {reads}"),
+                    "ico.jpg": (400, f"the body: not an image imgtrain reads: ICO {reads}"),
+                    "pdf.png": (400, "the body: not an image (no decoder recognises it)"),
+                    "svg.png": (400, "the body: not an image (no decoder recognises it)")}
+    status, _, _ = server.request("POST", "/predictions/shades", mpo_image(), {"Content-Type": "image/jpeg"})
+    assert status == 200
+
+
+def _reset_peak(pid: int) -> int:
+    """The process's resident bytes, its peak (``VmHWM``) started again from them."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return _status(pid, "VmRSS:")
+
+
+def _status(pid: int, key: str) -> int:
+    return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith(key)).split()[1]) * 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's peak from /proc")
+def test_the_server_bounds_the_memory_its_decoding_holds(trained_model):
+    """Four concurrent posts of a 28 KB PNG that takes 36 MB to decode (as counted), to a server that decodes 40 MB
+    at once: they are decoded one after another, so the server's peak grows by one decode, not four. An image that
+    alone takes more is a bad image (400)."""
+    def png(side: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGBA", (side, side), (10, 200, 30, 128)).save(out, "PNG")
+        return out.getvalue()
+
+    running = Server(trained_model, "--max-decode-mb", "40", "--precision", "fp32", "--device", "cpu")
+    try:
+        body, post = png(2000), lambda data: running.request("POST", "/predictions/shades", data,
+                                                              {"Content-Type": "image/png"})
+        assert post(body)[0] == 200  # the first decode: the memory it leaves to reuse is there before the peak
+        before = _reset_peak(running.process.pid)
+        with ThreadPoolExecutor(4) as pool:
+            statuses = [answer[0] for answer in pool.map(post, [body] * 4)]
+        grown = _status(running.process.pid, "VmHWM:") - before
+        # One decode at a time (32 MB), and what malloc keeps of it in each decoding thread's arena after the
+        # trim (its top, 16 MB at most): four at once took four decodes, at 19 bytes a pixel (300 MB).
+        assert statuses == [200] * 4 and grown < 100 * 2**20, grown
+        status, answer, _ = post(png(2300))  # 5.3 M pixels: 44 MB
+        assert status == 400 and "too large to decode: 2300 x 2300 pixels in mode RGBA take 44 MB to decode, over " \
+                                 "the limit of 40 MB" in json.loads(answer)["error"]
+        status, answer = running.post_json("/v2/models/shades/infer", {"inputs": [
+            {"name": "images", "shape": [2], "datatype": "BYTES", "data": [base64.b64encode(body).decode()] * 2}]})
+        assert status == 200  # one request's images are decoded one after another: one decode's memory, not two
+    finally:
+        running.stop()
 
 
 def _declared_only(server, path: str, length: int, headers: dict) -> tuple[int, bytes]:
@@ -629,7 +746,8 @@ def test_requests_are_decoded_without_torch_and_scored_as_imgtrain_scores(traine
     endpoint = Endpoint(trained_model, "shades", ServeOptions(precision="fp32", device="cpu"), log=lambda m: None)
     try:
         with Operations() as operations:
-            images = endpoint._decode([p.read_bytes() for p in paths], [p.name for p in paths])
+            blobs, names = [p.read_bytes() for p in paths], [p.name for p in paths]
+            images = endpoint._decode(blobs, names, endpoint.decoding.hold())
         assert operations.seen == [] and all(isinstance(image, np.ndarray) for image in images)
         for path, image in zip(paths, images, strict=True):
             assert np.array_equal(image, model.preparation(load_rgb(path)).permute(1, 2, 0).numpy())

@@ -75,7 +75,7 @@ def test_convert_decodes_every_image_and_audits(tmp_path, messy_folder, monkeypa
     assert reasons["empty.jpg"] == "empty file (0 bytes)"
     assert reasons["text.png"].startswith("not an image")
     assert reasons["truncated.png"].startswith("truncated")
-    assert "over the pixel limit: 60 x 60 = 3,600 pixels > 2,500" in reasons["huge.png"]
+    assert "over the pixel limit: 3,600 pixels > 2,500 (a decompression bomb?)" == reasons["huge.png"]
     assert result.num_images == 10 and audit["categories"] == {"bright": 5, "dark": 5}
     assert audit["empty_categories"] == ["empty-category"]
     assert any(h.endswith(".git") for h in audit["ignored"]["hidden"])
@@ -137,8 +137,114 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(decode_module, "MAX_PIXELS", 100)
     make_image(tmp_path / "big.png", 100, np.random.default_rng(0), size=(20, 20))
-    with pytest.raises(BadImageError, match="over the pixel limit: 20 x 20 = 400 pixels > 100"):
+    with pytest.raises(BadImageError, match=r"over the pixel limit: 400 pixels > 100 \(a decompression bomb\?\)"):
         load_rgb(tmp_path / "big.png")
+
+
+def test_pillows_pixel_limits_give_one_message(tmp_path, monkeypatch):
+    """Pillow refuses past its limit with a warning, and past twice it with an error, each naming another limit:
+    imgtrain names its own, once, whichever refused."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(decode_module, "MAX_PIXELS", 100)
+    for side in (12, 20):  # 144 pixels: Pillow's warning; 400: its error (over 200)
+        Image.new("RGB", (side, side)).save(tmp_path / f"{side}.png")
+        with pytest.raises(BadImageError) as caught:
+            load_rgb(tmp_path / f"{side}.png")
+        assert caught.value.reason == f"over the pixel limit: {side * side:,} pixels > 100 (a decompression bomb?)"
+
+
+def test_a_decode_that_would_hold_too_much_memory_is_refused(tmp_path, monkeypatch):
+    Image.new("RGBA", (1000, 1000), (1, 2, 3, 4)).save(tmp_path / "wide.png")
+    monkeypatch.setattr(decode_module, "MAX_DECODE_BYTES", 4 * 2**20)
+    with pytest.raises(BadImageError) as caught:
+        load_rgb(tmp_path / "wide.png")
+    assert caught.value.reason == "too large to decode: 1000 x 1000 pixels in mode RGBA take 12 MB to decode, over " \
+                                  "the limit of 4 MB"
+    monkeypatch.setattr(decode_module, "MAX_DECODE_BYTES", 16 * 2**20)
+    assert load_rgb(tmp_path / "wide.png").size == (1000, 1000)
+
+
+_PEAKS = """
+import ctypes, gc, io, json
+import numpy as np
+from PIL import Image
+from imgtrain.data import picture
+from imgtrain.data.decode import decode_rgb
+
+def status(key):  # bytes
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+
+W = H = 2000
+def encoded(mode, format, colour=None, **options):
+    deep = {"I;16": np.full((H, W), 40000, np.uint16), "F": np.full((H, W), 0.5, np.float32)}
+    im = Image.fromarray(deep[mode]) if mode in deep else Image.new(mode, (W, H), colour)
+    out = io.BytesIO()
+    im.save(out, format, **options)
+    return out.getvalue()
+
+turned = Image.Exif()
+turned[0x0112] = 6
+cases = {"RGBA png": (encoded("RGBA", "PNG", (10, 200, 30, 128)), None),
+         "P png, transparent": (encoded("P", "PNG", 3, transparency=0), None),
+         "I;16 png": (encoded("I;16", "PNG"), None), "F tiff": (encoded("F", "TIFF"), None),
+         "RGB webp": (encoded("RGB", "WEBP", (1, 2, 3)), None),
+         "RGB jpeg, turned": (encoded("RGB", "JPEG", (1, 2, 3), exif=turned.tobytes()), None),
+         "CMYK jpeg": (encoded("CMYK", "JPEG", (1, 2, 3, 4)), None),
+         "RGB jpeg, drafted": (encoded("RGB", "JPEG", (1, 2, 3)), 224)}
+libc = ctypes.CDLL("libc.so.6")
+peaks = {}
+for name, (data, draft) in cases.items():
+    counted = picture.decode_bytes(picture.open_image(io.BytesIO(data), draft))
+    gc.collect()
+    libc.malloc_trim(0)  # what earlier decodes freed goes back, rather than be reused unseen
+    open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from here
+    before = status("VmRSS:")
+    decode_rgb(data, name, draft)
+    peaks[name] = (status("VmHWM:") - before, counted)
+print(json.dumps(peaks))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak from /proc/self/status")
+def test_a_decode_holds_no_more_memory_than_it_counts():
+    """What one decode holds at its peak, in a process of its own: never more than ``decode_bytes`` counts from
+    the header (the server holds that much of --max-decode-mb for it), and a plain-colour RGBA PNG (a few KB)
+    no longer makes five full-size copies: 8 bytes a pixel, where it took 19."""
+    r = subprocess.run([sys.executable, "-c", _PEAKS], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    peaks = json.loads(r.stdout)
+    for name, (peak, counted) in peaks.items():
+        assert peak <= counted, (name, peak, counted)
+    assert peaks["RGBA png"][0] < 9 * 2000 * 2000  # 4 bytes the decoded RGBA, 4 the white RGB it is pasted on
+    assert peaks["RGB jpeg, drafted"][0] < 2000 * 2000 / 2  # 1/8 scale: 250 x 250 pixels decoded
+
+
+def test_only_the_designers_formats_reach_a_decoder(tmp_path):
+    """EPS would run Ghostscript (here, a stand-in that leaves a mark), ICO would decode: named as what they are,
+    left out by convert; a phone's multi-picture JPEG is a JPEG."""
+    from conftest import foreign_images, mpo_image
+
+    src = make_labelled_folder(tmp_path / "src", per_class=2)
+    for name, data in foreign_images().items():
+        (src / "dark" / name).write_bytes(data)
+    (src / "dark" / "phone.jpg").write_bytes(mpo_image())
+    bin_dir, mark = tmp_path / "bin", tmp_path / "ghostscript-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    run_cli("convert-to-image-directory", src, "--output", tmp_path / "out",
+            env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    audit = json.loads((tmp_path / "out" / "audit.json").read_text())
+    reasons = {Path(r["file"]).name: r["reason"] for r in audit["rejected"]}
+    reads = "(it reads JPEG, PNG, PPM/PGM, BMP, TIFF and WebP)"
+    assert reasons == {"eps.png": f"not an image imgtrain reads: EPS {reads}",
+                       "ico.jpg": f"not an image imgtrain reads: ICO {reads}",
+                       "pdf.png": "not an image (no decoder recognises it)",
+                       "svg.png": "not an image (no decoder recognises it)"}
+    assert not mark.exists()
+    assert audit["categories"] == {"bright": 2, "dark": 3, "mid": 2}  # phone.jpg among them
+    phone = load_rgb(src / "dark" / "phone.jpg", draft_size=50)
+    assert phone.size == (100, 80)  # decoded at half scale, as a JPEG is
 
 
 def _corrupt_copy(image_dir: Path, dest: Path, which: int = 0) -> Path:

@@ -227,6 +227,38 @@ def test_the_endpoint_applies_the_recorded_transformation(trained_with_transform
     assert np.allclose(got, expected, atol=1e-5)
 
 
+def test_an_exported_transformation_model_fed_by_its_metadata_answers_as_scoring(trained_with_transformation,
+                                                                                 tmp_path):
+    """Large JPEGs decoded at the scale the metadata's draft_size says (the Resize's 40 px), then the operations
+    of ``transformation``: the ONNX graph gives predict's probabilities (a full decode gave other ones)."""
+    import importlib.util
+
+    import onnxruntime
+    import torch
+    from torchvision.transforms import v2
+
+    from imgtrain import predict
+    from imgtrain.deploy.export import export_model
+    from test_deploy import _photos
+
+    root, _ = trained_with_transformation
+    paths = _photos(tmp_path / "photos", count=4)
+    answers = predict(root / "model", paths, precision="fp32", device="cpu")
+    expected = np.array([list(a.probabilities.values()) for a in answers])
+    export_model(root / "model", tmp_path / "onnx", log=lambda m: None)
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["draft_size"] == "40" and json.loads(meta["transformation"]) == [["Resize", 40], ["CenterCrop", 32]]
+    spec = importlib.util.spec_from_file_location("preprocess", tmp_path / "onnx" / "preprocess.py")
+    preprocess = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preprocess)
+    operations = v2.Compose([getattr(v2, name)(argument) for name, argument in json.loads(meta["transformation"])])
+    x = torch.stack([operations(v2.functional.pil_to_tensor(preprocess.rgb(p, int(meta["draft_size"]))))
+                     for p in paths])
+    got = session.run(["probabilities"], {"images": x.permute(0, 2, 3, 1).contiguous().numpy()})[0]
+    assert np.abs(got - expected).max() < 1e-5
+
+
 def test_a_transformation_trains_deterministically_and_is_named_when_wrong(trained_with_transformation, image_dirs,
                                                                             tmp_path):
     from imgtrain import train_pytorch_model

@@ -57,3 +57,20 @@ def reuse_large_blocks() -> bool:
     mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     _done = True
     return True
+
+
+def give_back_free_memory() -> None:
+    """Hand the free memory of every malloc arena back to the kernel (glibc's malloc_trim).
+
+    Each thread allocates from an arena of its own, and with the thresholds above a large block freed
+    there stays there: the server's decoding threads, one after another, would each keep the memory of
+    the largest image they decoded, though the decodes never held it at once. The server calls this
+    after a request whose decoding held much."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    trim(0)

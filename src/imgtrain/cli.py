@@ -314,7 +314,8 @@ def _serve(args) -> None:
     from imgtrain.deploy.serve import ServeOptions, serve
 
     options = ServeOptions(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                           max_queue=args.max_queue, max_body_mb=args.max_body_mb, threads=args.threads,
+                           max_queue=args.max_queue, max_body_mb=args.max_body_mb,
+                           max_decode_mb=args.max_decode_mb, threads=args.threads,
                            precision=args.precision, device=args.device)
     serve(args.trained_model, host=args.host, port=args.port, name=args.name, options=options,
           log=_Log(args.quiet))
@@ -632,12 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", _export,
                 "Export a trained model for standard runtimes: ONNX (model.onnx) or torch.export (model.pt2). "
                 "Input `images`: uint8 [N, H, W, 3] RGB at the model's image size (resized outside the graph, as "
-                "the `resize` metadata says); output `probabilities`: float32 [N, C]; metadata `labels`, "
-                "`image_size`, `resize`. Checked against the model before it is written.")
+                "the `resize` metadata says, and preprocess.py, written beside it, does); output `probabilities`: "
+                "float32 [N, C]; metadata `labels`, `image_size`, `resize`. Checked against the model before it is "
+                "written.")
     p.add_argument("trained_model", metavar="MODEL", help="output of `imgtrain train-pytorch-model`")
     p.add_argument("--format", choices=("onnx", "pt2"), default="onnx",
                    help="onnx (needs imgtrain[export]) or pt2 (torch.export.save; torch.export.load reads it)")
-    p.add_argument("--opset", type=_int, default=None, help="the ONNX opset (default: torch's)")
+    p.add_argument("--opset", type=_int, default=None, help="the ONNX opset (default: 20); for --format onnx only")
     p.add_argument("--output", required=True, help="the folder to write the model file and metadata.json into")
     _common(p)
 
@@ -656,6 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits for requests still being decoded (a lone client never waits)")
     p.add_argument("--max-queue", type=_int, default=256, help="images waiting, at most; more get 503 at once")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="a larger request body gets 413")
+    p.add_argument("--max-decode-mb", type=float, default=512.0,
+                   help="memory that decoding requests' images may hold at once (counted from their headers: "
+                        "pixels x bytes of the copies a decode holds); more wait; an image that alone needs more "
+                        "gets 400, a request whose images together do, 413")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 where the CPU or GPU runs it natively, fp16 on other GPUs, else fp32 (fp32 "

@@ -16,7 +16,6 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from imgtrain.data.cache import DecodedImageCache
-from imgtrain.data.decode import load_rgb
 from imgtrain.data.transforms import Augmentation, Preparation, RandomOperations
 from imgtrain.errors import BadImageError
 
@@ -105,7 +104,7 @@ class ImageDataset(Dataset):
         if cached is not None:
             return cached if cached is not False else None
         try:
-            x = self.prepare(load_rgb(self.paths[i], draft_size=self.prepare.draft_size))
+            x = self.prepare.load(self.paths[i])
         except BadImageError:
             x = None
         if self.cache is not None:
@@ -147,7 +146,7 @@ class BadImagePolicy:
     def _error(self, i: int) -> BadImageError:
         """The decoder's reason, found again in this process (workers report only that it failed)."""
         try:
-            load_rgb(self.dataset.paths[i])
+            self.dataset.prepare.load(self.dataset.paths[i])
         except BadImageError as exc:
             return exc
         return BadImageError(f"cannot decode image {self.dataset.paths[i]}", "remove or replace the file")

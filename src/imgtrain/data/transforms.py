@@ -16,13 +16,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from imgtrain.data.picture import squashed
+
 AUGMENTATIONS = ("shift", "shift-flip", "none")
 DEFAULT_AUGMENTATION = "shift"
-
-
-def squashed(image: Image.Image, image_size: int) -> Image.Image:
-    """The whole picture squashed to size x size (no crop), antialiased bilinear."""
-    return image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
 
 
 def prepare(image: Image.Image, image_size: int) -> torch.Tensor:
@@ -62,6 +59,12 @@ class Preparation:
         if self.steps is None:
             return prepare(image, self.size)
         return squash(self.steps(v2.functional.pil_to_tensor(image)), self.size)
+
+    def load(self, path) -> torch.Tensor:
+        """An image file decoded (BadImageError naming it) and prepared: every path that reads files does this."""
+        from imgtrain.data.decode import load_rgb
+
+        return self(load_rgb(path, draft_size=self.draft_size))
 
     @property
     def plain(self) -> bool:

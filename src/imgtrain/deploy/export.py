@@ -6,7 +6,9 @@ Both hold one graph with one contract, so that a caller needs neither imgtrain n
 - output ``probabilities``: float32 ``[N, C]``, the classes in the order of the ``labels`` metadata;
 - inside the graph: the scaling to [0, 1], the normalisation with the model's mean and std, the
   network and the softmax. Outside it: decoding and the resize to the model's size, which the
-  ``resize`` metadata spells out (and ``transformation``, where the model records one).
+  ``resize`` metadata spells out (with ``draft_size``, and ``transformation`` where the model records
+  one), and ``preprocess.py``, written beside the model, does: it is imgtrain's own decoding code
+  (data/picture.py), Pillow and numpy only, so that a runtime fed by it answers as imgtrain does.
 
 The metadata travels inside the file (ONNX ``metadata_props``; the .pt2 archive's extra files) and in
 ``metadata.json`` beside it. Every export is checked before it is published: the exported graph must
@@ -27,17 +29,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgtrain.data import picture
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
-from imgtrain.errors import ExportError, MissingDependencyError, check_choice, check_range
+from imgtrain.errors import (
+    ExportError,
+    InvalidParameterError,
+    MissingDependencyError,
+    check_choice,
+    check_range,
+    option,
+)
 from imgtrain.models.trained import TrainedModel, load_trained_model
 
 FORMATS = ("onnx", "pt2")
 FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}
-METADATA_FILE = "metadata.json"
+METADATA_FILE, PREPROCESS_FILE = "metadata.json", "preprocess.py"
 INPUT, OUTPUT = "images", "probabilities"
-SQUASH = ("the whole image resized to image_size x image_size (no crop) with Pillow's bilinear filter, "
-          "Image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None), after EXIF "
-          "orientation is applied and the image is converted to RGB")
+DEFAULT_OPSET = 20  # torch 2.14's own; named here so that a newer torch does not change what files hold
+DECODE = ("decoded as preprocess.py's rgb(file, draft_size) does: opened by Pillow with formats=[{formats}]{draft}, "
+          "EXIF orientation applied, 16-bit greyscale divided by 257 and float greyscale multiplied by 255 "
+          "(rounded), transparent pixels composited onto white, converted to RGB")
+DRAFT = ", a JPEG (or MPO) first set to Image.draft('RGB', (draft_size, draft_size))"
+SQUASH = ("; then the whole image resized to image_size x image_size (no crop) with Pillow's bilinear filter, "
+          "Image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None): "
+          "preprocess(file, image_size) in preprocess.py")
 _RTOL, _ATOL = 1e-3, 1e-5  # how close the exported graph's probabilities must be to the network's
 
 
@@ -60,16 +75,19 @@ def metadata_of(model: TrainedModel) -> dict[str, str]:
     from imgtrain import __version__
 
     spec = model.spec
+    draft = model.preparation.draft_size  # None: a crop of the full picture comes first, JPEGs decode in full
+    decode = DECODE.format(formats=", ".join(map(repr, picture.FORMATS)), draft=DRAFT if draft else "")
     meta = {"labels": json.dumps(model.labels, ensure_ascii=False), "image_size": str(model.image_size),
-            "resize": SQUASH, "input": f"{INPUT}: uint8 [N, {model.image_size}, {model.image_size}, 3], RGB",
+            "draft_size": str(draft or 0), "resize": decode + SQUASH,
+            "input": f"{INPUT}: uint8 [N, {model.image_size}, {model.image_size}, 3], RGB",
             "output": f"{OUTPUT}: float32 [N, {len(model.labels)}], in the order of labels",
             "architecture": spec.architecture, "mean": json.dumps(spec.input.mean), "std": json.dumps(spec.input.std),
             "producer": f"imgtrain {__version__}"}
     if spec.input.transformation:
         meta["transformation"] = json.dumps(spec.input.transformation)
-        meta["resize"] = ("first the operations of transformation (torchvision.transforms.v2 on the uint8 image, in "
-                          "order), then, when they leave another shape, resized to image_size x image_size with "
-                          "torchvision's antialiased bilinear resize")
+        meta["resize"] = (decode + "; then the operations of transformation (torchvision.transforms.v2 on the "
+                          "uint8 image, in order), then, when they leave another shape, resized to image_size x "
+                          "image_size with torchvision's antialiased bilinear resize")
     return meta
 
 
@@ -82,11 +100,17 @@ def export_model(
     overwrite: bool = False,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> Path:
-    """Export a trained model directory to ``output``/model.onnx or ``output``/model.pt2 (with metadata.json);
-    returns the model file's path. ``opset``: the ONNX opset (default: torch's)."""
+    """Export a trained model directory to ``output``/model.onnx or ``output``/model.pt2 (with metadata.json
+    and preprocess.py); returns the model file's path. ``opset``: the ONNX opset (default: 20)."""
     check_choice("format", format, FORMATS)
+    if opset is not None and format != "onnx":
+        # Refused rather than ignored: a file made "with opset 13" that holds no such thing misleads.
+        raise InvalidParameterError(f"{option('opset')} is for ONNX: a .pt2 holds torch's own operators, which "
+                                    "have no opset", f"leave out {option('opset')}, or pass {option('format', 'onnx')}")
     if opset is not None:
         check_range("opset", opset, low=1, high=99)
+    if format == "onnx" and opset is None:
+        opset = DEFAULT_OPSET
     model = trained_model if isinstance(trained_model, TrainedModel) else None
     check_not_an_input(output, {"trained model": model.path if model else trained_model})
     model = model or load_trained_model(trained_model)
@@ -96,13 +120,14 @@ def export_model(
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     metadata = metadata_of(model)
     log(f"Exporting {model.spec.architecture} ({len(model.labels)} classes, {size} px) to "
-        f"{'ONNX' + (f' opset {opset}' if opset else '') if format == 'onnx' else 'torch.export'}")
+        f"{f'ONNX opset {opset}' if format == 'onnx' else 'torch.export'}")
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         path = tmp / FILES[format]
         if format == "onnx":
             _onnx(deployable, example, path, metadata, opset, model.spec.architecture)
         else:
             _pt2(deployable, example, path, metadata, model.spec.architecture)
+        (tmp / PREPROCESS_FILE).write_text(Path(picture.__file__).read_text(encoding="utf-8"), encoding="utf-8")
         (tmp / METADATA_FILE).write_text(json.dumps({**metadata, "labels": model.labels}, indent=2,
                                                     ensure_ascii=False), encoding="utf-8")
     return Path(output) / FILES[format]
@@ -132,7 +157,7 @@ def _refused(architecture: str, what: str, exc: BaseException, hint: str) -> Exp
     return ExportError(f"{architecture} could not be exported to {what}: {type(exc).__name__}: {reason[:300]}", hint)
 
 
-def _onnx(deployable: Deployable, example: torch.Tensor, path: Path, metadata: dict[str, str], opset: int | None,
+def _onnx(deployable: Deployable, example: torch.Tensor, path: Path, metadata: dict[str, str], opset: int,
           architecture: str) -> None:
     try:
         import onnx
@@ -140,7 +165,7 @@ def _onnx(deployable: Deployable, example: torch.Tensor, path: Path, metadata: d
     except ImportError:
         raise MissingDependencyError("exporting to ONNX needs the onnx and onnxscript packages",
                                      "install them with `pip install 'imgtrain[export]'`") from None
-    what = "ONNX" + (f" opset {opset}" if opset else "")
+    what = f"ONNX opset {opset}"
     hint = "try another --opset (18 or later), or --format pt2"
     try:
         with _quiet():  # the exporter prints its progress, and logs the tracebacks it recovers from
@@ -152,7 +177,7 @@ def _onnx(deployable: Deployable, example: torch.Tensor, path: Path, metadata: d
         program.save(str(path))
         graph = onnx.load(str(path))
         got = {entry.domain or "ai.onnx": entry.version for entry in graph.opset_import}.get("ai.onnx")
-        if opset is not None and got != opset:
+        if got != opset:
             raise RuntimeError(f"the exporter wrote opset {got}, not {opset}")
         for key, value in metadata.items():
             graph.metadata_props.add(key=key, value=value)

@@ -14,7 +14,8 @@ Endpoints, for the model named NAME (default: the model directory's folder name)
   with files in field ``data``: JSON with each image's label and per-class probabilities.
 
 Bad requests get a 4xx with ``{"error": ...}`` and the server goes on: not an image, truncated, empty, a
-decompression bomb (400), over the size limit (413), a content type it does not take (415), an unknown
+decompression bomb or a format imgtrain does not read (400), over the size limit or the memory
+decoding may hold (413), a content type it does not take (415), an unknown
 model (404). Concurrent requests are batched (deploy/batching.py); a full queue answers 503. SIGTERM (and
 Ctrl-C) stop taking connections and let the requests in flight finish.
 """
@@ -50,6 +51,7 @@ from imgtrain.errors import (
 INPUT, OUTPUT = "images", "probabilities"
 BINARY_HEADER = "Inference-Header-Content-Length"
 _MB = 2**20
+_TRIM_AFTER = 16 * _MB  # decoding that held more gives what it freed back to the kernel (a 2-megapixel PNG)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class ServeOptions:
     max_wait_ms: float = 5.0  # how long a batch waits for requests still being decoded
     max_queue: int = 256  # images waiting, at most; beyond, 503
     max_body_mb: float = 20.0  # a request body larger than this gets 413
+    max_decode_mb: float = 512.0  # memory decoding requests' images may hold at once (more wait; over it alone: 413)
     threads: int | str | None = None  # torch's CPU threads, as for training and scoring
     precision: str = "auto"  # bf16 on a GPU and where the CPU runs it natively, else fp32 (fp16 on older GPUs)
     device: str = "auto"  # the first CUDA GPU where there is one, else the CPU
@@ -74,6 +77,7 @@ class ServeOptions:
         check_range("max_wait_ms", self.max_wait_ms, low=0, high=10_000)
         check_range("max_queue", self.max_queue, low=1)
         check_range("max_body_mb", self.max_body_mb, low=0, low_inclusive=False)
+        check_range("max_decode_mb", self.max_decode_mb, low=0, low_inclusive=False)
 
 
 class RequestError(Exception):
@@ -101,10 +105,12 @@ class Endpoint:
 
     def __init__(self, trained_model: Path | str, name: str, options: ServeOptions,
                  log: Callable[[str], None]) -> None:
+        from imgtrain.data.decode import DecodeBudget
         from imgtrain.deploy.batching import Batcher
         from imgtrain.threads import Threads, parse_threads
 
         self.name, self.options, self.log = name, options, log
+        self.decoding = DecodeBudget(int(options.max_decode_mb * _MB))
         self.threads = Threads(parse_threads(options.threads), log)
         self.batcher = Batcher(lambda: self._start(trained_model), max_batch=options.max_batch_size,
                                max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
@@ -154,18 +160,37 @@ class Endpoint:
                                "architecture": self.model.spec.architecture,
                                "content": "encoded image files (JPEG, PNG, ...), one per element"}}
 
-    def _decode(self, blobs: list[bytes], names: list[str]) -> list:
-        """In a worker thread, with Pillow and numpy only: each image decoded, and prepared where no
-        transformation asks for torch."""
-        from imgtrain.data.decode import decode_rgb
+    def _decode(self, blobs: list[bytes], names: list[str], hold) -> list:
+        """In a worker thread, with Pillow and numpy only: what decoding the images takes, from their headers,
+        held from ``self.decoding`` (waiting while other requests hold the rest of --max-decode-mb); then each
+        image decoded, and prepared where no transformation asks for torch."""
+        from imgtrain.data.decode import decode_cost, decode_rgb
 
+        draft, limit, plain = self.preparation.draft_size, self.decoding.limit, self.preparation.plain
+        peak, kept = 0, 0  # one image decoded at a time; what each leaves until answered
+        for blob, name in zip(blobs, names, strict=True):
+            try:
+                decoding, picture = decode_cost(blob, name, draft, limit)
+            except BadImageError as exc:
+                raise RequestError(400, f"{name}: {exc.reason}") from None
+            peak, kept = max(peak, decoding), kept + (3 * self.model.image_size ** 2 if plain else picture)
+        need = peak + kept
+        if need > limit:
+            raise RequestError(413, f"the {len(blobs)} images take {need / _MB:,.0f} MB to decode, over the "
+                                    f"{limit / _MB:,.0f} MB the server decodes at once: send fewer in a request")
+        hold.take(need)
         images = []
         for blob, name in zip(blobs, names, strict=True):
             try:
-                image = decode_rgb(blob, name, draft_size=self.preparation.draft_size)
+                image = decode_rgb(blob, name, draft_size=draft, max_bytes=limit)
             except BadImageError as exc:
                 raise RequestError(400, f"{name}: {exc.reason}") from None
             images.append(self.preparation.pixels(image) if self.preparation.plain else image)
+        if need >= _TRIM_AFTER:
+            from imgtrain.allocator import give_back_free_memory
+
+            del image
+            give_back_free_memory()  # this thread's arena would keep what it freed (allocator.py)
         return images
 
     async def probabilities(self, blobs: list[bytes], names: list[str]) -> np.ndarray:
@@ -181,14 +206,16 @@ class Endpoint:
         except QueueFullError:
             raise RequestError(503, f"the server is busy: {self.batcher.pending} images are in hand, and it holds "
                                     f"{limit}; retry later") from None
+        hold = self.decoding.hold()  # what decoding the images takes, held until they are answered
         try:
             self.batcher.coming(+1)
             try:
-                images = await run_in_threadpool(self._decode, blobs, names)
+                images = await run_in_threadpool(self._decode, blobs, names, hold)
             finally:
                 self.batcher.coming(-1)
             return await self.batcher(images)
         finally:
+            hold.release()
             self.batcher.release(len(blobs))
 
 

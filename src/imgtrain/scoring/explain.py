@@ -101,7 +101,6 @@ def explain_images(model, paths: list[Path], names: list[str], truths: list[str 
                    batch_size: int = 8, device: str = "auto") -> list[Explanation]:
     """An Explanation for each image file, for the class the model predicts, computed on ``device`` (auto:
     the GPU where there is one), in fp32."""
-    from imgtrain.data.decode import load_rgb
     from imgtrain.data.transforms import Normalize
     from imgtrain.device import resolve_device
 
@@ -113,7 +112,7 @@ def explain_images(model, paths: list[Path], names: list[str], truths: list[str 
     out = []
     for start in range(0, len(paths), batch_size):
         chunk = range(start, min(start + batch_size, len(paths)))
-        pictures = torch.stack([preparation(load_rgb(paths[i], draft_size=preparation.draft_size)) for i in chunk])
+        pictures = torch.stack([preparation.load(paths[i]) for i in chunk])
         x = normalize(pictures.to(where))
         with torch.no_grad():
             probabilities = network(x).float().softmax(dim=1).cpu()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-from PIL import Image
-
+from imgtrain.data.picture import open_image
 from imgtrain.directories.files import open_regular
 from imgtrain.directories.image_directory import ImageDirectory
 
@@ -25,7 +24,7 @@ def auto_image_size(data: ImageDirectory) -> int:
     sides = []
     for i in range(0, len(data), step)[:SAMPLE]:
         try:
-            with open_regular(data.path(i)) as f, Image.open(f) as im:
+            with open_regular(data.path(i)) as f, open_image(f) as im:
                 sides.append(min(im.size))
         except Exception:  # not readable: decoding will name it later
             continue
