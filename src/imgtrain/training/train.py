@@ -32,7 +32,6 @@ from imgtrain.data.transforms import (
     DEFAULT_AUGMENTATION,
     Normalize,
     Preparation,
-    RandomOperations,
     build_augmentation,
 )
 from imgtrain.device import resolve_device
@@ -286,8 +285,8 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
     seed_everything(run.seed)
     stepper, state, files = _model_and_state(run, resume=resume, log=log)
     # The caches come after the checkpoint was accepted: a refused resume reserves no disk space.
-    caches = open_caches(run.work, {"training": (len(run.train_set), run.cached_size),
-                                    "validation": (len(run.val_set), run.image_size)} if params.cache else {},
+    caches = open_caches(run.work, {"training": (len(run.train_set), run.cached_size, run.cached_shapes),
+                                    "validation": (len(run.val_set), run.image_size, False)} if params.cache else {},
                          make=world.is_main,
                          shared=world.local_size == world.size, barrier=world.barrier, log=log)
     train_feed, val_feed, bad = _feeders(run, caches, log)
@@ -444,6 +443,11 @@ class _Run:
         return self.transformation.cached_size if self.transformation else self.image_size
 
     @property
+    def cached_shapes(self) -> bool:
+        """Whether the cache keeps the training images in their own shapes (TrainingTransformation.keeps_shape)."""
+        return self.transformation.keeps_shape if self.transformation else False
+
+    @property
     def class_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Images per class, in the training data and in the validation data."""
         classes = len(self.train_set.categories)
@@ -520,12 +524,10 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
 def _feeders(run: _Run, caches: dict, log) -> tuple[Feeder, Feeder, dict[str, BadImagePolicy]]:
     """The training and validation batches of this process's shares, and what to do with a bad image."""
     params, world, size, t = run.params, run.world, run.image_size, run.transformation
-    augment = build_augmentation(size, params.augmentation)
-    if t is not None:
-        augment = RandomOperations(t.random, size) if t.random else None
+    augment = t.augmentation() if t is not None else build_augmentation(size, params.augmentation)
     train_images = ImageDataset([run.train_set.path(i) for i in range(len(run.train_set))], run.train_labels, size,
                                 augment=augment, cache=caches.get("training"),
-                                prepare=Preparation(run.cached_size, t.fixed if t else None))
+                                prepare=t.preparation() if t is not None else Preparation(size))
     val_images = ImageDataset([run.val_set.path(i) for i in range(len(run.val_set))], run.val_labels, size,
                               cache=caches.get("validation"), prepare=Preparation(size, t.inference if t else None))
     feed = dict(batch_size=params.batch_size, workers=run.workers, device=run.device)
@@ -556,10 +558,7 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
     augmentation = params.augmentation
     if run.transformation is not None:
         t = run.transformation
-        log(f"transformation {params.transformation}: "
-            f"{', '.join(op.name for op in t.fixed) or 'nothing'} once ({t.cached_size} px, cached), "
-            f"{', '.join(op.name for op in t.random) or 'nothing'} every epoch; scoring applies "
-            f"{', '.join(op.name for op in t.inference) or 'nothing'}")
+        log(f"transformation {params.transformation}: {t.describe()}")
         augmentation = "the transformation's random operations" if t.random else "none"
     log(f"device {run.device}, precision {run.precision}, image size {run.image_size}, batch size "
         f"{params.batch_size}, learning rate {run.learning_rate:g}, {params.optimizer}, augmentation "
