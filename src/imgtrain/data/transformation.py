@@ -239,6 +239,27 @@ class TrainingTransformation:
 
         return RandomOperations(self.random, self.image_size) if self.random else None
 
+    def size_hint(self, side: int) -> str | None:
+        """How to make the operations leave ``side`` x ``side`` images, where they decide the training size
+        (None where they do not: then --image-size decides it)."""
+        operations = self.fixed + self.random
+        now = square_side(operations, None)
+        sizing = [i for i, op in enumerate(operations) if op.name in _INIT_FLAGS]
+        if now is None or not sizing:
+            return None
+        last = sizing[-1]
+        op, needed = operations[last], side - (square_side(operations[last + 1:], 0) or 0)  # less any padding
+        change = f"make a transformation that leaves {side} x {side} images instead (this one's {op.name} makes " \
+                 f"{now} x {now})"
+        if needed < 1:
+            return change
+        flags = {_INIT_FLAGS[op.name]: needed}
+        resize = next((o for o in operations[:last] if o.name == "Resize"), None)
+        if op.name != "Resize" and resize is not None and isinstance(_size(resize), int) and _size(resize) < needed:
+            flags["size"] = needed  # a crop larger than the resized picture would be padded with black
+        return (f"{change}: init-image-transformation with "
+                f"{' and '.join(option(name, value) for name, value in flags.items())}, its other parameters as before")
+
     def describe(self) -> str:
         """'Resize, CenterCrop once (224 px, cached), RandomHorizontalFlip every epoch; scoring applies ...'."""
         def names(ops: tuple[Operation, ...]) -> str:
@@ -248,6 +269,11 @@ class TrainingTransformation:
                   if self.keeps_shape else f"{self.cached_size} px, cached")
         return (f"{names(self.fixed)} once ({cached}), {names(self.random)} every epoch; "
                 f"scoring applies {names(self.inference)}")
+
+
+# The parameter of init_image_transformation that sets each sizing operation's size
+_INIT_FLAGS = {"Resize": "size", "CenterCrop": "crop_size", "RandomCrop": "random_crop_size",
+               "RandomResizedCrop": "random_size"}
 
 
 def _size(op: Operation) -> tuple[int, int] | int | None:

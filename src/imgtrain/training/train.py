@@ -807,7 +807,8 @@ def _image_size(base: ModelSpec, params: TrainingParameters, transformation: Tra
     arch, fixed = get_architecture(base.architecture), _trained_size(base)
     if transformation is not None:
         arch.check_size(transformation.image_size, base.pretrained, f"the size {params.transformation} leaves",
-                        trained_size=fixed)
+                        trained_size=fixed,
+                        hint=lambda side: transformation.size_hint(side) or f"pass {option('image_size', side)}")
         return transformation.image_size
     if params.image_size is not None:
         arch.check_size(params.image_size, base.pretrained, option("image_size", params.image_size),
