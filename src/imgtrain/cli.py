@@ -14,6 +14,7 @@ import sys
 from imgtrain import __version__
 from imgtrain.errors import DISK_FULL, ImgtrainError, speaking_command_line
 from imgtrain.models.names import DENSENET_DEFAULT, DENSENET_NAMES, RESNET_DEFAULT, RESNET_NAMES
+from imgtrain.process import LAUNCHER_PID, die_with_launcher
 
 # Each module's short name, beside the designer's.
 ALIASES = {"convert-to-image-directory": "convert", "split-image-directory": "split",
@@ -212,6 +213,7 @@ def _start_torchrun(argv: list[str], processes: int) -> int:
         elif not arg.startswith("--nproc-per-node="):
             rest.append(arg)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // processes)))
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the processes end with this one (process.die_with_launcher)
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -665,6 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "RANK" in os.environ:  # started by torchrun: end with it, even when it is killed with SIGKILL
+        die_with_launcher()
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:
