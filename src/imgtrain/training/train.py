@@ -568,6 +568,11 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
     log(f"{balance.describe(run.train_set.categories, training, validation)}; "
         f"{option('class_weights', params.class_weights)}, {option('sampler', params.sampler)}"
         + ("; the validation loss that picks the best epoch is class-weighted too" if params.balanced else ""))
+    empty = balance.without_images(run.train_set.categories, training)
+    if empty:
+        log(f"warning: {len(empty):,} of the {len(training):,} classes have no images in the training data "
+            f"{run.training_data} ({balance.some(empty)}): the model learns never to answer them; give them "
+            "training images, or leave them out of the data")
     both = f"{option('class_weights', 'balanced')} and {option('sampler', 'balanced')}"
     if params.class_weights == "balanced" and params.sampler == "balanced":
         log(f"warning: {both} both even out the classes: together they over-correct (a small class then counts "
