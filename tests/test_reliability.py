@@ -38,6 +38,7 @@ from imgtrain.errors import (
     OutputExistsError,
     OutputNotWritableError,
     TrainingDivergedError,
+    speaking_command_line,
 )
 from imgtrain.training.checkpoint import checkpoint_epoch
 
@@ -433,6 +434,12 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
                             **{**args, "learning_rate": 0.01, "image_size": 64}, **QUIET)
     assert sorted(f.name for f in work.glob("cache-*")) == caches_before  # a refused resume reserves nothing
+    # On the command line, a parameter left out is said as such (it was "--image-size None now").
+    with speaking_command_line(), pytest.raises(CheckpointMismatchError) as refused:
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
+                            **{**args, "image_size": None}, **QUIET)
+    assert "made with other parameters: --image-size 32 then, no --image-size now. run with the same" in \
+        str(refused.value)
     with pytest.raises(CheckpointMismatchError, match="other training data and validation data"):
         train_pytorch_model(d["untrained"], d["val"], d["train"], tmp_path / "m", resume=True, **args, **QUIET)
     # the checkpoint is still there, and the same command resumes it (without the cache: it goes)
