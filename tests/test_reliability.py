@@ -593,7 +593,16 @@ def test_resume_with_more_epochs_trains_on(tmp_path, image_dirs):
     with pytest.raises(NotInRangeValueError, match="the checkpoint has trained 2 epochs already"):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
                             **{**args, "epochs": 1}, **QUIET)
+    # As many epochs as it has done: nothing is trained, and the run says so (it said "training on to 2 epochs").
+    shutil.copytree(tmp_path / ".imgtrain-resume-m", tmp_path / ".imgtrain-resume-done")
     logs: list[str] = []
+    done = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "done", resume=True, log=logs.append,
+                               **{**args, "epochs": 2})
+    assert done.stopped_epoch == 2 and len(done.history) == 2 and not any("training on" in line for line in logs)
+    assert logs[logs.index(f"resuming {tmp_path / 'done'} after epoch 2 from its checkpoint") + 1] == (
+        "the checkpoint has trained all 2 epochs of epochs=2: nothing is left to train, and the model is written "
+        "from the best of them")
+    logs.clear()
     result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
                                  log=logs.append, **{**args, "epochs": 5})
     assert any("training on to 5 epochs instead of 3" in line for line in logs)

@@ -506,6 +506,9 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
         state.history = [EpochMetrics(**m) for m in saved["history"]]
         log(f"resuming {run.output} after epoch {state.epoch} from its checkpoint")
         _extend_schedule(schedule, optimizer, saved["parameters"].get("epochs"), params.epochs, state.epoch, log)
+        if state.epoch >= params.epochs:
+            log(f"the checkpoint has trained all {params.epochs} epochs of {option('epochs', params.epochs)}: nothing "
+                "is left to train, and the model is written from the best of them")
     model = ddp(network, device) if world.distributed else network
     if params.compile:
         model = torch.compile(model)
@@ -749,6 +752,8 @@ def _extend_schedule(schedule, optimizer, old_epochs: int | None, epochs: int, d
         raise NotInRangeValueError("epochs", epochs, f"[{done}, inf)",
                                    f"the checkpoint has trained {done} epochs already: pass at least {done}, "
                                    f"or {option('restart', True)}")
+    if epochs == done:
+        return  # nothing left to train (``_model_and_state`` says so)
     for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
         group["lr"] = base * factor(schedule.last_epoch)
     log(f"training on to {epochs} epochs instead of {old_epochs}: the epochs left follow the learning-rate "
