@@ -7,14 +7,16 @@ Errors print one line, ``error: <Name>: <what is wrong>. <how to fix it>``, and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
+import signal
 import sys
 
 from imgtrain import __version__
 from imgtrain.errors import DISK_FULL, ImgtrainError, speaking_command_line
 from imgtrain.models.names import DENSENET_DEFAULT, DENSENET_NAMES, RESNET_DEFAULT, RESNET_NAMES
-from imgtrain.process import LAUNCHER_PID, die_with_launcher
+from imgtrain.process import LAUNCHER_PID, Terminated, die_with_launcher, sigterm_interrupts
 
 # Each module's short name, beside the designer's.
 ALIASES = {"convert-to-image-directory": "convert", "split-image-directory": "split",
@@ -227,10 +229,11 @@ def _start_torchrun(argv: list[str], processes: int) -> int:
 
     try:
         run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "imgtrain", *rest]))
-    except (KeyboardInterrupt, SignalException):  # Ctrl-C, or the job stopped: torchrun ended its processes
-        print("error: interrupted; no output was written (re-run with --resume to continue from the last epoch)",
-              file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, SignalException) as exc:  # Ctrl-C, or the job stopped: torchrun ended its processes
+        number = getattr(exc, "sigval", signal.SIGINT)
+        print(f"error: {_stopped_by(number)}; no output was written (re-run with --resume to continue from the "
+              "last epoch)", file=sys.stderr)
+        return 128 + number
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         print(f"error: {DistributedRunError.__name__}: {len(exc.failures)} of {processes} processes failed "
@@ -666,6 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stopped_by(number: int) -> str:
+    return "terminated (SIGTERM)" if number == signal.SIGTERM else "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     if "RANK" in os.environ:  # started by torchrun: end with it, even when it is killed with SIGKILL
         die_with_launcher()
@@ -681,7 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     from imgtrain.progress import quiet
 
     try:
-        with speaking_command_line(), quiet(args.quiet):
+        # SIGTERM unwinds as Ctrl-C does (torchrun's processes keep its default: torchrun ends them itself)
+        with speaking_command_line(), quiet(args.quiet), \
+                sigterm_interrupts() if "RANK" not in os.environ else contextlib.nullcontext():
             args.func(args)
     except ImgtrainError as exc:
         if args.debug:
@@ -689,13 +698,14 @@ def main(argv: list[str] | None = None) -> int:
         who = f"rank {_rank()}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
         print(f"error: {who}{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        number = exc.signal_number if isinstance(exc, Terminated) else signal.SIGINT
         if _rank() != 0:
-            return 130  # rank 0 and the launcher say it
+            return 128 + number  # rank 0 and the launcher say it
         resumable = args.func is _train
         again = " (re-run with --resume to continue from the last epoch)" if resumable else ""
-        print(f"error: interrupted; no output was written{again}", file=sys.stderr)
-        return 130
+        print(f"error: {_stopped_by(number)}; no output was written{again}", file=sys.stderr)
+        return 128 + number
     except OSError as exc:  # the file system said no: a full disk, a name too long, a permission
         if args.debug:
             raise

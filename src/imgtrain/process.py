@@ -1,15 +1,44 @@
-"""How an imgtrain process ends: with its launcher under torchrun.
+"""How an imgtrain process ends: on SIGTERM as on Ctrl-C, and with its launcher under torchrun.
 
-Light to import: the command line sets it up before torch is loaded.
+Light to import: the command line sets both up before torch is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 LAUNCHER_PID = "IMGTRAIN_LAUNCHER_PID"  # set by `--nproc-per-node` for the processes torchrun starts
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, a container that stops), raised where the process is, so that it
+    unwinds as from Ctrl-C: temporary outputs removed, trackers told, one line said."""
+
+    signal_number = signal.SIGTERM
+
+
+def _raise_terminated(number: int, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside this block, SIGTERM raises Terminated, unless someone else handles SIGTERM already (or this is
+    not the main thread, where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def die_with_launcher() -> None:

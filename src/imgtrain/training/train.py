@@ -111,7 +111,7 @@ from imgtrain.training.checkpoint import (
 from imgtrain.training.early_stopping import EarlyStopping
 from imgtrain.training.image_size import auto_image_size
 from imgtrain.training.loop import EpochMetrics, Fit, Stepper, fit
-from imgtrain.training.tracking import DEFAULT_EVERY, Trackers, Tracking
+from imgtrain.training.tracking import DEFAULT_EVERY, MLFLOW_RUN_FILE, Trackers, Tracking
 
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCALINGS = ("auto", "none", "sqrt", "linear")
@@ -291,12 +291,12 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
                          shared=world.local_size == world.size, barrier=world.barrier, log=log)
     train_feed, val_feed, bad = _feeders(run, caches, log)
     _describe(run, stepper, caches, log)
-    trackers = Trackers(tracking.open(output.name, _tracked_parameters(run)), log)
+    trackers = Trackers(tracking.open(output.name, _tracked_parameters(run), run.work), log)
     try:
         result = _fit_and_publish(run, stepper, state, train_feed, val_feed, bad, files, caches, log, progress,
                                   trackers, overwrite=overwrite)
-    except BaseException:
-        trackers.finish(None)
+    except BaseException as exc:
+        trackers.finish(None, interrupted=isinstance(exc, KeyboardInterrupt))  # Ctrl-C, SIGTERM: --resume goes on
         raise
     trackers.finish(output)
     return result
@@ -687,8 +687,9 @@ class _RunFiles:
 
 
 def _remove_leftovers(work: Path) -> None:
-    """Before a finished work directory becomes the output: no checkpoint, cache or partial file."""
+    """Before a finished work directory becomes the output: no checkpoint, cache, MLflow run id or partial file."""
     (work / CHECKPOINT_FILE).unlink(missing_ok=True)
+    (work / MLFLOW_RUN_FILE).unlink(missing_ok=True)
     remove_caches(work)
     for partial in work.glob(f"*{PARTIAL_SUFFIX}"):
         partial.unlink()
