@@ -42,6 +42,7 @@ from imgtrain.errors import (
 )
 from imgtrain.training.checkpoint import checkpoint_epoch
 
+DOCS = Path(__file__).parent.parent / "docs" / "reliability.md"
 QUIET = {"log": lambda m: None}
 TRAIN = {"epochs": 2, "batch_size": 8, "image_size": 32, "num_workers": 0}
 
@@ -291,6 +292,12 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, image_dirs, monkeypatch):
     assert "lower learning_rate than 0.001" in str(err.value)  # in Python, the argument's name
     assert (tmp_path / "model" / "keep.txt").read_text() == "an earlier output"  # not replaced by a failed run
     del torchvision
+    # The message docs/reliability.md quotes is the one the command line prints (they had drifted apart).
+    with speaking_command_line(), pytest.raises(TrainingDivergedError) as err:
+        train_pytorch_model(tmp_path / "u", image_dirs["train"], image_dirs["val"], tmp_path / "model",
+                            overwrite=True, device="cpu", **TRAIN, **QUIET)
+    [row] = [line for line in DOCS.read_text().splitlines() if line.startswith("| NaN or infinite loss |")]
+    assert f"`TrainingDivergedError: {err.value}`" in row
 
 
 _ADDRESS_SPACE_OF_A_STARTED_RUN = """
