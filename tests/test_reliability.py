@@ -791,6 +791,26 @@ def test_sixteen_bit_and_keyed_transparency(tmp_path):
     assert load_rgb(tmp_path / "keyed.png").getpixel((0, 0)) == (255, 255, 255)
 
 
+def test_a_negative_seed_is_taken_modulo_2_to_the_32(tmp_path, image_dirs):
+    """The designer takes any integer as a seed, and so does imgtrain (the README says so; this page listed a
+    negative seed among the errors): -1 is 4294967295, in split and in training alike."""
+    for seed in ("-1", "4294967295", "1"):
+        run_cli("split", image_dirs["all"], "--fraction", "0.5", "--random-seed", seed, "--output-a",
+                tmp_path / f"a{seed}", "--output-b", tmp_path / f"b{seed}")
+    for seed in (-1, 2**32 - 1):
+        train_pytorch_model(image_dirs["untrained"], image_dirs["train"], image_dirs["val"], tmp_path / f"m{seed}",
+                            random_seed=seed, **{**TRAIN, "epochs": 1}, **QUIET)
+    split = {seed: (tmp_path / f"a{seed}" / "images.lst").read_bytes() for seed in ("-1", "4294967295", "1")}
+    assert split["-1"] == split["4294967295"] != split["1"]
+    assert (tmp_path / "m-1" / "model.safetensors").read_bytes() == \
+        (tmp_path / "m4294967295" / "model.safetensors").read_bytes()
+    # What the README and this page say of it
+    readme = " ".join((DOCS.parents[1] / "README.md").read_text().split())
+    assert "the seed is any integer, taken modulo 2**32" in readme
+    rows = [row for row in DOCS.read_text().splitlines() if "negative" in row and "seed" in row]
+    assert len(rows) == 1 and rows[0].startswith("| a negative `--random-seed` ") and "| taken modulo 2**32" in rows[0]
+
+
 def test_more_user_errors_are_one_line(tmp_path, image_dirs, trained_model):
     long_name = tmp_path / ("x" * 300)
     encrypted = tmp_path / "locked.zip"
