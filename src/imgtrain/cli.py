@@ -446,9 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transformation", default=None, metavar="T",
                    help="a TransformationDirectory (`imgtrain init-image-transformation`, or the designer's) in place "
                         "of --augmentation: its fixed operations (Resize, CenterCrop, Pad, Grayscale) run once per "
-                        "image, before the decoded-image cache; its random ones anew every epoch, seeded. The "
-                        "model's image size is the size the operations make; the model records the fixed "
-                        "operations and scoring applies them")
+                        "image, before the decoded-image cache; its random ones anew every epoch, seeded, on the "
+                        "image as the fixed ones leave it (as apply-image-transformation runs them). The "
+                        "model's image size is the size the operations make (where they make no square: "
+                        "--image-size, else their Resize's); the model records the fixed operations and scoring "
+                        "applies them")
     p.add_argument("--class-weights", choices=("none", "balanced"), default="none",
                    help="balanced: weight each class's loss by the inverse of its share of the training images "
                         "(a class with a tenth of the images weighs ten times as much)")
