@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -366,3 +367,45 @@ def test_ctrl_c_under_nproc_per_node_is_one_line_and_resumable(tmp_path, image_d
                                              "continue from the last epoch)")
     assert not (tmp_path / "m").exists() and checkpoint_epoch(tmp_path / ".imgtrain-resume-m" /
                                                               "checkpoint.safetensors") >= 1
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_killing_the_launcher_with_sigkill_ends_its_workers(tmp_path, image_dirs):
+    """`kill -9` of `imgtrain train --nproc-per-node 2` (the OOM killer, a scheduler that gives up): torchrun
+    starts each worker in a session of its own and cannot pass SIGKILL on, so they trained on and published
+    the model by themselves. They die with it (Linux's parent-death signal): gone within seconds, no output."""
+    d = image_dirs
+    log = tmp_path / "run.log"
+    ranks: list[int] = []
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", "train", "--nproc-per-node", "2",
+                                 "--untrained-model", d["untrained"], "--training-data", d["train"],
+                                 "--validation-data", d["val"], "--output", tmp_path / "m", *ARGS, "--epochs", "40",
+                                 "--patience", "40"],
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            while proc.poll() is None and "epoch 1/" not in log.read_text():
+                time.sleep(0.05)
+            assert proc.poll() is None, log.read_text()
+            ranks = [_rank_pid(proc.pid, rank) for rank in (0, 1)]  # training: rank 0 has logged an epoch
+            os.kill(proc.pid, signal.SIGKILL)  # the launcher alone
+            proc.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            while any(map(_alive, ranks)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            alive = [pid for pid in ranks if _alive(pid)]
+        finally:
+            _end(proc)
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert not alive, f"ranks {alive} outlived their launcher"
+    assert not (tmp_path / "m").exists()

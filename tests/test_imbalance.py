@@ -66,6 +66,37 @@ def test_balanced_sampler_draws_every_class_equally_and_is_seeded():
     assert halves[0] == first[0::2] and halves[1] == first[1::2]
 
 
+def test_a_class_without_training_images_is_a_warning_naming_it(tmp_path, image_dirs):
+    """A split can leave a small class's only images in the validation data: the run said "imbalance 1:1"
+    (the classes it has images of) and trained a model that never answers that class."""
+    from imgtrain.directories.image_directory import write_image_directory_files
+
+    class Said(Exception):
+        pass
+
+    train = ImageDirectory.load(image_dirs["train"])
+    root = tmp_path / "train"
+    kept = [i for i in range(len(train)) if train.categories[train.labels[i]] != "bright"]
+    for i in kept:
+        (root / train.files[i]).parent.mkdir(parents=True, exist_ok=True)
+        (root / train.files[i]).write_bytes(train.path(i).read_bytes())
+    write_image_directory_files(root, [train.files[i] for i in kept], train.categories,
+                                [train.labels[i] for i in kept], ids=[train.ids[i] for i in kept])
+    said: list[str] = []
+
+    def log(message: str) -> None:
+        said.append(message)
+        if message.startswith("warning"):
+            raise Said
+
+    with pytest.raises(Said):
+        train_pytorch_model(image_dirs["untrained"], root, image_dirs["val"], tmp_path / "m", epochs=1, batch_size=8,
+                            image_size=32, num_workers=0, log=log)
+    assert said[-1] == (f"warning: 1 of the 3 classes have no images in the training data {root} (bright): the "
+                        "model learns never to answer them; give them training images, or leave them out of the data")
+    assert "bright 0/" in said[-2]
+
+
 def _grey(path: Path, level: float, rng: np.random.Generator) -> None:
     pixels = np.clip(rng.normal(level, 12, size=(24, 24, 3)), 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)

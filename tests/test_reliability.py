@@ -38,9 +38,11 @@ from imgtrain.errors import (
     OutputExistsError,
     OutputNotWritableError,
     TrainingDivergedError,
+    speaking_command_line,
 )
 from imgtrain.training.checkpoint import checkpoint_epoch
 
+DOCS = Path(__file__).parent.parent / "docs" / "reliability.md"
 QUIET = {"log": lambda m: None}
 TRAIN = {"epochs": 2, "batch_size": 8, "image_size": 32, "num_workers": 0}
 
@@ -396,6 +398,12 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, image_dirs, monkeypatch):
     assert "lower learning_rate than 0.001" in str(err.value)  # in Python, the argument's name
     assert (tmp_path / "model" / "keep.txt").read_text() == "an earlier output"  # not replaced by a failed run
     del torchvision
+    # The message docs/reliability.md quotes is the one the command line prints (they had drifted apart).
+    with speaking_command_line(), pytest.raises(TrainingDivergedError) as err:
+        train_pytorch_model(tmp_path / "u", image_dirs["train"], image_dirs["val"], tmp_path / "model",
+                            overwrite=True, device="cpu", **TRAIN, **QUIET)
+    [row] = [line for line in DOCS.read_text().splitlines() if line.startswith("| NaN or infinite loss |")]
+    assert f"`TrainingDivergedError: {err.value}`" in row
 
 
 _ADDRESS_SPACE_OF_A_STARTED_RUN = """
@@ -539,6 +547,12 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
                             **{**args, "learning_rate": 0.01, "image_size": 64}, **QUIET)
     assert sorted(f.name for f in work.glob("cache-*")) == caches_before  # a refused resume reserves nothing
+    # On the command line, a parameter left out is said as such (it was "--image-size None now").
+    with speaking_command_line(), pytest.raises(CheckpointMismatchError) as refused:
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
+                            **{**args, "image_size": None}, **QUIET)
+    assert "made with other parameters: --image-size 32 then, no --image-size now. run with the same" in \
+        str(refused.value)
     with pytest.raises(CheckpointMismatchError, match="other training data and validation data"):
         train_pytorch_model(d["untrained"], d["val"], d["train"], tmp_path / "m", resume=True, **args, **QUIET)
     # the checkpoint is still there, and the same command resumes it (without the cache: it goes)
@@ -692,7 +706,16 @@ def test_resume_with_more_epochs_trains_on(tmp_path, image_dirs):
     with pytest.raises(NotInRangeValueError, match="the checkpoint has trained 2 epochs already"):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
                             **{**args, "epochs": 1}, **QUIET)
+    # As many epochs as it has done: nothing is trained, and the run says so (it said "training on to 2 epochs").
+    shutil.copytree(tmp_path / ".imgtrain-resume-m", tmp_path / ".imgtrain-resume-done")
     logs: list[str] = []
+    done = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "done", resume=True, log=logs.append,
+                               **{**args, "epochs": 2})
+    assert done.stopped_epoch == 2 and len(done.history) == 2 and not any("training on" in line for line in logs)
+    assert logs[logs.index(f"resuming {tmp_path / 'done'} after epoch 2 from its checkpoint") + 1] == (
+        "the checkpoint has trained all 2 epochs of epochs=2: nothing is left to train, and the model is written "
+        "from the best of them")
+    logs.clear()
     result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
                                  log=logs.append, **{**args, "epochs": 5})
     assert any("training on to 5 epochs instead of 3" in line for line in logs)
@@ -872,6 +895,26 @@ def test_sixteen_bit_and_keyed_transparency(tmp_path):
     keyed.info["transparency"] = (10, 20, 30)
     keyed.save(tmp_path / "keyed.png", transparency=(10, 20, 30))
     assert load_rgb(tmp_path / "keyed.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_negative_seed_is_taken_modulo_2_to_the_32(tmp_path, image_dirs):
+    """The designer takes any integer as a seed, and so does imgtrain (the README says so; this page listed a
+    negative seed among the errors): -1 is 4294967295, in split and in training alike."""
+    for seed in ("-1", "4294967295", "1"):
+        run_cli("split", image_dirs["all"], "--fraction", "0.5", "--random-seed", seed, "--output-a",
+                tmp_path / f"a{seed}", "--output-b", tmp_path / f"b{seed}")
+    for seed in (-1, 2**32 - 1):
+        train_pytorch_model(image_dirs["untrained"], image_dirs["train"], image_dirs["val"], tmp_path / f"m{seed}",
+                            random_seed=seed, **{**TRAIN, "epochs": 1}, **QUIET)
+    split = {seed: (tmp_path / f"a{seed}" / "images.lst").read_bytes() for seed in ("-1", "4294967295", "1")}
+    assert split["-1"] == split["4294967295"] != split["1"]
+    assert (tmp_path / "m-1" / "model.safetensors").read_bytes() == \
+        (tmp_path / "m4294967295" / "model.safetensors").read_bytes()
+    # What the README and this page say of it
+    readme = " ".join((DOCS.parents[1] / "README.md").read_text().split())
+    assert "the seed is any integer, taken modulo 2**32" in readme
+    rows = [row for row in DOCS.read_text().splitlines() if "negative" in row and "seed" in row]
+    assert len(rows) == 1 and rows[0].startswith("| a negative `--random-seed` ") and "| taken modulo 2**32" in rows[0]
 
 
 def test_more_user_errors_are_one_line(tmp_path, image_dirs, trained_model):

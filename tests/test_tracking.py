@@ -74,6 +74,52 @@ def test_mlflow_logs_parameters_metrics_and_the_model(tracked, monkeypatch):
     assert {"model.safetensors", "model_spec.yaml", "metrics.csv", "report.html"} <= artifacts
 
 
+def test_sigterm_says_how_to_resume_and_the_resumed_run_goes_on_with_the_killed_mlflow_run(tmp_path, image_dirs,
+                                                                                             monkeypatch):
+    """SIGTERM (`kill`, a scheduler, a container stopping) to a one-process run: one line saying how to resume,
+    exit 143, the MLflow run ended as KILLED (it stayed RUNNING); --resume then goes on with that MLflow run."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from imgtrain.training.checkpoint import checkpoint_epoch
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    d, store, log = image_dirs, (tmp_path / "mlruns").as_uri(), tmp_path / "run.log"
+    args = ["train", "--untrained-model", d["untrained"], "--training-data", d["train"], "--validation-data", d["val"],
+            "--output", tmp_path / "m", "--batch-size", "8", "--image-size", "32", "--num-workers", "0",
+            "--patience", "40", "--mlflow", store]
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", *map(str, args), "--epochs", "40"],
+                                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            while proc.poll() is None and "epoch 1/" not in log.read_text():
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    said = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in said, said
+    assert said.strip().splitlines()[-1] == ("error: terminated (SIGTERM); no output was written (re-run with "
+                                             "--resume to continue from the last epoch)")
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("imgtrain")
+    [killed] = client.search_runs([experiment.experiment_id])
+    assert killed.info.status == "KILLED"
+    done = checkpoint_epoch(tmp_path / ".imgtrain-resume-m" / "checkpoint.safetensors")
+    assert not (tmp_path / "m").exists() and done >= 1
+    run_cli(*args, "--epochs", done + 1, "--resume")
+    [resumed] = client.search_runs([experiment.experiment_id])
+    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    history = client.get_metric_history(resumed.info.run_id, "validation_loss")
+    assert sorted({m.step for m in history}) == list(range(1, done + 2))
+    assert {Path(a.path).name for a in client.list_artifacts(resumed.info.run_id, "model")} >= {"model.safetensors"}
+    assert not any("mlflow" in f.name for f in (tmp_path / "m").iterdir())  # its run's id stayed in the work folder
+
+
 @pytest.mark.parametrize("flag, extra", [("--mlflow", "mlflow"), ("--tensorboard", "tensorboard")])
 def test_a_missing_extra_is_one_line_before_any_work(tmp_path, image_dirs, flag, extra):
     """The package made unimportable, as on a machine without the extra: the run stops at once."""

@@ -290,3 +290,76 @@ def test_a_transformation_trains_deterministically_and_is_named_when_wrong(train
         r = run_cli(*common, given, *extra, "--output", tmp_path / "x", check=False)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "x").exists()
+
+
+def _windows(picture: np.ndarray, crop: np.ndarray) -> list[tuple[int, int]]:
+    """Where ``crop`` (C x h x w) sits in ``picture`` (C x H x W) as a sub-window of its very pixels."""
+    h, w = crop.shape[-2:]
+    return [(y, x) for y in range(picture.shape[1] - h + 1) for x in range(picture.shape[2] - w + 1)
+            if np.array_equal(picture[:, y:y + h, x:x + w], crop)]
+
+
+def test_a_random_crop_crops_the_picture_anew_every_epoch(tmp_path, image_dirs):
+    """RandomCrop alone, as Apply Image Transformation runs it: a 32 px window of the picture, another one
+    every epoch (training squashed each picture to 32 px first, so the crop took the whole of it, the
+    same every epoch). The cache keeps the picture as the fixed operations leave it, whatever its shape;
+    a picture smaller than the crop is a bad image, named with its size."""
+    import torch
+
+    from imgtrain import convert_to_image_directory, train_pytorch_model
+    from imgtrain.data.loading import open_caches
+    from imgtrain.distributed import ALONE
+    from imgtrain.training.train import TrainingParameters, _feeders, _Run
+
+    rng = np.random.default_rng(5)
+    for name, sizes in (("a", [(40, 56), (44, 44)]), ("b", [(36, 48), (24, 24), (48, 40)])):
+        for n, (h, w) in enumerate(sizes):
+            (tmp_path / "src" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "src" / name / f"{n}.png")
+    convert_to_image_directory(tmp_path / "src", tmp_path / "data", log=lambda m: None)
+    data = ImageDirectory.load(tmp_path / "data")
+    init_image_transformation(tmp_path / "t", resize=False, center_crop=False, random_horizontal_flip=False,
+                              random_crop=True, random_crop_size=32)
+    params = TrainingParameters(transformation=tmp_path / "t", batch_size=2, num_workers=0)
+    run = _Run.of(image_dirs["untrained"], tmp_path / "data", tmp_path / "data", tmp_path / "m", params,
+                  torch.device("cpu"), ALONE)
+    assert run.image_size == 32
+    said: list[str] = []
+    feed, _, bad = _feeders(run, {}, said.append)
+    images = feed.images
+    big = [i for i in range(len(data)) if Image.open(data.path(i)).size == (56, 40)][0]
+    picture = np.asarray(Image.open(data.path(big))).transpose(2, 0, 1)
+    draws = [images[(big, seed)] for seed in range(6)]
+    assert all(ok and x.shape == (3, 32, 32) for x, _, _, ok in draws)
+    where = [_windows(picture, x.numpy()) for x, _, _, _ in draws]
+    assert all(len(w) == 1 for w in where), "a crop is a window of the picture's own pixels, not a squashed whole"
+    assert len({w[0] for w in where}) > 1, "another window in another epoch"
+
+    # The cache keeps the picture itself (its own shape), and the draws from it are the same windows.
+    (tmp_path / "work").mkdir()
+    caches = open_caches(tmp_path / "work", {"training": (len(data), run.cached_size, run.cached_shapes)},
+                         make=True, shared=True, barrier=lambda: None, log=said.append)
+    feed, _, bad = _feeders(run, caches, said.append)
+    for seed in range(6):
+        assert torch.equal(feed.images[(big, seed)][0], draws[seed][0])
+    assert np.array_equal(caches["training"].get(big).numpy(), picture)
+
+    # A picture smaller than the crop: left out and named (skip), or the error (fail), with its size.
+    small = [i for i in range(len(data)) if Image.open(data.path(i)).size == (24, 24)][0]
+    x, y, index, ok = torch.utils.data.default_collate([feed.images[(small, 0)], feed.images[(big, 0)]])
+    assert ok.tolist() == [False, True]
+    assert bad["training"].filter([x, y, index, ok])[2].tolist() == [big]
+    [warning] = [m for m in said if m.startswith("warning: skipping")]
+    assert f"{data.path(small)}: the transformation's random operations cannot take it as its fixed ones " \
+           "leave it, 24 x 24 px (Required crop size (32, 32) is larger than input image size (24, 24))" in warning
+
+    # A real run, with worker processes sharing the cache: the weights of a run without them.
+    weights = []
+    for workers in (0, 2):
+        train_pytorch_model(image_dirs["untrained"], tmp_path / "data", tmp_path / "data", tmp_path / f"m{workers}",
+                            epochs=1, batch_size=2, num_workers=workers, transformation=tmp_path / "t",
+                            log=said.append)
+        weights.append((tmp_path / f"m{workers}" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+    assert "transformation " + str(tmp_path / "t") + ": nothing once (each picture in the shape they leave, " \
+           "cached up to 8,192 pixels), RandomCrop every epoch; scoring applies nothing" in said

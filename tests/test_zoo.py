@@ -180,6 +180,45 @@ def test_sizes_an_architecture_cannot_take_are_refused_before_training(tmp_path,
     assert get_architecture("inception_v3").fit_size(32, pretrained=False) == 75  # chosen sizes are fitted
 
 
+def test_a_size_hint_under_a_transformation_is_one_the_user_can_follow(tmp_path, image_dirs, capsys):
+    """Where the transformation's operations make the size, the hint says how to change them (passing
+    --image-size is refused there as disagreeing with them); where they make no square, --image-size
+    decides, and the hint to pass it works. Each hint is followed, and the size is then taken: the run
+    gets as far as the output, which exists."""
+    import re
+
+    from imgtrain.cli import main
+    from imgtrain.data.transformation import init_image_transformation
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model_spec.yaml").write_text("an earlier output\n")
+
+    def train(model: Path, transformation: Path, *extra: str) -> str:
+        main(["train", "--untrained-model", str(model), "--training-data", str(image_dirs["train"]),
+              "--validation-data", str(image_dirs["val"]), "--output", str(tmp_path / "out"), "--transformation",
+              str(transformation), *extra])
+        return capsys.readouterr().err.strip()
+
+    init_image_transformation(tmp_path / "t40", size=48, crop_size=40)
+    image_model(tmp_path / "vit", model_name="vit_b_32", pretrained=False)
+    image_model(tmp_path / "inception", model_name="inception_v3", pretrained=False)
+    for model, side in (("vit", 64), ("inception", 75)):
+        said = train(tmp_path / model, tmp_path / "t40")
+        assert said.startswith("error: ImageSizeError: ") and "cannot take 40 px images" in said, said
+        assert said.endswith(f"make a transformation that leaves {side} x {side} images instead (this one's "
+                             f"CenterCrop makes 40 x 40): init-image-transformation with --crop-size {side} and "
+                             f"--size {side}, its other parameters as before"), said
+        assert "--image-size" not in said.split(". ", 1)[1]
+        flags = re.search(r"with --crop-size (\d+) and --size (\d+)", said).groups()
+        init_image_transformation(tmp_path / f"t{side}", size=int(flags[1]), crop_size=int(flags[0]))
+        assert train(tmp_path / model, tmp_path / f"t{side}").startswith("error: OutputExistsError"), model
+    # A Resize of the shorter side and flips make no square: --image-size decides, as the hint says.
+    init_image_transformation(tmp_path / "shorter", size=40, center_crop=False)
+    said = train(tmp_path / "vit", tmp_path / "shorter")
+    assert said.endswith("it takes multiples of 32 from 32 to 4096 px. pass --image-size 64"), said
+    assert train(tmp_path / "vit", tmp_path / "shorter", "--image-size", "64").startswith("error: OutputExistsError")
+
+
 def test_unknown_names_get_the_closest_ones(tmp_path):
     with pytest.raises(InvalidParameterError, match=r"unknown model name 'convnext_tiney' \(did you mean "
                                                     r"convnext_tiny"):

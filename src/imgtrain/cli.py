@@ -7,14 +7,17 @@ Errors print one line, ``error: <Name>: <what is wrong>. <how to fix it>``, and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import re
+import signal
 import sys
 
 from imgtrain import __version__
 from imgtrain.errors import DISK_FULL, ImgtrainError, speaking_command_line
 from imgtrain.models.names import DENSENET_DEFAULT, DENSENET_NAMES, RESNET_DEFAULT, RESNET_NAMES
+from imgtrain.process import LAUNCHER_PID, Terminated, die_with_launcher, sigterm_interrupts
 
 # Each module's short name, beside the designer's.
 ALIASES = {"convert-to-image-directory": "convert", "split-image-directory": "split",
@@ -213,6 +216,7 @@ def _start_torchrun(argv: list[str], processes: int) -> int:
         elif not arg.startswith("--nproc-per-node="):
             rest.append(arg)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // processes)))
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the processes end with this one (process.die_with_launcher)
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -226,10 +230,11 @@ def _start_torchrun(argv: list[str], processes: int) -> int:
 
     try:
         run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "imgtrain", *rest]))
-    except (KeyboardInterrupt, SignalException):  # Ctrl-C, or the job stopped: torchrun ended its processes
-        print("error: interrupted; no output was written (re-run with --resume to continue from the last epoch)",
-              file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, SignalException) as exc:  # Ctrl-C, or the job stopped: torchrun ended its processes
+        number = getattr(exc, "sigval", signal.SIGINT)
+        print(f"error: {_stopped_by(number)}; no output was written (re-run with --resume to continue from the "
+              "last epoch)", file=sys.stderr)
+        return 128 + number
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         print(f"error: {DistributedRunError.__name__}: {len(exc.failures)} of {processes} processes failed "
@@ -443,9 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transformation", default=None, metavar="T",
                    help="a TransformationDirectory (`imgtrain init-image-transformation`, or the designer's) in place "
                         "of --augmentation: its fixed operations (Resize, CenterCrop, Pad, Grayscale) run once per "
-                        "image, before the decoded-image cache; its random ones anew every epoch, seeded. The "
-                        "model's image size is the size the operations make; the model records the fixed "
-                        "operations and scoring applies them")
+                        "image, before the decoded-image cache; its random ones anew every epoch, seeded, on the "
+                        "image as the fixed ones leave it (as apply-image-transformation runs them). The "
+                        "model's image size is the size the operations make (where they make no square: "
+                        "--image-size, else their Resize's); the model records the fixed operations and scoring "
+                        "applies them")
     p.add_argument("--class-weights", choices=("none", "balanced"), default="none",
                    help="balanced: weight each class's loss by the inverse of its share of the training images "
                         "(a class with a tenth of the images weighs ten times as much)")
@@ -672,7 +679,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stopped_by(number: int) -> str:
+    return "terminated (SIGTERM)" if number == signal.SIGTERM else "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
+    if "RANK" in os.environ:  # started by torchrun: end with it, even when it is killed with SIGKILL
+        die_with_launcher()
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:
@@ -685,7 +698,9 @@ def main(argv: list[str] | None = None) -> int:
     from imgtrain.progress import quiet
 
     try:
-        with speaking_command_line(), quiet(args.quiet):
+        # SIGTERM unwinds as Ctrl-C does (torchrun's processes keep its default: torchrun ends them itself)
+        with speaking_command_line(), quiet(args.quiet), \
+                sigterm_interrupts() if "RANK" not in os.environ else contextlib.nullcontext():
             args.func(args)
     except ImgtrainError as exc:
         if args.debug:
@@ -693,13 +708,14 @@ def main(argv: list[str] | None = None) -> int:
         who = f"rank {_rank()}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
         print(f"error: {who}{type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        number = exc.signal_number if isinstance(exc, Terminated) else signal.SIGINT
         if _rank() != 0:
-            return 130  # rank 0 and the launcher say it
+            return 128 + number  # rank 0 and the launcher say it
         resumable = args.func is _train
         again = " (re-run with --resume to continue from the last epoch)" if resumable else ""
-        print(f"error: interrupted; no output was written{again}", file=sys.stderr)
-        return 130
+        print(f"error: {_stopped_by(number)}; no output was written{again}", file=sys.stderr)
+        return 128 + number
     except OSError as exc:  # the file system said no: a full disk, a name too long, a permission
         if args.debug:
             raise

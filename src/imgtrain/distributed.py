@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from imgtrain import errors
 from imgtrain.errors import DistributedRunError, ImgtrainError, InvalidParameterError
+from imgtrain.process import die_with_launcher
 
 T = TypeVar("T")
 
@@ -157,6 +158,7 @@ def join_world(device: torch.device) -> World:
     GPU runs NCCL's code path as eight would."""
     if not launched_by_torchrun():
         return ALONE
+    die_with_launcher()  # the command line asked already; a script run by torchrun asks here
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))

@@ -30,12 +30,15 @@ def speaking_command_line() -> Iterator[None]:
 
 def option(name: str, value: object = _NO_VALUE) -> str:
     """A parameter (with a value) as the user passes it: ``--batch-size 8`` or ``--no-pretrained`` on
-    the command line, ``batch_size=8`` or ``pretrained=False`` in Python."""
+    the command line, ``batch_size=8`` or ``pretrained=False`` in Python. None, on the command line, is
+    the flag left out: ``no --image-size``."""
     if not _ON_THE_COMMAND_LINE.get():
         return name if value is _NO_VALUE else f"{name}={value!r}"
     flag = "--" + _FLAG_NAMES.get(name, name).replace("_", "-")
     if value is _NO_VALUE or value is True:
         return flag
+    if value is None:
+        return f"no {flag}"
     return "--no-" + flag[2:] if value is False else f"{flag} {value}"
 
 

@@ -118,8 +118,32 @@ class ImageDataset(Dataset):
         if x is None:
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), label, i, False
         if self.augment is not None:
-            x = self.augment(x, random.Random(seed))
+            try:
+                x = self.augment(x, random.Random(seed))
+            except ValueError:  # an image the random operations cannot take: a bad image (see ``failure``)
+                return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), label, i, False
         return x, label, i, True
+
+    def failure(self, i: int) -> BadImageError:
+        """Why image ``i`` could not be had, found again in this process (workers report only that it failed):
+        the decoder's reason, or the random operations' (an image smaller than a RandomCrop)."""
+        path = self.paths[i]
+        try:
+            x = self.prepare.load(path)
+        except BadImageError as exc:
+            return exc
+        try:
+            if self.augment is not None:
+                self.augment(x, random.Random(0))
+        except ValueError as exc:
+            reason = (f"the transformation's random operations cannot take it as its fixed ones leave it, "
+                      f"{x.shape[-1]} x {x.shape[-2]} px ({str(exc).rstrip('.')})")
+            error = BadImageError(f"image {path}: {reason}",
+                                  "resize the images before the random operations (a Resize in the transformation), "
+                                  "let RandomCrop pad them (pad_if_needed), or remove the image")
+            error.reason = reason
+            return error
+        return BadImageError(f"cannot decode image {path}", "remove or replace the file")
 
 
 class BadImagePolicy:
@@ -144,9 +168,4 @@ class BadImagePolicy:
         return [x[ok], y[ok], index[ok]]
 
     def _error(self, i: int) -> BadImageError:
-        """The decoder's reason, found again in this process (workers report only that it failed)."""
-        try:
-            self.dataset.prepare.load(self.dataset.paths[i])
-        except BadImageError as exc:
-            return exc
-        return BadImageError(f"cannot decode image {self.dataset.paths[i]}", "remove or replace the file")
+        return self.dataset.failure(i)

@@ -52,8 +52,8 @@ class Feeder:
         return self._loader
 
 
-def cache_name(name: str, image_size: int) -> str:
-    return f"{CACHE_PREFIX}{name}-{image_size}"
+def cache_name(name: str, image_size: int, any_shape: bool = False) -> str:
+    return f"{CACHE_PREFIX}{name}-{'any-' if any_shape else ''}{image_size}"
 
 
 def remove_caches(folder: Path, keep: list[str] = ()) -> None:
@@ -64,10 +64,10 @@ def remove_caches(folder: Path, keep: list[str] = ()) -> None:
             file.unlink(missing_ok=True)
 
 
-def open_caches(folder: Path, caches: dict[str, tuple[int, int]], *, make: bool, shared: bool,
+def open_caches(folder: Path, caches: dict[str, tuple[int, int, bool]], *, make: bool, shared: bool,
                 barrier: Callable[[], None], log: Callable[[str], None]) -> dict[str, DecodedImageCache | None]:
-    """One decoded-image cache per named data set in ``folder`` (``caches``: name -> (images, side)),
-    where it fits on the disk.
+    """One decoded-image cache per named data set in ``folder`` (``caches``: name -> (images, side,
+    any_shape), see DecodedImageCache), where it fits on the disk.
 
     ``make``: this process makes the files (one process of a run); the others (``shared``: on the
     same machine) open them after ``barrier``. Not ``shared`` (ranks on other machines), they go
@@ -75,11 +75,13 @@ def open_caches(folder: Path, caches: dict[str, tuple[int, int]], *, make: bool,
     """
     opened: dict[str, DecodedImageCache | None] = dict.fromkeys(caches)
     if make:
-        remove_caches(folder, keep=[cache_name(name, size) for name, (_, size) in caches.items()])
-        for name, (count, size) in caches.items():
-            opened[name] = DecodedImageCache.create_if_it_fits(folder / cache_name(name, size), count, size, log)
+        remove_caches(folder, keep=[cache_name(name, *spec[1:]) for name, spec in caches.items()])
+        for name, (count, size, any_shape) in caches.items():
+            opened[name] = DecodedImageCache.create_if_it_fits(folder / cache_name(name, size, any_shape), count,
+                                                               size, log, any_shape=any_shape)
     barrier()
     if not make and shared:
-        for name, (count, size) in caches.items():
-            opened[name] = DecodedImageCache.open_existing(folder / cache_name(name, size), count, size)
+        for name, (count, size, any_shape) in caches.items():
+            opened[name] = DecodedImageCache.open_existing(folder / cache_name(name, size, any_shape), count, size,
+                                                           any_shape=any_shape)
     return opened

@@ -13,6 +13,7 @@ ImageNet recipe's, and drops it at inference with the other random operations).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import sys
@@ -174,18 +175,26 @@ def apply_image_transformation(
 class TrainingTransformation:
     """A transformation as Train PyTorch Model runs it (``--transformation``) and the trained model keeps it.
 
-    - ``fixed``: the operations before the first random one, run once per image; their result, a
-      ``cached_size`` square, is what the decoded-image cache keeps.
-    - ``random``: the rest, anew for every image and epoch (in place of ``--augmentation``), ending in an
-      ``image_size`` square: the size the network trains at.
+    - ``fixed``: the operations before the first random one, run once per image; their result is what
+      the decoded-image cache keeps.
+    - ``random``: the rest, anew for every image and epoch (in place of ``--augmentation``), on the image
+      as the fixed ones leave it, as Apply Image Transformation runs them; only their result is brought
+      to ``image_size`` (squashed, where it has another shape): the size the network trains at.
     - ``inference``: every operation that is not random, wherever it stands: what the trained model
       records and scoring (and validation) applies, before squashing to ``image_size`` when the
       result is another shape.
 
     The sizes are read off the operations: a crop (CenterCrop, RandomCrop, RandomResizedCrop) or a
-    Resize to a square makes a square of its size, Pad adds to it, the rest keep it. Where the fixed
-    operations leave the shape to the picture (a Resize of the shorter side alone), the cache keeps
-    squares of that Resize's size (``fallback_size`` without one) and the random ones start from it.
+    Resize to a square makes a square of its size, Pad adds to it, the rest keep it. The training size
+    is the square the operations make; where they make none, the one asked for, else the fixed
+    operations' square or Resize, else ``fallback_size``.
+
+    Where the fixed operations make squares, the cache keeps them (``cached_size``). Where they leave
+    the shape to the picture (a Resize of the shorter side, a Pad, no operation at all) and random
+    operations follow, the cache keeps each picture in that shape (``keeps_shape``), up to
+    ``2 x cached_size x cached_size`` pixels (a larger one is decoded anew each time): a random crop
+    must see the picture, not a square squashed from it. Where nothing random follows, it keeps the
+    training image itself.
     """
 
     fixed: tuple[Operation, ...]
@@ -193,6 +202,7 @@ class TrainingTransformation:
     inference: tuple[Operation, ...]
     cached_size: int
     image_size: int
+    keeps_shape: bool = False
 
     @classmethod
     def of(cls, operations: list[Operation], image_size: int | None, fallback_size: Callable[[], int],
@@ -207,9 +217,63 @@ class TrainingTransformation:
             raise InvalidParameterError(
                 f"{option('image_size')} {image_size} disagrees with {source}, whose operations make "
                 f"{decided} x {decided} images", f"drop {option('image_size')}, or change the transformation's sizes")
-        cached = square_side(fixed, None) or _last_resize(fixed) or decided or image_size or fallback_size()
-        final = square_side(random, cached) or cached
-        return cls(fixed, random, inference, cached, final)
+        squares, resize = square_side(fixed, None), _last_resize(fixed)
+        fallback = functools.cache(fallback_size)
+        final = decided or image_size or squares or resize or fallback()
+        keeps_shape = squares is None and bool(random)
+        if squares is not None or not keeps_shape:
+            cached = squares or final
+        else:  # a slot for pictures of the Resize's size, or of their own size (where they are larger)
+            cached = resize or max(final, fallback())
+        return cls(fixed, random, inference, cached, final, keeps_shape)
+
+    def preparation(self):
+        """What a training image goes through once, before the cache: the fixed operations."""
+        from imgtrain.data.transforms import Preparation
+
+        return Preparation(self.cached_size, self.fixed, keep_shape=self.keeps_shape)
+
+    def augmentation(self):
+        """What a training image goes through anew every epoch: the random operations, then the training size."""
+        from imgtrain.data.transforms import RandomOperations
+
+        return RandomOperations(self.random, self.image_size) if self.random else None
+
+    def size_hint(self, side: int) -> str | None:
+        """How to make the operations leave ``side`` x ``side`` images, where they decide the training size
+        (None where they do not: then --image-size decides it)."""
+        operations = self.fixed + self.random
+        now = square_side(operations, None)
+        sizing = [i for i, op in enumerate(operations) if op.name in _INIT_FLAGS]
+        if now is None or not sizing:
+            return None
+        last = sizing[-1]
+        op, needed = operations[last], side - (square_side(operations[last + 1:], 0) or 0)  # less any padding
+        change = f"make a transformation that leaves {side} x {side} images instead (this one's {op.name} makes " \
+                 f"{now} x {now})"
+        if needed < 1:
+            return change
+        flags = {_INIT_FLAGS[op.name]: needed}
+        resize = next((o for o in operations[:last] if o.name == "Resize"), None)
+        if op.name != "Resize" and resize is not None and isinstance(_size(resize), int) and _size(resize) < needed:
+            flags["size"] = needed  # a crop larger than the resized picture would be padded with black
+        return (f"{change}: init-image-transformation with "
+                f"{' and '.join(option(name, value) for name, value in flags.items())}, its other parameters as before")
+
+    def describe(self) -> str:
+        """'Resize, CenterCrop once (224 px, cached), RandomHorizontalFlip every epoch; scoring applies ...'."""
+        def names(ops: tuple[Operation, ...]) -> str:
+            return ", ".join(op.name for op in ops) or "nothing"
+
+        cached = (f"each picture in the shape they leave, cached up to {2 * self.cached_size ** 2:,} pixels"
+                  if self.keeps_shape else f"{self.cached_size} px, cached")
+        return (f"{names(self.fixed)} once ({cached}), {names(self.random)} every epoch; "
+                f"scoring applies {names(self.inference)}")
+
+
+# The parameter of init_image_transformation that sets each sizing operation's size
+_INIT_FLAGS = {"Resize": "size", "CenterCrop": "crop_size", "RandomCrop": "random_crop_size",
+               "RandomResizedCrop": "random_size"}
 
 
 def _size(op: Operation) -> tuple[int, int] | int | None:

@@ -38,27 +38,31 @@ class Preparation:
     """What happens to a decoded picture once (its result is what the decoded-image cache keeps):
     by default the whole picture squashed to size x size; with a transformation's fixed operations
     (Resize, CenterCrop, Pad, Grayscale), those, then squashed to size x size when they leave
-    another shape."""
+    another shape, unless ``keep_shape`` (random operations follow, and must see the picture as the
+    fixed ones leave it)."""
 
-    def __init__(self, size: int, operations: Sequence | None = None) -> None:
+    def __init__(self, size: int, operations: Sequence | None = None, *, keep_shape: bool = False) -> None:
         from imgtrain.data.transformation import compose
 
-        self.size = size
+        self.size, self.keep_shape = size, keep_shape
         self.steps = compose(list(operations)) if operations else None
         first = operations[0] if operations else None
         # JPEGs decode at a reduced scale only where the picture is resized first anyway: a crop
         # of the full picture must see its full resolution.
         if first is None:
-            self.draft_size = size
+            self.draft_size = None if keep_shape else size
         elif first.name == "Resize" and isinstance(first.argument, (int, float)):
             self.draft_size = int(first.argument)
         else:
             self.draft_size = None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if self.steps is None:
+        if self.plain:
             return prepare(image, self.size)
-        return squash(self.steps(v2.functional.pil_to_tensor(image)), self.size)
+        x = v2.functional.pil_to_tensor(image)
+        if self.steps is not None:
+            x = self.steps(x)
+        return x if self.keep_shape else squash(x, self.size)
 
     def load(self, path) -> torch.Tensor:
         """An image file decoded (BadImageError naming it) and prepared: every path that reads files does this."""
@@ -69,7 +73,7 @@ class Preparation:
     @property
     def plain(self) -> bool:
         """No transformation's operations: Pillow alone prepares the picture (see ``pixels``)."""
-        return self.steps is None
+        return self.steps is None and not self.keep_shape
 
     def pixels(self, image: Image.Image) -> np.ndarray:
         """The plain preparation as a size x size x 3 uint8 array (channels last), made by Pillow and numpy
@@ -81,7 +85,8 @@ class Preparation:
 
 class RandomOperations:
     """A transformation's random operations (torchvision's), drawn anew for each image and epoch from
-    the generator passed in, then squashed to size x size when they leave another shape."""
+    the generator passed in, then squashed to size x size when they leave another shape. ValueError
+    for an image they cannot take (smaller than a RandomCrop)."""
 
     def __init__(self, operations: Sequence, size: int) -> None:
         from imgtrain.data.transformation import compose

@@ -126,13 +126,16 @@ class Architecture:
             return f"multiples of {step} from {low} to {high} px"
         return f"{low} to {high} px"
 
-    def check_size(self, size: int, pretrained: bool, source: str, trained_size: int | None = None) -> None:
-        """ImageSizeError, saying which sizes work, unless the network takes ``size`` px images."""
+    def check_size(self, size: int, pretrained: bool, source: str, trained_size: int | None = None,
+                   hint: Callable[[int], str] | None = None) -> None:
+        """ImageSizeError, saying which sizes work, unless the network takes ``size`` px images; ``hint``: how
+        to get a size that works (the one suggested), where --image-size does not decide it."""
         if not self.accepts(size, pretrained, trained_size):
             suggestion = self.fit_size(size, pretrained, trained_size)
             raise ImageSizeError(
                 f"{self.name} cannot take {size} px images ({source}); it takes "
                 f"{self.describe_sizes(pretrained, trained_size)}",
+                hint(suggestion) if hint else
                 f"pass {option('image_size', suggestion)}, or leave it out and imgtrain chooses one")
 
 

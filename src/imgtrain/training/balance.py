@@ -32,6 +32,16 @@ def imbalance(counts: np.ndarray) -> float:
     return float(present.max() / present.min()) if len(present) else 1.0
 
 
+def without_images(labels: list[str], counts: np.ndarray) -> list[str]:
+    """The classes with no images in ``counts``."""
+    return [label for label, n in zip(labels, counts, strict=True) if n == 0]
+
+
+def some(labels: list[str], shown: int = SHOWN) -> str:
+    """``cat, dog``, or the first few: ``a, b, ..., l and 28 more``."""
+    return ", ".join(labels[:shown]) + (f" and {len(labels) - shown:,} more" if len(labels) > shown else "")
+
+
 def ratio(x: float) -> str:
     """1.5, 20, 1,234: a ratio as people write it, never in scientific notation."""
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"

@@ -14,15 +14,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+from imgtrain.directories.atomic import atomic_file
 from imgtrain.errors import MissingDependencyError, option
 from imgtrain.training.loop import EpochMetrics, Watcher
 
 DEFAULT_EVERY = 50  # steps between the running figures
 
 
+MLFLOW_RUN_FILE = "mlflow-run-id"  # in the run's work directory: the MLflow run a resumed run goes on with
+
+
 class Tracker(Watcher, Protocol):
-    def finish(self, model: Path | None) -> None:
-        """The run ended: with the published model directory, or None when it failed."""
+    def finish(self, model: Path | None, interrupted: bool = False) -> None:
+        """The run ended: with the published model directory, or None when it failed or was ``interrupted``
+        (Ctrl-C, SIGTERM: it may be resumed)."""
 
 
 def _require(module: str, extra: str, flag: str):
@@ -59,7 +64,7 @@ class TensorBoard:
             self.writer.add_scalar(f"epoch/{name}", value, metrics.epoch)
         self.writer.flush()
 
-    def finish(self, model: Path | None) -> None:
+    def finish(self, model: Path | None, interrupted: bool = False) -> None:
         self.writer.close()
 
 
@@ -69,9 +74,13 @@ class MLflow:
 
     Where to: ``uri``, else MLflow's own settings (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), else
     the folder ``mlruns`` here (MLflow's file store). The experiment is ``imgtrain`` unless
-    MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID names one; the run is named after the output."""
+    MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID names one; the run is named after the output.
 
-    def __init__(self, uri: str | None, run_name: str, parameters: dict, every: int = DEFAULT_EVERY) -> None:
+    The run's id is kept in the work directory (``MLFLOW_RUN_FILE``, in ``work``): a run resumed from its
+    checkpoint goes on with the same MLflow run. An interrupted run ends as KILLED, a failed one as FAILED."""
+
+    def __init__(self, uri: str | None, run_name: str, parameters: dict, every: int = DEFAULT_EVERY,
+                 work: Path | None = None) -> None:
         mlflow = _require("mlflow", "mlflow", "mlflow")
         import logging
 
@@ -83,8 +92,26 @@ class MLflow:
         mlflow.set_tracking_uri(uri)
         if not (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
             mlflow.set_experiment("imgtrain")
-        self.run = mlflow.start_run(run_name=run_name)
-        mlflow.log_params({k: str(v)[:500] for k, v in parameters.items()})
+        saved = work / MLFLOW_RUN_FILE if work is not None else None
+        self.run = self._resumed(saved) or mlflow.start_run(run_name=run_name)
+        logged = self.run.data.params
+        mlflow.log_params({k: str(v)[:500] for k, v in parameters.items() if k not in logged})  # MLflow's stay
+        if saved is not None:
+            with atomic_file(saved) as tmp:
+                tmp.write_text(self.run.info.run_id + "\n", encoding="utf-8")
+
+    def _resumed(self, saved: Path | None):
+        """The MLflow run of the checkpoint this run resumes from, started again (None: there is none)."""
+        try:
+            run_id = saved.read_text(encoding="utf-8").strip() if saved is not None else ""
+        except OSError:
+            return None
+        if not run_id:
+            return None
+        try:
+            return self.mlflow.start_run(run_id=run_id)
+        except self.mlflow.exceptions.MlflowException:  # another store now, or deleted: a new run
+            return None
 
     def step(self, step: int, loss: float, learning_rate: float) -> None:
         if step - self.last >= self.every and math.isfinite(loss):
@@ -94,12 +121,12 @@ class MLflow:
     def epoch(self, metrics: EpochMetrics) -> None:
         self.mlflow.log_metrics(_figures(metrics), step=metrics.epoch)
 
-    def finish(self, model: Path | None) -> None:
+    def finish(self, model: Path | None, interrupted: bool = False) -> None:
         try:
             if model is not None:
                 self.mlflow.log_artifacts(str(model), artifact_path="model")
         finally:
-            self.mlflow.end_run(status="FINISHED" if model is not None else "FAILED")
+            self.mlflow.end_run(status="FINISHED" if model is not None else "KILLED" if interrupted else "FAILED")
 
 
 def _figures(metrics: EpochMetrics) -> dict[str, float]:
@@ -129,8 +156,8 @@ class Trackers:
     def epoch(self, metrics: EpochMetrics) -> None:
         self._call("epoch", metrics)
 
-    def finish(self, model: Path | None) -> None:
-        self._call("finish", model)
+    def finish(self, model: Path | None, interrupted: bool = False) -> None:
+        self._call("finish", model, interrupted)
 
 
 @dataclass
@@ -148,11 +175,12 @@ class Tracking:
         if self.mlflow:
             _require("mlflow", "mlflow", "mlflow")
 
-    def open(self, run_name: str, parameters: dict) -> list[Tracker]:
+    def open(self, run_name: str, parameters: dict, work: Path | None = None) -> list[Tracker]:
+        """The trackers of a run; ``work``: its work directory (where MLflow keeps its run's id for a resume)."""
         trackers: list[Tracker] = []
         if self.tensorboard is not None:
             trackers.append(TensorBoard(Path(self.tensorboard), self.every))
         if self.mlflow:
             trackers.append(MLflow(self.mlflow if isinstance(self.mlflow, str) else None, run_name, parameters,
-                                   self.every))
+                                   self.every, work))
         return trackers

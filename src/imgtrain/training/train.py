@@ -32,7 +32,6 @@ from imgtrain.data.transforms import (
     DEFAULT_AUGMENTATION,
     Normalize,
     Preparation,
-    RandomOperations,
     build_augmentation,
 )
 from imgtrain.device import resolve_device
@@ -113,7 +112,7 @@ from imgtrain.training.checkpoint import (
 from imgtrain.training.early_stopping import EarlyStopping
 from imgtrain.training.image_size import auto_image_size
 from imgtrain.training.loop import EpochMetrics, Fit, Stepper, fit
-from imgtrain.training.tracking import DEFAULT_EVERY, Trackers, Tracking
+from imgtrain.training.tracking import DEFAULT_EVERY, MLFLOW_RUN_FILE, Trackers, Tracking
 
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCALINGS = ("auto", "none", "sqrt", "linear")
@@ -288,18 +287,18 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
     seed_everything(run.seed)
     stepper, state, files = _model_and_state(run, resume=resume, log=log)
     # The caches come after the checkpoint was accepted: a refused resume reserves no disk space.
-    caches = open_caches(run.work, {"training": (len(run.train_set), run.cached_size),
-                                    "validation": (len(run.val_set), run.image_size)} if params.cache else {},
+    caches = open_caches(run.work, {"training": (len(run.train_set), run.cached_size, run.cached_shapes),
+                                    "validation": (len(run.val_set), run.image_size, False)} if params.cache else {},
                          make=world.is_main,
                          shared=world.local_size == world.size, barrier=world.barrier, log=log)
     train_feed, val_feed, bad = _feeders(run, caches, log)
     _describe(run, stepper, caches, log)
-    trackers = Trackers(tracking.open(output.name, _tracked_parameters(run)), log)
+    trackers = Trackers(tracking.open(output.name, _tracked_parameters(run), run.work), log)
     try:
         result = _fit_and_publish(run, stepper, state, train_feed, val_feed, bad, files, caches, log, progress,
                                   trackers, overwrite=overwrite)
-    except BaseException:
-        trackers.finish(None)
+    except BaseException as exc:
+        trackers.finish(None, interrupted=isinstance(exc, KeyboardInterrupt))  # Ctrl-C, SIGTERM: --resume goes on
         raise
     trackers.finish(output)
     return result
@@ -446,6 +445,11 @@ class _Run:
         return self.transformation.cached_size if self.transformation else self.image_size
 
     @property
+    def cached_shapes(self) -> bool:
+        """Whether the cache keeps the training images in their own shapes (TrainingTransformation.keeps_shape)."""
+        return self.transformation.keeps_shape if self.transformation else False
+
+    @property
     def class_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Images per class, in the training data and in the validation data."""
         classes = len(self.train_set.categories)
@@ -504,6 +508,9 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
         state.history = [EpochMetrics(**m) for m in saved["history"]]
         log(f"resuming {run.output} after epoch {state.epoch} from its checkpoint")
         _extend_schedule(schedule, optimizer, saved["parameters"].get("epochs"), params.epochs, state.epoch, log)
+        if state.epoch >= params.epochs:
+            log(f"the checkpoint has trained all {params.epochs} epochs of {option('epochs', params.epochs)}: nothing "
+                "is left to train, and the model is written from the best of them")
     else:
         seed_rank(run.seed, world.rank)  # every process built the same network; its dropout masks are its own
     model = ddp(network, device) if world.distributed else network
@@ -524,12 +531,10 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
 def _feeders(run: _Run, caches: dict, log) -> tuple[Feeder, Feeder, dict[str, BadImagePolicy]]:
     """The training and validation batches of this process's shares, and what to do with a bad image."""
     params, world, size, t = run.params, run.world, run.image_size, run.transformation
-    augment = build_augmentation(size, params.augmentation)
-    if t is not None:
-        augment = RandomOperations(t.random, size) if t.random else None
+    augment = t.augmentation() if t is not None else build_augmentation(size, params.augmentation)
     train_images = ImageDataset([run.train_set.path(i) for i in range(len(run.train_set))], run.train_labels, size,
                                 augment=augment, cache=caches.get("training"),
-                                prepare=Preparation(run.cached_size, t.fixed if t else None))
+                                prepare=t.preparation() if t is not None else Preparation(size))
     val_images = ImageDataset([run.val_set.path(i) for i in range(len(run.val_set))], run.val_labels, size,
                               cache=caches.get("validation"), prepare=Preparation(size, t.inference if t else None))
     feed = dict(batch_size=params.batch_size, workers=run.workers, device=run.device)
@@ -560,10 +565,7 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
     augmentation = params.augmentation
     if run.transformation is not None:
         t = run.transformation
-        log(f"transformation {params.transformation}: "
-            f"{', '.join(op.name for op in t.fixed) or 'nothing'} once ({t.cached_size} px, cached), "
-            f"{', '.join(op.name for op in t.random) or 'nothing'} every epoch; scoring applies "
-            f"{', '.join(op.name for op in t.inference) or 'nothing'}")
+        log(f"transformation {params.transformation}: {t.describe()}")
         augmentation = "the transformation's random operations" if t.random else "none"
     log(f"device {run.device}, precision {run.precision}, image size {run.image_size}, batch size "
         f"{params.batch_size}, learning rate {run.learning_rate:g}, {params.optimizer}, augmentation "
@@ -573,6 +575,11 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
     log(f"{balance.describe(run.train_set.categories, training, validation)}; "
         f"{option('class_weights', params.class_weights)}, {option('sampler', params.sampler)}"
         + ("; the validation loss that picks the best epoch is class-weighted too" if params.balanced else ""))
+    empty = balance.without_images(run.train_set.categories, training)
+    if empty:
+        log(f"warning: {len(empty):,} of the {len(training):,} classes have no images in the training data "
+            f"{run.training_data} ({balance.some(empty)}): the model learns never to answer them; give them "
+            "training images, or leave them out of the data")
     both = f"{option('class_weights', 'balanced')} and {option('sampler', 'balanced')}"
     if params.class_weights == "balanced" and params.sampler == "balanced":
         log(f"warning: {both} both even out the classes: together they over-correct (a small class then counts "
@@ -686,8 +693,9 @@ class _RunFiles:
 
 
 def _remove_leftovers(work: Path) -> None:
-    """Before a finished work directory becomes the output: no checkpoint, cache or partial file."""
+    """Before a finished work directory becomes the output: no checkpoint, cache, MLflow run id or partial file."""
     (work / CHECKPOINT_FILE).unlink(missing_ok=True)
+    (work / MLFLOW_RUN_FILE).unlink(missing_ok=True)
     remove_caches(work)
     for partial in work.glob(f"*{PARTIAL_SUFFIX}"):
         partial.unlink()
@@ -751,6 +759,8 @@ def _extend_schedule(schedule, optimizer, old_epochs: int | None, epochs: int, d
         raise NotInRangeValueError("epochs", epochs, f"[{done}, inf)",
                                    f"the checkpoint has trained {done} epochs already: pass at least {done}, "
                                    f"or {option('restart', True)}")
+    if epochs == done:
+        return  # nothing left to train (``_model_and_state`` says so)
     for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
         group["lr"] = base * factor(schedule.last_epoch)
     log(f"training on to {epochs} epochs instead of {old_epochs}: the epochs left follow the learning-rate "
@@ -814,7 +824,8 @@ def _image_size(base: ModelSpec, params: TrainingParameters, transformation: Tra
     arch, fixed = get_architecture(base.architecture), _trained_size(base)
     if transformation is not None:
         arch.check_size(transformation.image_size, base.pretrained, f"the size {params.transformation} leaves",
-                        trained_size=fixed)
+                        trained_size=fixed,
+                        hint=lambda side: transformation.size_hint(side) or f"pass {option('image_size', side)}")
         return transformation.image_size
     if params.image_size is not None:
         arch.check_size(params.image_size, base.pretrained, option("image_size", params.image_size),
