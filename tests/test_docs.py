@@ -114,9 +114,18 @@ QUOTED = {
     "OutputNotWritableError: the output val is the validation data val: writing it would destroy that input":
         ("train", "--untrained-model", "untrained", "--training-data", "train", "--validation-data", "val",
          "--output", "val"),
-    "TrainingDivergedError: the training loss became nan in epoch E, batch B. pass a lower --learning-rate ...":
-        ("TrainingDivergedError: the training loss became nan in epoch 1, batch 1. pass a lower --learning-rate "
-         "than 0.001", "test_reliability.py::test_nan_loss_stops_with_a_clear_error"),
+    "TrainingDivergedError: the training loss became nan in epoch 1, batch 1. train again with a lower "
+    "--learning-rate than 0.001":
+        ("TrainingDivergedError: the training loss became nan in epoch 1, batch 1. train again with a lower "
+         "--learning-rate than 0.001", "test_reliability.py::test_nan_loss_stops_with_a_clear_error"),
+    "error: terminated (SIGTERM); no output was written (re-run with --resume to continue from the last epoch)":
+        ("error: terminated (SIGTERM); no output was written (re-run with --resume to continue from the last epoch)",
+         "test_tracking.py::test_sigterm_says_how_to_resume_and_the_resumed_run_goes_on_with_the_killed_mlflow_run"),
+    "warning: 1 of the 3 classes have no images in the training data train (bright): the model learns never to "
+    "answer them; give them training images, or leave them out of the data":
+        ("warning: 1 of the 3 classes have no images in the training data train (bright): the model learns never to "
+         "answer them; give them training images, or leave them out of the data",
+         "test_imbalance.py::test_a_class_without_training_images_is_a_warning_naming_it"),
     "error: <Name>: <what is wrong>. <how to fix it>":
         ("error: OutputExistsError: output model already exists. choose another output path, or pass --overwrite to "
          "replace it", "test_reliability.py::test_existing_output_needs_overwrite"),
