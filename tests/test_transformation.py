@@ -114,6 +114,14 @@ def test_what_is_not_a_transformation_is_a_named_error(coloured, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     help_text = run_cli("apply-image-transformation", "--help").stdout
     assert "inference: drops the random ones (RandomResizedCrop" in " ".join(help_text.split())
+    # an image smaller than a crop: named, with what to do (torchvision's ValueError came with a traceback)
+    init_image_transformation(tmp_path / "crop", resize=False, center_crop=False, random_crop=True,
+                              random_crop_size=56)
+    r = run_cli("apply-image-transformation", "--transformation", tmp_path / "crop", "--dataset",
+                coloured / "images", "--output", tmp_path / "o", check=False)
+    error = r.stderr.splitlines()[-1]
+    assert r.returncode == 1 and error.startswith("error: BadImageError: image ") and "64 x 48 px" in error
+    assert "pad_if_needed" in error and "Traceback" not in r.stderr and not (tmp_path / "o").exists()
 
 
 def test_the_sizes_a_transformation_makes():

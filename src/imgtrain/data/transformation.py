@@ -25,7 +25,7 @@ from imgtrain.data.decode import load_rgb
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input
 from imgtrain.directories.image_directory import ImageDirectory, write_image_directory_files
 from imgtrain.directories.transformation_directory import Operation, load_transformation, write_transformation
-from imgtrain.errors import InvalidParameterError, check_choice, check_range, option
+from imgtrain.errors import BadImageError, InvalidParameterError, check_choice, check_range, option
 from imgtrain.progress import bar
 
 MODES = ("training", "inference")
@@ -157,7 +157,15 @@ def apply_image_transformation(
         for i in bar(range(len(images)), what="transforming", total=len(images), show=progress):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(random_seed % 2**32 * 1_000_003 + int(images.ids[i]))
-                result = transform(functional.pil_to_tensor(load_rgb(images.path(i))))
+                picture = functional.pil_to_tensor(load_rgb(images.path(i)))
+                try:
+                    result = transform(picture)
+                except ValueError as exc:  # torchvision's: an image smaller than a crop, say
+                    raise BadImageError(
+                        f"image {images.path(i)}: the transformation cannot take it, {picture.shape[-1]} x "
+                        f"{picture.shape[-2]} px ({str(exc).rstrip('.')})",
+                        "resize the images first (a Resize in the transformation), let RandomCrop pad them "
+                        "(pad_if_needed), or remove the image") from None
             encoded = io.BytesIO()
             functional.to_pil_image(result).save(encoded, format="PNG")
             name = str(PurePosixPath(images.files[i]).with_suffix(".png"))
