@@ -143,5 +143,8 @@ def test_every_error_is_one_line_whatever_it_quotes(tmp_path):
     assert r.returncode == 1 and r.stderr.splitlines() == [
         f"error: InvalidDatasetError: {tmp_path / 'junk.tar.gz'} is not a valid tar archive (neither gzip, bzip2 nor "
         "xz compressed, nor a plain tar). check that the file downloaded completely"], r.stderr
-    r = run_cli("convert", tmp_path / "two\nlines", "--output", tmp_path / "out", check=False)
-    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "two lines does not exist" in r.stderr, r.stderr
+    for name, shown in [("two\nlines", "two lines"), ("tab\vand\u2028more", "tab and more"),
+                        ("\x1b[31mred", "\\x1b[31mred")]:  # a terminal's escape sequence is shown, never run
+        r = run_cli("convert", tmp_path / name, "--output", tmp_path / "out", check=False)
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert f"{shown} does not exist" in r.stderr and "\x1b" not in r.stderr, r.stderr

@@ -237,6 +237,8 @@ def test_a_bad_image_in_one_rank_stops_every_rank_with_its_name(tmp_path, image_
     assert any(line.startswith("error: rank ") and "BadImageError: cannot decode image " in line and bad.name in line
                for line in lines), r.stderr
     assert lines[-1].startswith("error: DistributedRunError: ") and lines[-1].endswith("their errors are above")
+    assert any("DistributedRunError: another process of this run stopped or cannot be reached" in line
+               for line in lines), r.stderr  # the other rank says why it stops
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "m").exists()
 

@@ -4,12 +4,15 @@ every message they quote is the one imgtrain prints."""
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import os
 import re
 import shlex
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -46,8 +49,12 @@ def test_the_readmes_pipeline_runs_as_written(tmp_path, labelled_folder, monkeyp
     training = said["train-pytorch-model"]
     assert "Trained model written to" in training.stdout and "fine-tuning ImageNet weights" in training.stderr
     assert "image size 32" in training.stderr and training.stderr.count("val loss") == 5  # the designer's 5 epochs
+    import torch
+
+    assert f"device {'cuda' if torch.cuda.is_available() else 'cpu'}" in training.stderr  # it says what it uses
     metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
-    assert metrics["num_images"] == 4 and {"precision_macro", "f1_macro", "confusion_matrix"} <= set(metrics)
+    assert metrics["num_images"] == 4 and {"precision_micro", "precision_macro", "recall_micro", "recall_macro",
+                                           "f1_micro", "f1_macro", "per_class", "confusion_matrix"} <= set(metrics)
     assert f"Accuracy {metrics['accuracy']:.2%}" in said["evaluate-model"].stdout
     # Scoring with the saved model agrees with the best epoch's validation accuracy.
     with open(tmp_path / "model" / "metrics.csv") as f:
@@ -65,6 +72,30 @@ def test_the_readmes_python_example_runs_as_written(tmp_path, labelled_folder, m
     exec(compile(code, "README.md", "exec"), space)  # noqa: S102 (the README's own example)
     assert space["result"].history and space["metrics"]["num_images"] == 4
     assert (tmp_path / "evaluation" / "report.html").is_file()
+
+
+def test_the_readmes_export_example_runs_as_written(tmp_path, trained_model, monkeypatch, capsys):
+    """"Export to ONNX or torch.export": its two commands, then its Python, which needs neither imgtrain nor its
+    code: its answers are the model's."""
+    from conftest import make_image
+
+    (tmp_path / "demo-output").mkdir()
+    (tmp_path / "demo-output" / "trained-model").symlink_to(trained_model)
+    for line in _block(README.read_text(), "### Export to ONNX or torch.export", "sh").strip().splitlines():
+        words = shlex.split(line, comments=True)
+        r = subprocess.run([sys.executable, "-m", "imgtrain", *words[1:]], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, f"{line}\n{r.stderr}"
+    import numpy as np
+
+    make_image(tmp_path / "digit.png", 40, np.random.default_rng(0))
+    monkeypatch.chdir(tmp_path)
+    code = _block(README.read_text(), "### Export to ONNX or torch.export", "python")
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the README's own example)
+    from imgtrain import predict
+
+    expected = predict(trained_model, tmp_path / "digit.png", precision="fp32")[0].label
+    assert capsys.readouterr().out.split() == [expected, expected]
 
 
 # Every message the docs quote (`SomeError: ...`, `error: ...`, `warning: ...`), with a line imgtrain really
@@ -126,14 +157,54 @@ QUOTED = {
         ("warning: 1 of the 3 classes have no images in the training data train (bright): the model learns never to "
          "answer them; give them training images, or leave them out of the data",
          "test_imbalance.py::test_a_class_without_training_images_is_a_warning_naming_it"),
-    "error: <Name>: <what is wrong>. <how to fix it>":
-        ("error: OutputExistsError: output model already exists. choose another output path, or pass --overwrite to "
-         "replace it", "test_reliability.py::test_existing_output_needs_overwrite"),
+    "classes (training/validation images): cat 900/100, dog 45/5; imbalance 20:1":
+        ("classes (training/validation images): cat 900/100, dog 45/5; imbalance 20:1",
+         "test_imbalance.py::test_balancing_beats_the_raw_counts_on_macro_recall"),
+    "cannot be read: a named pipe, not a regular file":
+        ("cannot be read: a named pipe, not a regular file",
+         "test_inputs_are_safe.py::test_convert_leaves_special_files_out_with_their_reason"),
+    "make a transformation that leaves 64 x 64 images instead (this one's CenterCrop makes 40 x 40): "
+    "init-image-transformation with --crop-size 64 and --size 64, its other parameters as before":
+        ("make a transformation that leaves 64 x 64 images instead (this one's CenterCrop makes 40 x 40): "
+         "init-image-transformation with --crop-size 64 and --size 64, its other parameters as before",
+         "test_zoo.py::test_a_size_hint_under_a_transformation_is_one_the_user_can_follow"),
+    "not an image imgtrain reads: EPS (it reads ...)":
+        ("not an image imgtrain reads: EPS (it reads JPEG, PNG, PPM/PGM, BMP, TIFF and WebP)",
+         "test_reliability.py::test_only_the_designers_formats_reach_a_decoder"),
+    "outputs is 5: it must be a list":
+        ("outputs is 5: it must be a list",
+         "test_deploy.py::_malformed"),  # the cases of test_malformed_inference_requests_are_refused_before_...
+    "over the pixel limit: N pixels > 89,478,485 (a decompression bomb?)":
+        ("convert", "bomb", "--output", "out", "--on-bad-image", "fail"),
+    "p.yaml:N: the output name '../../escaped-outside' is not a plain name": ("pipeline", "show", "escaped/p.yaml"),
+    "the checkpoint has trained all 2 epochs of --epochs 2: nothing is left to train, and the model is written from "
+    "the best of them":
+        ("the checkpoint has trained all 2 epochs of --epochs 2: nothing is left to train, and the model is written "
+         "from the best of them", "test_reliability.py::test_resume_with_more_epochs_trains_on"),
+    "too large to decode: W x H pixels in mode M take N MB to decode, over the limit of 1,024 MB":
+        ("too large to decode: 1000 x 1000 pixels in mode RGBA take 12 MB to decode, over the limit of 1,024 MB",
+         "test_reliability.py::test_a_decode_that_would_hold_too_much_memory_is_refused"),
+    "error: <Name>: <what is wrong>. <how to fix it>": ("convert", "no-such-folder", "--output", "out"),
     "error: rank N: BadImageError: cannot decode image ...":
         ("error: rank 1: BadImageError: cannot decode image train/bad.png (truncated)",
          "test_distributed.py::test_a_bad_image_in_one_rank_stops_every_rank_with_its_name"),
 }
 _QUOTE = re.compile(r"`((?:[A-Z][A-Za-z]*Error|error|warning): [^`]+)`")
+_MESSAGE = re.compile(r"`([a-z][^`]*?: (?![${])[^`]*? [^`]{6,})`")  # a message's words, not a YAML key's value
+
+
+def _quotes(text: str) -> set[str]:
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # quotes in the prose, not code blocks
+    return {" ".join(q.split()) for pattern in (_QUOTE, _MESSAGE) for q in pattern.findall(text)}
+
+
+def _source_of(test: str) -> str:
+    """A test's source, with string literals that continue on the next line joined into one."""
+    file, name = test.split("::")
+    text = (ROOT / "tests" / file).read_text()
+    start = text.index(f"def {name}(")
+    end = text.find("\ndef ", start + 1)
+    return re.sub(r"""["']\s*\\?\n\s*f?["']""", "", text[start:end if end > 0 else None])
 
 
 def _pattern(quote: str) -> re.Pattern:
@@ -142,15 +213,17 @@ def _pattern(quote: str) -> re.Pattern:
 
 
 def test_every_quoted_message_is_known_and_matches_a_printed_line():
-    found = {" ".join(q.split()) for doc in DOCS for q in _QUOTE.findall(doc.read_text())}
+    found = set().union(*(_quotes(doc.read_text()) for doc in DOCS))
     assert found - set(QUOTED) == set(), "a quote the docs added or changed: add it here with a line imgtrain prints"
     assert set(QUOTED) - found == set(), "a quote no longer in the docs: remove it here"
     for quote, case in QUOTED.items():
         if isinstance(case[-1], str) and "::" in case[-1]:  # a printed line, and the test that asserts it
             printed, test = case
             assert _pattern(quote).search(printed), (quote, printed)
-            file, name = test.split("::")
-            assert f"def {name}(" in (ROOT / "tests" / file).read_text(), test
+            # the line registered here is the one that test asserts: a long stretch of it stands in its source
+            source = _source_of(test)
+            match = difflib.SequenceMatcher(None, printed, source, autojunk=False).find_longest_match()
+            assert match.size >= min(len(printed), 25), (quote, test, printed[match.a:match.a + match.size])
 
 
 def test_the_quoted_messages_that_are_quick_to_make_are_printed(tmp_path, image_dirs):
@@ -164,6 +237,15 @@ def test_the_quoted_messages_that_are_quick_to_make_are_printed(tmp_path, image_
                                      .replace("epochs: 5", "epochs: five"))
     for name in ("untrained", "train", "val"):
         os.symlink(image_dirs[name], tmp_path / name)
+    (tmp_path / "escaped").mkdir()
+    (tmp_path / "escaped" / "p.yaml").write_text(example.replace("  evaluation: ", "  ../../escaped-outside: "))
+    # a PNG whose header says 10,000 x 9,000 pixels, in 65 bytes: refused before anything is decoded
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    (tmp_path / "bomb" / "a").mkdir(parents=True)
+    (tmp_path / "bomb" / "a" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+        ">IIBBBBB", 10_000, 9_000, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     for quote, case in QUOTED.items():
         if "::" in case[-1]:
             continue

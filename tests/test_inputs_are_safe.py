@@ -142,6 +142,7 @@ def test_convert_leaves_special_files_out_with_their_reason(tmp_path):
     assert set(reasons) == set(expected)
     for name, reason in expected.items():
         assert reasons[name].startswith("cannot be read: ") and reason in reasons[name], reasons[name]
+    assert reasons["pipe.png"] == "cannot be read: a named pipe, not a regular file"  # as docs/reliability.md says
     with no_hang():
         r = run_cli("convert-to-image-directory", src, "--output", tmp_path / "o2", "--on-bad-image", "fail",
                     check=False)

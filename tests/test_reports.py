@@ -179,3 +179,40 @@ def test_labels_and_names_are_text_and_a_missing_probability_goes_last():
     page = evaluation_page(metrics, mistakes).render()
     assert '<b>"bold"' not in page and "<img src=x>" not in page
     assert "&lt;b&gt;&quot;bold&quot;&lt;/b&gt;" in page and "a&amp;b" in page
+
+
+def test_a_damaged_or_changed_model_gets_a_report_of_what_it_has(reports, trained_model, tmp_path):
+    """A damaged training record is a warning and a page of what can be read, never a traceback; a model whose
+    weights changed since it scored is refused by report and left unexplained by evaluate; missing weights are
+    named."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    (model / "metrics.csv").write_text((trained_model / "metrics.csv").read_text().splitlines()[0] + "\n")
+    r = run_cli("report", model, "--output", tmp_path / "header-only.html")
+    assert "warning: the training record of" in r.stderr and "cannot be read (ValueError" in r.stderr, r.stderr
+    assert "No training curves" in (tmp_path / "header-only.html").read_text()
+    shutil.copy(trained_model / "metrics.csv", model / "metrics.csv")
+    spec = yaml.safe_load((model / "model_spec.yaml").read_text())
+    spec["training"]["best_epoch"] = 99
+    (model / "model_spec.yaml").write_text(yaml.safe_dump(spec))
+    r = run_cli("report", model, "--output", tmp_path / "best-99.html")
+    assert "best epoch 99 of" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # the model that scored, changed since (the same folder, other weights)
+    shutil.copy(trained_model / "model_spec.yaml", model / "model_spec.yaml")
+    score_image_model(model, reports["root"] / "swapped", tmp_path / "scored", log=lambda m: None)
+    weights = load_file(model / "model.safetensors")
+    weights["fc.bias"] = weights["fc.bias"] + 1
+    save_file(weights, model / "model.safetensors")
+    r = run_cli("report", model, "--scored-dataset", tmp_path / "scored", "--output", tmp_path / "x.html", check=False)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: InvalidDatasetError: the model {model} has changed "
+                                                     f"since it scored {tmp_path / 'scored'} (other weights)"), r.stderr
+    said: list[str] = []
+    evaluate_model(tmp_path / "scored", tmp_path / "evaluation", log=said.append)
+    assert any("has changed since it scored" in m and "leaves out where the model looked" in m for m in said), said
+    (model / "model.safetensors").unlink()
+    r = run_cli("report", model, "--scored-dataset", tmp_path / "scored", "--output", tmp_path / "x.html", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: InvalidModelDirectoryError: the weights "), r.stderr
+    assert len(r.stderr.splitlines()) == 1

@@ -731,5 +731,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(exc: BaseException) -> str:
     """An error's text on one line, whatever it quotes (another library's message over several lines, a file
-    name with a line break in it)."""
-    return re.sub(r"\s*[\r\n]+\s*", " ", str(exc))
+    name with a line break or a terminal's escape sequence in it): line breaks of every kind become spaces,
+    other control characters their escapes."""
+    text = " ".join(part.strip() for part in str(exc).splitlines())
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text)

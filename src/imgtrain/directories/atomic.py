@@ -146,7 +146,9 @@ def remove_abandoned(folder: Path, pattern: str) -> None:
 def make_owned_dir(path: Path) -> Path:
     """Make ``path`` (if need be) and mark it as this process's until it is published or disowned."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / OWNER_FILE).write_text(_process_identity(os.getpid()) or str(os.getpid()))
+    # Written aside, then renamed: another run must never read a marker half written (and take it for dead).
+    (path / (OWNER_FILE + PARTIAL_SUFFIX)).write_text(_process_identity(os.getpid()) or str(os.getpid()))
+    os.replace(path / (OWNER_FILE + PARTIAL_SUFFIX), path / OWNER_FILE)
     return path
 
 

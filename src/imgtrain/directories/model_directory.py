@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from imgtrain.directories.atomic import atomic_file
-from imgtrain.directories.files import read_text
+from imgtrain.directories.files import file_sha256, read_text
 from imgtrain.directories.transformation_directory import parse_operations
 from imgtrain.errors import InvalidModelDirectoryError, InvalidTransformationDirectoryError
 
@@ -293,3 +293,14 @@ def _spec_from_dict(raw: dict, root: Path) -> ModelSpec:
         raise bad("training must be a mapping")
     spec.labels, spec.weights, spec.training = labels, weights, training
     return spec
+
+
+def weights_sha256(root: Path | str) -> str:
+    """The sha256 of a trained model directory's weights file: what names the model, wherever it is moved."""
+    root = Path(root)
+    spec = load_model_spec(root, need_trained=True)
+    try:
+        return file_sha256(root / spec.weights)
+    except OSError as exc:
+        raise InvalidModelDirectoryError(f"the weights {root / spec.weights} cannot be read ({exc.strerror or exc})",
+                                         HINT) from None

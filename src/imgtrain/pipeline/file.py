@@ -83,8 +83,12 @@ def load_pipeline(path: Path | str) -> Pipeline:
     except FileNotFoundError:
         raise InvalidPipelineError(f"{path} does not exist", "pass a pipeline file (.yaml)") from None
     except _DuplicateKey as exc:
-        raise InvalidPipelineError(f"{path}:{exc.line}: {exc.key!r} is given twice (first on line {exc.first})",
+        raise InvalidPipelineError(f"{path}:{exc.line}: {_shown(exc.key)} is given twice (first on line {exc.first})",
                                    "keep one: YAML would silently keep the last") from None
+    except yaml.MarkedYAMLError as exc:  # a syntax error: where, and what YAML found there
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise InvalidPipelineError(f"{where}: not valid YAML ({exc.problem or exc.context})", _HINT) from None
     except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else "nested too deeply"
         raise InvalidPipelineError(f"{path} cannot be read as YAML ({reason})", _HINT) from None
@@ -92,7 +96,7 @@ def load_pipeline(path: Path | str) -> Pipeline:
         raise InvalidPipelineError(f"{path} is not a pipeline file (it needs `type: pipeline`)", _HINT)
     unknown = sorted(set(raw) - _TOP_KEYS, key=str)
     if unknown:
-        raise InvalidPipelineError(f"{_at(path, raw, unknown[0])}: unknown key {unknown[0]!r} at the top",
+        raise InvalidPipelineError(f"{_at(path, raw, unknown[0])}: unknown key {_shown(unknown[0])} at the top",
                                    _closest(unknown[0], _TOP_KEYS, _HINT))
     settings = raw.get("settings") or {}
     if not isinstance(settings, dict) or not isinstance(settings.get("force_rerun", False), bool):
@@ -158,10 +162,22 @@ def _closest(word: object, choices, otherwise: str) -> str:
     return f"did you mean {close[0]}?" if close else otherwise
 
 
+def _shown(value: object) -> str:
+    """A value from the file, for a message: a scalar's repr, cut short; a list or mapping by its kind (a few
+    hundred bytes of YAML aliases can stand for a list whose repr would take gigabytes)."""
+    if isinstance(value, (list, dict)):
+        return f"a {'list' if isinstance(value, list) else 'mapping'} of {len(value)} item(s)"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_name(name: object, what: str, path: Path, mapping: dict) -> None:
     """A step's or an output's name becomes a folder (in the cache, and under --output): a plain name only."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidPipelineError(f"{_at(path, mapping, name)}: the {what} name {name!r} is not a plain name",
+    if not isinstance(name, str):  # YAML reads on, off, yes, no, true, null and numbers as other types
+        raise InvalidPipelineError(f"{_at(path, mapping, name)}: the {what} name {_shown(name)} is read as a "
+                                   f"{type(name).__name__}, not a name", "quote it in the file, or choose another name")
+    if not _NAME.match(name):
+        raise InvalidPipelineError(f"{_at(path, mapping, name)}: the {what} name {_shown(name)} is not a plain name",
                                    "use letters, digits, _ and - (at most 100): it names a folder and a binding")
 
 
@@ -177,14 +193,14 @@ def _pipeline_inputs(raw: object, path: Path) -> tuple[dict[str, tuple[str, Path
         if isinstance(spec, dict):
             kind, where = spec.get("type"), spec.get("path")
             if kind not in PORT_TYPES or not isinstance(where, str) or not where:
-                raise InvalidPipelineError(f"{_at(path, raw, name)}: input {name!r} needs a type (uri_folder or "
+                raise InvalidPipelineError(f"{_at(path, raw, name)}: input {_shown(name)} needs a type (uri_folder or "
                                            "uri_file) and a path", _HINT)
             folders[name] = (kind, Path(os.path.normpath(path.parent / where)))
         elif spec is None or isinstance(spec, (bool, int, float, str)):
             values[name] = spec
         else:
-            raise InvalidPipelineError(f"{_at(path, raw, name)}: input {name!r} is neither a folder or file nor a "
-                                       "value", _HINT)
+            raise InvalidPipelineError(f"{_at(path, raw, name)}: input {_shown(name)} is neither a folder or file "
+                                       "nor a value", _HINT)
     return folders, values
 
 
@@ -194,18 +210,18 @@ def _binding(value: object) -> re.Match | None:
 
 def _step(name: str, job: object, inputs: dict, values: dict, jobs: dict, path: Path) -> Step:
     def where(mapping: object = jobs, key: object = name) -> str:
-        return f"{_at(path, mapping, key)}: step {name!r}"
+        return f"{_at(path, mapping, key)}: step {_shown(name)}"
 
     if not isinstance(job, dict):
         raise InvalidPipelineError(f"{where()} is not a mapping", _HINT)
     extra = sorted(set(job) - _JOB_KEYS, key=str)
     if extra:
-        raise InvalidPipelineError(f"{where(job, extra[0])}: unknown key {extra[0]!r}",
+        raise InvalidPipelineError(f"{where(job, extra[0])}: unknown key {_shown(extra[0])}",
                                    _closest(extra[0], _JOB_KEYS, f"a step has {', '.join(sorted(_JOB_KEYS))}"))
     wanted = job.get("component")
     component = COMPONENTS.get(SHORT_NAMES.get(wanted, wanted)) if isinstance(wanted, str) else None
     if component is None:
-        raise InvalidPipelineError(f"{where(job, 'component')}: unknown component {wanted!r}",
+        raise InvalidPipelineError(f"{where(job, 'component')}: unknown component {_shown(wanted)}",
                                    _closest(wanted, [*COMPONENTS, *SHORT_NAMES], f"use one of {', '.join(COMPONENTS)}"))
     step = Step(name, component)
     given = job.get("inputs") or {}
@@ -225,11 +241,11 @@ def _step(name: str, job: object, inputs: dict, values: dict, jobs: dict, path: 
                                            f"inputs, not {value.strip()}", _closest(found["input"], values, _HINT))
             if not fits(component.parameters[key], value):
                 kind = component.parameters[key]
-                raise InvalidPipelineError(f"{here}: parameter {key} is {value!r}; it must be "
+                raise InvalidPipelineError(f"{here}: parameter {key} is {_shown(value)}; it must be "
                                            f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}", _HINT)
             step.parameters[key] = value
         else:
-            raise InvalidPipelineError(f"{here}: {component.name} has no input or parameter {key!r}",
+            raise InvalidPipelineError(f"{here}: {component.name} has no input or parameter {_shown(key)}",
                                        _closest(key, [*component.inputs, *component.parameters],
                                                 f"its inputs: {', '.join(component.inputs) or 'none'}; its "
                                                 f"parameters: {', '.join(component.parameters) or 'none'}"))
@@ -242,7 +258,7 @@ def _step(name: str, job: object, inputs: dict, values: dict, jobs: dict, path: 
         raise InvalidPipelineError(f"{where(job, 'outputs')}: outputs must be a mapping", _HINT)
     for port, value in outputs.items():
         if port not in component.outputs:
-            raise InvalidPipelineError(f"{where(outputs, port)}: {component.name} has no output {port!r}",
+            raise InvalidPipelineError(f"{where(outputs, port)}: {component.name} has no output {_shown(port)}",
                                        _closest(port, component.outputs,
                                                 f"its outputs: {', '.join(component.outputs)}"))
         found = _binding(value)
@@ -256,24 +272,24 @@ def _step(name: str, job: object, inputs: dict, values: dict, jobs: dict, path: 
 
 def _source(found: re.Match | None, value: object, port: str, where: str, inputs: dict, jobs: dict) -> Source:
     if found is None or found["output"] is not None:
-        raise InvalidPipelineError(f"{where}: input {port} is {value!r}, not a binding",
+        raise InvalidPipelineError(f"{where}: input {port} is {_shown(value)}, not a binding",
                                    "bind it to ${{parent.inputs.NAME}} or ${{parent.jobs.STEP.outputs.PORT}}")
     if found["input"] is not None:
         if found["input"] not in inputs:
-            raise InvalidPipelineError(f"{where}: input {port} binds to the pipeline input {found['input']!r}, "
+            raise InvalidPipelineError(f"{where}: input {port} binds to the pipeline input {_shown(found['input'])}, "
                                        "which is not declared (or is a value, not a folder or file)",
                                        _closest(found["input"], inputs,
                                                 "declare it under `inputs:` with a type and a path"))
         return Source(input=found["input"])
     job, output = found["job"], found["port"]
     if job not in jobs:
-        raise InvalidPipelineError(f"{where}: input {port} binds to the step {job!r}, which does not exist",
+        raise InvalidPipelineError(f"{where}: input {port} binds to the step {_shown(job)}, which does not exist",
                                    _closest(job, jobs, _HINT))
     other = jobs[job].get("component") if isinstance(jobs[job], dict) else None
     other = COMPONENTS.get(SHORT_NAMES.get(other, other)) if isinstance(other, str) else None
     if other is not None and output not in other.outputs:
         raise InvalidPipelineError(f"{where}: input {port} binds to {job}.{output}, but {other.name} has no output "
-                                   f"{output!r}", _closest(output, other.outputs,
+                                   f"{_shown(output)}", _closest(output, other.outputs,
                                                            f"its outputs: {', '.join(other.outputs)}"))
     return Source(job=job, port=output)
 
@@ -292,16 +308,17 @@ def _pipeline_outputs(raw: object, steps: dict[str, Step], path: Path) -> dict[s
                 hint = (_closest(found["job"], steps, _HINT) if step is None else
                         _closest(found["port"], step.component.outputs,
                                  f"its outputs: {', '.join(step.component.outputs)}"))
-                raise InvalidPipelineError(f"{here}: output {name!r} binds to {found['job']}.{found['port']}, "
+                raise InvalidPipelineError(f"{here}: output {_shown(name)} binds to {found['job']}.{found['port']}, "
                                            "which no step writes", hint)
             outputs[name] = (found["job"], found["port"])
         elif found is None and (value is None or isinstance(value, dict)):  # declared; a step binds to it
             if name not in bound:
-                raise InvalidPipelineError(f"{here}: output {name!r} is declared but no step binds to it",
+                raise InvalidPipelineError(f"{here}: output {_shown(name)} is declared but no step binds to it",
                                            _closest(name, bound, _HINT))
             outputs[name] = bound[name]
         else:
-            raise InvalidPipelineError(f"{here}: output {name!r} must be ${{{{parent.jobs.STEP.outputs.PORT}}}}", _HINT)
+            raise InvalidPipelineError(f"{here}: output {_shown(name)} must be "
+                                       "${{parent.jobs.STEP.outputs.PORT}}", _HINT)
     for name, source in bound.items():
         outputs.setdefault(name, source)
     return outputs
@@ -332,7 +349,7 @@ def describe(pipeline: Pipeline) -> str:
     for name, (kind, where) in pipeline.inputs.items():
         lines.append(f"  input  {name} ({kind}): {where}")
     for name, value in pipeline.values.items():
-        lines.append(f"  input  {name} = {value!r}")
+        lines.append(f"  input  {name} = {_shown(value)}")
     width = max(len(name) for name in pipeline.steps)
     for step in pipeline.steps.values():
         reads = ", ".join(f"{port} <- {source}" for port, source in step.inputs.items())

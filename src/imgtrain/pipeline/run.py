@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -43,6 +44,7 @@ from imgtrain.pipeline.file import Pipeline, Step, load_pipeline
 CACHE_FOLDER = ".imgtrain-cache"  # beside the pipeline file, unless asked for elsewhere
 _PARTIAL = "partial-"
 _LOCKS = ".locks"  # one lock file per entry, held while a run computes it
+_KEY = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -76,14 +78,16 @@ def run_pipeline(file: Path | str, output: Path | str | None = None, *, force_re
         keys[step.name] = _key(step, digests, keys)
         entry = store / keys[step.name]
         started = time.perf_counter()
-        with _computing(entry, step, log):  # another run computing this step now: wait for it, then reuse it
-            if entry.is_dir() and not force_rerun:
-                log(f"step {step.name} ({step.component.name}): reused from the cache")
-                runs.append(StepRun(step.name, keys[step.name], True, 0.0))
-                continue
-            log(f"step {step.name} ({step.component.name}): running")
-            _run_step(step, pipeline, store, keys, entry, log)
-        runs.append(StepRun(step.name, keys[step.name], False, time.perf_counter() - started))
+        if not (entry.is_dir() and not force_rerun):  # entries appear complete, by a rename: reusing needs no lock
+            with _key_lock(store, entry.name, wait=lambda s=step: log(
+                    f"step {s.name} ({s.component.name}): another run is computing it; waiting for it")):
+                if not (entry.is_dir() and not force_rerun):  # the run waited for may have made it
+                    log(f"step {step.name} ({step.component.name}): running")
+                    _run_step(step, pipeline, store, keys, entry, log)
+                    runs.append(StepRun(step.name, keys[step.name], False, time.perf_counter() - started))
+                    continue
+        log(f"step {step.name} ({step.component.name}): reused from the cache")
+        runs.append(StepRun(step.name, keys[step.name], True, 0.0))
     _publish(pipeline, store, keys, output, overwrite=overwrite)
     reused = [r.name for r in runs if r.reused]
     log(f"pipeline done: {len(runs) - len(reused)} step(s) run, {len(reused)} reused"
@@ -92,17 +96,20 @@ def run_pipeline(file: Path | str, output: Path | str | None = None, *, force_re
 
 
 def _check_places(pipeline: Pipeline, output: Path, store: Path, *, overwrite: bool) -> None:
-    """Before any step runs: the output may not be, lie in or hold an input, the pipeline file or the cache
-    (publishing replaces it: with --overwrite that would delete them), and the cache may not be or lie in an
-    input (entries are written into it); it may hold one, as a cache beside the file does."""
+    """Before any step runs (and before anything is made): the cache may not be or lie in an input (its
+    entries are written into it; it may hold one, as a cache beside the file does) nor be a file; the output
+    may not be, lie in or hold an input, the pipeline file or the cache (publishing replaces it: with
+    --overwrite that would delete them)."""
     inputs = {f"pipeline input {name!r}": where for name, (_, where) in pipeline.inputs.items()}
     inputs["pipeline file"] = pipeline.path
-    check_output_writable(output, overwrite=overwrite, inputs={**inputs, "step cache": store})
     for what, where in inputs.items():
         relation = path_relation(store, where)
         if relation in ("is", "is inside"):
             raise OutputNotWritableError(f"the step cache {store} {relation} the {what} {where}: its entries would "
                                          "be written into that input", "choose a --cache outside the pipeline's inputs")
+    if store.exists() and not store.is_dir():
+        raise OutputNotWritableError(f"the step cache {store} is a file, not a folder", "choose a --cache folder")
+    check_output_writable(output, overwrite=overwrite, inputs={**inputs, "step cache": store})
 
 
 def _key(step: Step, digests: dict[str, str], keys: dict[str, str]) -> str:
@@ -114,12 +121,14 @@ def _key(step: Step, digests: dict[str, str], keys: dict[str, str]) -> str:
 
 
 def _folder_digest(path: Path) -> str:
-    """The digest of a folder's (or a file's) contents: every file's relative name and bytes."""
+    """The digest of a folder's (or a file's) contents: every file's relative name and bytes, each prefixed by
+    its length."""
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
-        with open(file, "rb") as f:
+        name = str(file.relative_to(path) if file != path else file.name).encode("utf-8", "surrogateescape")
+        digest.update(len(name).to_bytes(8, "little") + name + file.stat().st_size.to_bytes(8, "little"))
+        with open(file, "rb") as f:  # each name and each file's bytes prefixed by its length: no two folders alike
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
@@ -152,30 +161,49 @@ def _parameters(function) -> set[str]:
 
 
 def _remove_partials(store: Path) -> None:
-    """The temporary folders of runs that were killed; a live run's (sharing the cache) are left alone."""
-    remove_abandoned(store, f"{_PARTIAL}*")
-    remove_abandoned(store, f"{TMP_PREFIX}*")  # an entry replaced by --force-rerun, moved aside
+    """The temporary folders of runs that were killed (a step's work, an entry that --force-rerun moved aside):
+    each is removed only when the lock of its step's key can be had, so never while a run computes that step,
+    whatever process, container or machine it runs in. Where locks cannot be had, its owner's pid decides."""
+    for folder in sorted(store.iterdir()):
+        prefix = next((p for p in (_PARTIAL, TMP_PREFIX) if folder.name.startswith(p)), None)
+        key = folder.name[len(prefix):].split("-", 1)[0] if prefix else ""
+        if not _KEY.fullmatch(key) or not folder.is_dir():
+            continue
+        with _key_lock(store, key) as held:
+            if held:
+                shutil.rmtree(folder, ignore_errors=True)
+            elif held is None:
+                remove_abandoned(store, folder.name)
 
 
 @contextlib.contextmanager
-def _computing(entry: Path, step: Step, log: Callable[[str], None]) -> Iterator[None]:
-    """Hold the lock of a step's cache entry: two runs sharing a cache never compute one step at once (the
-    second waits, then finds the entry made). Advisory locks (flock), released by the system when a run dies."""
+def _key_lock(store: Path, key: str, wait: Callable[[], None] | None = None) -> Iterator[bool | None]:
+    """Hold the lock of a cache key while a run computes its step, so that two runs sharing a cache never
+    compute one step at once (the second waits, then finds the entry made). Yields True when held; False when
+    another run holds it and ``wait`` is None; None where no lock can be had (no fcntl on Windows, a read-only
+    cache, a file system without locks). Advisory locks (flock): the system releases them when a run dies."""
     try:
         import fcntl
-    except ImportError:  # Windows: no lock
-        yield
+
+        (store / _LOCKS).mkdir(exist_ok=True)
+        lock = open(store / _LOCKS / key, "a")
+    except (ImportError, OSError):
+        yield None
         return
-    locks = entry.parent / _LOCKS
-    locks.mkdir(exist_ok=True)
-    with open(locks / entry.name, "a") as lock:
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"step {step.name} ({step.component.name}): another run is computing it; waiting for it")
+            if wait is None:
+                yield False
+                return
+            wait()
             fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # ENOLCK: a network file system without locks
+            yield None
+            return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -24,20 +24,26 @@ def read_history(model: Path) -> list[dict]:
 
 
 def training_page_of(model: Path, title: str | None = None, log: Callable[[str], None] = lambda m: None) -> Page:
-    """The report of a trained model directory, from its files. One without a training history (the designer's
-    Train PyTorch Model records none, or metrics.csv was removed) gets what it has, and ``log`` a warning."""
+    """The report of a trained model directory, from its files. One without a readable training history (the
+    designer's Train PyTorch Model records none; metrics.csv removed or damaged) gets what it has, and ``log``
+    a warning saying what is missing."""
     model = Path(model)
     spec = load_model_spec(model, need_trained=True)
     title = title or f"Training report: {model.name}"
-    if not (model / METRICS_FILE).is_file() or "best_epoch" not in spec.training:
-        made_by = spec.training.get("made_by") or "another tool"
-        missing = (f"{model} holds no training history ({METRICS_FILE}): it was made by {made_by}, which records "
-                   "none" if spec.made_by == DESIGNER else f"{model / METRICS_FILE} is missing")
-        log(f"warning: {missing}; the report shows the model's parameters, classes and input (and the evaluation, "
-            "given a scored data set), without curves or per-epoch figures")
-        return summary_page(spec, missing, title)
-    images = model / TRAINING_IMAGES
-    return training_page(spec, read_history(model), images.read_bytes() if images.is_file() else None, title)
+    if spec.made_by == DESIGNER:
+        missing = f"{model} holds no training history ({METRICS_FILE}): Azure ML designer, which made it, records none"
+    elif not (model / METRICS_FILE).is_file():
+        missing = f"{model / METRICS_FILE} is missing"
+    else:
+        images = model / TRAINING_IMAGES
+        try:
+            return training_page(spec, read_history(model), images.read_bytes() if images.is_file() else None, title)
+        except (KeyError, IndexError, TypeError, ValueError, OSError, csv.Error) as exc:
+            missing = (f"the training record of {model} ({METRICS_FILE}, and the training section of its spec) "
+                       f"cannot be read ({type(exc).__name__}: {str(exc)[:100]})")
+    log(f"warning: {missing}; the report shows the model's parameters, classes and input (and the evaluation, "
+        "given a scored data set), without curves or per-epoch figures")
+    return summary_page(spec, missing, title)
 
 
 def summary_page(spec: ModelSpec, missing: str, title: str) -> Page:
@@ -56,6 +62,8 @@ def training_page(spec: ModelSpec, history: list[dict], training_images: bytes |
     """``history``: metrics.csv's rows; ``training_images``: the PNG of the augmented training images."""
     t = spec.training
     best, stopped, epochs = t["best_epoch"], t["stopped_epoch"], t["epochs"]
+    if not all(type(n) is int for n in (best, stopped, epochs)) or not 1 <= best <= min(stopped, len(history)):
+        raise ValueError(f"best epoch {best!r} of {stopped!r} stopped and {len(history)} recorded")
     page = Page(title)
     start = "fine-tuned from ImageNet weights" if spec.pretrained else "trained from scratch"
     page.paragraph(f"{spec.architecture}, {start}, on {t['training_images']:,} images in {spec.num_classes:,} "

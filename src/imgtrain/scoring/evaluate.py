@@ -13,9 +13,10 @@ import numpy as np
 import yaml
 
 from imgtrain.directories import dataframe_directory
-from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
+from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable, path_relation
 from imgtrain.directories.files import open_text, read_text
-from imgtrain.errors import InvalidDatasetError, NotLabeledDatasetError
+from imgtrain.directories.model_directory import weights_sha256
+from imgtrain.errors import ImgtrainError, InvalidDatasetError, NotLabeledDatasetError
 from imgtrain.reports import plots
 from imgtrain.reports.evaluation import Mistake, evaluation_page, unknown_labels_note, worst_mistakes
 from imgtrain.reports.page import REPORT_FILE, figure_png
@@ -28,6 +29,7 @@ from imgtrain.scoring.table import (
     SCORED_FILE,
     SCORED_LABEL,
     TRAINED_MODEL,
+    WEIGHTS_SHA256,
 )
 
 METRICS_JSON = "metrics.json"
@@ -133,7 +135,20 @@ def _image_root(folder: Path) -> Path | None:
     return Path(root) if isinstance(root, str) else None
 
 
-def _overlays(folder: Path, mistakes: list[Mistake]) -> list:
+def not_the_scoring_model(scored: Path, model: Path) -> str | None:
+    """Why ``model`` is not the model that scored ``scored`` (Score Image Model records the sha256 of its
+    weights), or None when it is, or when nothing was recorded (the designer's table, an older one)."""
+    record = scoring_record(scored)
+    digest = record.get(WEIGHTS_SHA256)
+    if not isinstance(digest, str) or weights_sha256(model) == digest:
+        return None
+    recorded = record.get(TRAINED_MODEL)
+    if isinstance(recorded, str) and path_relation(recorded, model) == "is":
+        return f"the model {model} has changed since it scored {scored} (other weights)"
+    return f"{scored} was scored by another model ({recorded if isinstance(recorded, str) else 'unknown'}), not {model}"
+
+
+def _overlays(folder: Path, mistakes: list[Mistake], log: Callable[[str], None]) -> list:
     """Where the model that scored the images (as _meta.yaml names it) looked for the worst mistakes, when
     imgtrain[explain] is installed and the model is still there."""
     import importlib.util
@@ -141,6 +156,13 @@ def _overlays(folder: Path, mistakes: list[Mistake]) -> list:
     model = _meta(folder).get(TRAINED_MODEL)
     if not mistakes or not isinstance(model, str) or not Path(model).is_dir() \
             or importlib.util.find_spec("captum") is None:
+        return []
+    try:
+        changed = not_the_scoring_model(folder, Path(model))
+    except (ImgtrainError, OSError):
+        return []  # the model is no longer readable there
+    if changed:
+        log(f"warning: {changed}: the report leaves out where the model looked at its mistakes")
         return []
     from imgtrain.scoring.explain import mistake_overlays
 
@@ -169,7 +191,7 @@ def evaluate_model(
                                                matrix["labels"]))
         (tmp / CONFUSION_PNG).write_bytes(confusion)
         mistakes = mistakes_of(table)
-        overlays = _overlays(Path(scored_dataset), mistakes)
+        overlays = _overlays(Path(scored_dataset), mistakes, log)
         evaluation_page(metrics, mistakes, confusion_png=confusion, overlays=overlays).write(tmp / REPORT_FILE)
         if overlays:
             log(f"The report shows where the model looked for {len(overlays)} of the worst mistakes")

@@ -8,13 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imgtrain.directories.atomic import check_output_writable
-from imgtrain.directories.files import file_sha256
-from imgtrain.directories.model_directory import load_model_spec
 from imgtrain.errors import InvalidDatasetError, OutputNotWritableError
 from imgtrain.reports.evaluation import evaluation_page, unknown_labels_note
 from imgtrain.reports.training import training_page_of
-from imgtrain.scoring.evaluate import metrics_of, mistakes_of, read_scored, scoring_record
-from imgtrain.scoring.table import TRAINED_MODEL, WEIGHTS_SHA256
+from imgtrain.scoring.evaluate import metrics_of, mistakes_of, not_the_scoring_model, read_scored
 
 
 def report(
@@ -57,16 +54,10 @@ def report(
 
 
 def _check_scored_by(model: Path, scored: Path) -> None:
-    """Refuse a scored data set that Score Image Model recorded as scored by another model (its weights' sha256
-    differs): its mistakes are that model's, and the page would explain them with this one."""
-    record = scoring_record(scored)
-    digest = record.get(WEIGHTS_SHA256)
-    if not isinstance(digest, str):
-        return  # the designer's table, or one scored before the digest was recorded: nothing to compare
-    spec = load_model_spec(model, need_trained=True)
-    if file_sha256(model / spec.weights) != digest:
-        raise InvalidDatasetError(
-            f"{scored} was scored by another model ({record.get(TRAINED_MODEL, 'unknown')}), not {model}: its "
-            "predictions and mistakes are that model's",
-            f"score the images with this model first (imgtrain score-image-model --trained-model {model} ...), "
-            "or report the model that scored them")
+    """Refuse a scored data set that another model scored (or this one before its weights changed): its
+    mistakes are that model's, and the page would explain them with this one."""
+    reason = not_the_scoring_model(scored, model)
+    if reason:
+        raise InvalidDatasetError(f"{reason}: its predictions and mistakes are that model's",
+                                  f"score the images with this model first (imgtrain score-image-model "
+                                  f"--trained-model {model} ...), or report the model that scored them")
