@@ -235,6 +235,34 @@ def test_the_endpoint_applies_the_recorded_transformation(trained_with_transform
     assert np.allclose(got, expected, atol=1e-5)
 
 
+def test_an_image_that_fits_the_decoding_budget_alone_is_decoded_and_one_that_does_not_is_named(
+        trained_with_transformation):
+    """A model with a transformation keeps each image's decoded picture until the request is answered. One image
+    is decoded once at a time, so its own decode is all it needs (its picture was counted on top of it: an image
+    that fitted got 413, 'send fewer in a request', which a request of one cannot follow); one that does not fit
+    is a bad image (400), as the README says."""
+    import asyncio
+    import io
+
+    from imgtrain.deploy.serve import Endpoint, RequestError, ServeOptions
+
+    root, _ = trained_with_transformation
+    out = io.BytesIO()
+    Image.new("RGBA", (2000, 2000), (10, 200, 30, 128)).save(out, "PNG")  # takes 35 MB to decode, its picture 15
+    said = {}
+    for limit in (40, 30):
+        endpoint = Endpoint(root / "model", "t", ServeOptions(max_decode_mb=limit, precision="fp32", device="cpu"),
+                            log=lambda m: None)
+        try:
+            said[limit] = asyncio.run(endpoint.probabilities([out.getvalue()], ["big.png"])).shape
+        except RequestError as exc:
+            said[limit] = (exc.status, exc.message)
+        finally:
+            endpoint.batcher.stop()
+    assert said == {40: (1, 3), 30: (400, "big.png: too large to decode: 2000 x 2000 pixels in mode RGBA take 35 MB "
+                                          "to decode, over the limit of 30 MB")}
+
+
 def test_an_exported_transformation_model_fed_by_its_metadata_answers_as_scoring(trained_with_transformation,
                                                                                  tmp_path):
     """Large JPEGs decoded at the scale the metadata's draft_size says (the Resize's 40 px), then the operations
