@@ -4,16 +4,18 @@ Training, scoring, ``predict`` and ``serve`` all decode here, and ``imgtrain exp
 file beside the exported model as ``preprocess.py``, so that a runtime without imgtrain feeds the graph
 the same pixels: ``preprocess("photo.jpg", image_size)`` gives the uint8 [H, W, 3] array it takes.
 
-1. Open with the decoders of the formats imgtrain takes, and only those (``FORMATS``): Pillow would
-   otherwise pick a decoder from the content, Ghostscript for PostScript among them.
-2. A JPEG (and MPO, a phone's multi-picture JPEG) whose picture will be resized to ``draft_size`` is
-   decoded at 1/2, 1/4 or 1/8 scale where it stays at least that size on each side (libjpeg's scaled
-   decoding: much faster and smaller, and not the same pixels as a full decode then a resize).
-3. EXIF orientation applied; 16-bit and float greyscale scaled to 8 bits (by mode: integers are
-   0..65535, floats 0..1); transparent pixels (an alpha channel, or a transparency key, at 16 bits
-   too) composited onto white; then RGB.
-4. (``squashed``) The whole picture resized to size x size, no crop: Pillow's bilinear filter,
-   antialiased, ``reducing_gap=None``.
+1. Open with the decoders of the formats imgtrain takes, and only those (Pillow would otherwise pick a
+   decoder from the content, Ghostscript for PostScript among them): Image.open(file, formats=FORMATS).
+2. A JPEG (and MPO, a phone's multi-picture JPEG) whose picture will be resized to draft_size is set to
+   Image.draft('RGB', (draft_size, draft_size)): decoded at 1/2, 1/4 or 1/8 scale where it stays at least
+   that size on each side (libjpeg's scaled decoding: much faster and smaller, and not the same pixels as a
+   full decode then a resize).
+3. EXIF orientation applied (ImageOps.exif_transpose); 16-bit and float greyscale scaled to 8 bits by mode,
+   never by content (integers are 0..65535: divided by 257, floats 0..1: multiplied by 255, then rounded);
+   transparent pixels (an alpha channel, or a transparency key, at 16 bits too) composited onto white; then
+   converted to RGB.
+4. The whole picture resized to image_size x image_size, no crop, with Pillow's antialiased bilinear filter:
+   resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None).
 
 Each step keeps at most two full-size copies alive; imgtrain (data/decode.py) counts what a decode
 holds from the file's header, and refuses what would hold too much, before anything is decoded.
@@ -29,6 +31,9 @@ from PIL import Image, ImageOps, JpegImagePlugin
 FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "PPM": "PPM/PGM", "BMP": "BMP", "TIFF": "TIFF", "WEBP": "WebP"}
 DEEP = ("I;16", "I;16B", "I;16L", "I", "F")  # 16-bit and 32-bit greyscale: scaled to 8 bits
 TRANSPARENT = ("RGBA", "LA", "PA")
+# Set by `imgtrain export` in the preprocess.py of a model trained with a transformation: its operations,
+# which preprocess() does not apply (see there).
+TRANSFORMATION = None
 
 
 def open_image(source, draft_size: int | None = None) -> Image.Image:
@@ -91,4 +96,9 @@ def squashed(image: Image.Image, image_size: int) -> Image.Image:
 def preprocess(source, image_size: int) -> np.ndarray:
     """A file (a path or a binary file object) as an exported model without a transformation takes it:
     uint8 [image_size, image_size, 3], RGB. Stack such arrays for the graph's input ``images``."""
+    if TRANSFORMATION:
+        raise ValueError(f"this model was trained with a transformation, {TRANSFORMATION}, which preprocess() "
+                         "does not apply (it squashes the whole picture, as a model without one takes it): decode "
+                         "with rgb(source, draft_size), then apply those torchvision.transforms.v2 operations to "
+                         "the uint8 image, as the metadata's 'resize' says")
     return np.asarray(squashed(rgb(source, draft_size=image_size), image_size))
