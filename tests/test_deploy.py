@@ -815,7 +815,8 @@ def test_a_load_of_concurrent_clients_is_batched(server, image_dirs):
 def test_requests_are_decoded_without_torch_and_scored_as_imgtrain_scores(trained_model, image_dirs):
     """The decoding threads run no torch operation (deploy/batching.py: a second thread computing in torch
     makes OpenMP put its workers to sleep between operations), and give the pixels the preparation gives; each
-    image is opened once, its header both counted and decoded (it was opened twice)."""
+    image is opened once, its header both counted and decoded (it was opened twice); and requests that wait for
+    decoding memory hold no thread."""
     import asyncio
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -853,8 +854,24 @@ def test_requests_are_decoded_without_torch_and_scored_as_imgtrain_scores(traine
             patch.setattr(Image, "open", counting_open)
             got = asyncio.run(endpoint.probabilities([p.read_bytes() for p in paths], [p.name for p in paths]))
         assert np.allclose(got, expected, atol=1e-5) and len(opens) == len(paths)
+        asyncio.run(_waiting_holds_no_thread(endpoint, paths[0].read_bytes()))
     finally:
         endpoint.batcher.stop()
+
+
+async def _waiting_holds_no_thread(endpoint, blob: bytes) -> None:
+    """45 requests wait while the decoding memory is all held: a worker thread is still free at once (each
+    waited in one, and anyio has 40: the server's other requests waited for a thread)."""
+    import asyncio
+
+    from starlette.concurrency import run_in_threadpool
+
+    async with endpoint.decoding.hold(endpoint.decoding.limit):
+        waiting = [asyncio.ensure_future(endpoint.probabilities([blob], ["x"])) for _ in range(45)]
+        await asyncio.sleep(0.5)
+        assert await asyncio.wait_for(run_in_threadpool(lambda: "free"), 2) == "free"
+        assert not any(task.done() for task in waiting)
+    assert all(answer.shape == (1, 3) for answer in await asyncio.gather(*waiting))
 
 
 def test_a_model_that_cannot_load_is_raised_where_the_endpoint_is_made(image_dirs):
