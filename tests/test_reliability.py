@@ -308,6 +308,7 @@ def test_files_that_are_not_what_imgtrain_reads_are_named_as_what_they_are():
     assert _reason(bytes(tiff)) == "a TIFF file that Pillow cannot read (compression 34712, which it has no " \
                                    "decoder for)"
     assert _reason(b"\x89PNG\r\n\x1a\n" + b"\0" * 30).startswith("a PNG file that Pillow cannot read (broken PNG file")
+    assert _reason(b"\x89PNG\r\n\x1a\n") == "a PNG file that Pillow cannot read (its header is cut short)"
     assert _reason(b"plain text, not an image") == "not an image (no decoder recognises it)"
 
 

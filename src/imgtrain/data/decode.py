@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import struct
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -236,9 +237,13 @@ def _unidentified(data: bytes) -> str | None:
             try:
                 factory(io.BytesIO(data)).close()
             except Exception as exc:
-                cause = exc.__cause__
-                why = f"compression {cause}, which it has no decoder for" if name == "TIFF" and \
-                    isinstance(cause, KeyError) else str(exc)
+                cause = exc.__cause__ or exc
+                if name == "TIFF" and isinstance(cause, KeyError):
+                    why = f"compression {cause}, which it has no decoder for"
+                elif isinstance(cause, (struct.error, EOFError)):
+                    why = "its header is cut short"
+                else:
+                    why = str(exc)
                 return f"a {picture.FORMATS[name]} file that Pillow cannot read ({why})"
     kind = _other_format(data)
     return None if kind is None else f"not an image imgtrain reads: {kind} (it reads {FORMAT_NAMES})"
