@@ -155,10 +155,18 @@ def test_opset_is_refused_for_pt2(trained_model, tmp_path):
 
 
 def test_a_refused_export_is_a_named_error(trained_model, tmp_path):
-    r = run_cli("export", trained_model, "--format", "onnx", "--opset", "7", "--output", tmp_path / "old",
-                check=False)
-    assert r.returncode == 1 and "ExportError" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert "opset 7" in r.stderr and not (tmp_path / "old").exists()
+    """An opset torch's exporter cannot write is refused before any work, naming the ones it can (7 and 99 were
+    exported as opset 18, then refused with a hint to try 18 or later)."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    for opset in ("7", "99"):
+        r = run_cli("export", trained_model, "--format", "onnx", "--opset", opset, "--output", tmp_path / "old",
+                    check=False)
+        assert r.returncode == 1 and not (tmp_path / "old").exists()
+        assert r.stderr == (f"error: NotInRangeValueError: parameter --opset is {opset}, allowed: [18, {newest}]. pass "
+                            f"an --opset from 18 (torch's exporter writes no older one) to {newest} (the newest the "
+                            "installed onnx knows)\n"), r.stderr
     r = run_cli("export", trained_model, "--format", "torchscript", "--output", tmp_path / "ts", check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr and not (tmp_path / "ts").exists()
 
@@ -390,6 +398,86 @@ def test_the_server_bounds_the_memory_its_decoding_holds(trained_model):
         assert status == 200  # one request's images are decoded one after another: one decode's memory, not two
     finally:
         running.stop()
+
+
+def _sending(server, path: str, length: int, body: bytes, headers: dict | None = None) -> socket.socket:
+    """A raw connection that declares ``length`` bytes of body and sends ``body`` (its first part, or all)."""
+    connection = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Content-Type": "image/png", **(headers or {}),
+                                                 "Content-Length": length}.items())
+    connection.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + body)
+    return connection
+
+
+def _answer(connection: socket.socket) -> tuple[int, dict]:
+    """The HTTP answer on a raw connection: its status and JSON body."""
+    response = http.client.HTTPResponse(connection)
+    response.begin()
+    return response.status, json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def guarded(trained_model):
+    """A server with small budgets: bodies of 2 MB at most, 6 MB of them at once (3 times each), 2 s to arrive."""
+    running = Server(trained_model, "--max-body-mb", "2", "--max-bodies-mb", "6", "--body-timeout-s", "2",
+                     "--max-queue", "8", "--precision", "fp32", "--device", "cpu")
+    yield running
+    code, err = running.stop()
+    assert code == 0 and "Traceback" not in err and "Exception in ASGI" not in err, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's memory from /proc")
+def test_bodies_held_at_once_are_bounded_and_a_slow_one_times_out(guarded, image_dirs):
+    """Ten clients each declare a body of 2 MB, send 1.9 MB of it, and pause: one at a time is read (its 3 times
+    2 MB fill --max-bodies-mb), the others wait with their bytes unread (the server read all 19 MB, and kept
+    them after the clients left). A body that stops coming gets 408 after --body-timeout-s; one whose client
+    closes mid-way ends quietly (it was a traceback in the log); and the server goes on."""
+    before = _status(guarded.process.pid, "VmRSS:")
+    stalled = [_sending(guarded, "/predictions/shades", 2_000_000, b"x" * 1_900_000) for _ in range(10)]
+    time.sleep(1)  # what the server reads, it has read by now
+    grown = _status(guarded.process.pid, "VmRSS:") - before
+    assert grown < 8 * 2**20, grown  # one body (and its chunks), not ten
+    first = time.monotonic()
+    status, answer = _answer(stalled[0])  # the one read: its 2 s run out
+    assert status == 408 and answer["error"].startswith("the body did not arrive within 2 s (it had 1,900,000 "), \
+        answer
+    assert time.monotonic() - first < 10
+    for connection in stalled:
+        connection.close()
+    half = _sending(guarded, "/v2/models/shades/infer", 1000, b'{"inputs": [', {"Content-Type": "application/json"})
+    half.close()  # gone with its body half sent
+    status, _, _ = guarded.request("POST", "/predictions/shades", _val_images(image_dirs, 1)[0].read_bytes(),
+                                   {"Content-Type": "image/png"})
+    assert status == 200
+
+
+def test_a_client_that_leaves_before_its_images_are_decoded_costs_no_decoding(guarded, image_dirs):
+    """Requests whose clients leave as their bodies end (a client that timed out): never decoded nor scored
+    (they were; the statistics counted them). The last byte and the end of the stream come in one segment, so
+    that the server sees the client leave while it reads the image's header."""
+    blob = _val_images(image_dirs, 1)[0].read_bytes()
+    scored = _counts(guarded)[0]
+    for _ in range(3):
+        connection = _sending(guarded, "/predictions/shades", len(blob), blob[:-1])
+        time.sleep(0.2)  # the server waits for the last byte
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        connection.send(blob[-1:])
+        connection.shutdown(socket.SHUT_WR)
+        connection.close()
+    time.sleep(0.5)
+    status, _, _ = guarded.request("POST", "/predictions/shades", blob, {"Content-Type": "image/png"})
+    assert status == 200 and _counts(guarded)[0] == scored + 1
+
+
+def test_a_form_of_more_files_than_the_server_holds_is_413(guarded, image_dirs):
+    """Past --max-queue images a request is 413, in a form of any size (past --max-queue + 1 files, the form
+    parser's own limit gave 400)."""
+    blob = _val_images(image_dirs, 1)[0].read_bytes()
+    for count, said in [(9, "9 images"), (30, "over 9 images")]:
+        form, kind = _multipart([(f"{i}.png", blob) for i in range(count)])
+        status, body, _ = guarded.request("POST", "/predictions/shades", form, {"Content-Type": kind})
+        assert (status, json.loads(body)["error"]) == (413, f"{said} in one request, more than the server holds at "
+                                                            "once (8): send at most 8 a request")
 
 
 def _declared_only(server, path: str, length: int, headers: dict) -> tuple[int, bytes]:
@@ -726,13 +814,17 @@ def test_a_load_of_concurrent_clients_is_batched(server, image_dirs):
 
 def test_requests_are_decoded_without_torch_and_scored_as_imgtrain_scores(trained_model, image_dirs):
     """The decoding threads run no torch operation (deploy/batching.py: a second thread computing in torch
-    makes OpenMP put its workers to sleep between operations), and give the pixels the preparation gives."""
+    makes OpenMP put its workers to sleep between operations), and give the pixels the preparation gives; each
+    image is opened once, its header both counted and decoded (it was opened twice); and requests that wait for
+    decoding memory hold no thread."""
     import asyncio
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from imgtrain.data.decode import load_rgb
     from imgtrain.deploy.serve import Endpoint, ServeOptions
+
+    open_image = Image.open
 
     class Operations(TorchDispatchMode):
         seen: list = []
@@ -744,17 +836,42 @@ def test_requests_are_decoded_without_torch_and_scored_as_imgtrain_scores(traine
     paths = _val_images(image_dirs, 4)
     model, expected = _imgtrain_probabilities(trained_model, paths)
     endpoint = Endpoint(trained_model, "shades", ServeOptions(precision="fp32", device="cpu"), log=lambda m: None)
+    opens = []
+
+    def counting_open(*args, **kwargs):
+        opens.append(args[0])
+        return open_image(*args, **kwargs)
+
     try:
         with Operations() as operations:
             blobs, names = [p.read_bytes() for p in paths], [p.name for p in paths]
-            images = endpoint._decode(blobs, names, endpoint.decoding.hold())
+            opened, need = endpoint._open(blobs, names)
+            images = endpoint._decode(opened, names, need)
         assert operations.seen == [] and all(isinstance(image, np.ndarray) for image in images)
         for path, image in zip(paths, images, strict=True):
             assert np.array_equal(image, model.preparation(load_rgb(path)).permute(1, 2, 0).numpy())
-        got = asyncio.run(endpoint.probabilities([p.read_bytes() for p in paths], [p.name for p in paths]))
-        assert np.allclose(got, expected, atol=1e-5)
+        with pytest.MonkeyPatch.context() as patch:  # each image is opened (its header read) once
+            patch.setattr(Image, "open", counting_open)
+            got = asyncio.run(endpoint.probabilities([p.read_bytes() for p in paths], [p.name for p in paths]))
+        assert np.allclose(got, expected, atol=1e-5) and len(opens) == len(paths)
+        asyncio.run(_waiting_holds_no_thread(endpoint, paths[0].read_bytes()))
     finally:
         endpoint.batcher.stop()
+
+
+async def _waiting_holds_no_thread(endpoint, blob: bytes) -> None:
+    """45 requests wait while the decoding memory is all held: a worker thread is still free at once (each
+    waited in one, and anyio has 40: the server's other requests waited for a thread)."""
+    import asyncio
+
+    from starlette.concurrency import run_in_threadpool
+
+    async with endpoint.decoding.hold(endpoint.decoding.limit):
+        waiting = [asyncio.ensure_future(endpoint.probabilities([blob], ["x"])) for _ in range(45)]
+        await asyncio.sleep(0.5)
+        assert await asyncio.wait_for(run_in_threadpool(lambda: "free"), 2) == "free"
+        assert not any(task.done() for task in waiting)
+    assert all(answer.shape == (1, 3) for answer in await asyncio.gather(*waiting))
 
 
 def test_a_model_that_cannot_load_is_raised_where_the_endpoint_is_made(image_dirs):
@@ -832,6 +949,43 @@ def test_the_batcher_runs_no_batch_larger_than_its_maximum():
     finally:
         batcher.stop()
     assert max(sizes) <= 8 and sum(sizes) == 62 and unretrieved == []
+
+
+def test_the_budget_serves_requests_in_turn_and_one_that_gives_up_takes_nothing():
+    """A request that waits is served before later ones that would fit beside the holders (with the first that
+    fitted served first, a large request could wait behind a stream of small ones for ever); one cancelled while
+    it waits (its client gone) holds nothing and blocks no one."""
+    import asyncio
+
+    from imgtrain.deploy.budget import Budget
+
+    budget, served = Budget(10), []
+
+    async def request(name: str, nbytes: int, done: asyncio.Event) -> None:
+        async with budget.hold(nbytes):
+            served.append(name)
+            await done.wait()
+
+    async def scenario():
+        done = {name: asyncio.Event() for name in "ABCD"}
+        tasks = {}
+        for name, nbytes in [("A", 6), ("B", 8), ("D", 1), ("C", 2)]:
+            tasks[name] = asyncio.ensure_future(request(name, nbytes, done[name]))
+            await asyncio.sleep(0.01)
+        assert served == ["A"] and budget.held == 6  # C would fit beside A, but B came first
+        tasks["D"].cancel()
+        done["A"].set()
+        await asyncio.sleep(0.01)
+        assert served == ["A", "B", "C"] and budget.held == 10
+        for name in "BC":
+            done[name].set()
+        await asyncio.gather(tasks["B"], tasks["C"])
+        assert budget.held == 0 and tasks["D"].cancelled()
+        with pytest.raises(ValueError):
+            async with budget.hold(11):
+                pass
+
+    asyncio.run(scenario())
 
 
 def test_a_full_server_answers_503_and_sigterm_lets_requests_finish(trained_model, image_dirs):

@@ -168,6 +168,14 @@ QUOTED = {
         ("make a transformation that leaves 64 x 64 images instead (this one's CenterCrop makes 40 x 40): "
          "init-image-transformation with --crop-size 64 and --size 64, its other parameters as before",
          "test_zoo.py::test_a_size_hint_under_a_transformation_is_one_the_user_can_follow"),
+    "a JPEG of over 256 scans (N start-of-scan markers): decoding passes over the whole picture for each (a "
+    "progressive JPEG has about 10)":
+        ("a JPEG of over 256 scans (310 start-of-scan markers): decoding passes over the whole picture for each (a "
+         "progressive JPEG has about 10)",
+         "test_reliability.py::test_a_jpeg_of_endless_scans_or_markers_is_refused_before_decoding"),
+    "not an image imgtrain reads: TGA (it reads ...)":
+        ("not an image imgtrain reads: TGA (it reads JPEG, PNG, PPM/PGM, BMP, TIFF and WebP)",
+         "test_reliability.py::test_files_that_are_not_what_imgtrain_reads_are_named_as_what_they_are"),
     "not an image imgtrain reads: EPS (it reads ...)":
         ("not an image imgtrain reads: EPS (it reads JPEG, PNG, PPM/PGM, BMP, TIFF and WebP)",
          "test_reliability.py::test_only_the_designers_formats_reach_a_decoder"),

@@ -12,6 +12,7 @@ import random
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
@@ -167,11 +168,10 @@ def test_a_decode_that_would_hold_too_much_memory_is_refused(tmp_path, monkeypat
 
 
 _PEAKS = """
-import ctypes, gc, io, json
+import ctypes, gc, io, json, struct, zlib
 import numpy as np
 from PIL import Image
-from imgtrain.data import picture
-from imgtrain.data.decode import decode_rgb
+from imgtrain.data.decode import decode_cost, decode_rgb
 
 def status(key):  # bytes
     return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
@@ -184,21 +184,51 @@ def encoded(mode, format, colour=None, **options):
     im.save(out, format, **options)
     return out.getvalue()
 
+def tiff(width, height, chunk, bits, tile=None):
+    # a deflated RGB TIFF of one strip, or of one tile of tile x tile pixels: what its tags say, not Pillow's
+    tags = {256: width, 257: height, 258: (bits,) * 3, 259: 8, 262: 2, 273 if tile is None else 324: 8,
+            277: 3, 279 if tile is None else 325: len(chunk), 284: 1, 278 if tile is None else 322: tile or height}
+    if tile:
+        tags[323] = tile
+    ifd, extra = b"", b""
+    values_at = 8 + len(chunk) + 2 + 12 * len(tags) + 4
+    for tag, value in sorted(tags.items()):
+        if isinstance(value, tuple):  # three shorts: stored after the directory
+            ifd += struct.pack("<HHII", tag, 3, 3, values_at + len(extra))
+            extra += struct.pack("<3H", *value)
+        else:
+            ifd += struct.pack("<HHII", tag, 4, 1, value)
+    head = b"II*\\0" + struct.pack("<I", 8 + len(chunk))
+    return head + chunk + struct.pack("<H", len(tags)) + ifd + b"\\0" * 4 + extra
+
 turned = Image.Exif()
 turned[0x0112] = 6
+rgb = np.full((H, W, 3), 40000, np.uint16).astype("<u2").tobytes()
 cases = {"RGBA png": (encoded("RGBA", "PNG", (10, 200, 30, 128)), None),
          "P png, transparent": (encoded("P", "PNG", 3, transparency=0), None),
          "I;16 png": (encoded("I;16", "PNG"), None), "F tiff": (encoded("F", "TIFF"), None),
+         "I;16 png, a transparency key": (encoded("I;16", "PNG", transparency=40000), None),
+         "RGB png": (encoded("RGB", "PNG", (1, 2, 3)), None),
+         "RGB png, turned": (encoded("RGB", "PNG", (1, 2, 3), exif=turned.tobytes()), None),
          "RGB webp": (encoded("RGB", "WEBP", (1, 2, 3)), None),
          "RGB jpeg, turned": (encoded("RGB", "JPEG", (1, 2, 3), exif=turned.tobytes()), None),
          "CMYK jpeg": (encoded("CMYK", "JPEG", (1, 2, 3, 4)), None),
-         "RGB jpeg, drafted": (encoded("RGB", "JPEG", (1, 2, 3)), 224)}
+         "RGB jpeg, drafted": (encoded("RGB", "JPEG", (1, 2, 3)), 224),
+         "RGB progressive jpeg 4:4:4": (encoded("RGB", "JPEG", (1, 2, 3), progressive=True, subsampling=0), None),
+         "RGB progressive jpeg 4:4:4, drafted": (encoded("RGB", "JPEG", (1, 2, 3), progressive=True, subsampling=0),
+                                                 32),
+         "RGB progressive jpeg 4:2:0, drafted": (encoded("RGB", "JPEG", (1, 2, 3), progressive=True, subsampling=2),
+                                                 32),
+         "CMYK progressive jpeg, drafted": (encoded("CMYK", "JPEG", (1, 2, 3, 4), progressive=True), 32),
+         "TIFF of one strip, 16-bit RGB": (tiff(W, H, zlib.compress(rgb, 9), 16), None),
+         "TIFF of 64 x 64 pixels in a tile of 2048 x 2048": (tiff(64, 64, zlib.compress(bytes(2048 * 2048 * 3), 9),
+                                                                 8, tile=2048), None)}
 libc = ctypes.CDLL("libc.so.6")
 peaks = {}
 for name, (data, draft) in cases.items():
-    counted = picture.decode_bytes(picture.open_image(io.BytesIO(data), draft))
+    counted = decode_cost(data, name, draft)[0]
     gc.collect()
-    libc.malloc_trim(0)  # what earlier decodes freed goes back, rather than be reused unseen
+    libc.malloc_trim(0)  # what earlier decodes freed goes back
     open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from here
     before = status("VmRSS:")
     decode_rgb(data, name, draft)
@@ -209,16 +239,77 @@ print(json.dumps(peaks))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak from /proc/self/status")
 def test_a_decode_holds_no_more_memory_than_it_counts():
-    """What one decode holds at its peak, in a process of its own: never more than ``decode_bytes`` counts from
-    the header (the server holds that much of --max-decode-mb for it), and a plain-colour RGBA PNG (a few KB)
-    no longer makes five full-size copies: 8 bytes a pixel, where it took 19."""
-    r = subprocess.run([sys.executable, "-c", _PEAKS], capture_output=True, text=True, timeout=300)
+    """What one decode holds at its peak, in a process of its own: never more than ``decode_cost`` counts from
+    the header (the server holds that much of --max-decode-mb for it). Among them a progressive JPEG, whose
+    coefficients libjpeg keeps for the whole picture at any scale (drafted, it was counted at 1/64 of them), and
+    TIFFs whose strip or tile libtiff holds whole (a tile far larger than the picture was not counted at all).
+    malloc's mmap threshold is fixed, so that each large block is fresh pages (it rises as blocks are freed, and
+    a block then reused from the heap would go unseen). A plain-colour RGBA PNG (a few KB) no longer makes five
+    full-size copies (8 bytes a pixel, where it took 19), and RGB without orientation takes 4 bytes a pixel."""
+    r = subprocess.run([sys.executable, "-c", _PEAKS], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert r.returncode == 0, r.stderr
     peaks = json.loads(r.stdout)
     for name, (peak, counted) in peaks.items():
         assert peak <= counted, (name, peak, counted)
     assert peaks["RGBA png"][0] < 9 * 2000 * 2000  # 4 bytes the decoded RGBA, 4 the white RGB it is pasted on
     assert peaks["RGB jpeg, drafted"][0] < 2000 * 2000 / 2  # 1/8 scale: 250 x 250 pixels decoded
+    assert peaks["RGB png"][1] < 4 * 2000 * 2000 + 2**23 < peaks["RGB png, turned"][1]  # turned: a second copy
+
+
+def _reason(data: bytes, draft_size: int | None = None) -> str | None:
+    """Why ``data`` is a bad image (None: it decodes)."""
+    try:
+        decode_module.decode_rgb(data, "x", draft_size)
+    except BadImageError as exc:
+        return exc.reason
+    return None
+
+
+def test_a_jpeg_of_endless_scans_or_markers_is_refused_before_decoding():
+    """Work that no pixel or memory count sees: libjpeg passes over the whole picture for each scan (a scan of
+    a few bytes repeated 30,000 times took 75 s of CPU), and Pillow keeps every marker before the first scan
+    and reads the bytes between them one at a time (4.9 M empty comments took 4.4 s and 338 MB before a pixel
+    was decoded). Both are counted in the file's bytes first; real JPEGs are far within the limits."""
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        out, "JPEG", progressive=True)
+    jpeg = out.getvalue()
+    assert jpeg.count(b"\xff\xda") == 10 and _reason(jpeg) is None
+    last_scan = jpeg[jpeg.rindex(b"\xff\xda"):-2]  # up to the end-of-image marker
+    assert _reason(jpeg[:-2] + last_scan * 200 + b"\xff\xd9", draft_size=8) is None  # 210 scans: decoded
+    assert _reason(jpeg[:-2] + last_scan * 300 + b"\xff\xd9", draft_size=8) == (
+        "a JPEG of over 256 scans (310 start-of-scan markers): decoding passes over the whole picture for each (a "
+        "progressive JPEG has about 10)")
+    comments = jpeg[:2] + b"\xff\xfe\x00\x02" * 900 + jpeg[2:]
+    assert _reason(comments) is None
+    assert _reason(jpeg[:2] + b"\xff\xfe\x00\x02" * 1001 + jpeg[2:]) == (
+        "a JPEG with over 1,000 markers before its picture (a camera's has a few dozen)")
+    assert _reason(jpeg[:2] + b"\xff\xfe\x00\x02" + b"\x00" * 70_000 + jpeg[2:]) == (
+        "a JPEG with over 65,536 bytes of junk or padding between its markers")
+
+
+def test_files_that_are_not_what_imgtrain_reads_are_named_as_what_they_are():
+    """Pillow's own detection names another format (a TGA, whose first bytes a CUR's test also takes, was called
+    CUR); a file of a format imgtrain reads that Pillow cannot open says why (a TIFF compressed by a method
+    Pillow has no decoder for was 'not an image')."""
+    def saved(format: str, **options) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(out, format, **options)
+        return out.getvalue()
+
+    reads = "(it reads JPEG, PNG, PPM/PGM, BMP, TIFF and WebP)"
+    assert _reason(saved("TGA")) == f"not an image imgtrain reads: TGA {reads}"
+    tiff = bytearray(saved("TIFF", compression="tiff_deflate"))
+    entries, = struct.unpack_from("<H", tiff, struct.unpack_from("<I", tiff, 4)[0])
+    for at in range(struct.unpack_from("<I", tiff, 4)[0] + 2, len(tiff), 12)[:entries]:
+        if struct.unpack_from("<H", tiff, at)[0] == 259:  # Compression
+            struct.pack_into("<H", tiff, at + 8, 34712)  # JPEG 2000, which Pillow's libtiff does not decode
+    assert _reason(bytes(tiff)) == "a TIFF file that Pillow cannot read (compression 34712, which it has no " \
+                                   "decoder for)"
+    assert _reason(b"\x89PNG\r\n\x1a\n" + b"\0" * 30).startswith("a PNG file that Pillow cannot read (broken PNG file")
+    assert _reason(b"\x89PNG\r\n\x1a\n") == "a PNG file that Pillow cannot read (its header is cut short)"
+    assert _reason(b"plain text, not an image") == "not an image (no decoder recognises it)"
 
 
 def test_only_the_designers_formats_reach_a_decoder(tmp_path):
@@ -895,6 +986,12 @@ def test_sixteen_bit_and_keyed_transparency(tmp_path):
     keyed.info["transparency"] = (10, 20, 30)
     keyed.save(tmp_path / "keyed.png", transparency=(10, 20, 30))
     assert load_rgb(tmp_path / "keyed.png").getpixel((0, 0)) == (255, 255, 255)
+    # 16-bit greyscale keyed at 16 bits (its transparent pixels kept their grey, black for a key of 0)
+    grey = np.full((4, 4), 40000, dtype=np.uint16)
+    grey[0, 0] = 40001  # the same 8 bits as the key, but not it
+    Image.fromarray(grey).save(tmp_path / "keyed16.png", transparency=40000)
+    picture = load_rgb(tmp_path / "keyed16.png")
+    assert picture.getpixel((1, 1)) == (255, 255, 255) and picture.getpixel((0, 0)) == (156, 156, 156)
 
 
 def test_a_negative_seed_is_taken_modulo_2_to_the_32(tmp_path, image_dirs):

@@ -235,6 +235,59 @@ def test_the_endpoint_applies_the_recorded_transformation(trained_with_transform
     assert np.allclose(got, expected, atol=1e-5)
 
 
+def test_an_image_that_fits_the_decoding_budget_alone_is_decoded_and_one_that_does_not_is_named(
+        trained_with_transformation):
+    """A model with a transformation keeps each image's decoded picture until the request is answered. One image
+    is decoded once at a time, so its own decode is all it needs (its picture was counted on top of it: an image
+    that fitted got 413, 'send fewer in a request', which a request of one cannot follow); one that does not fit
+    is a bad image (400), as the README says."""
+    import asyncio
+    import io
+
+    from imgtrain.deploy.serve import Endpoint, RequestError, ServeOptions
+
+    root, _ = trained_with_transformation
+    out = io.BytesIO()
+    Image.new("RGBA", (2000, 2000), (10, 200, 30, 128)).save(out, "PNG")  # takes 35 MB to decode, its picture 15
+    said = {}
+    for limit in (40, 30):
+        endpoint = Endpoint(root / "model", "t", ServeOptions(max_decode_mb=limit, precision="fp32", device="cpu"),
+                            log=lambda m: None)
+        try:
+            said[limit] = asyncio.run(endpoint.probabilities([out.getvalue()], ["big.png"])).shape
+        except RequestError as exc:
+            said[limit] = (exc.status, exc.message)
+        finally:
+            endpoint.batcher.stop()
+    assert said == {40: (1, 3), 30: (400, "big.png: too large to decode: 2000 x 2000 pixels in mode RGBA take 35 MB "
+                                          "to decode, over the limit of 30 MB")}
+
+
+def test_the_exported_preprocess_refuses_a_model_with_a_transformation(trained_with_transformation, image_dirs,
+                                                                       tmp_path):
+    """preprocess() squashes the whole picture, as a model without a transformation takes it: for one with a
+    Resize 40 and a CenterCrop 32 it gave probabilities up to 0.085 from scoring's, and other labels, without a
+    word. It now refuses, naming the operations and what to do (rgb(), then them: the test above)."""
+    import importlib.util
+
+    from imgtrain.deploy.export import export_model
+
+    root, _ = trained_with_transformation
+    export_model(root / "model", tmp_path / "onnx", log=lambda m: None)
+    spec = importlib.util.spec_from_file_location("preprocess", tmp_path / "onnx" / "preprocess.py")
+    preprocess = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preprocess)
+    image = ImageDirectory.load(image_dirs["val"]).path(0)
+    with pytest.raises(ValueError) as caught:
+        preprocess.preprocess(image, 32)
+    assert str(caught.value) == (
+        "this model was trained with a transformation, [['Resize', 40], ['CenterCrop', 32]], which preprocess() "
+        "does not apply (it squashes the whole picture, as a model without one takes it): decode with "
+        "rgb(source, draft_size), then apply those torchvision.transforms.v2 operations to the uint8 image, as the "
+        "metadata's 'resize' says")
+    assert preprocess.rgb(image, 40).mode == "RGB"
+
+
 def test_an_exported_transformation_model_fed_by_its_metadata_answers_as_scoring(trained_with_transformation,
                                                                                  tmp_path):
     """Large JPEGs decoded at the scale the metadata's draft_size says (the Resize's 40 px), then the operations

@@ -320,6 +320,7 @@ def _serve(args) -> None:
 
     options = ServeOptions(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, max_body_mb=args.max_body_mb,
+                           max_bodies_mb=args.max_bodies_mb, body_timeout_s=args.body_timeout_s,
                            max_decode_mb=args.max_decode_mb, threads=args.threads,
                            precision=args.precision, device=args.device)
     serve(args.trained_model, host=args.host, port=args.port, name=args.name, options=options,
@@ -665,6 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits for requests still being decoded (a lone client never waits)")
     p.add_argument("--max-queue", type=_int, default=256, help="images waiting, at most; more get 503 at once")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="a larger request body gets 413")
+    p.add_argument("--max-bodies-mb", type=float, default=None,
+                   help="memory that request bodies may hold at once, each counted at 3 times its size (its bytes, "
+                        "what parsing makes of them, its images); more wait (default: 256, or 3 x --max-body-mb "
+                        "where that is more)")
+    p.add_argument("--body-timeout-s", type=float, default=60.0,
+                   help="a request body not all there this many seconds after its turn to be read gets 408")
     p.add_argument("--max-decode-mb", type=float, default=512.0,
                    help="memory that decoding requests' images may hold at once (counted from their headers: "
                         "pixels x bytes of the copies a decode holds); more wait; an image that alone needs more "

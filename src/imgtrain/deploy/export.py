@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,13 +47,7 @@ FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}
 METADATA_FILE, PREPROCESS_FILE = "metadata.json", "preprocess.py"
 INPUT, OUTPUT = "images", "probabilities"
 DEFAULT_OPSET = 20  # torch 2.14's own; named here so that a newer torch does not change what files hold
-DECODE = ("decoded as preprocess.py's rgb(file, draft_size) does: opened by Pillow with formats=[{formats}]{draft}, "
-          "EXIF orientation applied, 16-bit greyscale divided by 257 and float greyscale multiplied by 255 "
-          "(rounded), transparent pixels composited onto white, converted to RGB")
-DRAFT = ", a JPEG (or MPO) first set to Image.draft('RGB', (draft_size, draft_size))"
-SQUASH = ("; then the whole image resized to image_size x image_size (no crop) with Pillow's bilinear filter, "
-          "Image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None): "
-          "preprocess(file, image_size) in preprocess.py")
+MIN_OPSET = 18  # torch's exporter writes opset 18 operators: asked for fewer, it wrote 18 all the same
 _RTOL, _ATOL = 1e-3, 1e-5  # how close the exported graph's probabilities must be to the network's
 
 
@@ -76,19 +71,33 @@ def metadata_of(model: TrainedModel) -> dict[str, str]:
 
     spec = model.spec
     draft = model.preparation.draft_size  # None: a crop of the full picture comes first, JPEGs decode in full
-    decode = DECODE.format(formats=", ".join(map(repr, picture.FORMATS)), draft=DRAFT if draft else "")
+    steps = _steps()
+    if not draft:
+        del steps[2]
+    if spec.input.transformation:
+        steps[4] = ("The operations of transformation (torchvision.transforms.v2 on the uint8 image, in order), "
+                    "then, when they leave another shape, a resize to image_size x image_size with torchvision's "
+                    "antialiased bilinear resize (preprocess.py's preprocess() refuses this model: rgb(), then "
+                    "those).")
+    recipe = " ".join(f"{n}. {text}" for n, text in steps.items())
     meta = {"labels": json.dumps(model.labels, ensure_ascii=False), "image_size": str(model.image_size),
-            "draft_size": str(draft or 0), "resize": decode + SQUASH,
+            "draft_size": str(draft or 0), "resize": f"As preprocess.py (imgtrain's data/picture.py) does: {recipe}",
             "input": f"{INPUT}: uint8 [N, {model.image_size}, {model.image_size}, 3], RGB",
             "output": f"{OUTPUT}: float32 [N, {len(model.labels)}], in the order of labels",
             "architecture": spec.architecture, "mean": json.dumps(spec.input.mean), "std": json.dumps(spec.input.std),
             "producer": f"imgtrain {__version__}"}
     if spec.input.transformation:
         meta["transformation"] = json.dumps(spec.input.transformation)
-        meta["resize"] = (decode + "; then the operations of transformation (torchvision.transforms.v2 on the "
-                          "uint8 image, in order), then, when they leave another shape, resized to image_size x "
-                          "image_size with torchvision's antialiased bilinear resize")
     return meta
+
+
+def _steps() -> dict[int, str]:
+    """picture.py's numbered steps, as its docstring says them (said once, there), FORMATS spelt out."""
+    text = picture.__doc__.split("\n1. ", 1)[1].split("\n\n", 1)[0]
+    found = re.findall(r"(\d)\. (.*?)(?=\n\d\. |\Z)", "1. " + text, re.S)
+    steps = {int(n): " ".join(step.split()) for n, step in found}
+    steps[1] = steps[1].replace("formats=FORMATS", f"formats={list(picture.FORMATS)}")
+    return steps
 
 
 def export_model(
@@ -107,10 +116,12 @@ def export_model(
         # Refused rather than ignored: a file made "with opset 13" that holds no such thing misleads.
         raise InvalidParameterError(f"{option('opset')} is for ONNX: a .pt2 holds torch's own operators, which "
                                     "have no opset", f"leave out {option('opset')}, or pass {option('format', 'onnx')}")
-    if opset is not None:
-        check_range("opset", opset, low=1, high=99)
-    if format == "onnx" and opset is None:
-        opset = DEFAULT_OPSET
+    if format == "onnx":
+        newest = _onnx_modules()[0].defs.onnx_opset_version()  # asked for a newer one, the exporter wrote 18
+        check_range("opset", DEFAULT_OPSET if opset is None else opset, low=MIN_OPSET, high=newest,
+                    hint=f"pass an {option('opset')} from {MIN_OPSET} (torch's exporter writes no older one) to "
+                         f"{newest} (the newest the installed onnx knows)")
+        opset = DEFAULT_OPSET if opset is None else opset
     model = trained_model if isinstance(trained_model, TrainedModel) else None
     check_not_an_input(output, {"trained model": model.path if model else trained_model})
     model = model or load_trained_model(trained_model)
@@ -127,10 +138,21 @@ def export_model(
             _onnx(deployable, example, path, metadata, opset, model.spec.architecture)
         else:
             _pt2(deployable, example, path, metadata, model.spec.architecture)
-        (tmp / PREPROCESS_FILE).write_text(Path(picture.__file__).read_text(encoding="utf-8"), encoding="utf-8")
+        (tmp / PREPROCESS_FILE).write_text(_preprocess_source(model), encoding="utf-8")
         (tmp / METADATA_FILE).write_text(json.dumps({**metadata, "labels": model.labels}, indent=2,
                                                     ensure_ascii=False), encoding="utf-8")
     return Path(output) / FILES[format]
+
+
+def _preprocess_source(model: TrainedModel) -> str:
+    """preprocess.py: imgtrain's data/picture.py, whose preprocess() refuses a model trained with a transformation
+    (it would squash the picture the operations crop, and answer otherwise than imgtrain without a word)."""
+    source = Path(picture.__file__).read_text(encoding="utf-8")
+    if not model.spec.input.transformation:
+        return source
+    unset = "\nTRANSFORMATION = None\n"
+    assert source.count(unset) == 1, "picture.py sets TRANSFORMATION once"
+    return source.replace(unset, f"\nTRANSFORMATION = {list(map(list, model.spec.input.transformation))!r}\n")
 
 
 @contextlib.contextmanager
@@ -157,16 +179,23 @@ def _refused(architecture: str, what: str, exc: BaseException, hint: str) -> Exp
     return ExportError(f"{architecture} could not be exported to {what}: {type(exc).__name__}: {reason[:300]}", hint)
 
 
-def _onnx(deployable: Deployable, example: torch.Tensor, path: Path, metadata: dict[str, str], opset: int,
-          architecture: str) -> None:
+def _onnx_modules():
+    """onnx and onnxscript (which torch's ONNX exporter needs), or MissingDependencyError."""
     try:
         import onnx
-        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+        import onnxscript
     except ImportError:
         raise MissingDependencyError("exporting to ONNX needs the onnx and onnxscript packages",
                                      "install them with `pip install 'imgtrain[export]'`") from None
+    return onnx, onnxscript
+
+
+def _onnx(deployable: Deployable, example: torch.Tensor, path: Path, metadata: dict[str, str], opset: int,
+          architecture: str) -> None:
+    onnx = _onnx_modules()[0]
     what = f"ONNX opset {opset}"
-    hint = "try another --opset (18 or later), or --format pt2"
+    hint = f"try another {option('opset')} (from {MIN_OPSET} to {onnx.defs.onnx_opset_version()}), or " \
+           f"{option('format', 'pt2')}"
     try:
         with _quiet():  # the exporter prints its progress, and logs the tracebacks it recovers from
             program = torch.onnx.export(deployable, (example,), input_names=[INPUT], output_names=[OUTPUT],

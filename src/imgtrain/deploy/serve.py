@@ -15,9 +15,10 @@ Endpoints, for the model named NAME (default: the model directory's folder name)
 
 Bad requests get a 4xx with ``{"error": ...}`` and the server goes on: not an image, truncated, empty, a
 decompression bomb or a format imgtrain does not read (400), over the size limit or the memory
-decoding may hold (413), a content type it does not take (415), an unknown
-model (404). Concurrent requests are batched (deploy/batching.py); a full queue answers 503. SIGTERM (and
-Ctrl-C) stop taking connections and let the requests in flight finish.
+decoding may hold (413), a body that does not arrive in time (408), a content type it does not take (415),
+an unknown model (404). Request bodies, and decoding, hold memory from budgets of bytes that requests
+take whole and in turn (deploy/budget.py). Concurrent requests are batched (deploy/batching.py); a full queue
+answers 503. SIGTERM (and Ctrl-C) stop taking connections and let the requests in flight finish.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import signal
 import struct
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from imgtrain.errors import (
 
 INPUT, OUTPUT = "images", "probabilities"
 BINARY_HEADER = "Inference-Header-Content-Length"
+BODY_COUNTS = 3  # what a body holds, in its sizes: its bytes, what parsing makes of them, its images cut out
 _MB = 2**20
 _TRIM_AFTER = 16 * _MB  # decoding that held more gives what it freed back to the kernel (a 2-megapixel PNG)
 
@@ -62,10 +64,18 @@ class ServeOptions:
     max_wait_ms: float = 5.0  # how long a batch waits for requests still being decoded
     max_queue: int = 256  # images waiting, at most; beyond, 503
     max_body_mb: float = 20.0  # a request body larger than this gets 413
+    max_bodies_mb: float | None = None  # memory request bodies may hold at once, each counted 3x its size (more
+    # wait); None: 256, or room for one body of max_body_mb where that takes more
+    body_timeout_s: float = 60.0  # a body not all there by then gets 408
     max_decode_mb: float = 512.0  # memory decoding requests' images may hold at once (more wait; over it alone: 413)
     threads: int | str | None = None  # torch's CPU threads, as for training and scoring
     precision: str = "auto"  # bf16 on a GPU and where the CPU runs it natively, else fp32 (fp16 on older GPUs)
     device: str = "auto"  # the first CUDA GPU where there is one, else the CPU
+
+    @property
+    def bodies_mb(self) -> float:
+        """``max_bodies_mb``, or its default."""
+        return max(256.0, BODY_COUNTS * self.max_body_mb) if self.max_bodies_mb is None else self.max_bodies_mb
 
     def check(self) -> None:
         from imgtrain.device import resolve_device
@@ -77,6 +87,10 @@ class ServeOptions:
         check_range("max_wait_ms", self.max_wait_ms, low=0, high=10_000)
         check_range("max_queue", self.max_queue, low=1)
         check_range("max_body_mb", self.max_body_mb, low=0, low_inclusive=False)
+        check_range("max_bodies_mb", self.bodies_mb, low=BODY_COUNTS * self.max_body_mb,
+                    hint=f"a body of {option('max_body_mb', f'{self.max_body_mb:g}')} counts {BODY_COUNTS} times its "
+                         "size: pass at least that")
+        check_range("body_timeout_s", self.body_timeout_s, low=0, low_inclusive=False)
         check_range("max_decode_mb", self.max_decode_mb, low=0, low_inclusive=False)
 
 
@@ -105,12 +119,13 @@ class Endpoint:
 
     def __init__(self, trained_model: Path | str, name: str, options: ServeOptions,
                  log: Callable[[str], None]) -> None:
-        from imgtrain.data.decode import DecodeBudget
         from imgtrain.deploy.batching import Batcher
+        from imgtrain.deploy.budget import Budget
         from imgtrain.threads import Threads, parse_threads
 
         self.name, self.options, self.log = name, options, log
-        self.decoding = DecodeBudget(int(options.max_decode_mb * _MB))
+        self.bodies = Budget(int(options.bodies_mb * _MB))
+        self.decoding = Budget(int(options.max_decode_mb * _MB))
         self.threads = Threads(parse_threads(options.threads), log)
         self.batcher = Batcher(lambda: self._start(trained_model), max_batch=options.max_batch_size,
                                max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
@@ -160,41 +175,46 @@ class Endpoint:
                                "architecture": self.model.spec.architecture,
                                "content": "encoded image files (JPEG, PNG, ...), one per element"}}
 
-    def _decode(self, blobs: list[bytes], names: list[str], hold) -> list:
-        """In a worker thread, with Pillow and numpy only: what decoding the images takes, from their headers,
-        held from ``self.decoding`` (waiting while other requests hold the rest of --max-decode-mb); then each
-        image decoded, and prepared where no transformation asks for torch."""
-        from imgtrain.data.decode import decode_cost, decode_rgb
+    def _open(self, blobs: list[bytes], names: list[str]) -> tuple[list, int]:
+        """In a worker thread: each image opened from its header and checked (400 naming the first refused), and
+        what decoding them holds at once. They are decoded one after another, and each leaves its resized pixels
+        (for a model with a transformation, its picture) until the request is answered: at most, one decode
+        beside what those before it left. An image alone always fits in --max-decode-mb, or it is refused."""
+        from imgtrain.data.decode import open_sent
 
-        draft, limit, plain = self.preparation.draft_size, self.decoding.limit, self.preparation.plain
-        peak, kept = 0, 0  # one image decoded at a time; what each leaves until answered
+        draft, plain = self.preparation.draft_size, self.preparation.plain
+        pixels = 3 * self.model.image_size ** 2 if plain else 0
+        opened, need, kept = [], 0, 0
         for blob, name in zip(blobs, names, strict=True):
             try:
-                decoding, picture = decode_cost(blob, name, draft, limit)
+                image = open_sent(blob, name, draft, self.decoding.limit - pixels)
             except BadImageError as exc:
                 raise RequestError(400, f"{name}: {exc.reason}") from None
-            peak, kept = max(peak, decoding), kept + (3 * self.model.image_size ** 2 if plain else picture)
-        need = peak + kept
-        if need > limit:
-            raise RequestError(413, f"the {len(blobs)} images take {need / _MB:,.0f} MB to decode, over the "
-                                    f"{limit / _MB:,.0f} MB the server decodes at once: send fewer in a request")
-        hold.take(need)
+            need, kept = max(need, kept + image.peak + pixels), kept + (pixels or image.picture)
+            opened.append(image)
+        return opened, need
+
+    def _decode(self, opened: list, names: list[str], need: int) -> list:
+        """In a worker thread, with Pillow and numpy only: each image decoded, and prepared where no
+        transformation asks for torch."""
         images = []
-        for blob, name in zip(blobs, names, strict=True):
+        for image, name in zip(opened, names, strict=True):
             try:
-                image = decode_rgb(blob, name, draft_size=draft, max_bytes=limit)
+                picture = image.rgb()
             except BadImageError as exc:
                 raise RequestError(400, f"{name}: {exc.reason}") from None
-            images.append(self.preparation.pixels(image) if self.preparation.plain else image)
+            images.append(self.preparation.pixels(picture) if self.preparation.plain else picture)
+            del picture
         if need >= _TRIM_AFTER:
             from imgtrain.allocator import give_back_free_memory
 
-            del image
             give_back_free_memory()  # this thread's arena would keep what it freed (allocator.py)
         return images
 
-    async def probabilities(self, blobs: list[bytes], names: list[str]) -> np.ndarray:
-        """Each image's class probabilities: decoded in a worker thread, then batched with other requests'."""
+    async def probabilities(self, blobs: list[bytes], names: list[str],
+                            gone: Callable[[], Awaitable[bool]] | None = None) -> np.ndarray:
+        """Each image's class probabilities: opened and decoded in worker threads, within --max-decode-mb, then
+        batched with other requests'. ``gone``: whether the client has gone (its images are then not decoded)."""
         from starlette.concurrency import run_in_threadpool
 
         from imgtrain.deploy.batching import QueueFullError
@@ -206,31 +226,84 @@ class Endpoint:
         except QueueFullError:
             raise RequestError(503, f"the server is busy: {self.batcher.pending} images are in hand, and it holds "
                                     f"{limit}; retry later") from None
-        hold = self.decoding.hold()  # what decoding the images takes, held until they are answered
         try:
-            self.batcher.coming(+1)
-            try:
-                images = await run_in_threadpool(self._decode, blobs, names, hold)
-            finally:
-                self.batcher.coming(-1)
-            return await self.batcher(images)
+            opened, need = await run_in_threadpool(self._open, blobs, names)
+            if need > self.decoding.limit:
+                raise RequestError(413, f"the {len(blobs)} images take {need / _MB:,.0f} MB to decode, over the "
+                                        f"{self.decoding.limit / _MB:,.0f} MB the server decodes at once: send fewer "
+                                        "in a request")
+            await _still_there(gone)
+            async with self.decoding.hold(need):  # until the images are answered
+                await _still_there(gone)  # it may have waited: the client may have given up
+                self.batcher.coming(+1)
+                try:
+                    images = await run_in_threadpool(self._decode, opened, names, need)
+                finally:
+                    self.batcher.coming(-1)
+                return await self.batcher(images)
         finally:
-            hold.release()
             self.batcher.release(len(blobs))
 
 
-async def _body(request, limit: int) -> bytes:
-    """The request's body, refused with 413 past ``limit`` bytes (by its Content-Length, or as it streams)."""
+async def _still_there(gone: Callable[[], Awaitable[bool]] | None) -> None:
+    """Nothing is decoded for a client that has gone (its answer would go nowhere)."""
+    if gone is not None and await gone():
+        raise RequestError(499, "the client closed the connection")
+
+
+@asynccontextmanager
+async def _receiving(request, options: ServeOptions, bodies):
+    """The request's body: refused with 413 past --max-body-mb (by its Content-Length, or as it streams), held
+    in ``bodies`` (--max-bodies-mb, waiting while other requests hold it) until the block ends, and refused
+    with 408 when it is not all there within --body-timeout-s of its turn."""
+    from starlette.requests import ClientDisconnect
+
+    limit = int(options.max_body_mb * _MB)
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"the body is {int(declared):,} bytes, over the limit of {limit:,}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    if size is not None and size > limit:
+        raise RequestError(413, f"the body is {size:,} bytes, over the limit of {limit:,}")
+    async with bodies.hold(BODY_COUNTS * (limit if size is None else size)):
+        chunks, received = [], 0
+        try:
+            async with asyncio.timeout(options.body_timeout_s):
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestError(408, f"the body did not arrive within {options.body_timeout_s:g} s (it had "
+                                    f"{received:,} bytes of it): send it faster (the server's --body-timeout-s)") \
+                from None
+        except ClientDisconnect:  # its answer would go nowhere
+            raise RequestError(499, "the client closed the connection before its body was sent") from None
+        body = b"".join(chunks)
+        del chunks
+        yield body
+
+
+async def _form_files(request, body: bytes, max_images: int) -> tuple[list[bytes], list[str]]:
+    """The files of a multipart form's field 'data', and their names: 400 for a form that cannot be read, 413 for
+    more files than the server holds (the parser stops counting one past that)."""
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def again():  # the body, read within the limit, for the form parser
+        yield body
+        yield b""
+
+    try:
+        form = await MultiPartParser(request.headers, again(), max_files=max_images + 1, max_fields=100).parse()
+    except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):
+            raise _too_many(f"over {max_images + 1}", max_images) from None
+        raise RequestError(400, f"the multipart form cannot be read ({exc.message})") from None
+    except Exception as exc:  # a malformed form is the client's
+        raise RequestError(400, f"the multipart form cannot be read ({exc})") from None
+    files = [f for f in form.getlist("data") if hasattr(f, "read")]
+    if not files:
+        raise RequestError(400, "the form has no file in field 'data'")
+    return [await f.read() for f in files], [f.filename or f"image {i}" for i, f in enumerate(files)]
 
 
 def _content_type(request) -> str:
@@ -284,8 +357,12 @@ def _check_count(count: int, limit: int) -> None:
     if count < 1:
         raise RequestError(400, "no image in the request")
     if count > limit:
-        raise RequestError(413, f"{count} images in one request, more than the server holds at once ({limit}): "
-                                f"send at most {limit} a request")
+        raise _too_many(str(count), limit)
+
+
+def _too_many(count: str, limit: int) -> RequestError:
+    return RequestError(413, f"{count} images in one request, more than the server holds at once ({limit}): send at "
+                             f"most {limit} a request")
 
 
 def _outputs(request: dict, classes: int) -> list[_Output]:
@@ -456,14 +533,11 @@ def _infer_response(request: _InferRequest, probabilities: np.ndarray, labels: l
 def make_app(endpoint: Endpoint):
     """The Starlette application answering for ``endpoint``."""
     from starlette.applications import Starlette
-    from starlette.formparsers import MultiPartParser
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
     from imgtrain import __version__
-
-    limit = int(endpoint.options.max_body_mb * _MB)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -510,46 +584,33 @@ def make_app(endpoint: Endpoint):
         if header is None and kind not in ("", "application/json"):
             raise RequestError(415, f"an inference request is JSON (application/json), or JSON then binary data "
                                     f"with the {BINARY_HEADER} header; not {kind}")
-        body = await _body(request, limit)
-        checked = _infer_request(body, header, classes=len(endpoint.labels), max_images=endpoint.options.max_queue)
-        names = [f"image {i}" for i in range(len(checked.images))]
-        return _infer_response(checked, await endpoint.probabilities(checked.images, names), endpoint.labels,
-                               endpoint.name)
+        async with _receiving(request, endpoint.options, endpoint.bodies) as body:
+            checked = _infer_request(body, header, classes=len(endpoint.labels),
+                                     max_images=endpoint.options.max_queue)
+            names = [f"image {i}" for i in range(len(checked.images))]
+            probabilities = await endpoint.probabilities(checked.images, names, request.is_disconnected)
+        return _infer_response(checked, probabilities, endpoint.labels, endpoint.name)
 
     async def predictions(request: Request):
         kind = _content_type(request)
-        if kind == "multipart/form-data":
-            body = await _body(request, limit)
-
-            async def again():  # the body, read within the limit, for the form parser
-                yield body
-                yield b""
-
-            try:
-                form = await MultiPartParser(request.headers, again(), max_files=endpoint.options.max_queue + 1,
-                                             max_fields=100).parse()
-            except Exception as exc:  # a malformed form is the client's
-                raise RequestError(400, f"the multipart form cannot be read ({exc})") from None
-            files = [f for f in form.getlist("data") if hasattr(f, "read")]
-            if not files:
-                raise RequestError(400, "the form has no file in field 'data'")
-            blobs = [await f.read() for f in files]
-            names = [f.filename or f"image {i}" for i, f in enumerate(files)]
-        elif kind in ("", "application/octet-stream") or kind.startswith("image/"):
-            blob = await _body(request, limit)
-            if not blob:
-                raise RequestError(400, "the body is empty: send an image")
-            blobs, names = [blob], ["the body"]
-        else:
+        form = kind == "multipart/form-data"
+        if not form and kind not in ("", "application/octet-stream") and not kind.startswith("image/"):
             raise RequestError(415, f"send an image (Content-Type image/*) or multipart form data with files in "
                                     f"field 'data'; not {kind}")
-        probabilities = await endpoint.probabilities(blobs, names)
+        async with _receiving(request, endpoint.options, endpoint.bodies) as body:
+            if form:
+                blobs, names = await _form_files(request, body, endpoint.options.max_queue)
+            elif not body:
+                raise RequestError(400, "the body is empty: send an image")
+            else:
+                blobs, names = [body], ["the body"]
+            probabilities = await endpoint.probabilities(blobs, names, request.is_disconnected)
         answers = []
         for name, row in zip(names, probabilities, strict=True):
             best = int(row.argmax())
             answers.append({"image": name, "label": endpoint.labels[best], "probability": float(row[best]),
                             "probabilities": dict(zip(endpoint.labels, map(float, row), strict=True))})
-        return JSONResponse(answers if kind == "multipart/form-data" else answers[0])
+        return JSONResponse(answers if form else answers[0])
 
     @asynccontextmanager
     async def lifespan(app):
