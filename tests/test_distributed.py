@@ -85,13 +85,9 @@ def test_two_processes_record_the_figures_of_one_process_evaluating_the_saved_we
 
 
 @pytest.fixture(scope="module")
-def with_dropout(tmp_path_factory, image_dirs) -> dict:
+def with_dropout(image_dirs, dropout_model) -> dict:
     """The data of ``image_dirs`` and an untrained MobileNetV3-Small: dropout in its forward pass."""
-    from imgtrain import image_model
-
-    untrained = tmp_path_factory.mktemp("dropout") / "untrained"
-    image_model(untrained, model_name="mobilenet_v3_small", pretrained=False)
-    return {**image_dirs, "untrained": untrained}
+    return {**image_dirs, "untrained": dropout_model}
 
 
 @pytest.fixture(scope="module")

@@ -498,6 +498,28 @@ def test_resume_continues_exactly(tmp_path, image_dirs):
     assert not (tmp_path / ".imgtrain-resume-m").exists() and not (tmp_path / "m" / "checkpoint.safetensors").exists()
 
 
+def test_dropout_masks_depend_on_neither_the_data_workers_nor_a_resume(tmp_path, image_dirs, dropout_model):
+    """A network with dropout, its data decoded by worker processes that persist across epochs (as on a GPU, or
+    without the cache): the same weights as without workers, and a run interrupted and resumed ends as one that
+    was not. DataLoaders drew their workers' seeds from the generator dropout draws from."""
+    d = {**image_dirs, "untrained": dropout_model}
+    args = {**TRAIN, "epochs": 3, "precision": "fp32", "cache": False}
+
+    def run(name: str, workers: int, **kw):
+        return train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / name,
+                                   **{**args, "num_workers": workers, **kw})
+
+    reference = run("ref", 2, **QUIET)
+    alone = run("alone", 0, **QUIET)
+    with pytest.raises(Interrupt):
+        run("m", 2, log=_interrupt_after(1))
+    resumed = run("m", 2, resume=True, **QUIET)
+    weights = (reference.output / "model.safetensors").read_bytes()
+    for result in (resumed, alone):
+        assert [m.train_loss for m in result.history] == [m.train_loss for m in reference.history]
+        assert (result.output / "model.safetensors").read_bytes() == weights
+
+
 def test_resume_when_complete_changes_nothing(tmp_path, image_dirs):
     d = image_dirs
     train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)

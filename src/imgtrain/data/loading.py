@@ -23,10 +23,17 @@ CACHE_PREFIX = "cache-"
 def make_loader(images: ImageDataset, *, batch_size: int, workers: int, device: torch.device,
                 sampler: SeededSampler | None = None, drop_last: bool = False,
                 persistent: bool = False) -> DataLoader:
-    """A DataLoader as imgtrain runs them: pinned memory for a GPU, four batches ahead per worker."""
+    """A DataLoader as imgtrain runs them: pinned memory for a GPU, four batches ahead per worker.
+
+    Its workers' seeds come from a generator of its own: a DataLoader draws them from torch's global one
+    otherwise, whenever an iteration starts (each epoch without workers, once with persistent ones), and
+    that is the stream a run's dropout masks come from (seeding.seed_rank), which then depended on the
+    number of workers, the cache and where a run was resumed. Nothing of imgtrain draws from the
+    workers' seeds: augmentation is seeded per image (SeededSampler)."""
     return DataLoader(images, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       persistent_workers=persistent and workers > 0, pin_memory=device.type == "cuda",
-                      drop_last=drop_last, prefetch_factor=4 if workers else None)
+                      drop_last=drop_last, prefetch_factor=4 if workers else None,
+                      generator=torch.Generator().manual_seed(0))
 
 
 class Feeder:
