@@ -655,6 +655,35 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing piles up
 
 
+def test_sigterm_to_the_process_group_with_data_workers_is_one_line(tmp_path, image_dirs):
+    """SIGTERM to every process of the run at once, as GNU timeout, `kill -TERM -PGID`, systemd and SLURM send it,
+    while DataLoader workers persist (--no-cache): the one line and exit code 143 of a SIGTERM to the main process
+    alone (the workers died of the signal, and the main process raised 'DataLoader worker is killed by signal'
+    over its own unwinding, with two tracebacks and exit code 1)."""
+    d, log = image_dirs, tmp_path / "run.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", "train", "--untrained-model", d["untrained"],
+                                 "--training-data", d["train"], "--validation-data", d["val"], "--output",
+                                 tmp_path / "m", "--epochs", "40", "--patience", "40", "--batch-size", "8",
+                                 "--image-size", "32", "--precision", "fp32", "--num-workers", "2", "--no-cache"],
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            while proc.poll() is None and "epoch 1/" not in log.read_text():
+                time.sleep(0.02)
+            time.sleep(0.2)  # in epoch 2, its workers decoding
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, said
+    assert "Traceback" not in said and "Exception ignored" not in said, said
+    assert said.strip().splitlines()[-1] == ("error: terminated (SIGTERM); no output was written (re-run with "
+                                             "--resume to continue from the last epoch)")
+
+
 def test_a_run_in_progress_is_left_alone_and_a_dead_ones_pid_is_not_believed(tmp_path, image_dirs):
     from imgtrain.errors import OutputNotWritableError
 
