@@ -371,3 +371,27 @@ def test_a_random_crop_crops_the_picture_anew_every_epoch(tmp_path, image_dirs):
     assert weights[0] == weights[1]
     assert "transformation " + str(tmp_path / "t") + ": nothing once (each picture in the shape they leave, " \
            "cached up to 8,192 pixels), RandomCrop every epoch; scoring applies nothing" in said
+
+
+def test_a_one_channel_grayscale_trains_alike_with_and_without_the_cache(tmp_path, image_dirs):
+    """["Grayscale", {"num_output_channels": 1}] (the designer's Init writes 3): every image it prepares is one
+    grey channel thrice, as Grayscale with 3 makes it, with the decoded-image cache or without it (the cache
+    refused the one-channel validation images with a ValueError and a traceback). The trained model scores."""
+    from imgtrain import score_image_model, train_pytorch_model
+    from imgtrain.data.transforms import Preparation
+    from imgtrain.directories.transformation_directory import Operation, write_transformation
+
+    fixed = [Operation("Resize", 40), Operation("Grayscale", {"num_output_channels": 1})]
+    d, results = image_dirs, []
+    x = Preparation(32, fixed).load(ImageDirectory.load(d["val"]).path(0))
+    assert x.shape == (3, 32, 32) and bool((x == x[0]).all())
+    (tmp_path / "t").mkdir()
+    write_transformation(tmp_path / "t", [*fixed, Operation("RandomCrop", 32)])
+    for cache in (True, False):
+        results.append(train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / f"m{cache}", epochs=2,
+                                           batch_size=8, num_workers=0, precision="fp32", cache=cache,
+                                           transformation=tmp_path / "t", log=lambda m: None))
+    assert [m.train_loss for m in results[0].history] == [m.train_loss for m in results[1].history]
+    assert [m.validation_loss for m in results[0].history] == [m.validation_loss for m in results[1].history]
+    scored = score_image_model(tmp_path / "mTrue", d["val"], tmp_path / "scored", log=lambda m: None)
+    assert scored.num_images == len(ImageDirectory.load(d["val"]))
