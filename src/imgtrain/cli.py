@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-import re
 import signal
 import sys
 
 from imgtrain import __version__
-from imgtrain.errors import DISK_FULL, ImgtrainError, speaking_command_line
+from imgtrain.errors import DISK_FULL, ImgtrainError, escaped, speaking_command_line
 from imgtrain.models.names import DENSENET_DEFAULT, DENSENET_NAMES, RESNET_DEFAULT, RESNET_NAMES
 from imgtrain.process import LAUNCHER_PID, Terminated, die_with_launcher, launched_by_torchrun, rank, sigterm_interrupts
 
@@ -727,5 +726,4 @@ def _one_line(exc: BaseException) -> str:
     """An error's text on one line, whatever it quotes (another library's message over several lines, a file
     name with a line break or a terminal's escape sequence in it): line breaks of every kind become spaces,
     other control characters their escapes."""
-    text = " ".join(part.strip() for part in str(exc).splitlines())
-    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text)
+    return escaped(" ".join(part.strip() for part in str(exc).splitlines()))

@@ -81,6 +81,7 @@ from imgtrain.errors import (
     check_choice,
     check_range,
     option,
+    some,
 )
 from imgtrain.models.registry import (
     IMAGENET_MEAN,
@@ -578,7 +579,7 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
     empty = balance.without_images(run.train_set.categories, training)
     if empty:
         log(f"warning: {len(empty):,} of the {len(training):,} classes have no images in the training data "
-            f"{run.training_data} ({balance.some(empty)}): the model learns never to answer them; give them "
+            f"{run.training_data} ({some(empty)}): the model learns never to answer them; give them "
             "training images, or leave them out of the data")
     both = f"{option('class_weights', 'balanced')} and {option('sampler', 'balanced')}"
     if params.class_weights == "balanced" and params.sampler == "balanced":
