@@ -168,6 +168,10 @@ QUOTED = {
         ("make a transformation that leaves 64 x 64 images instead (this one's CenterCrop makes 40 x 40): "
          "init-image-transformation with --crop-size 64 and --size 64, its other parameters as before",
          "test_zoo.py::test_a_size_hint_under_a_transformation_is_one_the_user_can_follow"),
+    "this one leaves 40 x 40: its CenterCrop makes 30 x 30, its Pad adds 10":
+        ("make a transformation that leaves 48 x 48 images instead (this one leaves 40 x 40: its CenterCrop makes "
+         "30 x 30, its Pad adds 10): init-image-transformation with --crop-size 38 and --size 38, its other "
+         "parameters as before", "test_transformation.py::test_a_size_hint_names_what_each_operation_makes"),
     "not an image imgtrain reads: EPS (it reads ...)":
         ("not an image imgtrain reads: EPS (it reads JPEG, PNG, PPM/PGM, BMP, TIFF and WebP)",
          "test_reliability.py::test_only_the_designers_formats_reach_a_decoder"),

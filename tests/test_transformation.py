@@ -146,6 +146,30 @@ def test_the_sizes_a_transformation_makes():
         plan(96)
 
 
+def test_a_size_hint_names_what_each_operation_makes():
+    """The hint that says how to change a transformation to the size an architecture takes: where a Pad follows
+    the crop, it names what the crop makes and what the Pad adds (it said the CenterCrop made the padded size);
+    a RandomResizedCrop larger than the Resize before it needs no larger Resize (it resizes what it crops), a
+    CenterCrop does (it would pad the picture with black)."""
+    from imgtrain.data.transformation import ImageTransformation, TrainingTransformation
+    from imgtrain.errors import speaking_command_line
+
+    def hint(side: int, **params) -> str:
+        operations = ImageTransformation(random_horizontal_flip=False, **params).operations()
+        with speaking_command_line():
+            return TrainingTransformation.of(operations, None, lambda: 64).size_hint(side)
+
+    assert hint(48, size=30, crop_size=30, pad=True, padding=5) == (
+        "make a transformation that leaves 48 x 48 images instead (this one leaves 40 x 40: its CenterCrop makes "
+        "30 x 30, its Pad adds 10): init-image-transformation with --crop-size 38 and --size 38, its other "
+        "parameters as before")
+    assert hint(64, size=48, center_crop=False, random_resized_crop=True, random_size=40) == (
+        "make a transformation that leaves 64 x 64 images instead (this one's RandomResizedCrop makes 40 x 40): "
+        "init-image-transformation with --random-size 64, its other parameters as before")
+    assert hint(64, size=48, crop_size=40).endswith("(this one's CenterCrop makes 40 x 40): init-image-transformation "
+                                                    "with --crop-size 64 and --size 64, its other parameters as before")
+
+
 def test_random_operations_are_seeded_per_image_and_epoch():
     import random
 
