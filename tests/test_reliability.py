@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import imgtrain.data.convert as convert_module
 import imgtrain.data.decode as decode_module
 from conftest import make_image, make_labelled_folder, run_cli
-from imgtrain import convert_to_image_directory, score_image_model, train_pytorch_model
+from imgtrain import convert_to_image_directory, init_image_transformation, score_image_model, train_pytorch_model
 from imgtrain.data.decode import load_rgb
 from imgtrain.directories.model_directory import load_model_spec
 from imgtrain.errors import (
@@ -40,6 +41,7 @@ from imgtrain.errors import (
     TrainingDivergedError,
     speaking_command_line,
 )
+from imgtrain.precision import resolve_precision
 from imgtrain.training.checkpoint import checkpoint_epoch
 
 DOCS = Path(__file__).parent.parent / "docs" / "reliability.md"
@@ -575,6 +577,17 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
                             **{**args, "image_size": None}, **QUIET)
     assert "made with other parameters: --image-size 32 then, no --image-size now. run with the same" in \
         str(refused.value)
+    # Each as the user gave it, with what it stood for: a precision auto, a transformation's operations; a parameter
+    # left at its default is said at it (class weights said "no --class-weights then").
+    auto, t = resolve_precision("auto", torch.device("cpu")), tmp_path / "t"
+    other = "fp32" if auto == "bf16" else "bf16"
+    init_image_transformation(t, size=32, center_crop=False, random_horizontal_flip=False)
+    with speaking_command_line(), pytest.raises(CheckpointMismatchError) as refused:
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, **QUIET,
+                            **{**args, "precision": other, "class_weights": "balanced", "transformation": t})
+    assert (f"made with other parameters: --precision auto ({auto}) then, --precision {other} now; --class-weights "
+            f"none then, --class-weights balanced now; no --transformation then, --transformation {t} (Resize 32) "
+            "now. run with") in str(refused.value)
     with pytest.raises(CheckpointMismatchError, match="other training data and validation data"):
         train_pytorch_model(d["untrained"], d["val"], d["train"], tmp_path / "m", resume=True, **args, **QUIET)
     # the checkpoint is still there, and the same command resumes it (without the cache: it goes)
@@ -584,6 +597,22 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
     assert sorted(f.name for f in (tmp_path / "m").iterdir()) == [
         "_meta.yaml", "index_to_label.csv", "metrics.csv", "metrics.jsonl", "model.safetensors", "model_spec.yaml",
         "report.html", "training_images.png"]
+
+
+def test_a_refused_resume_names_a_parameter_now_at_its_default(tmp_path, image_dirs):
+    """A checkpoint made with --class-weights balanced and an explicit precision, resumed with neither: both are
+    named, as given then and now (the default class weights left the difference unnamed: 'made with other
+    parameters (by another version of imgtrain?)')."""
+    d = image_dirs
+    auto = resolve_precision("auto", torch.device("cpu"))
+    other = "fp32" if auto == "bf16" else "bf16"
+    with pytest.raises(Interrupt):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1),
+                            **{**TRAIN, "class_weights": "balanced", "precision": other})
+    with speaking_command_line(), pytest.raises(CheckpointMismatchError) as refused:
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, **TRAIN, **QUIET)
+    assert (f"made with other parameters: --precision {other} then, --precision auto ({auto}) now; --class-weights "
+            "balanced then, --class-weights none now. run with") in str(refused.value)
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path, image_dirs):

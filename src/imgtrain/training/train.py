@@ -402,6 +402,12 @@ class _Run:
         return resume_dir_for(self.output)
 
     @property
+    def asked(self) -> dict:
+        """The parameters the result depends on as the user gave them (a precision auto, a transformation's
+        path), recorded in checkpoints to say what differs in a refused resume."""
+        return {k: v for k, v in asdict(self.params).items() if k not in _FREE_PARAMETERS}
+
+    @property
     def checkpoint(self) -> Path:
         return self.work / CHECKPOINT_FILE
 
@@ -461,6 +467,34 @@ def _resumable(run_parameters: dict) -> dict:
     return {k: v for k, v in run_parameters.items() if k != "epochs"}  # the number of epochs may grow
 
 
+def _what_differs(state: dict, run: _Run) -> str:
+    """': --precision auto (fp32) then, --precision auto (bf16) now' for the parameters a checkpoint (its JSON
+    ``state``) was made with that differ from this run's: each as the user gave it, and what it stood for where
+    that is something else (a precision auto, a transformation's operations); one left at its default, at it."""
+    before = state.get("parameters")
+    if not isinstance(before, dict):
+        return ""
+    asked_then = state.get("asked") if isinstance(state.get("asked"), dict) else {}  # none in older checkpoints
+    before, now = _resumable(before), _resumable(run.run_parameters)
+    changed = []
+    for name in [*now, *(name for name in before if name not in now)]:
+        then_value, now_value = (values.get(name, _LATER_DEFAULTS.get(name)) for values in (before, now))
+        if then_value != now_value:
+            changed.append(f"{_as_given(name, asked_then.get(name, then_value), then_value)} then, "
+                           f"{_as_given(name, run.asked.get(name, now_value), now_value)} now")
+    return ": " + "; ".join(changed) if changed else " (by another version of imgtrain?)"
+
+
+def _as_given(name: str, given: object, value: object) -> str:
+    """A parameter as the user gave it, with what it stood for where that is something else."""
+    if given == value:
+        return option(name, given)
+    if name == "transformation" and isinstance(value, list):
+        value = ", ".join(f"{op[0]} {json.dumps(op[1])}" if op[1] != {} else str(op[0]) for op in value) \
+            or "no operation"
+    return f"{option(name, given)} ({value})"
+
+
 def _take_work_directory(run: _Run, *, overwrite: bool, resume: bool, restart: bool, log) -> str:
     """Rank 0: 'complete' when the output is there already, 'published' when it waited in the work
     directory and is moved into place now, else 'train' (the work directory is this run's)."""
@@ -497,7 +531,7 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
     state = Fit(params.epochs, EarlyStopping(params.patience))
     if resume and run.checkpoint.is_file():
         saved = load_checkpoint(run.checkpoint, run.run_id, network, optimizer, schedule,
-                                _resumable(run.run_parameters), rank=world.rank, device=device)
+                                lambda state: _what_differs(state, run), rank=world.rank, device=device)
         done_by = saved.get("world_size", 1)
         if done_by != world.size:
             raise CheckpointMismatchError(
@@ -525,7 +559,8 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
                       device, run.precision, params.learning_rate, Threads(params.threads, log), world,
                       loss_fn=nn.CrossEntropyLoss(weight=training if params.class_weights == "balanced" else None),
                       validation_weights=validation if params.balanced else None)
-    files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters, device)
+    files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters, run.asked,
+                      device)
     return stepper, state, files
 
 
@@ -676,6 +711,7 @@ class _RunFiles:
     scaler: torch.amp.GradScaler
     run_id: dict
     run_parameters: dict
+    asked: dict
     device: torch.device
 
     def save_best(self, network: nn.Module) -> None:
@@ -688,7 +724,7 @@ class _RunFiles:
             return
         _write_metrics(self.work / METRICS_FILE, history)
         save_checkpoint(self.work / CHECKPOINT_FILE, self.network, self.optimizer, self.schedule, {
-            "run_id": self.run_id, "parameters": self.run_parameters, "epoch": epoch,
+            "run_id": self.run_id, "parameters": self.run_parameters, "asked": self.asked, "epoch": epoch,
             "early_stopping": asdict(stopper), "history": [asdict(m) for m in history],
             "scaler": self.scaler.state_dict(), "world_size": self.world.size}, generators)
 
