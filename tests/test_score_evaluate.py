@@ -328,6 +328,19 @@ def test_evaluate_reads_the_designers_scored_dataframe_directory(tmp_path):
     run_cli("evaluate-model", "--scored-dataset", str(tmp_path / "scored"), "--output", str(tmp_path / "eval2"))
 
 
+def test_numeric_labels_of_a_designer_table_compare_alike_whatever_their_column_type(tmp_path):
+    """The designer's table may hold its truth as integers and its scored labels as floats: 0 and 0.0 are the
+    same label (the accuracy was 0, every "0" against "0.0"); a NaN true label is missing, a named error (it
+    became a class "nan", with a warning that the model did not know it)."""
+    _designer_scored(tmp_path / "mixed", [0, 0, 1, 1], [0.0, 1.0, 1.0, 1.0], ["0", "1"])
+    metrics = evaluate_model(tmp_path / "mixed", tmp_path / "e", **QUIET)
+    assert metrics["accuracy"] == 0.75 and metrics["confusion_matrix"]["labels"] == ["0", "1"]
+    assert metrics["unknown_true_labels"] == []
+    _designer_scored(tmp_path / "nan", [0.0, float("nan"), 1.0], [0.0, 1.0, 1.0], ["0", "1"])
+    with pytest.raises(InvalidDatasetError, match="data row 2 has no 'category'"):
+        evaluate_model(tmp_path / "nan", tmp_path / "e2", **QUIET)
+
+
 def test_unreadable_dataframe_directories_get_named_errors(tmp_path):
     _designer_scored(tmp_path / "bad", ["a"], ["a"], ["a", "b"])
     (tmp_path / "bad" / "_data.parquet").write_bytes(b"PAR1 not really")
