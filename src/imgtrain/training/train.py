@@ -529,6 +529,9 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
         optimizer, _warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
     state = Fit(params.epochs, EarlyStopping(params.patience))
+    # Every process built the same network; its dropout masks are its own. A checkpoint's streams replace these:
+    # its GPU's too, where it holds one (one made on CPUs holds none, and each GPU then drew the seed's masks).
+    seed_rank(run.seed, world.rank)
     if resume and run.checkpoint.is_file():
         saved = load_checkpoint(run.checkpoint, run.run_id, network, optimizer, schedule,
                                 lambda state: _what_differs(state, run), rank=world.rank, device=device)
@@ -546,8 +549,6 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
         if state.epoch >= params.epochs:
             log(f"the checkpoint has trained all {params.epochs} epochs of {option('epochs', params.epochs)}: nothing "
                 "is left to train, and the model is written from the best of them")
-    else:
-        seed_rank(run.seed, world.rank)  # every process built the same network; its dropout masks are its own
     model = ddp(network, device) if world.distributed else network
     if params.compile:
         model = torch.compile(model)
