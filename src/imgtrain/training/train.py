@@ -294,7 +294,7 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
                          shared=world.local_size == world.size, barrier=world.barrier, log=log)
     train_feed, val_feed, bad = _feeders(run, caches, log)
     _describe(run, stepper, caches, log)
-    trackers = Trackers(tracking.open(output.name, _tracked_parameters(run), run.work), log)
+    trackers = Trackers(tracking.open(output.name, _tracked_parameters(run), run.work, state.history), log)
     try:
         result = _fit_and_publish(run, stepper, state, train_feed, val_feed, bad, files, caches, log, progress,
                                   trackers, overwrite=overwrite)
