@@ -229,10 +229,10 @@ class TrainingTransformation:
         fallback = functools.cache(fallback_size)
         final = decided or image_size or squares or resize or fallback()
         keeps_shape = squares is None and bool(random)
-        if squares is not None or not keeps_shape:
-            cached = squares or final
-        else:  # a slot for pictures of the Resize's size, or of their own size (where they are larger)
+        if keeps_shape:  # slots for pictures of the Resize's side, else of the size chosen from them or trained at
             cached = resize or max(final, fallback())
+        else:  # the fixed operations' squares, or, where nothing random follows, the training image itself
+            cached = squares or final
         return cls(fixed, random, inference, cached, final, keeps_shape)
 
     def preparation(self):

@@ -546,9 +546,6 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
         state.history = [EpochMetrics(**m) for m in saved["history"]]
         log(f"resuming {run.output} after epoch {state.epoch} from its checkpoint")
         _extend_schedule(schedule, optimizer, saved["parameters"].get("epochs"), params.epochs, state.epoch, log)
-        if state.epoch >= params.epochs:
-            log(f"the checkpoint has trained all {params.epochs} epochs of {option('epochs', params.epochs)}: nothing "
-                "is left to train, and the model is written from the best of them")
     model = ddp(network, device) if world.distributed else network
     if params.compile:
         model = torch.compile(model)
@@ -789,20 +786,21 @@ def _claim(work: Path, output: Path, *, resume: bool, restart: bool) -> None:
 
 
 def _extend_schedule(schedule, optimizer, old_epochs: int | None, epochs: int, done: int, log) -> None:
-    """Resuming with another number of epochs: the epochs left follow the schedule of a run of that many
-    epochs from where the checkpoint stands (the epochs done keep the schedule they had)."""
-    if old_epochs is None or old_epochs == epochs:
-        return
+    """Resuming after ``done`` epochs to ``epochs``: fewer is refused, as many leaves nothing to train (said),
+    and another number than the checkpoint's run had makes the epochs left follow the schedule of a run of that
+    many epochs from where the checkpoint stands (the epochs done keep the schedule they had)."""
     if epochs < done:
         raise NotInRangeValueError("epochs", epochs, f"[{done}, inf)",
                                    f"the checkpoint has trained {done} epochs already: pass at least {done}, "
                                    f"or {option('restart', True)}")
     if epochs == done:
-        return  # nothing left to train (``_model_and_state`` says so)
-    for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
-        group["lr"] = base * factor(schedule.last_epoch)
-    log(f"training on to {epochs} epochs instead of {old_epochs}: the epochs left follow the learning-rate "
-        f"schedule of a {epochs}-epoch run (so the weights differ from those of a fresh {epochs}-epoch run)")
+        log(f"the checkpoint has trained all {epochs} epochs of {option('epochs', epochs)}: nothing is left to "
+            "train, and the model is written from the best of them")
+    elif old_epochs is not None and old_epochs != epochs:
+        for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
+            group["lr"] = base * factor(schedule.last_epoch)
+        log(f"training on to {epochs} epochs instead of {old_epochs}: the epochs left follow the learning-rate "
+            f"schedule of a {epochs}-epoch run (so the weights differ from those of a fresh {epochs}-epoch run)")
 
 
 def _result_of(output: Path, *, already_complete: bool = False) -> TrainResult:
