@@ -71,6 +71,16 @@ def image_dirs(tmp_path_factory, labelled_folder) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def dropout_model(tmp_path_factory) -> Path:
+    """An untrained MobileNetV3-Small: dropout in its forward pass, so its weights depend on torch's generator."""
+    from imgtrain import image_model
+
+    untrained = tmp_path_factory.mktemp("dropout") / "untrained"
+    image_model(untrained, model_name="mobilenet_v3_small", pretrained=False)
+    return untrained
+
+
+@pytest.fixture(scope="session")
 def trained_model(tmp_path_factory, image_dirs) -> Path:
     """ResNet-18 trained 3 epochs, in fp32: the same model on every machine (auto is bf16 where it is native)."""
     from imgtrain import train_pytorch_model

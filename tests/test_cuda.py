@@ -39,6 +39,31 @@ def test_training_on_a_gpu_is_deterministic_and_resumes_exactly(tmp_path, image_
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
 
 
+def test_a_checkpoint_made_on_the_cpu_resumes_on_a_gpu_with_the_ranks_own_stream(tmp_path, image_dirs):
+    """A checkpoint made on CPUs holds no GPU stream: resumed on a GPU, the process draws its dropout masks from
+    its own stream, seeded by (seed, rank) as in a fresh run; each GPU drew the seed's masks, the same in every
+    process of a torchrun."""
+    from pathlib import Path
+
+    from imgtrain.distributed import ALONE
+    from imgtrain.seeding import seed_everything, seed_rank
+    from imgtrain.training.train import TrainingParameters, _model_and_state, _Run
+
+    d = image_dirs
+    args = {**TRAIN, "epochs": 2, "num_workers": 0, "precision": "fp32"}
+    with pytest.raises(Interrupt):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1),
+                            **{**args, "device": "cpu"})
+    run = _Run.of(Path(d["untrained"]), Path(d["train"]), Path(d["val"]), tmp_path / "m", TrainingParameters(**args),
+                  torch.device("cuda"), ALONE)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        seed_everything(run.seed)
+        _model_and_state(run, resume=True, log=lambda m: None)
+        resumed = torch.cuda.get_rng_state()
+        seed_rank(run.seed, 0)
+        assert torch.equal(resumed, torch.cuda.get_rng_state())
+
+
 def test_a_gpu_model_scores_on_the_cpu_as_on_the_gpu(tmp_path, image_dirs):
     d = image_dirs
     train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)

@@ -85,13 +85,9 @@ def test_two_processes_record_the_figures_of_one_process_evaluating_the_saved_we
 
 
 @pytest.fixture(scope="module")
-def with_dropout(tmp_path_factory, image_dirs) -> dict:
+def with_dropout(image_dirs, dropout_model) -> dict:
     """The data of ``image_dirs`` and an untrained MobileNetV3-Small: dropout in its forward pass."""
-    from imgtrain import image_model
-
-    untrained = tmp_path_factory.mktemp("dropout") / "untrained"
-    image_model(untrained, model_name="mobilenet_v3_small", pretrained=False)
-    return {**image_dirs, "untrained": untrained}
+    return {**image_dirs, "untrained": dropout_model}
 
 
 @pytest.fixture(scope="module")
@@ -345,30 +341,82 @@ def test_an_error_rank_0_finds_before_training_is_every_ranks(reference, image_d
     assert (reference / "model.safetensors").read_bytes() == before
 
 
-def test_ctrl_c_under_nproc_per_node_is_one_line_and_resumable(tmp_path, image_dirs):
-    d = image_dirs
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_under_nproc_per_node_is_one_line_resumable_and_ends_the_mlflow_run(tmp_path, image_dirs,
+                                                                                             monkeypatch, stop):
+    """Ctrl-C (SIGINT to the process group, from a terminal) or SIGTERM to the launcher (`kill`, a scheduler):
+    torchrun passes the signal on to the ranks, which unwind as one process does. The launcher says it in one
+    line (rank 0 said it too, after Ctrl-C); rank 0 ends its MLflow run as KILLED (after SIGTERM the ranks died
+    of the signal and left it RUNNING; Ctrl-C, which ended it so before, is run without MLflow, to save time)."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    d, store = image_dirs, (tmp_path / "mlruns").as_uri()
     log = tmp_path / "run.log"
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "imgtrain", "train", "--nproc-per-node", "2",
                                  "--untrained-model", d["untrained"], "--training-data", d["train"],
-                                 "--validation-data", d["val"], "--output", tmp_path / "m", *ARGS],
+                                 "--validation-data", d["val"], "--output", tmp_path / "m", *ARGS,
+                                 *(["--mlflow", store] if stop == "sigterm" else [])],
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             while proc.poll() is None and "epoch 1/" not in log.read_text():
                 time.sleep(0.05)
             assert proc.poll() is None, log.read_text()
-            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            if stop == "ctrl-c":
+                os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            else:
+                os.kill(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
         finally:
             _end(proc)
     text = log.read_text()
-    assert proc.returncode == 130, text
+    number, said = (signal.SIGINT, "interrupted") if stop == "ctrl-c" else (signal.SIGTERM, "terminated (SIGTERM)")
+    assert proc.returncode == 128 + number, text
     assert "Traceback" not in text
-    assert text.strip().splitlines()[-1] == ("error: interrupted; no output was written (re-run with --resume to "
-                                             "continue from the last epoch)")
+    line = f"error: {said}; no output was written (re-run with --resume to continue from the last epoch)"
+    assert text.strip().splitlines()[-1] == line and text.count(line) == 1, text
     assert not (tmp_path / "m").exists() and checkpoint_epoch(tmp_path / ".imgtrain-resume-m" /
                                                               "checkpoint.safetensors") >= 1
+    if stop == "sigterm":
+        client = MlflowClient(tracking_uri=store)
+        [run] = client.search_runs([client.get_experiment_by_name("imgtrain").experiment_id])
+        assert run.info.status == "KILLED"
+
+
+def test_rank_without_world_size_is_no_torchrun_world(tmp_path, image_dirs):
+    """RANK left in the environment by something else (a scheduler, a shell), without WORLD_SIZE: a run of one
+    process, as without it. It armed the parent-death signal (`RANK=0 nohup imgtrain train ... &` died with the
+    shell that started it) and left SIGTERM to its default (a silent death)."""
+    d, log = image_dirs, tmp_path / "run.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    # a shell that starts the run in the background (in a session of its own, as nohup ... & leaves it), then ends
+    shell = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; print(subprocess.Popen(sys.argv[2:], "
+                              "stdout=subprocess.DEVNULL, stderr=open(sys.argv[1], 'w'), start_new_session=True).pid, "
+                              "flush=True); sys.stdin.read()", log, sys.executable, "-m", "imgtrain", "train",
+                              "--untrained-model", d["untrained"], "--training-data", d["train"], "--validation-data",
+                              d["val"], "--output", tmp_path / "m", *ARGS, "--epochs", "40", "--patience", "40",
+                              "--batch-size", "8", "--precision", "fp32"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**env, "RANK": "0", "PYTHONUNBUFFERED": "1"})
+    pid = int(shell.stdout.readline())
+    try:
+        while _alive(pid) and "epoch 1/" not in log.read_text():
+            time.sleep(0.05)
+        shell.stdin.close()
+        shell.wait(timeout=10)
+        time.sleep(0.5)
+        assert _alive(pid), f"the run died with the shell that started it:\n{log.read_text()}"
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert log.read_text().strip().splitlines()[-1] == (
+        "error: terminated (SIGTERM); no output was written (re-run with --resume to continue from the last epoch)")
 
 
 def _alive(pid: int) -> bool:

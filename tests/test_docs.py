@@ -176,6 +176,10 @@ QUOTED = {
     "not an image imgtrain reads: TGA (it reads ...)":
         ("not an image imgtrain reads: TGA (it reads JPEG, PNG, PPM/PGM, BMP, TIFF and WebP)",
          "test_reliability.py::test_files_that_are_not_what_imgtrain_reads_are_named_as_what_they_are"),
+    "this one leaves 40 x 40: its CenterCrop makes 30 x 30, its Pad adds 10":
+        ("make a transformation that leaves 48 x 48 images instead (this one leaves 40 x 40: its CenterCrop makes "
+         "30 x 30, its Pad adds 10): init-image-transformation with --crop-size 38 and --size 38, its other "
+         "parameters as before", "test_transformation.py::test_a_size_hint_names_what_each_operation_makes"),
     "not an image imgtrain reads: EPS (it reads ...)":
         ("not an image imgtrain reads: EPS (it reads JPEG, PNG, PPM/PGM, BMP, TIFF and WebP)",
          "test_reliability.py::test_only_the_designers_formats_reach_a_decoder"),

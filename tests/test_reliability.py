@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import imgtrain.data.convert as convert_module
 import imgtrain.data.decode as decode_module
 from conftest import make_image, make_labelled_folder, run_cli
-from imgtrain import convert_to_image_directory, score_image_model, train_pytorch_model
+from imgtrain import convert_to_image_directory, init_image_transformation, score_image_model, train_pytorch_model
 from imgtrain.data.decode import load_rgb
 from imgtrain.directories.model_directory import load_model_spec
 from imgtrain.errors import (
@@ -41,6 +42,7 @@ from imgtrain.errors import (
     TrainingDivergedError,
     speaking_command_line,
 )
+from imgtrain.precision import resolve_precision
 from imgtrain.training.checkpoint import checkpoint_epoch
 
 DOCS = Path(__file__).parent.parent / "docs" / "reliability.md"
@@ -589,6 +591,28 @@ def test_resume_continues_exactly(tmp_path, image_dirs):
     assert not (tmp_path / ".imgtrain-resume-m").exists() and not (tmp_path / "m" / "checkpoint.safetensors").exists()
 
 
+def test_dropout_masks_depend_on_neither_the_data_workers_nor_a_resume(tmp_path, image_dirs, dropout_model):
+    """A network with dropout, its data decoded by worker processes that persist across epochs (as on a GPU, or
+    without the cache): the same weights as without workers, and a run interrupted and resumed ends as one that
+    was not. DataLoaders drew their workers' seeds from the generator dropout draws from."""
+    d = {**image_dirs, "untrained": dropout_model}
+    args = {**TRAIN, "epochs": 3, "precision": "fp32", "cache": False}
+
+    def run(name: str, workers: int, **kw):
+        return train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / name,
+                                   **{**args, "num_workers": workers, **kw})
+
+    reference = run("ref", 2, **QUIET)
+    alone = run("alone", 0, **QUIET)
+    with pytest.raises(Interrupt):
+        run("m", 2, log=_interrupt_after(1))
+    resumed = run("m", 2, resume=True, **QUIET)
+    weights = (reference.output / "model.safetensors").read_bytes()
+    for result in (resumed, alone):
+        assert [m.train_loss for m in result.history] == [m.train_loss for m in reference.history]
+        assert (result.output / "model.safetensors").read_bytes() == weights
+
+
 def test_resume_when_complete_changes_nothing(tmp_path, image_dirs):
     d = image_dirs
     train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
@@ -644,6 +668,17 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
                             **{**args, "image_size": None}, **QUIET)
     assert "made with other parameters: --image-size 32 then, no --image-size now. run with the same" in \
         str(refused.value)
+    # Each as the user gave it, with what it stood for: a precision auto, a transformation's operations; a parameter
+    # left at its default is said at it (class weights said "no --class-weights then").
+    auto, t = resolve_precision("auto", torch.device("cpu")), tmp_path / "t"
+    other = "fp32" if auto == "bf16" else "bf16"
+    init_image_transformation(t, size=32, center_crop=False, random_horizontal_flip=False)
+    with speaking_command_line(), pytest.raises(CheckpointMismatchError) as refused:
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, **QUIET,
+                            **{**args, "precision": other, "class_weights": "balanced", "transformation": t})
+    assert (f"made with other parameters: --precision auto ({auto}) then, --precision {other} now; --class-weights "
+            f"none then, --class-weights balanced now; no --transformation then, --transformation {t} (Resize 32) "
+            "now. run with") in str(refused.value)
     with pytest.raises(CheckpointMismatchError, match="other training data and validation data"):
         train_pytorch_model(d["untrained"], d["val"], d["train"], tmp_path / "m", resume=True, **args, **QUIET)
     # the checkpoint is still there, and the same command resumes it (without the cache: it goes)
@@ -653,6 +688,22 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
     assert sorted(f.name for f in (tmp_path / "m").iterdir()) == [
         "_meta.yaml", "index_to_label.csv", "metrics.csv", "metrics.jsonl", "model.safetensors", "model_spec.yaml",
         "report.html", "training_images.png"]
+
+
+def test_a_refused_resume_names_a_parameter_now_at_its_default(tmp_path, image_dirs):
+    """A checkpoint made with --class-weights balanced and an explicit precision, resumed with neither: both are
+    named, as given then and now (the default class weights left the difference unnamed: 'made with other
+    parameters (by another version of imgtrain?)')."""
+    d = image_dirs
+    auto = resolve_precision("auto", torch.device("cpu"))
+    other = "fp32" if auto == "bf16" else "bf16"
+    with pytest.raises(Interrupt):
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1),
+                            **{**TRAIN, "class_weights": "balanced", "precision": other})
+    with speaking_command_line(), pytest.raises(CheckpointMismatchError) as refused:
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, **TRAIN, **QUIET)
+    assert (f"made with other parameters: --precision {other} then, --precision auto ({auto}) now; --class-weights "
+            "balanced then, --class-weights none now. run with") in str(refused.value)
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path, image_dirs):
@@ -722,6 +773,35 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == (
         tmp_path / "reference" / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing piles up
+
+
+def test_sigterm_to_the_process_group_with_data_workers_is_one_line(tmp_path, image_dirs):
+    """SIGTERM to every process of the run at once, as GNU timeout, `kill -TERM -PGID`, systemd and SLURM send it,
+    while DataLoader workers persist (--no-cache): the one line and exit code 143 of a SIGTERM to the main process
+    alone (the workers died of the signal, and the main process raised 'DataLoader worker is killed by signal'
+    over its own unwinding, with two tracebacks and exit code 1)."""
+    d, log = image_dirs, tmp_path / "run.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", "train", "--untrained-model", d["untrained"],
+                                 "--training-data", d["train"], "--validation-data", d["val"], "--output",
+                                 tmp_path / "m", "--epochs", "40", "--patience", "40", "--batch-size", "8",
+                                 "--image-size", "32", "--precision", "fp32", "--num-workers", "2", "--no-cache"],
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            while proc.poll() is None and "epoch 1/" not in log.read_text():
+                time.sleep(0.02)
+            time.sleep(0.2)  # in epoch 2, its workers decoding
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, said
+    assert "Traceback" not in said and "Exception ignored" not in said, said
+    assert said.strip().splitlines()[-1] == ("error: terminated (SIGTERM); no output was written (re-run with "
+                                             "--resume to continue from the last epoch)")
 
 
 def test_a_run_in_progress_is_left_alone_and_a_dead_ones_pid_is_not_believed(tmp_path, image_dirs):

@@ -246,6 +246,23 @@ def test_true_labels_the_model_never_knew_are_named(tmp_path):
     assert metrics["unknown_true_labels"] == [] and not any("warning" in line for line in quiet)
 
 
+def test_labels_in_a_warning_are_shown_escaped_on_one_line(tmp_path):
+    """True labels that are empty, hold a line break or a terminal's escape sequence: the warning naming them stays
+    one line, shows each one's characters (the empty one as ''), and sends nothing to the terminal. The start of
+    a run that names classes without training images shows them alike."""
+    from imgtrain.training import balance
+
+    scored = _scored_csv(tmp_path / "scored", ["", "nl\nx", "\x1b[31mred", "dotted"], ["dotted"] * 4,
+                         ["dotted", "woven"])
+    r = run_cli("evaluate-model", "--scored-dataset", scored, "--output", tmp_path / "e")
+    [warning] = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert "3 of 4 scored images have a true label the model does not know ('', \\x1b[31mred, nl\\nx): " in warning
+    assert "\x1b" not in r.stderr
+    counts = np.array([0, 0, 3])
+    assert balance.describe(["", "a\tb", "c"], counts, counts) == (
+        "classes (training/validation images): '' 0/0, a\\tb 0/0, c 3/3; imbalance 1:1")
+
+
 def _designer_scored(folder, truth, predicted, labels, *, label_column="category"):
     """A scored DataFrameDirectory as the designer's Score Model writes it: Parquet only, no scored.csv."""
     import pyarrow as pa
@@ -309,6 +326,19 @@ def test_evaluate_reads_the_designers_scored_dataframe_directory(tmp_path):
                                                         "support": 2})
     assert "id 1" in (tmp_path / "eval" / "report.html").read_text()  # the rows are named by their ids
     run_cli("evaluate-model", "--scored-dataset", str(tmp_path / "scored"), "--output", str(tmp_path / "eval2"))
+
+
+def test_numeric_labels_of_a_designer_table_compare_alike_whatever_their_column_type(tmp_path):
+    """The designer's table may hold its truth as integers and its scored labels as floats: 0 and 0.0 are the
+    same label (the accuracy was 0, every "0" against "0.0"); a NaN true label is missing, a named error (it
+    became a class "nan", with a warning that the model did not know it)."""
+    _designer_scored(tmp_path / "mixed", [0, 0, 1, 1], [0.0, 1.0, 1.0, 1.0], ["0", "1"])
+    metrics = evaluate_model(tmp_path / "mixed", tmp_path / "e", **QUIET)
+    assert metrics["accuracy"] == 0.75 and metrics["confusion_matrix"]["labels"] == ["0", "1"]
+    assert metrics["unknown_true_labels"] == []
+    _designer_scored(tmp_path / "nan", [0.0, float("nan"), 1.0], [0.0, 1.0, 1.0], ["0", "1"])
+    with pytest.raises(InvalidDatasetError, match="data row 2 has no 'category'"):
+        evaluate_model(tmp_path / "nan", tmp_path / "e2", **QUIET)
 
 
 def test_unreadable_dataframe_directories_get_named_errors(tmp_path):

@@ -141,6 +141,23 @@ def test_denormals_are_flushed_in_every_thread_torch_computes_with():
     assert int((outside == 0).sum()) == 0  # and set back afterwards
 
 
+def test_ctrl_c_or_sigterm_while_the_flag_is_set_is_not_swallowed():
+    """The flag is set through a ctypes callback, which printed an exception raised in it and went on: Ctrl-C or
+    SIGTERM, raised by its handler inside the callback, was lost (or printed as 'Exception ignored on calling
+    ctypes callback function')."""
+    import threading
+
+    from imgtrain.precision import _in_every_openmp_thread
+    from imgtrain.process import Terminated
+
+    def interrupted() -> None:
+        if threading.current_thread() is threading.main_thread():
+            raise Terminated  # what the SIGTERM handler raises when the signal comes during the call
+
+    with pytest.raises(Terminated):
+        _in_every_openmp_thread(interrupted)
+
+
 _FAULTS_OF_LARGE_BUFFERS = """
 import resource, sys
 import torch

@@ -120,6 +120,36 @@ def test_sigterm_says_how_to_resume_and_the_resumed_run_goes_on_with_the_killed_
     assert not any("mlflow" in f.name for f in (tmp_path / "m").iterdir())  # its run's id stayed in the work folder
 
 
+def test_an_epoch_checkpointed_but_not_yet_logged_is_logged_on_resume(tmp_path, image_dirs, monkeypatch):
+    """Ctrl-C or SIGTERM between an epoch's checkpoint and its figures reaching MLflow (a call to a server, after
+    the checkpoint): the resumed run, which goes on after that epoch, logs its figures first, so that the MLflow
+    run has every epoch once (that epoch was missing from it for good)."""
+    from mlflow.tracking import MlflowClient
+
+    from imgtrain.training.tracking import MLflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    d, store = image_dirs, (tmp_path / "mlruns").as_uri()
+    logged = MLflow.epoch
+
+    def interrupted_at_epoch_1(self, metrics) -> None:
+        if metrics.epoch == 1:
+            raise KeyboardInterrupt  # as the signal's handler raises it in the middle of the call
+        logged(self, metrics)
+
+    args = {"epochs": 2, "batch_size": 8, "image_size": 32, "num_workers": 0, "mlflow": store, "log": lambda m: None}
+    with monkeypatch.context() as patched:
+        patched.setattr(MLflow, "epoch", interrupted_at_epoch_1)
+        with pytest.raises(KeyboardInterrupt):
+            train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **args)
+    result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, **args)
+    client = MlflowClient(tracking_uri=store)
+    [run] = client.search_runs([client.get_experiment_by_name("imgtrain").experiment_id])
+    history = sorted(client.get_metric_history(run.info.run_id, "validation_loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == [1, 2] and run.info.status == "FINISHED"
+    assert [m.value for m in history] == pytest.approx([m.validation_loss for m in result.history], rel=1e-6)
+
+
 @pytest.mark.parametrize("flag, extra", [("--mlflow", "mlflow"), ("--tensorboard", "tensorboard")])
 def test_a_missing_extra_is_one_line_before_any_work(tmp_path, image_dirs, flag, extra):
     """The package made unimportable, as on a machine without the extra: the run stops at once."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import re
 
 import pytest
@@ -235,17 +236,44 @@ def test_a_run_puts_back_the_torch_settings_it_changed(tmp_path, image_dirs):
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2:]
 
 
-def test_when_cublas_cannot_be_deterministic_it_is_said():
-    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it first runs: a run sets it before its own first use of the
-    GPU, and says plainly where that is too late (CUDA used before in the process) or the value is another."""
-    from imgtrain.seeding import cublas_nondeterminism
+def test_when_cublas_cannot_be_deterministic_it_is_said(monkeypatch):
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when it first runs: a GPU run sets it before its own first use
+    of the GPU, and says plainly, in every run it holds for, where that is too late (CUDA used before in the
+    process) or the value is another. What counts is what was set when CUDA was not yet in use, not what is set
+    now: a CPU run set it (so a later GPU run never warned), and a GPU run that warned set it for the next one
+    to be silent. (No GPU here: CUDA in use is said, as torch.cuda.is_initialized() would say it.)"""
+    from imgtrain import seeding
 
-    assert cublas_nondeterminism("cpu", {}, cuda_in_use=True) is None
-    assert cublas_nondeterminism("cuda", {}, cuda_in_use=False) is None  # the run sets it now
-    for value in (":4096:8", ":16:8"):
-        assert cublas_nondeterminism("cuda", {"CUBLAS_WORKSPACE_CONFIG": value}, cuda_in_use=True) is None
-    late = cublas_nondeterminism("cuda", {}, cuda_in_use=True)
-    assert late.startswith("CUDA was in use in this process before the run, without CUBLAS_WORKSPACE_CONFIG: ")
-    assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in late
-    other = cublas_nondeterminism("cuda", {"CUBLAS_WORKSPACE_CONFIG": ":0:0"}, cuda_in_use=False)
-    assert other.startswith("CUBLAS_WORKSPACE_CONFIG is ':0:0', with which cuBLAS does not compute deterministically")
+    def fresh_process(reads) -> None:  # the module's record, as imported with CUDA in use or not
+        monkeypatch.setattr(seeding, "_cublas_reads", reads, raising=False)
+        monkeypatch.setattr(seeding, "_set_here", None, raising=False)
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "to be removed")  # put back as it was after the test
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+
+    def warning(device: str, cuda_in_use: bool) -> str | None:
+        return cublas_nondeterminism(device, cublas_setting(device, cuda_in_use), cuda_in_use)
+
+    # A CPU run leaves it unset; the GPU used afterwards without it: the next GPU run says so.
+    fresh_process(None)
+    with seeding.torch_settings_restored("cpu", print):
+        seeding.seed_everything(1)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    from imgtrain.seeding import cublas_nondeterminism, cublas_setting
+
+    late = "CUDA was in use in this process before the run, without CUBLAS_WORKSPACE_CONFIG: "
+    assert warning("cuda", True).startswith(late)
+    # A notebook that used the GPU before imgtrain was imported: every GPU run says it, not the first alone.
+    fresh_process(seeding._UNSEEN)
+    assert warning("cuda", True).startswith(late) and "CUBLAS_WORKSPACE_CONFIG=:4096:8" in warning("cuda", True)
+    assert warning("cpu", True) is None
+    # A GPU run before anything used the GPU sets it in time, for every run after it.
+    fresh_process(None)
+    assert warning("cuda", False) is None and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert warning("cuda", True) is None
+    # Set by the user, after imgtrain was imported and before the GPU was used: that is what cuBLAS reads.
+    fresh_process(None)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    assert warning("cuda", True) is None
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    assert warning("cuda", False).startswith(
+        "CUBLAS_WORKSPACE_CONFIG is ':0:0', with which cuBLAS does not compute deterministically")

@@ -146,6 +146,30 @@ def test_the_sizes_a_transformation_makes():
         plan(96)
 
 
+def test_a_size_hint_names_what_each_operation_makes():
+    """The hint that says how to change a transformation to the size an architecture takes: where a Pad follows
+    the crop, it names what the crop makes and what the Pad adds (it said the CenterCrop made the padded size);
+    a RandomResizedCrop larger than the Resize before it needs no larger Resize (it resizes what it crops), a
+    CenterCrop does (it would pad the picture with black)."""
+    from imgtrain.data.transformation import ImageTransformation, TrainingTransformation
+    from imgtrain.errors import speaking_command_line
+
+    def hint(side: int, **params) -> str:
+        operations = ImageTransformation(random_horizontal_flip=False, **params).operations()
+        with speaking_command_line():
+            return TrainingTransformation.of(operations, None, lambda: 64).size_hint(side)
+
+    assert hint(48, size=30, crop_size=30, pad=True, padding=5) == (
+        "make a transformation that leaves 48 x 48 images instead (this one leaves 40 x 40: its CenterCrop makes "
+        "30 x 30, its Pad adds 10): init-image-transformation with --crop-size 38 and --size 38, its other "
+        "parameters as before")
+    assert hint(64, size=48, center_crop=False, random_resized_crop=True, random_size=40) == (
+        "make a transformation that leaves 64 x 64 images instead (this one's RandomResizedCrop makes 40 x 40): "
+        "init-image-transformation with --random-size 64, its other parameters as before")
+    assert hint(64, size=48, crop_size=40).endswith("(this one's CenterCrop makes 40 x 40): init-image-transformation "
+                                                    "with --crop-size 64 and --size 64, its other parameters as before")
+
+
 def test_random_operations_are_seeded_per_image_and_epoch():
     import random
 
@@ -424,3 +448,27 @@ def test_a_random_crop_crops_the_picture_anew_every_epoch(tmp_path, image_dirs):
     assert weights[0] == weights[1]
     assert "transformation " + str(tmp_path / "t") + ": nothing once (each picture in the shape they leave, " \
            "cached up to 8,192 pixels), RandomCrop every epoch; scoring applies nothing" in said
+
+
+def test_a_one_channel_grayscale_trains_alike_with_and_without_the_cache(tmp_path, image_dirs):
+    """["Grayscale", {"num_output_channels": 1}] (the designer's Init writes 3): every image it prepares is one
+    grey channel thrice, as Grayscale with 3 makes it, with the decoded-image cache or without it (the cache
+    refused the one-channel validation images with a ValueError and a traceback). The trained model scores."""
+    from imgtrain import score_image_model, train_pytorch_model
+    from imgtrain.data.transforms import Preparation
+    from imgtrain.directories.transformation_directory import Operation, write_transformation
+
+    fixed = [Operation("Resize", 40), Operation("Grayscale", {"num_output_channels": 1})]
+    d, results = image_dirs, []
+    x = Preparation(32, fixed).load(ImageDirectory.load(d["val"]).path(0))
+    assert x.shape == (3, 32, 32) and bool((x == x[0]).all())
+    (tmp_path / "t").mkdir()
+    write_transformation(tmp_path / "t", [*fixed, Operation("RandomCrop", 32)])
+    for cache in (True, False):
+        results.append(train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / f"m{cache}", epochs=2,
+                                           batch_size=8, num_workers=0, precision="fp32", cache=cache,
+                                           transformation=tmp_path / "t", log=lambda m: None))
+    assert [m.train_loss for m in results[0].history] == [m.train_loss for m in results[1].history]
+    assert [m.validation_loss for m in results[0].history] == [m.validation_loss for m in results[1].history]
+    scored = score_image_model(tmp_path / "mTrue", d["val"], tmp_path / "scored", log=lambda m: None)
+    assert scored.num_images == len(ImageDirectory.load(d["val"]))

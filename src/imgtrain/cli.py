@@ -7,17 +7,15 @@ Errors print one line, ``error: <Name>: <what is wrong>. <how to fix it>``, and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import os
-import re
 import signal
 import sys
 
 from imgtrain import __version__
-from imgtrain.errors import DISK_FULL, ImgtrainError, speaking_command_line
+from imgtrain.errors import DISK_FULL, ImgtrainError, escaped, speaking_command_line
 from imgtrain.models.names import DENSENET_DEFAULT, DENSENET_NAMES, RESNET_DEFAULT, RESNET_NAMES
-from imgtrain.process import LAUNCHER_PID, Terminated, die_with_launcher, sigterm_interrupts
+from imgtrain.process import LAUNCHER_PID, Terminated, die_with_launcher, launched_by_torchrun, rank, sigterm_interrupts
 
 # Each module's short name, beside the designer's.
 ALIASES = {"convert-to-image-directory": "convert", "split-image-directory": "split",
@@ -185,7 +183,7 @@ def _train(args) -> None:
                                  args.output, params, overwrite=args.overwrite, resume=args.resume,
                                  restart=args.restart, log=_Log(args.quiet), progress=_progress(args),
                                  tensorboard=args.tensorboard, mlflow=args.mlflow, log_every=args.log_every)
-    if _rank() != 0:
+    if rank() != 0:
         return  # rank 0 says it
     best = result.history[result.best_epoch - 1]
     summary = (f"best epoch {result.best_epoch} of {result.stopped_epoch}, validation loss "
@@ -194,11 +192,6 @@ def _train(args) -> None:
         _say(args, f"{result.output} is already complete ({summary}); nothing was changed")
     else:
         _say(args, f"Trained model written to {result.output} ({summary}); report: {result.output / 'report.html'}")
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 alone): read from the environment, without torch."""
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _start_torchrun(argv: list[str], processes: int) -> int:
@@ -251,7 +244,7 @@ def _score(args) -> None:
                                device=args.device, num_workers=args.num_workers, precision=args.precision,
                                on_bad_image=args.on_bad_image, top_k=args.top_k, threads=args.threads,
                                overwrite=args.overwrite, log=_Log(args.quiet), progress=_progress(args))
-    if _rank() != 0:
+    if rank() != 0:
         return  # rank 0 says it
     _say(args, f"Scored {result.num_images:,} images; scores written to {result.output / SCORED_FILE}")
 
@@ -691,8 +684,9 @@ def _stopped_by(number: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if "RANK" in os.environ:  # started by torchrun: end with it, even when it is killed with SIGKILL
-        die_with_launcher()
+    torchrun = launched_by_torchrun()
+    # A rank ends with its launcher, even one killed with SIGKILL; imgtrain's own launcher says how a run ended
+    launcher_speaks = die_with_launcher() if torchrun else False
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:
@@ -700,25 +694,24 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "nproc_per_node", None) is not None:
         if args.nproc_per_node < 1:
             parser.commands[args.command].error(f"argument --nproc-per-node: {args.nproc_per_node} is not >= 1")
-        if "RANK" not in os.environ:  # not started by torchrun yet
+        if not torchrun:
             return _start_torchrun(sys.argv[1:] if argv is None else list(argv), args.nproc_per_node)
     from imgtrain.progress import quiet
 
     try:
-        # SIGTERM unwinds as Ctrl-C does (torchrun's processes keep its default: torchrun ends them itself)
-        with speaking_command_line(), quiet(args.quiet), \
-                sigterm_interrupts() if "RANK" not in os.environ else contextlib.nullcontext():
+        # SIGTERM unwinds as Ctrl-C does, in torchrun's processes too (torchrun passes on the signal it gets)
+        with speaking_command_line(), quiet(args.quiet), sigterm_interrupts():
             args.func(args)
     except ImgtrainError as exc:
         if args.debug:
             raise
-        who = f"rank {_rank()}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        who = f"rank {rank()}: " if torchrun and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
         print(f"error: {who}{type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         number = exc.signal_number if isinstance(exc, Terminated) else signal.SIGINT
-        if _rank() != 0:
-            return 128 + number  # rank 0 and the launcher say it
+        if rank() != 0 or launcher_speaks:
+            return 128 + number  # rank 0, or the launcher, says it
         resumable = args.func is _train
         again = " (re-run with --resume to continue from the last epoch)" if resumable else ""
         print(f"error: {_stopped_by(number)}; no output was written{again}", file=sys.stderr)
@@ -740,5 +733,4 @@ def _one_line(exc: BaseException) -> str:
     """An error's text on one line, whatever it quotes (another library's message over several lines, a file
     name with a line break or a terminal's escape sequence in it): line breaks of every kind become spaces,
     other control characters their escapes."""
-    text = " ".join(part.strip() for part in str(exc).splitlines())
-    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text)
+    return escaped(" ".join(part.strip() for part in str(exc).splitlines()))

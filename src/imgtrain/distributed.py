@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from imgtrain import errors
 from imgtrain.errors import DistributedRunError, ImgtrainError, InvalidParameterError
-from imgtrain.process import die_with_launcher
+from imgtrain.process import die_with_launcher, launched_by_torchrun
 
 T = TypeVar("T")
 
@@ -146,10 +146,6 @@ class World:
 
 
 ALONE = World()  # one process, no process group
-
-
-def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
 def join_world(device: torch.device) -> World:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # OSError numbers that mean "free space, then try again"
 
@@ -40,6 +41,23 @@ def option(name: str, value: object = _NO_VALUE) -> str:
     if value is None:
         return f"no {flag}"
     return "--no-" + flag[2:] if value is False else f"{flag} {value}"
+
+
+def escaped(text: str) -> str:
+    """``text`` with its control characters as their escapes (``\\n``, ``\\x1b``): a message that quotes a name
+    from the user's files stays on its line and changes nothing of the terminal it is printed on."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text)
+
+
+def shown(name: str) -> str:
+    """A name from the user's data (a label, a class) as a message shows it: escaped, the empty one as ''."""
+    return escaped(name) if name else "''"
+
+
+def some(names: Sequence[str], at_most: int = 10) -> str:
+    """``cat, dog``, or the first few and how many more: ``a, b, ..., j and 28 more``; each name ``shown``."""
+    listed = ", ".join(shown(name) for name in names[:at_most])
+    return listed + (f" and {len(names) - at_most:,} more" if len(names) > at_most else "")
 
 
 class ImgtrainError(Exception):

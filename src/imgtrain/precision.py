@@ -92,8 +92,18 @@ def _in_every_openmp_thread(function) -> None:
         function()
         return
     parallel, region = found
+    stopped: list[BaseException] = []  # Ctrl-C or SIGTERM (raised by its handler) in this thread's call
+
+    def run(_) -> None:
+        try:
+            function()
+        except BaseException as exc:  # ctypes would print it and go on as if nothing had happened
+            stopped.append(exc)
+
     # A team as large as any this process is likely to have made: torch's default, or more where set since.
-    parallel(region(lambda _: function()), None, max(torch.get_num_threads(), torch_default_threads()), 0)
+    parallel(region(run), None, max(torch.get_num_threads(), torch_default_threads()), 0)
+    if stopped:
+        raise stopped[0]
 
 
 @functools.cache

@@ -41,8 +41,20 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def die_with_launcher() -> None:
-    """Under torchrun, end this process with SIGKILL when its launcher ends, however it ends.
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or a launcher like it) started this process as a rank of a run: RANK alone, left in the
+    environment by something else, is no world."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 alone), read from the environment, without torch."""
+    return int(os.environ.get("RANK", "0") or 0) if launched_by_torchrun() else 0
+
+
+def die_with_launcher() -> bool:
+    """Under torchrun, end this process with SIGKILL when its launcher ends, however it ends; return whether the
+    launcher is imgtrain's own (``--nproc-per-node``), which says how the run ended.
 
     torchrun starts each worker in a session of its own and ends them when it is stopped, but a
     launcher killed with SIGKILL (the OOM killer, a scheduler that gives up) passes nothing on: the
@@ -50,14 +62,14 @@ def die_with_launcher() -> None:
     with it; a launcher that died before the signal was asked for (its pid, from --nproc-per-node,
     is no longer the parent's) ends this process at once. Elsewhere, nothing.
     """
+    launcher = os.environ.pop(LAUNCHER_PID, None)  # this process's launcher, not that of any it starts
     if not sys.platform.startswith("linux"):
-        return
+        return launcher is not None
     import ctypes
 
     pr_set_pdeathsig = 1
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
-        return
-    launcher = os.environ.pop(LAUNCHER_PID, None)  # this process's launcher, not that of any it starts
-    if launcher is not None and launcher.isdigit() and os.getppid() != int(launcher):
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0 and launcher is not None \
+            and launcher.isdigit() and os.getppid() != int(launcher):
         os.kill(os.getpid(), signal.SIGKILL)
+    return launcher is not None

@@ -9,10 +9,24 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Callable, Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator
 
 CUBLAS_WORKSPACE_CONFIG = "CUBLAS_WORKSPACE_CONFIG"
 DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")  # the two settings with which cuBLAS computes deterministically
+_UNSEEN = object()
+
+
+def _cuda_in_use() -> bool:
+    """Whether CUDA has been used in this process (without importing torch: where it is not, it has not)."""
+    cuda = getattr(sys.modules.get("torch"), "cuda", None)
+    return cuda is not None and cuda.is_initialized()
+
+
+# The CUBLAS_WORKSPACE_CONFIG that cuBLAS reads when it first runs in this process, as cublas_setting tells
+# it (_UNSEEN: CUDA was in use before imgtrain was imported), and the value imgtrain set, if it did.
+_cublas_reads: str | None | object = _UNSEEN if _cuda_in_use() else os.environ.get(CUBLAS_WORKSPACE_CONFIG)
+_set_here: str | None = None
 
 
 def as_uint32(seed: int) -> int:
@@ -32,9 +46,7 @@ def seed_everything(seed: int) -> None:
     import torch
     random.seed(seed)
     np.random.seed(as_uint32(seed))
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    # cuBLAS needs this before its first use (a run sets it earlier still: torch_settings_restored).
-    os.environ.setdefault(CUBLAS_WORKSPACE_CONFIG, DETERMINISTIC_CUBLAS[0])
+    torch.manual_seed(seed)  # also seeds every CUDA device (cuBLAS's setting: torch_settings_restored)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -57,15 +69,32 @@ def seed_rank(seed: int, rank: int) -> None:
     torch.manual_seed(rank_seed(seed, rank))
 
 
-def cublas_nondeterminism(device_type: str, environ: Mapping[str, str], cuda_in_use: bool) -> str | None:
-    """Why cuBLAS may not compute deterministically in a run on ``device_type``, or None. cuBLAS takes its
-    workspace setting from CUBLAS_WORKSPACE_CONFIG when it first runs in a process: a run sets it before
-    its own first use (``torch_settings_restored``), which is too late where CUDA was in use before it."""
-    value = environ.get(CUBLAS_WORKSPACE_CONFIG)
-    if device_type != "cuda" or value in DETERMINISTIC_CUBLAS:
+def cublas_setting(device_type: str, cuda_in_use: bool) -> str | None:
+    """The CUBLAS_WORKSPACE_CONFIG cuBLAS computes with in this process, as far as can be told, for a run on
+    ``device_type`` that starts now; a GPU run sets it where unset, and it stays set.
+
+    cuBLAS reads it once, when it first runs. Where CUDA is not in use yet, that is what is set now. Where it
+    was in use before, what was set the last time imgtrain saw it not in use counts (it is not what imgtrain
+    set since: too late), unless someone else has set it since; where imgtrain came after CUDA, what is set
+    as the first run finds it (set from the start, or not at all)."""
+    global _cublas_reads, _set_here
+    now = os.environ.get(CUBLAS_WORKSPACE_CONFIG)
+    if device_type == "cuda" and now is None:  # in time where CUDA is not in use yet
+        os.environ[CUBLAS_WORKSPACE_CONFIG] = _set_here = DETERMINISTIC_CUBLAS[0]
+    if not cuda_in_use:
+        _cublas_reads = os.environ.get(CUBLAS_WORKSPACE_CONFIG)
+    elif _cublas_reads is _UNSEEN or (now is not None and now != _set_here):
+        _cublas_reads = now
+    return _cublas_reads
+
+
+def cublas_nondeterminism(device_type: str, setting: str | None, cuda_in_use: bool) -> str | None:
+    """Why cuBLAS may not compute deterministically in a run on ``device_type``, or None; ``setting``: the
+    CUBLAS_WORKSPACE_CONFIG it computes with (``cublas_setting``)."""
+    if device_type != "cuda" or setting in DETERMINISTIC_CUBLAS:
         return None
-    if value is not None:
-        return (f"{CUBLAS_WORKSPACE_CONFIG} is {value!r}, with which cuBLAS does not compute deterministically: "
+    if setting is not None:
+        return (f"{CUBLAS_WORKSPACE_CONFIG} is {setting!r}, with which cuBLAS does not compute deterministically: "
                 f"the same seed may give other weights; set it to {DETERMINISTIC_CUBLAS[0]} (or unset it)")
     if cuda_in_use:
         return (f"CUDA was in use in this process before the run, without {CUBLAS_WORKSPACE_CONFIG}: cuBLAS may "
@@ -83,17 +112,16 @@ def torch_settings_restored(device_type: str, log: Callable[[str], None]) -> Ite
     of python, numpy and torch's CPU come back, and the GPUs' where the process had used CUDA before.
 
     Before the run uses a GPU, CUBLAS_WORKSPACE_CONFIG is set (when unset) for cuBLAS to compute
-    deterministically; it stays set, since cuBLAS reads it once. Where determinism cannot hold (CUDA used
-    in this process before with it unset, or set to another value), ``log`` says so in a warning."""
+    deterministically; it stays set, since cuBLAS reads it once (a CPU run leaves it alone). Where
+    determinism cannot hold (CUDA used in this process before with it unset, or set to another value),
+    ``log`` says so in a warning, in every run of the process it holds for (``cublas_setting``)."""
     import numpy as np
     import torch
 
     cuda_in_use = torch.cuda.is_initialized()
-    problem = cublas_nondeterminism(device_type, os.environ, cuda_in_use)
+    problem = cublas_nondeterminism(device_type, cublas_setting(device_type, cuda_in_use), cuda_in_use)
     if problem:
         log(f"warning: {problem}")
-    if device_type == "cuda":
-        os.environ.setdefault(CUBLAS_WORKSPACE_CONFIG, DETERMINISTIC_CUBLAS[0])
     flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),

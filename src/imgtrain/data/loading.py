@@ -8,6 +8,8 @@ non-blocking copies, so that augmentation never starves the GPU.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,10 +25,25 @@ CACHE_PREFIX = "cache-"
 def make_loader(images: ImageDataset, *, batch_size: int, workers: int, device: torch.device,
                 sampler: SeededSampler | None = None, drop_last: bool = False,
                 persistent: bool = False) -> DataLoader:
-    """A DataLoader as imgtrain runs them: pinned memory for a GPU, four batches ahead per worker."""
+    """A DataLoader as imgtrain runs them: pinned memory for a GPU, four batches ahead per worker.
+
+    Its workers' seeds come from a generator of its own: a DataLoader draws them from torch's global one
+    otherwise, whenever an iteration starts (each epoch without workers, once with persistent ones), and
+    that is the stream a run's dropout masks come from (seeding.seed_rank), which then depended on the
+    number of workers, the cache and where a run was resumed. Nothing of imgtrain draws from the
+    workers' seeds: augmentation is seeded per image (SeededSampler)."""
     return DataLoader(images, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       persistent_workers=persistent and workers > 0, pin_memory=device.type == "cuda",
-                      drop_last=drop_last, prefetch_factor=4 if workers else None)
+                      drop_last=drop_last, prefetch_factor=4 if workers else None,
+                      generator=torch.Generator().manual_seed(0), worker_init_fn=_end_quietly_on_sigterm)
+
+
+def _end_quietly_on_sigterm(worker: int) -> None:
+    """A worker process ends quietly on SIGTERM, whoever sends it. torch's workers end so only when their own
+    process sends it; from anyone else (``kill`` of the process group, GNU timeout, systemd, SLURM: every
+    process at once) they died of the signal, and the main process, unwinding from its own SIGTERM, raised
+    'DataLoader worker is killed by signal' over it, with tracebacks. The main process says why it stopped."""
+    signal.signal(signal.SIGTERM, lambda number, frame: os._exit(0))
 
 
 class Feeder:

@@ -229,10 +229,10 @@ class TrainingTransformation:
         fallback = functools.cache(fallback_size)
         final = decided or image_size or squares or resize or fallback()
         keeps_shape = squares is None and bool(random)
-        if squares is not None or not keeps_shape:
-            cached = squares or final
-        else:  # a slot for pictures of the Resize's size, or of their own size (where they are larger)
+        if keeps_shape:  # slots for pictures of the Resize's side, else of the size chosen from them or trained at
             cached = resize or max(final, fallback())
+        else:  # the fixed operations' squares, or, where nothing random follows, the training image itself
+            cached = squares or final
         return cls(fixed, random, inference, cached, final, keeps_shape)
 
     def preparation(self):
@@ -256,15 +256,18 @@ class TrainingTransformation:
         if now is None or not sizing:
             return None
         last = sizing[-1]
-        op, needed = operations[last], side - (square_side(operations[last + 1:], 0) or 0)  # less any padding
-        change = f"make a transformation that leaves {side} x {side} images instead (this one's {op.name} makes " \
-                 f"{now} x {now})"
+        op, padding = operations[last], square_side(operations[last + 1:], 0) or 0  # what a Pad after it adds
+        needed = side - padding
+        made = (f"this one leaves {now} x {now}: its {op.name} makes {now - padding} x {now - padding}, its Pad "
+                f"adds {padding}") if padding else f"this one's {op.name} makes {now} x {now}"
+        change = f"make a transformation that leaves {side} x {side} images instead ({made})"
         if needed < 1:
             return change
         flags = {_INIT_FLAGS[op.name]: needed}
         resize = next((o for o in operations[:last] if o.name == "Resize"), None)
-        if op.name != "Resize" and resize is not None and isinstance(_size(resize), int) and _size(resize) < needed:
-            flags["size"] = needed  # a crop larger than the resized picture would be padded with black
+        if op.name in ("CenterCrop", "RandomCrop") and resize is not None and isinstance(_size(resize), int) \
+                and _size(resize) < needed:
+            flags["size"] = needed  # a crop larger than the resized picture would be padded with black (or refused)
         return (f"{change}: init-image-transformation with "
                 f"{' and '.join(option(name, value) for name, value in flags.items())}, its other parameters as before")
 

@@ -27,6 +27,12 @@ def prepare(image: Image.Image, image_size: int) -> torch.Tensor:
     return v2.functional.pil_to_tensor(squashed(image, image_size))
 
 
+def three_channels(x: torch.Tensor) -> torch.Tensor:
+    """A uint8 CHW tensor with one channel (a transformation's ["Grayscale", {"num_output_channels": 1}]) as the
+    three the networks take, each that grey, as Grayscale with 3 makes them; others as they are."""
+    return x.expand(3, *x.shape[1:]).contiguous() if x.shape[0] == 1 else x
+
+
 def squash(x: torch.Tensor, size: int) -> torch.Tensor:
     """A uint8 CHW tensor resized to size x size, unless it is already."""
     if tuple(x.shape[-2:]) == (size, size):
@@ -61,7 +67,7 @@ class Preparation:
             return prepare(image, self.size)
         x = v2.functional.pil_to_tensor(image)
         if self.steps is not None:
-            x = self.steps(x)
+            x = three_channels(self.steps(x))
         return x if self.keep_shape else squash(x, self.size)
 
     def load(self, path) -> torch.Tensor:
@@ -100,7 +106,7 @@ class RandomOperations:
         state = generator.get_state()
         generator.manual_seed(rng.getrandbits(63))
         try:
-            return squash(self.steps(x), self.size)
+            return squash(three_channels(self.steps(x)), self.size)
         finally:
             generator.set_state(state)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgtrain.errors import some
 from imgtrain.reports import plots
 from imgtrain.reports.page import Page, figure_png
 
@@ -42,17 +43,12 @@ def _find(image: str, root: Path | None) -> Path | None:
     return candidate if candidate.is_absolute() and candidate.is_file() else None
 
 
-def listed(labels: list[str], shown: int = 10) -> str:
-    """The first ``shown`` labels, and how many more."""
-    return ", ".join(labels[:shown]) + (f" and {len(labels) - shown:,} more" if len(labels) > shown else "")
-
-
 def unknown_labels_note(metrics: dict) -> str:
     """What the true labels the model does not know mean for the figures, in a sentence naming them."""
     unknown = metrics["unknown_true_labels"]
     images = sum(metrics["per_class"][label]["support"] for label in unknown)
     return (f"{images:,} of {metrics['num_images']:,} scored images have a true label the model does not know "
-            f"({listed(unknown)}): the model can never give it, so they all count as errors; evaluate a model "
+            f"({some(unknown)}): the model can never give it, so they all count as errors; evaluate a model "
             "trained on these classes, or check that the images were scored by the model meant")
 
 
@@ -88,7 +84,7 @@ def evaluation_page(metrics: dict, mistakes: list[Mistake], title: str = "Evalua
     absent = [label for label in labels if label not in averaged]
     page.paragraph(f"Macro figures are the unweighted mean over the {len(averaged):,} classes among the true or the "
                    "predicted labels (scikit-learn's default)" + (
-                       f"; the model's {len(absent):,} other classes ({listed(absent)}) have no image here and were "
+                       f"; the model's {len(absent):,} other classes ({some(absent)}) have no image here and were "
                        "never given." if absent else "."), css="note")
     if metrics.get("unknown_true_labels"):
         page.paragraph(f"Warning: {unknown_labels_note(metrics)}.")

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from imgtrain.errors import shown
+
 BEST, STOPPED = "#2ca02c", "#d62728"  # the best epoch's line, and the early stop's
 
 
@@ -63,6 +65,7 @@ def confusion(counts: np.ndarray, normalised: np.ndarray, labels: Sequence[str])
     """The confusion matrix, coloured by the share of each true class, with counts written in (30 classes or fewer)."""
     import matplotlib
 
+    labels = [shown(label) for label in labels]  # a line break or an escape sequence as its characters, '' visible
     with matplotlib.rc_context({"text.parse_math": False}):  # a label like "$5_to_$10" is text, not TeX
         n = len(labels)
         side = min(20, max(4, 0.5 * n + 2))
@@ -105,6 +108,7 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], columns: int
         picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
                                  Image.NEAREST if scale >= 2 else Image.BILINEAR)
         sheet.paste(picture, (x + (cell - picture.width) // 2, y + title))
+        name = shown(name)
         text = name if len(name) <= 16 else name[:15] + "…"
         draw.text((x + cell // 2, y + title // 2), text, fill="black", font=font, anchor="mm")
     out = io.BytesIO()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,10 +71,10 @@ def read_scored(scored: Path) -> ScoredTable:
     n = len(columns[scored_label])
     if not n:
         raise InvalidDatasetError(f"{path} holds no rows", hint)
-    for name in (label_column, scored_label):
-        if None in columns[name]:
-            raise InvalidDatasetError(f"{path}: data row {columns[name].index(None) + 1} has no {name!r}", hint)
-    truth, predicted = [str(v) for v in columns[label_column]], [str(v) for v in columns[scored_label]]
+    truth, predicted = ([_label(v) for v in columns[name]] for name in (label_column, scored_label))
+    for name, values in ((label_column, truth), (scored_label, predicted)):
+        if None in values:
+            raise InvalidDatasetError(f"{path}: data row {values.index(None) + 1} has no {name!r}", hint)
     labels = [h[len(PROBABILITY_PREFIX):] for h in columns if h.startswith(PROBABILITY_PREFIX)]
     if "image" in columns:
         images = [str(v or "") for v in columns["image"]]
@@ -83,6 +84,18 @@ def read_scored(scored: Path) -> ScoredTable:
     return ScoredTable(truth, predicted, labels, images, np.array(confidence),
                        [str(v) for v in columns[ORIGINAL_COLUMN]] if ORIGINAL_COLUMN in columns else None,
                        _image_root(path.parent))
+
+
+def _label(value) -> str | None:
+    """A label as a table holds it, as text: numbers the same whichever type their column has (the designer's
+    tables hold an integer truth column beside float scored labels), an integral float as its integer; NaN, as
+    None, is missing."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return str(int(value))
+    return None if value is None else str(value)
 
 
 def _csv_columns(path: Path, hint: str) -> dict[str, list]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from imgtrain.errors import shown
+
 SHOWN = 12  # classes listed one by one at the start of a run; with more, the range
 IMBALANCED = 3.0  # the largest class over the smallest from which the start of a run suggests balancing
 
@@ -37,11 +39,6 @@ def without_images(labels: list[str], counts: np.ndarray) -> list[str]:
     return [label for label, n in zip(labels, counts, strict=True) if n == 0]
 
 
-def some(labels: list[str], shown: int = SHOWN) -> str:
-    """``cat, dog``, or the first few: ``a, b, ..., l and 28 more``."""
-    return ", ".join(labels[:shown]) + (f" and {len(labels) - shown:,} more" if len(labels) > shown else "")
-
-
 def ratio(x: float) -> str:
     """1.5, 20, 1,234: a ratio as people write it, never in scientific notation."""
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
@@ -50,14 +47,15 @@ def ratio(x: float) -> str:
 def describe(labels: list[str], training: np.ndarray, validation: np.ndarray) -> str:
     """``classes (training/validation images): cat 900/100, dog 90/10; imbalance 10:1``."""
     if len(labels) <= SHOWN:
-        listed = ", ".join(f"{label} {t:,}/{v:,}" for label, t, v in zip(labels, training, validation, strict=True))
+        listed = ", ".join(f"{shown(label)} {t:,}/{v:,}"
+                           for label, t, v in zip(labels, training, validation, strict=True))
         text = f"classes (training/validation images): {listed}"
     else:
         present = np.flatnonzero(training > 0)
         low, high = present[np.argmin(training[present])], int(np.argmax(training))
         empty = len(labels) - len(present)
-        text = (f"{len(labels):,} classes: from {training[low]:,} training images ({labels[low]}) to "
-                f"{training[high]:,} ({labels[high]})" + (f", {empty:,} with none" if empty else ""))
+        text = (f"{len(labels):,} classes: from {training[low]:,} training images ({shown(labels[low])}) to "
+                f"{training[high]:,} ({shown(labels[high])})" + (f", {empty:,} with none" if empty else ""))
     return f"{text}; imbalance {ratio(imbalance(training))}:1"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,23 +93,15 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     write_safetensors(tensors, path, metadata={"state": json.dumps(meta)})
 
 
-def _what_differs(meta: dict, parameters: dict | None) -> str:
-    """': --learning-rate 0.001 then, 0.01 now' for the parameters that differ (when the checkpoint says)."""
-    before = meta.get("parameters")
-    if not isinstance(before, dict) or parameters is None:
-        return ""
-    changed = [f"{option(name, before.get(name))} then, {option(name, parameters[name])} now"
-               for name in parameters if before.get(name) != parameters[name]]
-    return ": " + "; ".join(changed) if changed else " (by another version of imgtrain?)"
-
-
 def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, parameters: dict | None = None, *,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    differences: Callable[[dict], str] = lambda state: "", *,
                     rank: int = 0, device: torch.device | None = None) -> dict:
     """Restore model, optimizer, scheduler and random states (those of process ``rank``, whose GPU is
     ``device`` if any); return the JSON state.
 
-    Refuses, naming what differs, a checkpoint whose run had other data or parameters.
+    Refuses a checkpoint whose run had other data or parameters, naming which, and what ``differences``
+    (given the checkpoint's JSON state) says of them: ': --learning-rate 0.001 then, ... now'.
     """
     try:
         check_regular(path)
@@ -122,7 +115,7 @@ def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimi
             f"run with {option('restart', True)} to start again") from None
     if differ:
         raise CheckpointMismatchError(
-            f"the checkpoint {path} was made with other {' and '.join(differ)}{_what_differs(meta, parameters)}",
+            f"the checkpoint {path} was made with other {' and '.join(differ)}{differences(meta)}",
             f"run with the same data and parameters to resume, or with {option('restart', True)} to start again")
     load_weights(model, {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     skeleton = meta.pop("optimizer")

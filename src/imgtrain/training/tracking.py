@@ -77,10 +77,12 @@ class MLflow:
     MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID names one; the run is named after the output.
 
     The run's id is kept in the work directory (``MLFLOW_RUN_FILE``, in ``work``): a run resumed from its
-    checkpoint goes on with the same MLflow run. An interrupted run ends as KILLED, a failed one as FAILED."""
+    checkpoint goes on with the same MLflow run, first logging the epochs of the checkpoint's ``history`` it
+    lacks (a run stopped after an epoch's checkpoint, before its figures reached MLflow). An interrupted run
+    ends as KILLED, a failed one as FAILED."""
 
     def __init__(self, uri: str | None, run_name: str, parameters: dict, every: int = DEFAULT_EVERY,
-                 work: Path | None = None) -> None:
+                 work: Path | None = None, history: list[EpochMetrics] = ()) -> None:
         mlflow = _require("mlflow", "mlflow", "mlflow")
         import logging
 
@@ -93,9 +95,16 @@ class MLflow:
         if not (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
             mlflow.set_experiment("imgtrain")
         saved = work / MLFLOW_RUN_FILE if work is not None else None
-        self.run = self._resumed(saved) or mlflow.start_run(run_name=run_name)
+        resumed = self._resumed(saved)
+        self.run = resumed or mlflow.start_run(run_name=run_name)
         logged = self.run.data.params
         mlflow.log_params({k: str(v)[:500] for k, v in parameters.items() if k not in logged})  # MLflow's stay
+        if resumed is not None and history:
+            run_id = self.run.info.run_id
+            done = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "validation_loss")}
+            for metrics in history:
+                if metrics.epoch not in done:
+                    self.epoch(metrics)
         if saved is not None:
             with atomic_file(saved) as tmp:
                 tmp.write_text(self.run.info.run_id + "\n", encoding="utf-8")
@@ -175,12 +184,14 @@ class Tracking:
         if self.mlflow:
             _require("mlflow", "mlflow", "mlflow")
 
-    def open(self, run_name: str, parameters: dict, work: Path | None = None) -> list[Tracker]:
-        """The trackers of a run; ``work``: its work directory (where MLflow keeps its run's id for a resume)."""
+    def open(self, run_name: str, parameters: dict, work: Path | None = None,
+             history: list[EpochMetrics] = ()) -> list[Tracker]:
+        """The trackers of a run; ``work``: its work directory (where MLflow keeps its run's id for a resume),
+        ``history``: the epochs a resumed run's checkpoint has done."""
         trackers: list[Tracker] = []
         if self.tensorboard is not None:
             trackers.append(TensorBoard(Path(self.tensorboard), self.every))
         if self.mlflow:
             trackers.append(MLflow(self.mlflow if isinstance(self.mlflow, str) else None, run_name, parameters,
-                                   self.every, work))
+                                   self.every, work, history))
         return trackers

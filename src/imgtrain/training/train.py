@@ -81,6 +81,7 @@ from imgtrain.errors import (
     check_choice,
     check_range,
     option,
+    some,
 )
 from imgtrain.models.registry import (
     IMAGENET_MEAN,
@@ -293,7 +294,7 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
                          shared=world.local_size == world.size, barrier=world.barrier, log=log)
     train_feed, val_feed, bad = _feeders(run, caches, log)
     _describe(run, stepper, caches, log)
-    trackers = Trackers(tracking.open(output.name, _tracked_parameters(run), run.work), log)
+    trackers = Trackers(tracking.open(output.name, _tracked_parameters(run), run.work, state.history), log)
     try:
         result = _fit_and_publish(run, stepper, state, train_feed, val_feed, bad, files, caches, log, progress,
                                   trackers, overwrite=overwrite)
@@ -401,6 +402,12 @@ class _Run:
         return resume_dir_for(self.output)
 
     @property
+    def asked(self) -> dict:
+        """The parameters the result depends on as the user gave them (a precision auto, a transformation's
+        path), recorded in checkpoints to say what differs in a refused resume."""
+        return {k: v for k, v in asdict(self.params).items() if k not in _FREE_PARAMETERS}
+
+    @property
     def checkpoint(self) -> Path:
         return self.work / CHECKPOINT_FILE
 
@@ -460,6 +467,34 @@ def _resumable(run_parameters: dict) -> dict:
     return {k: v for k, v in run_parameters.items() if k != "epochs"}  # the number of epochs may grow
 
 
+def _what_differs(state: dict, run: _Run) -> str:
+    """': --precision auto (fp32) then, --precision auto (bf16) now' for the parameters a checkpoint (its JSON
+    ``state``) was made with that differ from this run's: each as the user gave it, and what it stood for where
+    that is something else (a precision auto, a transformation's operations); one left at its default, at it."""
+    before = state.get("parameters")
+    if not isinstance(before, dict):
+        return ""
+    asked_then = state.get("asked") if isinstance(state.get("asked"), dict) else {}  # none in older checkpoints
+    before, now = _resumable(before), _resumable(run.run_parameters)
+    changed = []
+    for name in [*now, *(name for name in before if name not in now)]:
+        then_value, now_value = (values.get(name, _LATER_DEFAULTS.get(name)) for values in (before, now))
+        if then_value != now_value:
+            changed.append(f"{_as_given(name, asked_then.get(name, then_value), then_value)} then, "
+                           f"{_as_given(name, run.asked.get(name, now_value), now_value)} now")
+    return ": " + "; ".join(changed) if changed else " (by another version of imgtrain?)"
+
+
+def _as_given(name: str, given: object, value: object) -> str:
+    """A parameter as the user gave it, with what it stood for where that is something else."""
+    if given == value:
+        return option(name, given)
+    if name == "transformation" and isinstance(value, list):
+        value = ", ".join(f"{op[0]} {json.dumps(op[1])}" if op[1] != {} else str(op[0]) for op in value) \
+            or "no operation"
+    return f"{option(name, given)} ({value})"
+
+
 def _take_work_directory(run: _Run, *, overwrite: bool, resume: bool, restart: bool, log) -> str:
     """Rank 0: 'complete' when the output is there already, 'published' when it waited in the work
     directory and is moved into place now, else 'train' (the work directory is this run's)."""
@@ -494,9 +529,12 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
         optimizer, _warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
     state = Fit(params.epochs, EarlyStopping(params.patience))
+    # Every process built the same network; its dropout masks are its own. A checkpoint's streams replace these:
+    # its GPU's too, where it holds one (one made on CPUs holds none, and each GPU then drew the seed's masks).
+    seed_rank(run.seed, world.rank)
     if resume and run.checkpoint.is_file():
         saved = load_checkpoint(run.checkpoint, run.run_id, network, optimizer, schedule,
-                                _resumable(run.run_parameters), rank=world.rank, device=device)
+                                lambda state: _what_differs(state, run), rank=world.rank, device=device)
         done_by = saved.get("world_size", 1)
         if done_by != world.size:
             raise CheckpointMismatchError(
@@ -508,11 +546,6 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
         state.history = [EpochMetrics(**m) for m in saved["history"]]
         log(f"resuming {run.output} after epoch {state.epoch} from its checkpoint")
         _extend_schedule(schedule, optimizer, saved["parameters"].get("epochs"), params.epochs, state.epoch, log)
-        if state.epoch >= params.epochs:
-            log(f"the checkpoint has trained all {params.epochs} epochs of {option('epochs', params.epochs)}: nothing "
-                "is left to train, and the model is written from the best of them")
-    else:
-        seed_rank(run.seed, world.rank)  # every process built the same network; its dropout masks are its own
     model = ddp(network, device) if world.distributed else network
     if params.compile:
         model = torch.compile(model)
@@ -524,7 +557,8 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
                       device, run.precision, params.learning_rate, Threads(params.threads, log), world,
                       loss_fn=nn.CrossEntropyLoss(weight=training if params.class_weights == "balanced" else None),
                       validation_weights=validation if params.balanced else None)
-    files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters, device)
+    files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters, run.asked,
+                      device)
     return stepper, state, files
 
 
@@ -578,7 +612,7 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
     empty = balance.without_images(run.train_set.categories, training)
     if empty:
         log(f"warning: {len(empty):,} of the {len(training):,} classes have no images in the training data "
-            f"{run.training_data} ({balance.some(empty)}): the model learns never to answer them; give them "
+            f"{run.training_data} ({some(empty)}): the model learns never to answer them; give them "
             "training images, or leave them out of the data")
     both = f"{option('class_weights', 'balanced')} and {option('sampler', 'balanced')}"
     if params.class_weights == "balanced" and params.sampler == "balanced":
@@ -675,6 +709,7 @@ class _RunFiles:
     scaler: torch.amp.GradScaler
     run_id: dict
     run_parameters: dict
+    asked: dict
     device: torch.device
 
     def save_best(self, network: nn.Module) -> None:
@@ -687,7 +722,7 @@ class _RunFiles:
             return
         _write_metrics(self.work / METRICS_FILE, history)
         save_checkpoint(self.work / CHECKPOINT_FILE, self.network, self.optimizer, self.schedule, {
-            "run_id": self.run_id, "parameters": self.run_parameters, "epoch": epoch,
+            "run_id": self.run_id, "parameters": self.run_parameters, "asked": self.asked, "epoch": epoch,
             "early_stopping": asdict(stopper), "history": [asdict(m) for m in history],
             "scaler": self.scaler.state_dict(), "world_size": self.world.size}, generators)
 
@@ -751,20 +786,21 @@ def _claim(work: Path, output: Path, *, resume: bool, restart: bool) -> None:
 
 
 def _extend_schedule(schedule, optimizer, old_epochs: int | None, epochs: int, done: int, log) -> None:
-    """Resuming with another number of epochs: the epochs left follow the schedule of a run of that many
-    epochs from where the checkpoint stands (the epochs done keep the schedule they had)."""
-    if old_epochs is None or old_epochs == epochs:
-        return
+    """Resuming after ``done`` epochs to ``epochs``: fewer is refused, as many leaves nothing to train (said),
+    and another number than the checkpoint's run had makes the epochs left follow the schedule of a run of that
+    many epochs from where the checkpoint stands (the epochs done keep the schedule they had)."""
     if epochs < done:
         raise NotInRangeValueError("epochs", epochs, f"[{done}, inf)",
                                    f"the checkpoint has trained {done} epochs already: pass at least {done}, "
                                    f"or {option('restart', True)}")
     if epochs == done:
-        return  # nothing left to train (``_model_and_state`` says so)
-    for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
-        group["lr"] = base * factor(schedule.last_epoch)
-    log(f"training on to {epochs} epochs instead of {old_epochs}: the epochs left follow the learning-rate "
-        f"schedule of a {epochs}-epoch run (so the weights differ from those of a fresh {epochs}-epoch run)")
+        log(f"the checkpoint has trained all {epochs} epochs of {option('epochs', epochs)}: nothing is left to "
+            "train, and the model is written from the best of them")
+    elif old_epochs is not None and old_epochs != epochs:
+        for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
+            group["lr"] = base * factor(schedule.last_epoch)
+        log(f"training on to {epochs} epochs instead of {old_epochs}: the epochs left follow the learning-rate "
+            f"schedule of a {epochs}-epoch run (so the weights differ from those of a fresh {epochs}-epoch run)")
 
 
 def _result_of(output: Path, *, already_complete: bool = False) -> TrainResult:
