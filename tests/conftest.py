@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,25 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None) -> subproce
     if check and result.returncode != 0:
         raise AssertionError(f"imgtrain {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@contextlib.contextmanager
+def training_in_background(log: Path, *args) -> Iterator[subprocess.Popen]:
+    """`imgtrain train ARGS` in a session of its own, its stderr in ``log``, yielded once it has logged epoch 1
+    (still running); killed with its whole process group at the end if it runs on."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", "train", *map(str, args)],
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        while proc.poll() is None and "epoch 1/" not in log.read_text():
+            time.sleep(0.02)
+        assert proc.poll() is None, log.read_text()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

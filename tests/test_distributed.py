@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import training_in_background
 from imgtrain import load_trained_model
 from imgtrain.data.dataset import ImageDataset, SeededSampler
 from imgtrain.data.transforms import Normalize
@@ -353,24 +354,14 @@ def test_ctrl_c_or_sigterm_under_nproc_per_node_is_one_line_resumable_and_ends_t
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     d, store = image_dirs, (tmp_path / "mlruns").as_uri()
     log = tmp_path / "run.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", "train", "--nproc-per-node", "2",
-                                 "--untrained-model", d["untrained"], "--training-data", d["train"],
-                                 "--validation-data", d["val"], "--output", tmp_path / "m", *ARGS,
-                                 *(["--mlflow", store] if stop == "sigterm" else [])],
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            while proc.poll() is None and "epoch 1/" not in log.read_text():
-                time.sleep(0.05)
-            assert proc.poll() is None, log.read_text()
-            if stop == "ctrl-c":
-                os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-            else:
-                os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-        finally:
-            _end(proc)
+    with training_in_background(log, "--nproc-per-node", "2", "--untrained-model", d["untrained"], "--training-data",
+                                d["train"], "--validation-data", d["val"], "--output", tmp_path / "m", *ARGS,
+                                *(["--mlflow", store] if stop == "sigterm" else [])) as proc:
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
     text = log.read_text()
     number, said = (signal.SIGINT, "interrupted") if stop == "ctrl-c" else (signal.SIGTERM, "terminated (SIGTERM)")
     assert proc.returncode == 128 + number, text
@@ -434,17 +425,10 @@ def test_killing_the_launcher_with_sigkill_ends_its_workers(tmp_path, image_dirs
     d = image_dirs
     log = tmp_path / "run.log"
     ranks: list[int] = []
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", "train", "--nproc-per-node", "2",
-                                 "--untrained-model", d["untrained"], "--training-data", d["train"],
-                                 "--validation-data", d["val"], "--output", tmp_path / "m", *ARGS, "--epochs", "40",
-                                 "--patience", "40"],
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with training_in_background(log, "--nproc-per-node", "2", "--untrained-model", d["untrained"], "--training-data",
+                                d["train"], "--validation-data", d["val"], "--output", tmp_path / "m", *ARGS,
+                                "--epochs", "40", "--patience", "40") as proc:
         try:
-            while proc.poll() is None and "epoch 1/" not in log.read_text():
-                time.sleep(0.05)
-            assert proc.poll() is None, log.read_text()
             ranks = [_rank_pid(proc.pid, rank) for rank in (0, 1)]  # training: rank 0 has logged an epoch
             os.kill(proc.pid, signal.SIGKILL)  # the launcher alone
             proc.wait(timeout=10)
@@ -453,7 +437,6 @@ def test_killing_the_launcher_with_sigkill_ends_its_workers(tmp_path, image_dirs
                 time.sleep(0.05)
             alive = [pid for pid in ranks if _alive(pid)]
         finally:
-            _end(proc)
             for pid in ranks:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

@@ -27,7 +27,7 @@ from PIL import Image
 
 import imgtrain.data.convert as convert_module
 import imgtrain.data.decode as decode_module
-from conftest import make_image, make_labelled_folder, run_cli
+from conftest import make_image, make_labelled_folder, run_cli, training_in_background
 from imgtrain import convert_to_image_directory, init_image_transformation, score_image_model, train_pytorch_model
 from imgtrain.data.decode import load_rgb
 from imgtrain.directories.model_directory import load_model_spec
@@ -781,22 +781,13 @@ def test_sigterm_to_the_process_group_with_data_workers_is_one_line(tmp_path, im
     alone (the workers died of the signal, and the main process raised 'DataLoader worker is killed by signal'
     over its own unwinding, with two tracebacks and exit code 1)."""
     d, log = image_dirs, tmp_path / "run.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", "train", "--untrained-model", d["untrained"],
-                                 "--training-data", d["train"], "--validation-data", d["val"], "--output",
-                                 tmp_path / "m", "--epochs", "40", "--patience", "40", "--batch-size", "8",
-                                 "--image-size", "32", "--precision", "fp32", "--num-workers", "2", "--no-cache"],
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            while proc.poll() is None and "epoch 1/" not in log.read_text():
-                time.sleep(0.02)
-            time.sleep(0.2)  # in epoch 2, its workers decoding
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+    with training_in_background(log, "--untrained-model", d["untrained"], "--training-data", d["train"],
+                                "--validation-data", d["val"], "--output", tmp_path / "m", "--epochs", "40",
+                                "--patience", "40", "--batch-size", "8", "--image-size", "32", "--precision", "fp32",
+                                "--num-workers", "2", "--no-cache") as proc:
+        time.sleep(0.2)  # in epoch 2, its workers decoding
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
     said = log.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, said
     assert "Traceback" not in said and "Exception ignored" not in said, said

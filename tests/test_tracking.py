@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_labelled_folder, run_cli
+from conftest import make_labelled_folder, run_cli, training_in_background
 from imgtrain import train_pytorch_model
 from imgtrain.training.tracking import TensorBoard, Tracking
 
@@ -79,7 +79,6 @@ def test_sigterm_says_how_to_resume_and_the_resumed_run_goes_on_with_the_killed_
     """SIGTERM (`kill`, a scheduler, a container stopping) to a one-process run: one line saying how to resume,
     exit 143, the MLflow run ended as KILLED (it stayed RUNNING); --resume then goes on with that MLflow run."""
     import signal
-    import time
 
     from mlflow.tracking import MlflowClient
 
@@ -90,17 +89,9 @@ def test_sigterm_says_how_to_resume_and_the_resumed_run_goes_on_with_the_killed_
     args = ["train", "--untrained-model", d["untrained"], "--training-data", d["train"], "--validation-data", d["val"],
             "--output", tmp_path / "m", "--batch-size", "8", "--image-size", "32", "--num-workers", "0",
             "--patience", "40", "--mlflow", store]
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "imgtrain", *map(str, args), "--epochs", "40"],
-                                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            while proc.poll() is None and "epoch 1/" not in log.read_text():
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with training_in_background(log, *args[1:], "--epochs", "40") as proc:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
     said = log.read_text()
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in said, said
     assert said.strip().splitlines()[-1] == ("error: terminated (SIGTERM); no output was written (re-run with "
