@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo ui test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# The web page on the demo's digits: prints a URL to open in a browser; Ctrl-C stops it.
+ui: $(STAMP)
+	$(PY) -c "import sys; sys.path.insert(0, 'examples'); from pathlib import Path; from write_mnist_folder import write_mnist_folder; p = Path('demo-output/mnist-images'); p.exists() or write_mnist_folder(p)"
+	$(VENV)/bin/imgtrain ui --workspace demo-output/workspace --data demo-output
 
 test: $(STAMP)
 	$(PY) -m ruff check

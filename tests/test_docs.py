@@ -126,6 +126,10 @@ QUOTED = {
     "MissingDependencyError: --mlflow needs the mlflow package, which is not installed":
         ("MissingDependencyError: --mlflow needs the mlflow package, which is not installed. install it with "
          "`pip install 'imgtrain[mlflow]'`", "test_tracking.py::test_a_missing_extra_is_one_line_before_any_work"),
+    "NotInRangeValueError: parameter --batch-size is 50, allowed: [2, 3]. ...":
+        ("NotInRangeValueError: parameter --batch-size is 50, allowed: [2, 3]. pass a batch size from 2 (BatchNorm "
+         "needs two images a batch) to 3, the number of training images",
+         "test_ui.py::test_bad_input_through_the_page_is_one_line_next_to_its_control"),
     "OSError: [Errno 28] No space left on device ... no output was written; free space on that disk, or write the "
     "output to another one":
         ("OSError: [Errno 28] No space left on device: 'disk/out/x.png'. no output was written; free space on "

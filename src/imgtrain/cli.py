@@ -320,6 +320,12 @@ def _serve(args) -> None:
           log=_Log(args.quiet))
 
 
+def _ui(args) -> None:
+    from imgtrain.ui.app import run_ui
+
+    run_ui(args.workspace, data=args.data, host=args.host, port=args.port, token=args.token, log=_Log(args.quiet))
+
+
 def _list_models(args) -> None:
     from imgtrain.models.catalog import catalog, select, table, timm_catalog
 
@@ -674,6 +680,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 where the CPU or GPU runs it natively, fp16 on other GPUs, else fp32 (fp32 "
                         "answers as `imgtrain score --precision fp32` and an ONNX export do)")
     _threads(p)
+    p.add_argument("--quiet", action="store_true", help="print only warnings and errors")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    p = command("ui", _ui,
+                "Open imgtrain in a browser: open a folder of images, train, watch the curves, look at the "
+                "mistakes, try the model and export it (README, \"The web page\"). Prints one URL with its "
+                "access token; runs until Ctrl-C or SIGTERM (training jobs go on, and the next start finds them).")
+    p.add_argument("--workspace", default="imgtrain-workspace",
+                   help="the folder that holds the page's data sets and runs (made if missing); every run is a "
+                        "model directory the CLI reads")
+    p.add_argument("--data", action="append", default=[], metavar="FOLDER",
+                   help="a folder whose sub-folders and archives the page may open (repeat for more); the page "
+                        "opens nothing outside these and the workspace")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on; anything but loopback lets others reach it (with the token)")
+    p.add_argument("--port", type=_int, default=8765, help="the port to listen on (0: any free one)")
+    p.add_argument("--token", default=None,
+                   help="the access token the URL carries (default: a new random one each start)")
     p.add_argument("--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser

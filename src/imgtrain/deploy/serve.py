@@ -527,6 +527,32 @@ def _infer_response(request: _InferRequest, probabilities: np.ndarray, labels: l
                     headers={BINARY_HEADER: str(len(header))})
 
 
+async def answer_predictions(endpoint: Endpoint, request):
+    """TorchServe's shape: one raw image as the body, or a multipart form of files in field 'data'; each
+    image's label and probabilities (a JSON object, or a list for a form). `imgtrain ui` answers with it too."""
+    from starlette.responses import JSONResponse
+
+    kind = _content_type(request)
+    form = kind == "multipart/form-data"
+    if not form and kind not in ("", "application/octet-stream") and not kind.startswith("image/"):
+        raise RequestError(415, f"send an image (Content-Type image/*) or multipart form data with files in "
+                                f"field 'data'; not {kind}")
+    async with _receiving(request, endpoint.options, endpoint.bodies) as body:
+        if form:
+            blobs, names = await _form_files(request, body, endpoint.options.max_queue)
+        elif not body:
+            raise RequestError(400, "the body is empty: send an image")
+        else:
+            blobs, names = [body], ["the body"]
+        probabilities = await endpoint.probabilities(blobs, names, request.is_disconnected)
+    answers = []
+    for name, row in zip(names, probabilities, strict=True):
+        best = int(row.argmax())
+        answers.append({"image": name, "label": endpoint.labels[best], "probability": float(row[best]),
+                        "probabilities": dict(zip(endpoint.labels, map(float, row), strict=True))})
+    return JSONResponse(answers if form else answers[0])
+
+
 # --- The application ----------------------------------------------------------------------------------
 
 
@@ -592,25 +618,7 @@ def make_app(endpoint: Endpoint):
         return _infer_response(checked, probabilities, endpoint.labels, endpoint.name)
 
     async def predictions(request: Request):
-        kind = _content_type(request)
-        form = kind == "multipart/form-data"
-        if not form and kind not in ("", "application/octet-stream") and not kind.startswith("image/"):
-            raise RequestError(415, f"send an image (Content-Type image/*) or multipart form data with files in "
-                                    f"field 'data'; not {kind}")
-        async with _receiving(request, endpoint.options, endpoint.bodies) as body:
-            if form:
-                blobs, names = await _form_files(request, body, endpoint.options.max_queue)
-            elif not body:
-                raise RequestError(400, "the body is empty: send an image")
-            else:
-                blobs, names = [body], ["the body"]
-            probabilities = await endpoint.probabilities(blobs, names, request.is_disconnected)
-        answers = []
-        for name, row in zip(names, probabilities, strict=True):
-            best = int(row.argmax())
-            answers.append({"image": name, "label": endpoint.labels[best], "probability": float(row[best]),
-                            "probabilities": dict(zip(endpoint.labels, map(float, row), strict=True))})
-        return JSONResponse(answers if form else answers[0])
+        return await answer_predictions(endpoint, request)
 
     @asynccontextmanager
     async def lifespan(app):

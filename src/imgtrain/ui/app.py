@@ -1,0 +1,643 @@
+"""The web application of ``imgtrain ui``: the page, and the JSON API it calls.
+
+Every request carries the token printed with the URL (the page's cookie, an ``Authorization: token ...``
+header, or ``?token=`` once): without it, 403. An error is the CLI's one line (``InvalidParameterError:
+...``) with the control it belongs to (``field``), and the server goes on. The page adds no logic of its
+own: opening a folder runs Convert to Image Directory, a run is Split Image Directory, the architecture's
+untrained model, Train PyTorch Model, Score Image Model and Evaluate Model, each the CLI's command in a
+background job (jobs.py); a prediction is answered by ``imgtrain serve``'s own code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import ipaddress
+import json
+import re
+import secrets
+import shutil
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from imgtrain.errors import (
+    ImgtrainError,
+    InvalidParameterError,
+    MissingDependencyError,
+    check_range,
+    escaped,
+    speaking_command_line,
+)
+from imgtrain.ui import jobs
+from imgtrain.ui.workspace import Workspace, check_name, read_json, write_json
+
+STATIC = Path(__file__).parent / "static"
+MAX_UPLOAD_MB = 20.0  # an image sent to Try it
+TRAINING_FIELDS = ("epochs", "batch_size", "learning_rate", "random_seed", "patience", "image_size")
+_FLAG = re.compile(r"--([a-z-]+)")
+_ANSWER_FIELDS = {"warmup-steps": "warmup_epochs"}
+EXPORTS = {"onnx": "model.onnx", "pt2": "model.pt2"}
+
+
+class PageError(Exception):
+    """An error for the page: HTTP status, the one line, and the control it belongs to."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as the CLI prints it after ``error: ``."""
+    text = escaped(" ".join(part.strip() for part in str(exc).splitlines()))
+    return f"{type(exc).__name__}: {text}" if isinstance(exc, ImgtrainError) else text
+
+
+def _field_of(message: str, default: str | None) -> str | None:
+    match = _FLAG.search(message)
+    if match:
+        name = match.group(1)
+        return _ANSWER_FIELDS.get(name, name.replace("-", "_"))
+    return default
+
+
+class UI:
+    """The server's state: the workspace, the token, the model loaded for predictions."""
+
+    def __init__(self, workspace: Workspace, token: str, log: Callable[[str], None]) -> None:
+        self.workspace, self.token, self.log = workspace, token, log
+        self._endpoint: tuple[Path, float, object] | None = None
+        self._endpoint_lock = asyncio.Lock()
+        self._catalog: list[dict] | None = None
+        # Cookies are kept per host, not per port: each server's has a name of its own.
+        self.cookie = "imgtrain-ui-" + hashlib.sha256(token.encode()).hexdigest()[:8]
+
+    # --- Data ------------------------------------------------------------------------------------------
+
+    def open_dataset(self, body: dict) -> dict:
+        from imgtrain.data.convert import ARCHIVE_SUFFIXES, find_images
+
+        path = self.workspace.allowed(body.get("path"), "folder")
+        if not path.exists():
+            raise InvalidParameterError(f"{path} does not exist", "check the path, or pick a folder below")
+        if path.is_dir():
+            try:
+                found = find_images(path)
+            except PermissionError as exc:
+                raise InvalidParameterError(f"{path} cannot be read ({exc.strerror})",
+                                            "pick a folder you may read") from None
+            if not found.items:
+                raise InvalidParameterError(f"{path} holds no images", "pick a folder with one sub-folder of "
+                                            "images per class")
+        elif not path.name.lower().endswith(ARCHIVE_SUFFIXES):
+            raise InvalidParameterError(f"{path} is not a folder or an archive",
+                                        f"pick a folder, or an archive ending in {', '.join(ARCHIVE_SUFFIXES)}")
+        name = self.workspace.new_dataset(path)
+        folder = self.workspace.dataset_dir(name)
+        if not (folder / "images" / "_meta.yaml").is_file() and jobs.state(folder / "job")["state"] != "running":
+            jobs.start(folder / "job", [["convert-to-image-directory", str(path), "--output",
+                                         str(folder / "images"), "--overwrite"]])
+        return self.dataset(name)
+
+    def dataset(self, name: str) -> dict:
+        folder = self.workspace.dataset_dir(name)
+        listing = self.workspace.listing(name)
+        audit = read_json(folder / "images" / "audit.json")
+        job = jobs.state(folder / "job")
+        return {"name": name, "source": read_json(folder / "dataset.json", {}).get("source"),
+                "classes": [{"name": c, "count": len(listing.images[c])} for c in listing.classes],
+                "images": sum(len(v) for v in listing.images.values()), "converted": listing.converted,
+                "audit": _audit_summary(audit), "job": job}
+
+    # --- Models ----------------------------------------------------------------------------------------
+
+    def models(self) -> list[dict]:
+        if self._catalog is None:
+            from imgtrain.models.catalog import catalog
+
+            self._catalog = [{"name": m.name, "family": m.family, "params_m": round(m.params / 1e6, 1),
+                              "gflops": round(m.gflops, 2), "top1": m.top1, "image_size": m.image_size,
+                              "pretrained": m.pretrained} for m in catalog()]
+        return self._catalog
+
+    # --- Runs ------------------------------------------------------------------------------------------
+
+    def start_run(self, body: dict) -> dict:
+        from imgtrain.data.split import split_image_directory
+        from imgtrain.directories.image_directory import ImageDirectory
+        from imgtrain.models.registry import get_architecture
+        from imgtrain.training.train import TrainingParameters
+
+        dataset = body.get("dataset")
+        if not dataset:
+            raise PageError(400, "InvalidParameterError: no data set is open. Open a folder on the Data tab first",
+                            "dataset")
+        data_folder = self.workspace.dataset_dir(str(dataset))
+        if not (data_folder / "images" / "_meta.yaml").is_file():
+            state = jobs.state(data_folder / "job")
+            raise PageError(400, state.get("error") or "the data set is still being converted: wait for its audit",
+                            "dataset")
+        model_name = str(body.get("model_name") or "resnet18")
+        try:
+            get_architecture(model_name)
+        except ImgtrainError as exc:
+            raise PageError(400, one_line(exc), "model_name") from None
+        pretrained = bool(body.get("pretrained", False))
+        values = {}
+        for key in TRAINING_FIELDS:
+            value = body.get(key)
+            if value in (None, ""):
+                continue
+            try:
+                values[key] = float(value) if key == "learning_rate" else int(value)
+            except (TypeError, ValueError):
+                raise PageError(400, f"InvalidParameterError: --{key.replace('_', '-')} {escaped(str(value))[:40]} "
+                                     "is not a number", key) from None
+        share = body.get("validation_share", 0.2)
+        try:
+            share = float(share)
+            check_range("validation_share", share, low=0, high=1, low_inclusive=False, high_inclusive=False,
+                        hint="pass a share of the images between 0 and 1, such as 0.2")
+        except ValueError:
+            raise PageError(400, "InvalidParameterError: the validation share is not a number", "validation_share") \
+                from None
+        name = body.get("name") or time.strftime("run-%Y%m%d-%H%M%S")
+        folder = self.workspace.run_dir(check_name("run", name), exists=False)
+        if folder.exists():
+            raise PageError(400, f"InvalidParameterError: the run {name!r} exists. Pick another name", "name")
+        params = TrainingParameters(**values)
+        staging = folder.with_name(f".{folder.name}.new")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            a, _ = split_image_directory(data_folder / "images", staging / "training", staging / "validation",
+                                         fraction=round(1 - share, 6), random_seed=params.random_seed)
+            try:
+                params.check(a)
+            except ImgtrainError as exc:
+                raise PageError(400, one_line(exc), _field_of(exc.message, None)) from None
+            ImageDirectory.load(staging / "validation")  # a share too small for one image is named now
+            write_json(staging / "run.json", {"dataset": dataset, "model_name": model_name, "pretrained": pretrained,
+                                              "validation_share": share, "parameters": values,
+                                              "created": time.time()})
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._start_training(folder, resume=False)
+        return self.run(name)
+
+    def _start_training(self, folder: Path, *, resume: bool) -> None:
+        run = read_json(folder / "run.json")
+        values = run["parameters"]
+        commands = []
+        if not (folder / "untrained").is_dir():
+            commands.append(["image-model", "--model-name", run["model_name"],
+                             "--pretrained" if run["pretrained"] else "--no-pretrained",
+                             "--output", str(folder / "untrained")])
+        train = ["train-pytorch-model", "--untrained-model", str(folder / "untrained"), "--training-data",
+                 str(folder / "training"), "--validation-data", str(folder / "validation"), "--output",
+                 str(folder / "trained")]
+        for key, value in values.items():
+            train += [f"--{key.replace('_', '-')}", str(value)]
+        if resume:
+            train.append("--resume")
+        commands.append(train)
+        commands.append(["score-image-model", "--trained-model", str(folder / "trained"), "--dataset",
+                         str(folder / "validation"), "--output", str(folder / "scored"), "--overwrite"])
+        commands.append(["evaluate-model", "--scored-dataset", str(folder / "scored"), "--output",
+                         str(folder / "evaluation"), "--overwrite"])
+        jobs.start(folder / "job", commands)
+
+    def resume_run(self, name: str) -> dict:
+        folder = self.workspace.run_dir(name)
+        if jobs.state(folder / "job")["state"] == "running":
+            raise PageError(409, f"the run {name!r} is running", "resume")
+        self._start_training(folder, resume=True)
+        return self.run(name)
+
+    def stop_run(self, name: str) -> dict:
+        folder = self.workspace.run_dir(name)
+        if not jobs.stop(folder / "job"):
+            raise PageError(409, f"the run {name!r} is not running", "stop")
+        return {"stopping": name}
+
+    def run(self, name: str) -> dict:
+        from imgtrain.training.train import resume_dir_for
+
+        folder = self.workspace.run_dir(name)
+        run = read_json(folder / "run.json", {})
+        trained = folder / "trained"
+        live = resume_dir_for(trained) / "metrics.jsonl"
+        source = live if live.is_file() and (not (trained / "metrics.jsonl").is_file()
+                                             or live.stat().st_mtime > (trained / "metrics.jsonl").stat().st_mtime) \
+            else trained / "metrics.jsonl"
+        history = _jsonl(source)
+        epochs = int(run.get("parameters", {}).get("epochs", 5))
+        job = jobs.state(folder / "job")
+        eta = None
+        if job["state"] == "running" and history and job.get("running") == "train-pytorch-model":
+            per_epoch = sum(h["seconds"] for h in history) / len(history)
+            eta = max(0.0, per_epoch * (epochs - history[-1]["epoch"]))
+        evaluation = read_json(folder / "evaluation" / "metrics.json")
+        exports = [fmt for fmt, file in EXPORTS.items() if (folder / "export" / fmt / file).is_file()]
+        return {"name": name, "run": run, "job": job, "history": history, "epochs": epochs, "eta_seconds": eta,
+                "trained": (trained / "model.safetensors").is_file() or (trained / "_meta.yaml").is_file(),
+                "evaluation": _evaluation_summary(evaluation), "exports": exports,
+                "folder": str(folder)}
+
+    def runs(self) -> list[dict]:
+        out = []
+        for name in self.workspace.runs():
+            folder = self.workspace.run_dir(name)
+            run = read_json(folder / "run.json", {})
+            out.append({"name": name, "dataset": run.get("dataset"), "model_name": run.get("model_name"),
+                        "state": jobs.state(folder / "job")["state"]})
+        return out
+
+    def cell(self, name: str, truth: str, predicted: str) -> list[dict]:
+        table = self._scored(name)
+        return [{"row": i, "image": Path(table.images[i]).name, "confidence": float(table.confidence[i])}
+                for i in range(len(table.truth)) if table.truth[i] == truth and table.predicted[i] == predicted]
+
+    def _scored(self, name: str):
+        from imgtrain.scoring.evaluate import read_scored
+
+        folder = self.workspace.run_dir(name)
+        if not (folder / "scored").is_dir():
+            raise PageError(404, f"the run {name!r} has not been scored yet", "evaluate")
+        return read_scored(folder / "scored")
+
+    def scored_image(self, name: str, row: int) -> Path:
+        table = self._scored(name)
+        if not 0 <= row < len(table.images) or table.root is None:
+            raise PageError(404, f"the run {name!r} has no scored image number {row}")
+        path = (table.root / table.images[row]).resolve()
+        folder = self.workspace.run_dir(name).resolve()
+        if folder not in path.parents:
+            raise PageError(403, f"scored image {row} of {name!r} lies outside its run")
+        return path
+
+    async def endpoint(self, name: str):
+        """The run's trained model, loaded as `imgtrain serve` loads it (one at a time)."""
+        from starlette.concurrency import run_in_threadpool
+
+        from imgtrain.deploy.serve import Endpoint, ServeOptions, _imports
+
+        _imports()
+        trained = self.workspace.run_dir(name) / "trained"
+        if not trained.is_dir():
+            raise PageError(409, f"the run {name!r} has no trained model yet: train it first", "predict")
+        stamp = trained.stat().st_mtime
+        async with self._endpoint_lock:
+            if self._endpoint and self._endpoint[:2] == (trained, stamp):
+                return self._endpoint[2]
+            if self._endpoint:
+                await run_in_threadpool(self._endpoint[2].batcher.stop)
+                self._endpoint = None
+            options = ServeOptions(max_body_mb=MAX_UPLOAD_MB, max_batch_size=8, device="cpu")
+            endpoint = await run_in_threadpool(Endpoint, trained, name, options, lambda m: None)
+            self._endpoint = (trained, stamp, endpoint)
+            return endpoint
+
+    def export(self, name: str, fmt: str) -> dict:
+        from imgtrain.deploy.export import FORMATS, export_model
+
+        if fmt not in FORMATS:
+            raise PageError(400, f"InvalidParameterError: --format {escaped(fmt)[:20]} is not one of "
+                                 f"{', '.join(FORMATS)}", "format")
+        folder = self.workspace.run_dir(name)
+        if not (folder / "trained").is_dir():
+            raise PageError(409, f"the run {name!r} has no trained model yet: train it first", "export")
+        export_model(folder / "trained", folder / "export" / fmt, format=fmt, overwrite=True, log=self.log)
+        return self.run(name)
+
+    def close(self) -> None:
+        if self._endpoint:
+            self._endpoint[2].batcher.stop()
+
+
+def _jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _audit_summary(audit: dict | None) -> dict | None:
+    if not audit:
+        return None
+    keys = ("num_images", "counts", "rejected", "duplicates", "empty_categories", "outside_categories", "ignored",
+            "hidden", "not_images", "imbalance")
+    out = {k: audit[k] for k in keys if k in audit}
+    for k in ("rejected", "duplicates"):
+        if isinstance(out.get(k), list):
+            out[k + "_count"] = len(out[k])
+            out[k] = out[k][:50]
+    return out
+
+
+def _evaluation_summary(metrics: dict | None) -> dict | None:
+    if not metrics:
+        return None
+    return {k: metrics.get(k) for k in ("num_images", "accuracy", "f1_macro", "per_class", "confusion_matrix")}
+
+
+# --- The application -----------------------------------------------------------------------------------
+
+
+def make_app(ui: UI):
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    def authorized(request: Request) -> bool:
+        given = (request.cookies.get(ui.cookie) or request.query_params.get("token")
+                 or request.headers.get("authorization", "").removeprefix("token ").strip())
+        return bool(given) and secrets.compare_digest(given.encode(), ui.token.encode())
+
+    class Guard:
+        """Every request needs the token; ``/?token=...`` trades it for a cookie and a plain URL."""
+
+        def __init__(self, app) -> None:
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            request = Request(scope)
+            if not authorized(request):
+                message = ("the token is missing or wrong: open the URL `imgtrain ui` printed (with its "
+                           "?token=...)")
+                response = JSONResponse({"error": message}, status_code=403) if request.url.path.startswith(
+                    "/api/") else Response(f"403: {message}\n", status_code=403, media_type="text/plain")
+                return await response(scope, receive, send)
+            if request.query_params.get("token") and request.url.path == "/":
+                response = RedirectResponse("/", status_code=303)
+                response.set_cookie(ui.cookie, ui.token, httponly=True, samesite="strict")
+                return await response(scope, receive, send)
+            return await self.app(scope, receive, send)
+
+    def api(function, default_field: str | None = None, threaded: bool = True):
+        async def handle(request: Request):
+            try:
+                if threaded:
+                    result = await run_in_threadpool(_in_cli_words, function, request)
+                else:
+                    result = await function(request)
+                return result if isinstance(result, Response) else JSONResponse(result)
+            except PageError as exc:
+                return JSONResponse({"error": exc.message, "field": exc.field or default_field},
+                                    status_code=exc.status)
+            except ImgtrainError as exc:
+                return JSONResponse({"error": one_line(exc), "field": _field_of(exc.message, default_field)},
+                                    status_code=400)
+            except OSError as exc:
+                return JSONResponse({"error": f"{type(exc).__name__}: {one_line(exc)}", "field": default_field},
+                                    status_code=400)
+        return handle
+
+    async def body(request: Request) -> dict:
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise PageError(415, "send JSON (Content-Type: application/json)")
+        raw = await request.body()
+        if len(raw) > 1_000_000:
+            raise PageError(413, "the request is over 1 MB")
+        try:
+            value = json.loads(raw or b"{}")
+        except (ValueError, RecursionError):
+            raise PageError(400, "the request is not JSON") from None
+        if not isinstance(value, dict):
+            raise PageError(400, "the request is not a JSON object")
+        return value
+
+    def posted(function):
+        """A POST handler: its JSON body read here, the work done in a thread."""
+        async def handle(request: Request):
+            data = await body(request)
+            return await run_in_threadpool(_in_cli_words, lambda r: function(r, data), request)
+        return handle
+
+    async def index(request: Request):
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    def state(request: Request):
+        from imgtrain.training.train import TrainingParameters
+
+        defaults = TrainingParameters()
+        return {"workspace": str(ui.workspace.root), "roots": [str(r) for r in ui.workspace.roots],
+                "datasets": ui.workspace.datasets(), "runs": ui.runs(),
+                "defaults": {k: getattr(defaults, k) for k in TRAINING_FIELDS} | {"validation_share": 0.2},
+                "python": sys.executable}
+
+    def browse(request: Request):
+        return ui.workspace.browse(request.query_params.get("path"))
+
+    def dataset(request: Request):
+        return ui.dataset(request.path_params["name"])
+
+    def dataset_images(request: Request):
+        listing = ui.workspace.listing(request.path_params["name"])
+        c = _int(request.query_params.get("class", "0"), "class")
+        if not 0 <= c < len(listing.classes):
+            raise PageError(404, f"no class number {c}")
+        files = listing.images[listing.classes[c]]
+        start = _int(request.query_params.get("start", "0"), "start")
+        count = min(_int(request.query_params.get("count", "60"), "count"), 500)
+        return {"class": listing.classes[c], "total": len(files),
+                "images": [{"number": i, "name": files[i].name} for i in range(start, min(start + count, len(files)))]}
+
+    def thumbnail(request: Request):
+        p = request.path_params
+        path = ui.workspace.image_path(p["name"], p["category"], p["number"])
+        return FileResponse(ui.workspace.thumbnail(path), headers={"Cache-Control": "private, max-age=86400"})
+
+    def models(request: Request):
+        return ui.models()
+
+    def run(request: Request):
+        return ui.run(request.path_params["name"])
+
+    def runs(request: Request):
+        return ui.runs()
+
+    def cell(request: Request):
+        q = request.query_params
+        return ui.cell(request.path_params["name"], q.get("truth", ""), q.get("predicted", ""))
+
+    def scored_thumbnail(request: Request):
+        path = ui.scored_image(request.path_params["name"], request.path_params["row"])
+        return FileResponse(ui.workspace.thumbnail(path), headers={"Cache-Control": "private, max-age=86400"})
+
+    async def predict(request: Request):
+        from imgtrain.deploy.serve import RequestError, answer_predictions
+
+        endpoint = await ui.endpoint(request.path_params["name"])
+        try:
+            return await answer_predictions(endpoint, request)
+        except RequestError as exc:
+            raise PageError(exc.status, exc.message, "predict") from None
+
+    def download(request: Request):
+        name, what = request.path_params["name"], request.path_params["what"]
+        folder = ui.workspace.run_dir(name)
+        if what == "model.zip":
+            return _zipped(folder / "trained", f"{name}.zip")
+        for fmt, file in EXPORTS.items():
+            for wanted in (file, f"{fmt}-metadata.json", f"{fmt}-preprocess.py"):
+                if what == wanted:
+                    path = folder / "export" / fmt / (file if wanted == file else wanted.split("-", 1)[1])
+                    if not path.is_file():
+                        raise PageError(404, f"{what} has not been exported: press Export first", "export")
+                    return FileResponse(path, filename=path.name)
+        raise PageError(404, f"nothing to download named {escaped(what)[:40]!r}")
+
+    def _zipped(folder: Path, filename: str):
+        if not folder.is_dir():
+            raise PageError(409, "there is no trained model yet: train it first", "export")
+
+        def chunks():
+            buffer = _Chunks()
+            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as z:
+                for path in sorted(folder.rglob("*")):
+                    if path.is_file() and not path.is_symlink():
+                        z.write(path, f"{folder.parent.name}/{path.relative_to(folder)}")
+                        yield buffer.take()
+            yield buffer.take()
+        return StreamingResponse(chunks(), media_type="application/zip",
+                                 headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(ui.close)
+
+    routes = [
+        Route("/", index),
+        Route("/api/state", api(state)),
+        Route("/api/browse", api(browse, "path")),
+        Route("/api/datasets", api(posted(lambda r, d: ui.open_dataset(d)), "path", threaded=False),
+              methods=["POST"]),
+        Route("/api/datasets/{name}", api(dataset, "dataset")),
+        Route("/api/datasets/{name}/images", api(dataset_images, "dataset")),
+        Route("/api/datasets/{name}/thumbnail/{category:int}/{number:int}", api(thumbnail)),
+        Route("/api/models", api(models)),
+        Route("/api/runs", api(runs)),
+        Route("/api/runs", api(posted(lambda r, d: ui.start_run(d)), "train", threaded=False), methods=["POST"]),
+        Route("/api/runs/{name}", api(run, "run")),
+        Route("/api/runs/{name}/stop", api(posted(lambda r, d: ui.stop_run(r.path_params["name"])), "stop",
+                                           threaded=False), methods=["POST"]),
+        Route("/api/runs/{name}/resume", api(posted(lambda r, d: ui.resume_run(r.path_params["name"])), "resume",
+                                             threaded=False), methods=["POST"]),
+        Route("/api/runs/{name}/cell", api(cell, "evaluate")),
+        Route("/api/runs/{name}/scored/{row:int}/thumbnail", api(scored_thumbnail)),
+        Route("/api/runs/{name}/predict", api(predict, "predict", threaded=False), methods=["POST"]),
+        Route("/api/runs/{name}/export", api(posted(lambda r, d: ui.export(r.path_params["name"],
+                                                                           str(d.get("format", "onnx")))),
+                                             "export", threaded=False), methods=["POST"]),
+        Route("/api/runs/{name}/download/{what}", api(download, "export")),
+        Mount("/static", app=StaticFiles(directory=STATIC)),
+    ]
+    async def not_found(request: Request, exc):
+        status = getattr(exc, "status_code", 404)
+        return JSONResponse({"error": f"{request.method} {escaped(request.url.path)[:100]}: "
+                                      f"{'no such page' if status == 404 else getattr(exc, 'detail', 'refused')}"},
+                            status_code=status)
+
+    return Guard(Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found}))
+
+
+def _in_cli_words(function, request):
+    with speaking_command_line():  # parameters named as flags, as the CLI names them
+        return function(request)
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise PageError(400, f"{what} {escaped(text)[:20]!r} is not a whole number") from None
+
+
+class _Chunks(io.RawIOBase):
+    """A write-only file whose bytes are taken out as they come (a zip streamed as it is written)."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        self._written += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._written
+
+    def take(self) -> bytes:
+        out, self._parts = b"".join(self._parts), []
+        return out
+
+
+# --- Running it ------------------------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_ui(workspace: Path | str, *, data: list[Path | str] = (), host: str = "127.0.0.1", port: int = 8765,
+           token: str | None = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+           ) -> None:
+    """Serve the page until Ctrl-C or SIGTERM (jobs go on: the next start finds them)."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise MissingDependencyError("`imgtrain ui` needs starlette and uvicorn",
+                                     "install them with `pip install 'imgtrain[serve]'`") from None
+    from imgtrain.deploy.serve import _check_address, _stop_signals_end_quietly
+
+    check_range("port", port, low=0, high=65535)
+    if token is not None and len(token) < 16:
+        raise InvalidParameterError("--token is shorter than 16 characters", "pass a longer one, or none (then "
+                                    "a random one is made)")
+    _check_address(host, port)
+    space = Workspace(workspace, list(data))
+    ui = UI(space, token or secrets.token_urlsafe(24), log)
+    if not _is_loopback(host):
+        log(f"warning: listening on {host}, not only this machine: anyone who reaches it and has the token can "
+            "read the folders below and run jobs here; use --host 127.0.0.1 unless you mean it")
+    config = uvicorn.Config(make_app(ui), host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    shown = f"[{host}]" if ":" in host else host
+
+    async def main():
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            bound = server.servers[0].sockets[0].getsockname()[1] if port == 0 else port
+            print(f"imgtrain ui: open http://{shown}:{bound}/?token={ui.token}", flush=True)
+            log(f"workspace {space.root}; folders it may open: {', '.join(map(str, space.roots))}; Ctrl-C stops "
+                "the page (running jobs go on)")
+        await task
+
+    with _stop_signals_end_quietly():
+        asyncio.run(main())
+    log("Stopped imgtrain ui")

@@ -1,0 +1,432 @@
+// imgtrain ui: the page. Plain JavaScript, no library: every figure comes from the server's JSON, every name
+// from the user's files is put in as text (never as HTML).
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const state = { dataset: null, run: null, polling: null, models: [] };
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "text") node.textContent = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function label(node, attrs, text) {
+  const t = svg("text", attrs);
+  t.textContent = text;
+  node.append(t);
+  return t;
+}
+
+function svg(tag, attrs = {}) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  return node;
+}
+
+// --- Talking to the server: an error is one line, shown next to the control it belongs to ---------------
+
+function clearErrors() { document.querySelectorAll(".error").forEach((node) => { node.textContent = ""; }); }
+
+function showError(field, message) {
+  const spot = document.querySelector(`.error[data-for="${field}"]`) || document.querySelector('.error[data-for="train"]');
+  spot.textContent = message;
+}
+
+async function call(method, url, body, field) {
+  const options = { method, headers: {} };
+  if (body instanceof Blob || body instanceof FormData) options.body = body;
+  else if (body !== undefined) { options.body = JSON.stringify(body); options.headers["Content-Type"] = "application/json"; }
+  let response;
+  try { response = await fetch(url, options); } catch (exc) {
+    showError(field, "the server does not answer: is `imgtrain ui` still running?"); throw exc;
+  }
+  const data = await response.json().catch(() => ({ error: `the server answered ${response.status}` }));
+  if (!response.ok) {
+    const error = new Error(data.error);
+    error.field = data.field || field;
+    showError(error.field, data.error);
+    throw error;
+  }
+  return data;
+}
+const get = (url, field) => call("GET", url, undefined, field);
+const post = (url, body, field) => call("POST", url, body === undefined ? {} : body, field);
+const quietly = (promise) => promise.catch(() => {});
+
+// --- Tabs ------------------------------------------------------------------------------------------------
+
+function showTab(name) {
+  document.querySelectorAll("nav button").forEach((b) => b.setAttribute("aria-selected", String(b.dataset.tab === name)));
+  document.querySelectorAll(".tab").forEach((t) => { t.hidden = t.id !== `tab-${name}`; });
+  if (name === "evaluate") loadEvaluation();
+  if (name === "export") showExport();
+  if (name === "try") $("#try-run").textContent = state.run ? `(${state.run})` : "(no run yet)";
+}
+document.querySelectorAll("nav button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
+
+// --- 1. Data ---------------------------------------------------------------------------------------------
+
+async function browse(path) {
+  const data = await get(`/api/browse${path ? `?path=${encodeURIComponent(path)}` : ""}`, "path");
+  const list = $("#browse");
+  list.replaceChildren();
+  $("#browse-path").textContent = data.path || "Folders this page may open:";
+  if (data.parent) list.append(el("li", { text: "\u2191 ..", onclick: () => quietly(browse(data.parent)) }));
+  for (const name of data.folders) {
+    const full = data.path ? `${data.path}/${name}` : name;
+    list.append(el("li", { text: `${data.path ? name : full}/`, "data-path": full,
+      onclick: () => { $("#path").value = full; quietly(browse(full)); } }));
+  }
+  for (const name of data.archives) {
+    const full = `${data.path}/${name}`;
+    list.append(el("li", { text: `${name} (archive)`, onclick: () => { $("#path").value = full; } }));
+  }
+}
+
+async function openFolder() {
+  clearErrors();
+  const data = await post("/api/datasets", { path: $("#path").value }, "path");
+  showDataset(data);
+}
+
+function showDataset(data) {
+  const changed = !state.dataset || state.dataset.name !== data.name || state.dataset.converted !== data.converted
+    || state.dataset.images !== data.images;
+  state.dataset = data;
+  $("#dataset").hidden = false;
+  $("#train-dataset").textContent = `${data.name} (${data.images.toLocaleString()} images, ${data.classes.length} classes)`;
+  $("#dataset-title").textContent = `${data.name}: ${data.images.toLocaleString()} images in ${data.classes.length} classes`;
+  const job = data.job || {};
+  $("#dataset-state").textContent = job.state === "running" ? "Converting (checking every image)\u2026"
+    : data.converted ? `Converted to an ImageDirectory: ${data.source}` : job.state === "failed" ? "" : data.source;
+  if (job.state === "failed" || job.state === "stopped") showError("path", job.error || "the conversion failed");
+  showAudit(data);
+  if (changed) showClasses(data);
+  if (job.state === "running") setTimeout(() => quietly(get(`/api/datasets/${data.name}`, "path").then(showDataset)), 800);
+}
+
+function showAudit(data) {
+  const audit = data.audit;
+  const box = $("#audit");
+  box.replaceChildren();
+  const counts = data.classes.map((c) => c.count).filter((n) => n > 0);
+  const items = [];
+  if (counts.length > 1) {
+    const ratio = Math.max(...counts) / Math.min(...counts);
+    items.push(`Imbalance: the largest class has ${ratio.toFixed(1)}\u00d7 the images of the smallest`);
+  }
+  for (const c of data.classes) if (c.count === 1) items.push(`Class ${c.name} has one image: training needs more`);
+  if (audit) {
+    const rejected = audit.rejected_count ?? (audit.rejected || []).length;
+    items.push(`${rejected} file(s) left out${rejected ? ":" : ""}`);
+    const dup = audit.duplicates_count ?? (audit.duplicates || []).length;
+    items.push(`${dup} group(s) of duplicate images`);
+    if ((audit.empty_categories || []).length) items.push(`Empty class folders: ${audit.empty_categories.join(", ")}`);
+  }
+  const list = el("ul", { class: "audit", id: "audit-list" });
+  for (const text of items) list.append(el("li", { text }));
+  if (audit && audit.rejected) {
+    for (const r of audit.rejected.slice(0, 20)) {
+      const file = r.file || r[0] || "", reason = r.reason || r[1] || "";
+      list.append(el("li", { class: "muted", text: `\u2003${file}: ${reason}` }));
+    }
+  }
+  box.append(list);
+}
+
+function showClasses(data) {
+  const box = $("#classes");
+  box.replaceChildren();
+  data.classes.forEach((c, index) => {
+    const scroll = el("div", { class: "scroll" });
+    const column = el("div", { class: "class", "data-class": c.name },
+      el("h3", { text: `${c.name || "(no class)"} \u00b7 ${c.count.toLocaleString()}` }), scroll);
+    box.append(column);
+    pagedThumbnails(scroll, data.name, index);
+  });
+}
+
+// A class's thumbnails arrive a page at a time, when the end of the column scrolls into view.
+function pagedThumbnails(scroll, name, index) {
+  let next = 0, total = Infinity, busy = false;
+  const sentinel = el("div", { style: "width:100%;height:1px" });
+  scroll.append(sentinel);
+  const more = async () => {
+    if (busy || next >= total) return;
+    busy = true;
+    try {
+      const page = await get(`/api/datasets/${name}/images?class=${index}&start=${next}&count=48`, "path");
+      total = page.total;
+      for (const image of page.images) {
+        scroll.insertBefore(el("img", { class: "thumb", loading: "lazy", alt: image.name, title: image.name,
+          src: `/api/datasets/${name}/thumbnail/${index}/${image.number}` }), sentinel);
+      }
+      next += page.images.length;
+    } finally { busy = false; }
+    if (sentinel.getBoundingClientRect().top < scroll.getBoundingClientRect().bottom + 200) quietly(more());
+  };
+  new IntersectionObserver((entries) => { if (entries.some((e) => e.isIntersecting)) quietly(more()); },
+    { root: scroll, rootMargin: "200px" }).observe(sentinel);
+}
+
+$("#open").addEventListener("click", () => quietly(openFolder()));
+$("#path").addEventListener("keydown", (e) => { if (e.key === "Enter") quietly(openFolder()); });
+
+// --- 2. Model and training -------------------------------------------------------------------------------
+
+function showModels() {
+  const filter = $("#model-filter").value.toLowerCase();
+  const body = $("#models tbody");
+  body.replaceChildren();
+  for (const m of state.models) {
+    if (filter && !m.name.includes(filter) && !m.family.includes(filter)) continue;
+    const row = el("tr", { "data-model": m.name, class: m.name === $("#model_name").value ? "chosen" : "",
+      onclick: () => { $("#model_name").value = m.name; showModels(); } },
+      el("td", { text: m.name }), el("td", { text: m.family }), el("td", { text: m.params_m }),
+      el("td", { text: m.gflops }), el("td", { text: m.top1 == null ? "\u2013" : `${m.top1}%` }),
+      el("td", { text: m.image_size }));
+    body.append(row);
+  }
+}
+$("#model-filter").addEventListener("input", showModels);
+
+async function train() {
+  clearErrors();
+  const value = (id) => $(`#${id}`).value.trim();
+  const body = { dataset: state.dataset && state.dataset.name, model_name: value("model_name"),
+    pretrained: $("#pretrained").checked, validation_share: value("validation_share"), name: value("run_name") || undefined };
+  for (const key of ["epochs", "batch_size", "learning_rate", "random_seed", "patience", "image_size"]) body[key] = value(key);
+  $("#train").disabled = true;
+  try {
+    const run = await post("/api/runs", body, "train");
+    await refreshRuns(run.name);
+    showRun(run);
+  } finally { $("#train").disabled = false; }
+}
+$("#train").addEventListener("click", () => quietly(train()));
+
+async function refreshRuns(chosen) {
+  const runs = await get("/api/runs", "run");
+  const select = $("#run-select");
+  select.replaceChildren(...runs.map((r) => el("option", { value: r.name, text: `${r.name} \u00b7 ${r.model_name} on ${r.dataset} \u00b7 ${r.state}` })));
+  state.run = chosen || (runs[0] && runs[0].name) || null;
+  if (state.run) select.value = state.run;
+}
+
+$("#run-select").addEventListener("change", () => { state.run = $("#run-select").value; quietly(pollRun()); });
+$("#stop").addEventListener("click", () => { clearErrors(); quietly(post(`/api/runs/${state.run}/stop`, {}, "stop").then(pollRun)); });
+$("#resume").addEventListener("click", () => { clearErrors(); quietly(post(`/api/runs/${state.run}/resume`, {}, "resume").then(showRun)); });
+
+function fmtSeconds(s) { return s >= 90 ? `${Math.round(s / 60)} min` : `${Math.round(s)} s`; }
+
+function showRun(run) {
+  state.run = run.name;
+  const job = run.job || {};
+  const last = run.history[run.history.length - 1];
+  const parts = [`${run.name}: ${job.state || "none"}`];
+  if (job.state === "running" && job.running) parts.push(`running ${job.running}`);
+  if (last) {
+    parts.push(`epoch ${last.epoch} of ${run.epochs}`, `${Math.round(last.train_images_per_second)} images/s`,
+      `validation accuracy ${(100 * last.validation_top1_accuracy).toFixed(1)}%`);
+  }
+  if (run.eta_seconds != null) parts.push(`about ${fmtSeconds(run.eta_seconds)} left`);
+  $("#run-state").textContent = parts.join(" \u00b7 ");
+  $("#run-state").dataset.state = job.state || "none";
+  $("#run-state").dataset.epochs = String(run.history.length);
+  const errorSpot = document.querySelector('.error[data-for="run"]');
+  errorSpot.textContent = job.state === "failed" ? (job.error || "the run failed") : "";
+  $("#run-log").textContent = job.log || "";
+  $("#stop").disabled = job.state !== "running";
+  $("#resume").disabled = job.state === "running" || job.state === "done";
+  chart($("#loss-chart"), run.history, [["train_loss", "training"], ["validation_loss", "validation"]], false);
+  chart($("#accuracy-chart"), run.history, [["validation_top1_accuracy", "top-1"], ["validation_top5_accuracy", "top-5"]], true);
+  clearTimeout(state.polling);
+  if (job.state === "running") state.polling = setTimeout(() => quietly(pollRun()), 1000);
+  else quietly(refreshRuns(run.name));
+}
+
+async function pollRun() {
+  if (!state.run) return;
+  showRun(await get(`/api/runs/${state.run}`, "run"));
+}
+
+// A line chart in SVG: each series its own dash and marker shape, named in the legend (readable without colour).
+function chart(node, history, series, percent) {
+  node.replaceChildren();
+  const W = 420, H = 240, left = 48, right = 12, top = 14, bottom = 34;
+  const epochs = history.map((h) => h.epoch);
+  const values = series.flatMap(([key]) => history.map((h) => h[key]).filter((v) => v != null && isFinite(v)));
+  if (!values.length) { label(node, { x: 150, y: 120 }, "no epoch yet"); return; }
+  let lo = Math.min(...values), hi = Math.max(...values);
+  if (percent) { lo = Math.min(lo, 0); hi = Math.max(hi, 1); }
+  if (hi === lo) { hi += 1; lo = Math.max(0, lo - 1); }
+  const maxEpoch = Math.max(...epochs, 2);
+  const x = (e) => left + (W - left - right) * (e - 1) / (maxEpoch - 1);
+  const y = (v) => top + (H - top - bottom) * (1 - (v - lo) / (hi - lo));
+  node.append(svg("line", { x1: left, y1: H - bottom, x2: W - right, y2: H - bottom, stroke: "#888" }));
+  node.append(svg("line", { x1: left, y1: top, x2: left, y2: H - bottom, stroke: "#888" }));
+  for (let i = 0; i <= 4; i++) {
+    const v = lo + (hi - lo) * i / 4;
+    label(node, { x: 4, y: y(v) + 4 }, percent ? `${(100 * v).toFixed(0)}%` : v.toFixed(2));
+  }
+  for (const e of epochs) label(node, { x: x(e) - 3, y: H - bottom + 14 }, String(e));
+  label(node, { x: W / 2 - 15, y: H - 4 }, "epoch");
+  const styles = [{ dash: "", marker: "circle", color: "#0b5cad" }, { dash: "6 4", marker: "square", color: "#b35c00" }];
+  series.forEach(([key, name], i) => {
+    const points = history.filter((h) => h[key] != null && isFinite(h[key]));
+    if (!points.length) return;
+    const s = styles[i];
+    node.append(svg("polyline", { points: points.map((h) => `${x(h.epoch)},${y(h[key])}`).join(" "), fill: "none",
+      stroke: s.color, "stroke-width": 2, "stroke-dasharray": s.dash, "data-series": key }));
+    for (const h of points) {
+      const mark = s.marker === "circle" ? svg("circle", { cx: x(h.epoch), cy: y(h[key]), r: 4, fill: s.color })
+        : svg("rect", { x: x(h.epoch) - 4, y: y(h[key]) - 4, width: 8, height: 8, fill: s.color });
+      mark.setAttribute("class", "point");
+      mark.append(svg("title")); mark.firstChild.textContent = `${name}, epoch ${h.epoch}: ${h[key].toFixed(4)}`;
+      node.append(mark);
+    }
+    const ly = top + 4 + 16 * i;
+    node.append(svg("line", { x1: W - 130, y1: ly, x2: W - 100, y2: ly, stroke: s.color, "stroke-width": 2, "stroke-dasharray": s.dash }));
+    label(node, { x: W - 95, y: ly + 4 }, name);
+  });
+}
+
+// --- 3. Evaluate -----------------------------------------------------------------------------------------
+
+async function loadEvaluation() {
+  clearErrors();
+  $("#evaluate-run").textContent = state.run ? `(${state.run})` : "";
+  if (!state.run) { showError("evaluate", "no run yet: train one first"); return; }
+  const run = await get(`/api/runs/${state.run}`, "evaluate");
+  const ev = run.evaluation;
+  const matrix = $("#confusion"), perClass = $("#per-class");
+  matrix.replaceChildren(); perClass.replaceChildren(); $("#cell-images").replaceChildren(); $("#cell-title").textContent = "";
+  if (!ev) {
+    $("#evaluate-summary").textContent = run.job.state === "running" ? "The run is still going: its evaluation comes at its end."
+      : "This run has no evaluation (it was stopped or failed): resume it on the training tab.";
+    return;
+  }
+  $("#evaluate-summary").textContent = `Accuracy ${(100 * ev.accuracy).toFixed(2)}%, macro F1 ${ev.f1_macro.toFixed(4)}, on ${ev.num_images} validation images`;
+  const labels = ev.confusion_matrix.labels, counts = ev.confusion_matrix.counts;
+  matrix.append(el("tr", {}, el("th", { text: "true \\ predicted" }), ...labels.map((l) => el("th", { text: l }))));
+  const most = Math.max(1, ...counts.flat());
+  labels.forEach((truth, i) => {
+    const row = el("tr", {}, el("th", { text: truth }));
+    labels.forEach((predicted, j) => {
+      const n = counts[i][j];
+      const shade = Math.round(255 - 150 * n / most);
+      const cell = el("td", { text: n, class: i === j ? "diagonal" : "", "data-truth": truth, "data-predicted": predicted,
+        style: `background: rgb(${shade},${shade},255)`, title: `${n} image(s) of ${truth} predicted as ${predicted}`,
+        onclick: () => quietly(showCell(cell, truth, predicted)) });
+      row.append(cell);
+    });
+    matrix.append(row);
+  });
+  perClass.append(el("tr", {}, ...["class", "precision", "recall", "F1", "images"].map((t) => el("th", { text: t }))));
+  for (const [label, m] of Object.entries(ev.per_class || {})) {
+    perClass.append(el("tr", {}, el("td", { text: label }), el("td", { text: m.precision.toFixed(3) }),
+      el("td", { text: m.recall.toFixed(3) }), el("td", { text: m.f1.toFixed(3) }), el("td", { text: m.support })));
+  }
+}
+
+async function showCell(cell, truth, predicted) {
+  document.querySelectorAll(".matrix td.chosen").forEach((c) => c.classList.remove("chosen"));
+  cell.classList.add("chosen");
+  const images = await get(`/api/runs/${state.run}/cell?truth=${encodeURIComponent(truth)}&predicted=${encodeURIComponent(predicted)}`, "evaluate");
+  $("#cell-title").textContent = `${images.length} image(s) of ${truth} predicted as ${predicted}`;
+  $("#cell-images").replaceChildren(...images.slice(0, 200).map((image) => el("figure", {},
+    el("img", { src: `/api/runs/${state.run}/scored/${image.row}/thumbnail`, alt: image.image, loading: "lazy" }),
+    el("figcaption", { text: `${image.image} (${(100 * image.confidence).toFixed(0)}%)` }))));
+}
+
+// --- 4. Try it -------------------------------------------------------------------------------------------
+
+async function predict(blob) {
+  clearErrors();
+  if (!state.run) { showError("predict", "no run yet: train one first"); return; }
+  const image = $("#predict-image");
+  image.src = URL.createObjectURL(blob); image.hidden = false;
+  const answer = await call("POST", `/api/runs/${state.run}/predict`, blob, "predict");
+  const ranked = Object.entries(answer.probabilities).sort((a, b) => b[1] - a[1]).slice(0, 5);
+  $("#predictions").replaceChildren(...ranked.map(([label, p]) => el("li", { "data-label": label },
+    `${label}: ${(100 * p).toFixed(1)}%`, el("span", { class: "bar", style: `width:${Math.round(200 * p)}px` }))));
+}
+
+$("#predict-file").addEventListener("change", (e) => { if (e.target.files[0]) quietly(predict(e.target.files[0])); });
+const drop = $("#drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault(); drop.classList.remove("over");
+  if (e.dataTransfer.files[0]) quietly(predict(e.dataTransfer.files[0]));
+});
+document.addEventListener("paste", (e) => {
+  if ($("#tab-try").hidden) return;
+  const file = [...e.clipboardData.files].find((f) => f.type.startsWith("image/"));
+  if (file) quietly(predict(file));
+});
+$("#webcam").addEventListener("click", async () => {
+  clearErrors();
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ video: true });
+    $("#video").srcObject = stream; $("#video").hidden = false; $("#capture").hidden = false;
+  } catch (exc) { showError("predict", `the webcam cannot be opened (${exc.name}): allow it in the browser, or choose a file`); }
+});
+$("#capture").addEventListener("click", () => {
+  const video = $("#video"), canvas = document.createElement("canvas");
+  canvas.width = video.videoWidth || 320; canvas.height = video.videoHeight || 240;
+  canvas.getContext("2d").drawImage(video, 0, 0, canvas.width, canvas.height);
+  canvas.toBlob((blob) => quietly(predict(blob)), "image/png");
+});
+
+// --- 5. Export -------------------------------------------------------------------------------------------
+
+async function showExport(run) {
+  $("#export-run").textContent = state.run ? `(${state.run})` : "";
+  if (!state.run) return;
+  run = run || await get(`/api/runs/${state.run}`, "export");
+  $("#download-zip").href = `/api/runs/${run.name}/download/model.zip`;
+  const list = $("#downloads");
+  list.replaceChildren();
+  for (const fmt of run.exports) {
+    const file = fmt === "onnx" ? "model.onnx" : "model.pt2";
+    for (const name of [file, `${fmt}-metadata.json`, `${fmt}-preprocess.py`]) {
+      list.append(el("li", {}, el("a", { href: `/api/runs/${run.name}/download/${name}`, download: "", text: name })));
+    }
+  }
+  const model = `${run.folder}/trained`;
+  $("#serve-command").textContent = `imgtrain serve ${model} --name ${run.name} --port 8080\n\n` +
+    `curl -s --data-binary @picture.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8080/predictions/${run.name}`;
+}
+
+async function exportAs(format) {
+  clearErrors();
+  if (!state.run) { showError("export", "no run yet: train one first"); return; }
+  const buttons = [$("#export-onnx"), $("#export-pt2")];
+  buttons.forEach((b) => { b.disabled = true; });
+  try { showExport(await post(`/api/runs/${state.run}/export`, { format }, "export")); }
+  finally { buttons.forEach((b) => { b.disabled = false; }); }
+}
+$("#export-onnx").addEventListener("click", () => quietly(exportAs("onnx")));
+$("#export-pt2").addEventListener("click", () => quietly(exportAs("pt2")));
+
+// --- Start -----------------------------------------------------------------------------------------------
+
+async function start() {
+  const s = await get("/api/state", "path");
+  $("#workspace").textContent = `workspace: ${s.workspace}`;
+  $("#roots").textContent = s.roots.join(", ");
+  for (const [key, value] of Object.entries(s.defaults)) { const input = $(`#${key}`); if (input && value != null) input.value = value; }
+  quietly(browse(null));
+  quietly(get("/api/models", "model_name").then((models) => { state.models = models; showModels(); }));
+  if (s.datasets.length) quietly(get(`/api/datasets/${s.datasets[s.datasets.length - 1]}`, "path").then(showDataset));
+  await refreshRuns();
+  if (state.run) quietly(pollRun());
+}
+quietly(start());

@@ -1,0 +1,237 @@
+"""The workspace: what the page makes, on disk, and which paths a request may reach.
+
+    WORKSPACE/
+      datasets/NAME/dataset.json   where its images come from (a folder or an archive)
+      datasets/NAME/images/        the ImageDirectory that Convert to Image Directory made of them (audit.json)
+      datasets/NAME/job/           the conversion's job (jobs.py)
+      runs/NAME/run.json           the data set, the architecture and Train PyTorch Model's parameters
+      runs/NAME/training/, validation/, untrained/, trained/, scored/, evaluation/, export/: the modules' outputs
+      runs/NAME/job/               the job that trains, scores and evaluates
+      .thumbnails/                 small JPEGs, made once per image file
+
+Every run is an ordinary model directory, usable from the CLI (``imgtrain score-image-model --trained-model
+WORKSPACE/runs/NAME/trained ...``). A request never names a file by its path, except the folder it opens:
+images are named by their data set, class and number, and a path to open must lie, once its symbolic links
+are followed, inside the workspace or a folder given with ``--data``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgtrain.errors import InvalidDatasetError, InvalidParameterError, escaped
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+THUMBNAIL = 128  # pixels, the longer side
+DATASETS, RUNS, THUMBNAILS = "datasets", "runs", ".thumbnails"
+
+
+def check_name(what: str, name: object) -> str:
+    """A data set's or run's name: a folder name that is plain ASCII, 1 to 64 characters."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        shown = escaped(repr(name))[:80]
+        raise InvalidParameterError(f"the {what} name {shown} is not a plain name",
+                                    "use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit")
+    return name
+
+
+def write_json(path: Path, value: object) -> None:
+    """A small JSON file, replaced whole (never seen half written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+
+
+@dataclass
+class Listing:
+    """A data set's images by class, as the page shows them."""
+
+    classes: list[str]
+    images: dict[str, list[Path]]  # class -> files; "" holds the images of an unlabelled folder
+    converted: bool  # listed from the ImageDirectory (else from the folder, before its conversion ends)
+
+
+class Workspace:
+    def __init__(self, root: Path | str, data: list[Path | str] = ()) -> None:
+        self.root = Path(root).resolve()
+        for sub in (DATASETS, RUNS, THUMBNAILS):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.roots = [self.root] + [Path(d).resolve() for d in data]
+        for folder in self.roots[1:]:
+            if not folder.is_dir():
+                raise InvalidParameterError(f"--data {folder}: not a folder", "pass a folder that holds images")
+        self._listings: dict[str, tuple[float, Listing]] = {}
+        self._lock = threading.Lock()
+
+    # --- Paths a request gives -----------------------------------------------------------------------
+
+    def allowed(self, text: object, what: str = "path") -> Path:
+        """The path a request gives, if it lies inside the workspace or a --data folder once resolved."""
+        if not isinstance(text, str) or not text.strip() or "\0" in text:
+            raise InvalidParameterError(f"the {what} is empty", "type a folder's path, or pick one below")
+        path = Path(text.strip()).expanduser()
+        if not path.is_absolute():
+            path = self.roots[-1] / path  # relative to the last --data folder (else the workspace)
+        real = path.resolve()
+        if not any(real == root or root in real.parents for root in self.roots):
+            listed = ", ".join(str(r) for r in self.roots)
+            raise InvalidParameterError(
+                f"{escaped(text.strip())} is outside the folders this page may open ({listed})",
+                "start `imgtrain ui` with --data FOLDER to open folders below FOLDER")
+        return real
+
+    def browse(self, text: str | None) -> dict:
+        """The folders (and archives) inside an allowed folder, for the page's folder picker."""
+        from imgtrain.data.convert import ARCHIVE_SUFFIXES
+
+        if not text:
+            return {"path": None, "parent": None, "folders": [str(r) for r in self.roots], "archives": []}
+        folder = self.allowed(text, "folder")
+        if not folder.is_dir():
+            raise InvalidDatasetError(f"{folder} is not a folder", "pick a folder")
+        folders, archives = [], []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir():
+                        folders.append(entry.name)
+                    elif entry.name.lower().endswith(ARCHIVE_SUFFIXES):
+                        archives.append(entry.name)
+                    if len(folders) + len(archives) >= 2000:
+                        break
+        except OSError as exc:
+            raise InvalidDatasetError(f"{folder} cannot be read ({exc.strerror})", "pick a folder you may read") \
+                from None
+        parent = folder.parent if any(folder != r and r in folder.parents for r in self.roots) else None
+        return {"path": str(folder), "parent": str(parent) if parent else None, "folders": sorted(folders),
+                "archives": sorted(archives)}
+
+    # --- Data sets -----------------------------------------------------------------------------------
+
+    def dataset_dir(self, name: str) -> Path:
+        folder = self.root / DATASETS / check_name("data set", name)
+        if not (folder / "dataset.json").is_file():
+            raise InvalidParameterError(f"there is no data set {name!r} in the workspace", "open a folder first")
+        return folder
+
+    def datasets(self) -> list[str]:
+        return sorted(p.parent.name for p in (self.root / DATASETS).glob("*/dataset.json"))
+
+    def new_dataset(self, source: Path) -> str:
+        """A data set for the folder or archive ``source``: the one it already has, or a new name."""
+        for name in self.datasets():
+            if read_json(self.root / DATASETS / name / "dataset.json", {}).get("source") == str(source):
+                return name
+        base = re.sub(r"[^A-Za-z0-9_.-]", "-", source.name.split(".")[0])[:40].strip("-.") or "data"
+        name, n = base, 1
+        while (self.root / DATASETS / name).exists():
+            n += 1
+            name = f"{base}-{n}"
+        folder = self.root / DATASETS / name
+        folder.mkdir(parents=True)
+        write_json(folder / "dataset.json", {"source": str(source), "opened": time.time()})
+        return name
+
+    def listing(self, name: str) -> Listing:
+        """The data set's classes and files: from its ImageDirectory once converted, else from its folder (walked
+        as Convert to Image Directory walks it). Kept while the folder's listing stays the same."""
+        folder = self.dataset_dir(name)
+        images = folder / "images"
+        source = Path(read_json(folder / "dataset.json", {})["source"])
+        stamp = _stamp(images if (images / "_meta.yaml").is_file() else source)
+        with self._lock:
+            kept = self._listings.get(name)
+            if kept and kept[0] == stamp:
+                return kept[1]
+        if (images / "_meta.yaml").is_file():
+            listing = _from_image_directory(images)
+        elif source.is_dir():
+            from imgtrain.data.convert import find_images
+
+            found = find_images(source)
+            by_class: dict[str, list[Path]] = {c: [] for c in found.categories} or {"": []}
+            for path, category in found.items:
+                by_class[category or ""].append(path)
+            listing = Listing(list(by_class), by_class, converted=False)
+        else:
+            listing = Listing([], {}, converted=False)  # an archive: listed once converted
+        with self._lock:
+            self._listings[name] = (stamp, listing)
+        return listing
+
+    def image_path(self, name: str, category: int, number: int) -> Path:
+        listing = self.listing(name)
+        if not 0 <= category < len(listing.classes):
+            raise InvalidParameterError(f"data set {name!r} has no class number {category}", "reload the page")
+        files = listing.images[listing.classes[category]]
+        if not 0 <= number < len(files):
+            raise InvalidParameterError(f"class {category} of {name!r} has no image number {number}",
+                                        "reload the page")
+        return files[number]
+
+    # --- Runs ----------------------------------------------------------------------------------------
+
+    def run_dir(self, name: str, *, exists: bool = True) -> Path:
+        folder = self.root / RUNS / check_name("run", name)
+        if exists and not (folder / "run.json").is_file():
+            raise InvalidParameterError(f"there is no run {name!r} in the workspace", "start one on the Train tab")
+        return folder
+
+    def runs(self) -> list[str]:
+        found = [(p.stat().st_mtime, p.parent.name) for p in (self.root / RUNS).glob("*/run.json")]
+        return [name for _, name in sorted(found, reverse=True)]
+
+    # --- Thumbnails ----------------------------------------------------------------------------------
+
+    def thumbnail(self, path: Path) -> Path:
+        """A small JPEG of the image file ``path``, made once (keyed by the file's path, size and time) with the
+        decoders every module uses; BadImageError names what is wrong with the file."""
+        from imgtrain.data.decode import load_rgb
+
+        info = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}|{info.st_size}|{info.st_mtime_ns}".encode()).hexdigest()[:32]
+        thumb = self.root / THUMBNAILS / key[:2] / f"{key}.jpg"
+        if thumb.is_file():
+            return thumb
+        image = load_rgb(path, draft_size=2 * THUMBNAIL)
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        thumb.parent.mkdir(exist_ok=True)
+        tmp = thumb.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
+        image.save(tmp, format="JPEG", quality=80)
+        os.replace(tmp, thumb)
+        return thumb
+
+
+def _stamp(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
+
+
+def _from_image_directory(root: Path) -> Listing:
+    from imgtrain.directories.image_directory import ImageDirectory
+
+    data = ImageDirectory.load(root)
+    classes = list(data.categories) or [""]
+    by_class: dict[str, list[Path]] = {c: [] for c in classes}
+    labels = data.labels if data.categories else [None] * len(data)
+    for i, label in enumerate(labels):
+        by_class[classes[label] if label is not None else ""].append(data.path(i))
+    return Listing(classes, by_class, converted=True)

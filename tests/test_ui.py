@@ -1,0 +1,307 @@
+"""imgtrain ui, end to end: the real server (`imgtrain ui` in its own process), driven in Debian's chromium
+through Playwright. A test fails on any console error of the page and on any request to another host.
+Screenshots of each step go to the test's folder, and to $IMGTRAIN_UI_SCREENSHOTS when set."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from PIL import Image
+
+from conftest import make_labelled_folder
+from imgtrain.ui.workspace import Workspace
+
+CHROMIUM = next((p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
+                 if p and os.path.exists(p)), None)
+needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed: the page is not "
+                                   "tested. Install it with `apt-get install -y chromium` (`.ci/run` does)")
+TOKEN = "a-token-for-the-tests-0123456789"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`imgtrain ui` on a free port, with a folder of three classes (and a few traps) it may open."""
+    root = tmp_path_factory.mktemp("ui")
+    data = root / "data"
+    make_labelled_folder(data / "shades", per_class=10)
+    lonely = make_labelled_folder(data / "lonely", per_class=3, classes=("dark", "bright"))
+    for name in sorted(os.listdir(lonely / "bright"))[1:]:
+        (lonely / "bright" / name).unlink()  # class bright: one image
+    (data / "notes.zip").write_bytes(b"this is not a zip archive")
+    os.symlink("/etc", data / "outside")
+    process = subprocess.Popen([sys.executable, "-m", "imgtrain", "ui", "--workspace", str(root / "ws"), "--data",
+                                str(data), "--port", "0", "--token", TOKEN], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    line = process.stdout.readline()
+    match = re.search(r"(http://\S+)\?token=(\S+)", line)
+    assert match, (line, process.stderr.read() if process.poll() is not None else "")
+    yield {"url": match.group(1), "token": match.group(2), "root": root, "data": data, "process": process}
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed: the page is not tested. Install it with "
+                    "`apt-get install -y chromium` (`.ci/run` does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--use-fake-device-for-media-stream",
+                                                                      "--use-fake-ui-for-media-stream"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server, tmp_path):
+    """A page on the server, logged in with the URL's token; failing on console errors and foreign requests."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    problems: list[str] = []
+    expected: list[str] = []  # console errors of answers a test provokes on purpose (4xx)
+    host = urlparse(server["url"]).netloc
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("request", lambda r: problems.append(f"request to another host: {r.url}")
+            if urlparse(r.url).netloc not in (host, "") and not r.url.startswith(("data:", "blob:")) else None)
+    page.goto(f"{server['url']}?token={server['token']}")
+    page.expected_errors = expected
+    page.shots = _Shots(tmp_path)
+    yield page
+    unexpected = [p for p in problems if not (p.startswith("console error: Failed to load resource")
+                                             and expected and any(code in p for code in expected))]
+    context.close()
+    assert not unexpected, unexpected
+
+
+class _Shots:
+    def __init__(self, folder: Path) -> None:
+        self.folders = [folder] + ([Path(os.environ["IMGTRAIN_UI_SCREENSHOTS"])]
+                                   if os.environ.get("IMGTRAIN_UI_SCREENSHOTS") else [])
+
+    def __call__(self, page, name: str) -> None:
+        for folder in self.folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+
+
+def _wait(page, selector: str, timeout: float = 30_000):
+    """page.wait_for_selector, failing with what the page shows: its errors and the run's state."""
+    from playwright.sync_api import TimeoutError as Timeout
+
+    try:
+        return page.wait_for_selector(selector, timeout=timeout)
+    except Timeout:
+        errors = [t for t in page.locator(".error").all_inner_texts() if t.strip()]
+        raise AssertionError(f"{selector} did not appear; errors on the page: {errors}; run: "
+                             f"{page.inner_text('#run-state')!r}; log: {page.inner_text('#run-log')[-1500:]!r}") \
+            from None
+
+
+def _error(page, field: str) -> str:
+    spot = page.locator(f'.error[data-for="{field}"]').first
+    spot.wait_for(state="visible", timeout=60_000)
+    return spot.inner_text()
+
+
+def _api(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+         token: bool = True) -> tuple[int, dict]:
+    request = urllib.request.Request(server["url"].rstrip("/") + path, data=body, method=method,
+                                     headers={**({"Authorization": f"token {server['token']}"} if token else {}),
+                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@needs_browser
+def test_a_person_opens_a_folder_trains_evaluates_tries_and_exports(page, server):
+    shots = page.shots
+    # 1. Data: the folder picked from the list the page offers; each class a column of thumbnails.
+    page.locator("#browse li", has_text=str(server["data"])).click()
+    page.locator("#browse li[data-path$='/shades']").click()
+    page.click("#open")
+    page.wait_for_selector('.class[data-class="bright"] img.thumb')
+    assert page.locator(".class h3").all_inner_texts() == ["bright · 10", "dark · 10", "mid · 10"]
+    page.wait_for_function("document.querySelector('#dataset-state').textContent.startsWith('Converted')")
+    assert "0 file(s) left out" in page.inner_text("#audit-list")
+    page.wait_for_function("[...document.querySelectorAll('.class')].every(c => [...c.querySelectorAll('img.thumb')]"
+                           ".filter(i => i.complete && i.naturalWidth).length >= 4)")
+    shots(page, "1-data")
+
+    # 2. Model and training: resnet18 from scratch, small and short; the curve's points arrive as epochs end.
+    page.click("nav button[data-tab=train]")
+    page.fill("#model-filter", "resnet")
+    page.click("#models tr[data-model=resnet18]")
+    for field, value in {"epochs": "3", "batch_size": "4", "image_size": "32", "patience": "3",
+                         "validation_share": "0.3", "run_name": "first"}.items():
+        page.fill(f"#{field}", value)
+    page.click("#train")
+    _wait(page, "#run-state[data-state=running]")
+    _wait(page, "#loss-chart circle.point", timeout=120_000)  # the first epoch's point, while it runs
+    _wait(page, "#run-state[data-state=done]", timeout=180_000)
+    assert page.locator("#loss-chart circle.point").count() == 3
+    assert page.locator("#accuracy-chart circle.point").count() == 3
+    shots(page, "2-training")
+    trained = server["root"] / "ws" / "runs" / "first" / "trained"
+    assert (trained / "metrics.jsonl").is_file()  # an ordinary model directory, which the CLI reads
+    check = subprocess.run([sys.executable, "-m", "imgtrain", "score-image-model", "--trained-model", str(trained),
+                            "--dataset", str(server["root"] / "ws" / "runs" / "first" / "validation"), "--output",
+                            str(server["root"] / "cli-scored")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+    # 3. Evaluate: a confusion-matrix cell shows its images.
+    page.click("nav button[data-tab=evaluate]")
+    page.wait_for_selector("#confusion td")
+    assert "Accuracy" in page.inner_text("#evaluate-summary")
+    cell = page.locator('#confusion td[data-truth="dark"][data-predicted="dark"]')
+    count = int(cell.inner_text())
+    cell.click()
+    if count:
+        page.wait_for_selector("#cell-images img")
+    assert page.locator("#cell-images figure").count() == count
+    assert page.locator("#per-class tr").count() == 4
+    shots(page, "3-evaluate")
+
+    # 4. Try it: an upload answered by serve's code, top classes with probabilities.
+    page.click("nav button[data-tab=try]")
+    picture = next((server["data"] / "shades" / "bright").iterdir())
+    page.set_input_files("#predict-file", str(picture))
+    page.wait_for_selector("#predictions li")
+    labels = page.locator("#predictions li").evaluate_all("items => items.map(i => i.dataset.label)")
+    assert sorted(labels) == ["bright", "dark", "mid"]
+    shots(page, "4-try")
+    # The webcam: Chromium's fake camera, one frame predicted.
+    page.click("#webcam")
+    page.wait_for_function("document.querySelector('#video').videoWidth > 0")
+    page.evaluate("document.querySelector('#predictions').replaceChildren()")
+    page.click("#capture")
+    page.wait_for_selector("#predictions li")
+
+    # 5. Export: ONNX, downloadable, and the serve command for this model.
+    page.click("nav button[data-tab=export]")
+    page.click("#export-onnx")
+    link = page.wait_for_selector("#downloads a:text('model.onnx')", timeout=120_000)
+    with page.expect_download() as download:
+        link.click()
+    onnx = download.value.path()
+    assert Path(onnx).stat().st_size > 1_000_000
+    assert f"imgtrain serve {trained}" in page.inner_text("#serve-command")
+    shots(page, "5-export")
+
+
+@needs_browser
+def test_bad_input_through_the_page_is_one_line_next_to_its_control(page, server):
+    page.expected_errors += ["400", "403", "404", "409", "413"]
+    for path, expected in [("/no/such/folder", "is outside the folders this page may open"),
+                           ("../../etc/passwd", "is outside the folders this page may open"),
+                           (f"{server['data']}/outside", "is outside the folders this page may open"),
+                           (f"{server['data']}/missing", "does not exist")]:
+        page.fill("#path", path)
+        page.click("#open")
+        message = _error(page, "path")
+        assert message.startswith("InvalidParameterError: ") and expected in message, message
+        page.evaluate("document.querySelector('.error[data-for=path]').textContent = ''")
+    # An archive that is not one: Convert to Image Directory's own error, once its job ends.
+    page.fill("#path", f"{server['data']}/notes.zip")
+    page.click("#open")
+    assert "InvalidDatasetError" in _error(page, "path")
+    page.screenshot(path=str(page.shots.folders[0] / "bad-archive.png"))
+
+    # A class with one image: the split leaves training or validation without it, named by Train's rules.
+    page.fill("#path", f"{server['data']}/lonely")
+    page.click("#open")
+    page.wait_for_function("document.querySelector('#dataset-state').textContent.startsWith('Converted')")
+    assert "Class bright has one image" in page.inner_text("#audit-list")
+    page.click("nav button[data-tab=train]")
+    page.fill("#batch_size", "2")
+    page.fill("#image_size", "16")  # under what ResNet can take
+    page.click("#train")
+    message = _error(page, "image_size")
+    assert message.startswith("NotInRangeValueError: parameter --image-size is 16"), message
+    first = server["root"] / "ws" / "runs" / "first"
+    if first.is_dir():  # the same one line as the CLI's
+        cli = subprocess.run([sys.executable, "-m", "imgtrain", "train-pytorch-model", "--untrained-model",
+                              str(first / "untrained"), "--training-data", str(first / "training"), "--validation-data",
+                              str(first / "validation"), "--output", str(server["root"] / "never"), "--image-size",
+                              "16"], capture_output=True, text=True)
+        assert cli.stderr.strip() == f"error: {message}"
+    page.fill("#image_size", "32")
+    page.fill("#batch_size", "50")
+    page.click("#train")
+    assert _error(page, "batch_size").startswith("NotInRangeValueError: parameter --batch-size is 50, allowed: [2, 3]")
+    page.fill("#batch_size", "2")
+    page.fill("#model_name", "resnet1000")
+    page.click("#train")
+    assert _error(page, "model_name").startswith("InvalidParameterError: ")
+    page.screenshot(path=str(page.shots.folders[0] / "bad-parameters.png"))
+
+
+def test_requests_without_the_token_paths_out_and_bad_uploads_are_refused(server):
+    status, answer = _api(server, "GET", "/api/state", token=False)
+    assert status == 403 and "token" in answer["error"]
+    status, _ = _api(server, "GET", "/api/state", headers={"Authorization": "token wrong"}, token=False)
+    assert status == 403
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(server["url"], timeout=30)
+    assert refused.value.code == 403
+    for path in ("../../etc/passwd", "/etc", str(server["data"] / "outside"), str(server["data"] / "outside/x")):
+        status, answer = _api(server, "GET", f"/api/browse?path={urllib.request.quote(path)}")
+        assert status == 400 and "outside the folders" in answer["error"], (path, answer)
+    for name in ("..", "..%2F..%2Fetc", "a%00b"):
+        status, answer = _api(server, "GET", f"/api/runs/{name}")
+        assert status in (400, 404), (name, answer)
+    status, answer = _api(server, "POST", "/api/datasets", b"[]", {"Content-Type": "text/plain"})
+    assert status == 415
+    runs = _api(server, "GET", "/api/runs")[1]
+    if not any(r["state"] == "done" for r in runs):
+        pytest.skip("no trained run: the end-to-end test did not run first")
+    name = next(r["name"] for r in runs if r["state"] == "done")
+    status, answer = _api(server, "POST", f"/api/runs/{name}/predict", b"%PDF-1.4 not an image",
+                          {"Content-Type": "application/octet-stream"})
+    assert status == 400 and answer["error"].startswith("the body: ") and answer["field"] == "predict", answer
+    # 200 MB announced: refused from its Content-Length, before a byte of it is read.
+    address = urlparse(server["url"])
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    connection.putrequest("POST", f"/api/runs/{name}/predict")
+    for header, value in {"Authorization": f"token {server['token']}", "Content-Type": "image/png",
+                          "Content-Length": str(200 * 2**20)}.items():
+        connection.putheader(header, value)
+    connection.endheaders()
+    answer = connection.getresponse()
+    assert answer.status == 413 and "over the limit" in json.loads(answer.read())["error"]
+    connection.close()
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 10)).save(buffer, format="PNG")
+    status, answer = _api(server, "POST", f"/api/runs/{name}/predict", buffer.getvalue(), {"Content-Type": "image/png"})
+    assert status == 200 and set(answer["probabilities"]) == {"bright", "dark", "mid"}, answer
+
+
+def test_the_workspace_refuses_names_and_paths_that_lead_out(tmp_path):
+    space = Workspace(tmp_path / "ws", [tmp_path])
+    (tmp_path / "in").mkdir()
+    os.symlink("/", tmp_path / "in" / "root")
+    assert space.allowed(str(tmp_path / "in")) == (tmp_path / "in").resolve()
+    for path in ("/", str(tmp_path / "in" / "root"), str(tmp_path / "in" / "root" / "etc"), "../..", "\0"):
+        with pytest.raises(Exception, match="outside the folders|is empty"):
+            space.allowed(path)
+    for name in ("..", ".hidden", "a/b", "a\\b", "x" * 65, "", "é"):
+        with pytest.raises(Exception, match="not a plain name"):
+            space.run_dir(name)
