@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,9 @@ def test_a_model_that_must_look_at_a_corner_is_seen_looking_there(corner_model, 
     assert page.count("<figure") == len(found) and "Grad-CAM" in page
     picture = np.asarray(Image.open(out / "000.png").convert("RGB"))
     assert picture.shape[1] > picture.shape[0]  # the image beside its overlay
+    listed = json.loads((out / "explanations.json").read_text())  # what the page of `imgtrain ui` reads
+    assert [(x["file"], x["image"], x["truth"], x["predicted"], x["method"]) for x in listed] == [
+        (f"{n:03d}.png", e.image, e.truth, e.predicted, e.method) for n, e in enumerate(found)]
 
 
 def test_transformers_get_integrated_gradients_and_the_cli_names_mistakes_first(corner_model, tmp_path):

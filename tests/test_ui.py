@@ -150,6 +150,7 @@ def test_a_person_opens_a_folder_trains_evaluates_tries_and_exports(page, server
     page.click("nav button[data-tab=train]")
     page.fill("#model-filter", "resnet")
     page.click("#models tr[data-model=resnet18]")
+    page.uncheck("#pretrained")  # no internet here: from scratch
     for field, value in {"epochs": "3", "batch_size": "4", "image_size": "32", "patience": "3",
                          "validation_share": "0.3", "run_name": "first"}.items():
         page.fill(f"#{field}", value)
@@ -178,6 +179,8 @@ def test_a_person_opens_a_folder_trains_evaluates_tries_and_exports(page, server
         page.wait_for_selector("#cell-images img")
     assert page.locator("#cell-images figure").count() == count
     assert page.locator("#per-class tr").count() == 4
+    page.wait_for_function("[...document.querySelectorAll('#mistakes img')].filter(i => i.complete && i.naturalWidth)"
+                           ".length >= 1")  # imgtrain explain's overlays: the validation share's mistakes first
     shots(page, "3-evaluate")
 
     # 4. Try it: an upload answered by serve's code, top classes with probabilities.
@@ -205,6 +208,44 @@ def test_a_person_opens_a_folder_trains_evaluates_tries_and_exports(page, server
     assert Path(onnx).stat().st_size > 1_000_000
     assert f"imgtrain serve {trained}" in page.inner_text("#serve-command")
     shots(page, "5-export")
+
+
+@needs_browser
+def test_a_run_outlives_its_page_and_stop_then_resume_go_on_from_the_checkpoint(browser, page, server):
+    status, opened = _api(server, "POST", "/api/datasets", json.dumps({"path": str(server["data"] / "shades")}).encode(),
+                          {"Content-Type": "application/json"})
+    assert status == 200, opened
+    page.reload()
+    page.wait_for_function("document.querySelector('#dataset-state').textContent.startsWith('Converted')")
+    page.click("nav button[data-tab=train]")
+    page.uncheck("#pretrained")
+    for field, value in {"epochs": "60", "patience": "60", "batch_size": "4", "image_size": "32",
+                         "run_name": "long"}.items():
+        page.fill(f"#{field}", value)
+    page.click("#train")
+    _wait(page, "#run-state[data-state=running]")
+    page.context.close()  # the page goes; the run does not
+
+    again = browser.new_context().new_page()
+    again.goto(f"{server['url']}?token={server['token']}")
+    again.click("nav button[data-tab=train]")
+    again.select_option("#run-select", "long")
+    _wait(again, "#loss-chart circle.point", timeout=120_000)
+    again.click("#stop")
+    _wait(again, "#run-state[data-state=stopped]", timeout=60_000)
+    history = _api(server, "GET", "/api/runs/long")[1]["history"]
+    assert 1 <= len(history) < 60
+    again.click("#resume")
+    again.wait_for_function(f"Number(document.querySelector('#run-state').dataset.epochs) > {len(history)}",
+                            timeout=120_000)
+    again.click("#stop")
+    _wait(again, "#run-state[data-state=stopped]", timeout=60_000)
+    resumed = _api(server, "GET", "/api/runs/long")[1]["history"]
+    assert [h["epoch"] for h in resumed] == list(range(1, len(resumed) + 1))  # on from the checkpoint, no gap
+    assert resumed[:len(history)] == history  # the epochs before the stop, unchanged
+    log = _api(server, "GET", "/api/runs/long")[1]["job"]["log"]
+    assert "--resume" in log
+    again.context.close()
 
 
 @needs_browser

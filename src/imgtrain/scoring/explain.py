@@ -13,6 +13,7 @@ its size, or its transformation's fixed operations) as scoring does.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import nn
 from imgtrain.errors import InvalidParameterError, MissingDependencyError
 
 PAGE = "index.html"
+LISTING = "explanations.json"  # each PNG's image, true and predicted label, probability and method
 MIN_CELLS = 7  # Grad-CAM's map: the deepest one with at least this many cells a side (ResNet's last at 224 px)
 
 
@@ -194,10 +196,14 @@ def explain(trained_model, dataset, output, *, images: int = 16, device: str = "
     page.paragraph(f"{len(explanations)} images; {explanations[0].method} for the predicted class "
                    "(red: what raised its score most)." if explanations else "No images.", css="lead")
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        listed = []
         for n, e in enumerate(explanations):
             png = overlay_png(e)
             (tmp / f"{n:03d}.png").write_bytes(png)
             page.figure(png, e.image, e.image)
+            listed.append({"file": f"{n:03d}.png", "image": e.image, "truth": e.truth, "predicted": e.predicted,
+                           "probability": float(e.probability), "method": e.method})
         page.write(tmp / PAGE)
+        (tmp / LISTING).write_text(json.dumps(listed, indent=1), encoding="utf-8")
     log(f"Explanations of {len(explanations)} images written to {output} (open {Path(output) / PAGE})")
     return explanations

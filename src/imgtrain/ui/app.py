@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import io
 import ipaddress
 import json
@@ -42,6 +43,7 @@ TRAINING_FIELDS = ("epochs", "batch_size", "learning_rate", "random_seed", "pati
 _FLAG = re.compile(r"--([a-z-]+)")
 _ANSWER_FIELDS = {"warmup-steps": "warmup_epochs"}
 EXPORTS = {"onnx": "model.onnx", "pt2": "model.pt2"}
+EXPLAINED = 8  # images `imgtrain explain` shows of a run's validation share: its worst mistakes first
 
 
 class PageError(Exception):
@@ -210,6 +212,10 @@ class UI:
                          str(folder / "validation"), "--output", str(folder / "scored"), "--overwrite"])
         commands.append(["evaluate-model", "--scored-dataset", str(folder / "scored"), "--output",
                          str(folder / "evaluation"), "--overwrite"])
+        if importlib.util.find_spec("captum") is not None:  # imgtrain[explain]: where it looked, mistakes first
+            commands.append(["explain", "--trained-model", str(folder / "trained"), "--dataset",
+                             str(folder / "validation"), "--images", str(EXPLAINED), "--output",
+                             str(folder / "explanations"), "--overwrite"])
         jobs.start(folder / "job", commands)
 
     def resume_run(self, name: str) -> dict:
@@ -244,7 +250,9 @@ class UI:
             eta = max(0.0, per_epoch * (epochs - history[-1]["epoch"]))
         evaluation = read_json(folder / "evaluation" / "metrics.json")
         exports = [fmt for fmt, file in EXPORTS.items() if (folder / "export" / fmt / file).is_file()]
+        explained = read_json(folder / "explanations" / "explanations.json", [])
         return {"name": name, "run": run, "job": job, "history": history, "epochs": epochs, "eta_seconds": eta,
+                "explanations": explained if isinstance(explained, list) else [],
                 "trained": (trained / "model.safetensors").is_file() or (trained / "_meta.yaml").is_file(),
                 "evaluation": _evaluation_summary(evaluation), "exports": exports,
                 "folder": str(folder)}
@@ -484,6 +492,13 @@ def make_app(ui: UI):
         except RequestError as exc:
             raise PageError(exc.status, exc.message, "predict") from None
 
+    def explanation(request: Request):
+        number = request.path_params["number"]
+        path = ui.workspace.run_dir(request.path_params["name"]) / "explanations" / f"{number:03d}.png"
+        if not 0 <= number < EXPLAINED or not path.is_file():
+            raise PageError(404, f"the run has no explanation number {number}", "evaluate")
+        return FileResponse(path, headers={"Cache-Control": "no-store"})
+
     def download(request: Request):
         name, what = request.path_params["name"], request.path_params["what"]
         folder = ui.workspace.run_dir(name)
@@ -537,6 +552,7 @@ def make_app(ui: UI):
                                              threaded=False), methods=["POST"]),
         Route("/api/runs/{name}/cell", api(cell, "evaluate")),
         Route("/api/runs/{name}/scored/{row:int}/thumbnail", api(scored_thumbnail)),
+        Route("/api/runs/{name}/explanation/{number:int}", api(explanation)),
         Route("/api/runs/{name}/predict", api(predict, "predict", threaded=False), methods=["POST"]),
         Route("/api/runs/{name}/export", api(posted(lambda r, d: ui.export(r.path_params["name"],
                                                                            str(d.get("format", "onnx")))),

@@ -307,6 +307,7 @@ async function loadEvaluation() {
   const ev = run.evaluation;
   const matrix = $("#confusion"), perClass = $("#per-class");
   matrix.replaceChildren(); perClass.replaceChildren(); $("#cell-images").replaceChildren(); $("#cell-title").textContent = "";
+  $("#mistakes").replaceChildren(); $("#mistakes-note").textContent = "";
   if (!ev) {
     $("#evaluate-summary").textContent = run.job.state === "running" ? "The run is still going: its evaluation comes at its end."
       : "This run has no evaluation (it was stopped or failed): resume it on the training tab.";
@@ -328,11 +329,26 @@ async function loadEvaluation() {
     });
     matrix.append(row);
   });
+  showMistakes(run);
   perClass.append(el("tr", {}, ...["class", "precision", "recall", "F1", "images"].map((t) => el("th", { text: t }))));
   for (const [label, m] of Object.entries(ev.per_class || {})) {
     perClass.append(el("tr", {}, el("td", { text: label }), el("td", { text: m.precision.toFixed(3) }),
       el("td", { text: m.recall.toFixed(3) }), el("td", { text: m.f1.toFixed(3) }), el("td", { text: m.support })));
   }
+}
+
+// `imgtrain explain` on the validation share: the mistakes first, the most confident first (Grad-CAM overlays).
+function showMistakes(run) {
+  const box = $("#mistakes");
+  const shown = run.explanations || [];
+  const wrong = shown.filter((e) => e.truth != null && e.truth !== e.predicted);
+  $("#mistakes-note").textContent = !shown.length
+    ? "No explanations: they need imgtrain[explain] (Captum), and a run that finished."
+    : wrong.length ? `${wrong.length} mistake(s), the most confident first; then images it got right.`
+      : "No mistakes on the validation images: where it looked at some of them.";
+  box.replaceChildren(...shown.map((e, n) => el("figure", { "data-mistake": String(e.truth !== e.predicted) },
+    el("img", { src: `/api/runs/${run.name}/explanation/${n}`, alt: `where the model looked in ${e.image}` }),
+    el("figcaption", { text: `${e.image}: ${e.truth ?? "?"} predicted as ${e.predicted} (${(100 * e.probability).toFixed(0)}%), ${e.method}` }))));
 }
 
 async function showCell(cell, truth, predicted) {
