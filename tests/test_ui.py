@@ -248,6 +248,49 @@ def test_a_run_outlives_its_page_and_stop_then_resume_go_on_from_the_checkpoint(
     again.context.close()
 
 
+PIPELINE = """type: pipeline
+inputs:
+  photos: {type: uri_folder, path: shades}
+jobs:
+  convert:
+    component: convert-to-image-directory
+    inputs: {source: "${{parent.inputs.photos}}"}
+  split:
+    component: split-image-directory
+    inputs: {source: "${{parent.jobs.convert.outputs.output}}", fraction: 0.8}
+"""
+
+
+@needs_browser
+def test_a_pipeline_file_is_drawn_with_each_steps_state_and_a_rerun_runs_only_what_changed(page, server):
+    file = server["data"] / "small.yaml"
+    file.write_text(PIPELINE)
+    page.click("nav button[data-tab=pipelines]")
+    page.fill("#pipeline-path", str(file))
+    page.click("#pipeline-open")
+    _wait(page, '#canvas g[data-step="split"][data-state="will run"]')
+    assert page.locator("#canvas path").count() == 2  # photos -> convert, convert.output -> split
+    page.click("#pipeline-run")
+    _wait(page, '#canvas g[data-step="split"][data-state="ran"]', timeout=120_000)
+    assert page.get_attribute('#canvas g[data-step="convert"]', "data-state") == "ran"
+    page.click('#canvas g[data-step="split"]')
+    _wait(page, '#step-outputs ul[data-port="output_a"] li')
+    page.shots(page, "6-pipeline")
+
+    file.write_text(PIPELINE.replace("fraction: 0.8", "fraction: 0.7"))  # split changed, convert did not
+    page.select_option("#pipeline-select", "small")
+    _wait(page, '#canvas g[data-step="split"][data-state="will run"]')
+    assert page.get_attribute('#canvas g[data-step="convert"]', "data-state") == "ran"  # by the last run: cached
+    page.click("#pipeline-run")
+    _wait(page, '#canvas g[data-step="split"][data-state="ran"]', timeout=120_000)
+    assert page.get_attribute('#canvas g[data-step="convert"]', "data-state") == "reused"
+
+    file.write_text(PIPELINE.replace("fraction: 0.8", "fraction: [0.8"))  # a file that does not read
+    page.expected_errors.append("400")
+    page.click("#pipeline-open")
+    assert _error(page, "pipeline").startswith(f"InvalidPipelineError: {file}:")
+
+
 @needs_browser
 def test_bad_input_through_the_page_is_one_line_next_to_its_control(page, server):
     page.expected_errors += ["400", "403", "404", "409", "413"]

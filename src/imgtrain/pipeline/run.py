@@ -95,6 +95,35 @@ def run_pipeline(file: Path | str, output: Path | str | None = None, *, force_re
     return runs
 
 
+@dataclass
+class StepPlan:
+    """What a run would do with a step now: its cache key, and whether the cache holds it (then it is reused)."""
+
+    name: str
+    key: str | None  # None when an input it reads (a pipeline input) is missing
+    cached: bool
+    entry: Path | None  # its folder in the cache: one sub-folder per output port
+
+
+def plan_pipeline(file: Path | str, *, cache: Path | str | None = None) -> tuple[Pipeline, list[StepPlan]]:
+    """The pipeline, and for each step (in run order) what ``run_pipeline`` would do with it now: reuse it
+    from the cache, or run it. The same keys as a run: the inputs' digests (which reads them whole)."""
+    pipeline = load_pipeline(file)
+    store = Path(cache) if cache is not None else pipeline.path.parent / CACHE_FOLDER
+    digests = {name: _folder_digest(path) for name, (kind, path) in pipeline.inputs.items()
+               if (path.is_dir() if kind == "uri_folder" else path.is_file())}
+    keys: dict[str, str] = {}
+    plans = []
+    for step in pipeline.steps.values():
+        if all((s.input in digests) if s.input is not None else s.job in keys for s in step.inputs.values()):
+            keys[step.name] = _key(step, digests, keys)
+            entry = store / keys[step.name]
+            plans.append(StepPlan(step.name, entry.name, entry.is_dir() and not pipeline.force_rerun, entry))
+        else:
+            plans.append(StepPlan(step.name, None, False, None))
+    return pipeline, plans
+
+
 def _check_places(pipeline: Pipeline, output: Path, store: Path, *, overwrite: bool) -> None:
     """Before any step runs (and before anything is made): the cache may not be or lie in an input (its
     entries are written into it; it may hold one, as a cache beside the file does) nor be a file; the output

@@ -43,6 +43,7 @@ TRAINING_FIELDS = ("epochs", "batch_size", "learning_rate", "random_seed", "pati
 _FLAG = re.compile(r"--([a-z-]+)")
 _ANSWER_FIELDS = {"warmup-steps": "warmup_epochs"}
 EXPORTS = {"onnx": "model.onnx", "pt2": "model.pt2"}
+PIPELINES_FILE, PIPELINES_DIR = "pipelines.json", "pipelines"  # the pipeline files opened, and their runs
 EXPLAINED = 8  # images `imgtrain explain` shows of a run's validation share: its worst mistakes first
 
 
@@ -323,6 +324,99 @@ class UI:
         export_model(folder / "trained", folder / "export" / fmt, format=fmt, overwrite=True, log=self.log)
         return self.run(name)
 
+    # --- Pipelines (the designer's canvas) ----------------------------------------------------------------
+
+    def pipelines(self) -> list[dict]:
+        known = read_json(self.workspace.root / PIPELINES_FILE, {})
+        return [{"name": name, "path": path} for name, path in sorted(known.items())]
+
+    def open_pipeline(self, body: dict) -> dict:
+        from imgtrain.pipeline.file import load_pipeline
+
+        path = self.workspace.allowed(body.get("path"), "pipeline file")
+        if not path.is_file():
+            raise InvalidParameterError(f"{path} is not a file", "pick a pipeline file (.yaml)")
+        load_pipeline(path)  # a file that does not read: its error now, with its line
+        known = read_json(self.workspace.root / PIPELINES_FILE, {})
+        name = next((n for n, p in known.items() if p == str(path)), None)
+        if name is None:
+            base = re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem)[:40].strip("-.") or "pipeline"
+            name, n = base, 1
+            while name in known:
+                n += 1
+                name = f"{base}-{n}"
+            known[name] = str(path)
+            write_json(self.workspace.root / PIPELINES_FILE, known)
+        return self.pipeline(name)
+
+    def _pipeline_path(self, name: str) -> Path:
+        path = read_json(self.workspace.root / PIPELINES_FILE, {}).get(check_name("pipeline", name))
+        if path is None:
+            raise PageError(404, f"there is no pipeline {name!r}: open its file first", "pipeline")
+        return self.workspace.allowed(path, "pipeline file")
+
+    def pipeline(self, name: str) -> dict:
+        """The graph of a pipeline file, and each step's state: reused from the cache, ran, running, failed, or
+        will run (what a run does now)."""
+        from imgtrain.pipeline.run import plan_pipeline
+
+        pipeline, plans = plan_pipeline(self._pipeline_path(name))
+        job = jobs.state(self.workspace.root / PIPELINES_DIR / name / "job")
+        said = {}  # what the last run said of each step: running, or reused
+        for line in job.get("log", "").splitlines():
+            found = re.match(r"step ([\w-]+) \([\w-]+\): (running|reused from the cache)", line)
+            if found:
+                said[found.group(1)] = found.group(2)
+        steps = []
+        for plan in plans:
+            step = pipeline.steps[plan.name]
+            if plan.cached:
+                state = "ran" if said.get(plan.name) == "running" else "reused"
+            elif said.get(plan.name) == "running":
+                state = {"running": "running", "failed": "failed", "stopped": "stopped"}.get(job["state"], "will run")
+            else:
+                state = "will run"
+            steps.append({"name": plan.name, "component": step.component.name, "state": state, "key": plan.key,
+                          "inputs": {port: ({"input": src.input} if src.input is not None
+                                            else {"step": src.job, "port": src.port})
+                                     for port, src in step.inputs.items()},
+                          "outputs": list(step.component.outputs), "parameters": {
+                              k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                              for k, v in step.parameters.items()}})
+        return {"name": name, "path": str(pipeline.path), "job": job, "steps": steps,
+                "inputs": [{"name": n, "kind": kind, "path": str(path)} for n, (kind, path) in pipeline.inputs.items()],
+                "outputs": {n: list(where) for n, where in pipeline.outputs.items()},
+                "output": str(self.workspace.root / PIPELINES_DIR / name / "output")}
+
+    def run_pipeline(self, name: str, body: dict) -> dict:
+        path = self._pipeline_path(name)
+        folder = self.workspace.root / PIPELINES_DIR / name
+        if jobs.state(folder / "job")["state"] == "running":
+            raise PageError(409, f"the pipeline {name!r} is running", "pipeline")
+        command = ["pipeline", "run", str(path), "--output", str(folder / "output"), "--overwrite"]
+        if body.get("force_rerun"):
+            command.append("--force-rerun")
+        (folder / "job" / "log.txt").unlink(missing_ok=True)  # the states read the last run's words
+        jobs.start(folder / "job", [command])
+        return self.pipeline(name)
+
+    def step_outputs(self, name: str, step: str) -> dict:
+        from imgtrain.pipeline.run import plan_pipeline
+
+        _, plans = plan_pipeline(self._pipeline_path(name))
+        plan = next((p for p in plans if p.name == step), None)
+        if plan is None:
+            raise PageError(404, f"the pipeline {name!r} has no step {escaped(step)[:40]!r}", "pipeline")
+        if not plan.cached:
+            return {"step": step, "folder": None, "files": {}}
+        files = {}
+        for port in sorted(p for p in plan.entry.iterdir() if p.is_dir()):
+            listed = sorted(str(f.relative_to(port)) for f in port.rglob("*") if f.is_file())
+            files[port.name] = listed[:30] + ([f"... and {len(listed) - 30} more"] if len(listed) > 30 else [])
+        metrics = read_json(plan.entry / "output" / "metrics.json")
+        return {"step": step, "folder": str(plan.entry), "files": files,
+                "accuracy": metrics.get("accuracy") if isinstance(metrics, dict) else None}
+
     def close(self) -> None:
         if self._endpoint:
             self._endpoint[2].batcher.stop()
@@ -558,6 +652,14 @@ def make_app(ui: UI):
                                                                            str(d.get("format", "onnx")))),
                                              "export", threaded=False), methods=["POST"]),
         Route("/api/runs/{name}/download/{what}", api(download, "export")),
+        Route("/api/pipelines", api(lambda r: ui.pipelines(), "pipeline")),
+        Route("/api/pipelines", api(posted(lambda r, d: ui.open_pipeline(d)), "pipeline", threaded=False),
+              methods=["POST"]),
+        Route("/api/pipelines/{name}", api(lambda r: ui.pipeline(r.path_params["name"]), "pipeline")),
+        Route("/api/pipelines/{name}/run", api(posted(lambda r, d: ui.run_pipeline(r.path_params["name"], d)),
+                                               "pipeline", threaded=False), methods=["POST"]),
+        Route("/api/pipelines/{name}/steps/{step}", api(lambda r: ui.step_outputs(r.path_params["name"],
+                                                                                  r.path_params["step"]), "pipeline")),
         Mount("/static", app=StaticFiles(directory=STATIC)),
     ]
     async def not_found(request: Request, exc):

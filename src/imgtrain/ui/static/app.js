@@ -66,6 +66,7 @@ function showTab(name) {
   document.querySelectorAll(".tab").forEach((t) => { t.hidden = t.id !== `tab-${name}`; });
   if (name === "evaluate") loadEvaluation();
   if (name === "export") showExport();
+  if (name === "pipelines") quietly(refreshPipelines());
   if (name === "try") $("#try-run").textContent = state.run ? `(${state.run})` : "(no run yet)";
 }
 document.querySelectorAll("nav button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
@@ -431,6 +432,101 @@ async function exportAs(format) {
 }
 $("#export-onnx").addEventListener("click", () => quietly(exportAs("onnx")));
 $("#export-pt2").addEventListener("click", () => quietly(exportAs("pt2")));
+
+// --- Pipelines: the designer's canvas --------------------------------------------------------------------
+
+const STATE_WORDS = { "reused": "\u2713 reused from the cache", "ran": "\u2713 ran", "running": "\u25B6 running\u2026",
+  "failed": "\u2717 failed", "stopped": "\u2717 stopped", "will run": "\u25CB will run" };
+
+async function refreshPipelines(chosen) {
+  const list = await get("/api/pipelines", "pipeline");
+  $("#pipeline-select").replaceChildren(...list.map((p) => el("option", { value: p.name, text: p.name })));
+  state.pipeline = chosen || state.pipeline || (list[0] && list[0].name) || null;
+  if (state.pipeline) { $("#pipeline-select").value = state.pipeline; await loadPipeline(); }
+}
+
+async function loadPipeline() {
+  if (!state.pipeline) return;
+  const data = await get(`/api/pipelines/${state.pipeline}`, "pipeline");
+  drawPipeline(data);
+  const job = data.job || {};
+  $("#pipeline-state").textContent = `${data.path}: ${job.state === "none" ? "not run from this page yet" : job.state}`;
+  $("#pipeline-state").dataset.state = job.state || "none";
+  $("#pipeline-log").textContent = job.log || "";
+  if (job.state === "failed") showError("pipeline", job.error || "the run failed");
+  $("#pipeline-run").disabled = job.state === "running";
+  clearTimeout(state.pipelinePolling);
+  if (job.state === "running") state.pipelinePolling = setTimeout(() => quietly(loadPipeline()), 1000);
+}
+
+// Columns by depth: the pipeline's inputs first, then each step one column right of what it reads.
+function drawPipeline(data) {
+  const canvas = $("#canvas");
+  canvas.replaceChildren();
+  const depth = {}, column = {};
+  for (const input of data.inputs) depth[`input:${input.name}`] = 0;
+  for (const step of data.steps) {
+    const from = Object.values(step.inputs).map((s) => s.input !== undefined ? depth[`input:${s.input}`] : depth[s.step]);
+    depth[step.name] = 1 + Math.max(0, ...from.filter((d) => d !== undefined));
+  }
+  const W = 190, H = 64, GX = 70, GY = 26, pos = {};
+  const nodes = [...data.inputs.map((i) => ({ id: `input:${i.name}`, title: i.name, sub: i.kind, input: true })),
+    ...data.steps.map((s) => ({ id: s.name, title: s.name, sub: s.component, step: s }))];
+  for (const node of nodes) {
+    const d = depth[node.id];
+    column[d] = (column[d] || 0) + 1;
+    pos[node.id] = { x: 10 + d * (W + GX), y: 10 + (column[d] - 1) * (H + GY) };
+  }
+  const width = 20 + (Math.max(...Object.values(depth)) + 1) * (W + GX), height = 20 + Math.max(...Object.values(column)) * (H + GY);
+  canvas.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  canvas.style.maxWidth = `${width}px`;
+  for (const step of data.steps) {
+    for (const [port, s] of Object.entries(step.inputs)) {
+      const a = pos[s.input !== undefined ? `input:${s.input}` : s.step], b = pos[step.name];
+      if (!a || !b) continue;
+      const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
+      const edge = svg("path", { d: `M${x1},${y1} C${x1 + GX / 2},${y1} ${x2 - GX / 2},${y2} ${x2},${y2}`,
+        "data-from": s.input !== undefined ? s.input : `${s.step}.${s.port}`, "data-to": `${step.name}.${port}` });
+      edge.append(svg("title")); edge.firstChild.textContent = `${s.input !== undefined ? s.input : `${s.step}.${s.port}`} \u2192 ${step.name}.${port}`;
+      canvas.append(edge);
+    }
+  }
+  for (const node of nodes) {
+    const p = pos[node.id];
+    const group = svg("g", { class: node.input ? "input" : "step", transform: `translate(${p.x},${p.y})` });
+    if (node.step) { group.setAttribute("data-step", node.step.name); group.setAttribute("data-state", node.step.state); }
+    group.append(svg("rect", { width: W, height: H, rx: 6 }));
+    label(group, { x: 10, y: 20, "font-weight": "600" }, node.title);
+    label(group, { x: 10, y: 37 }, node.sub);
+    if (node.step) {
+      label(group, { x: 10, y: 54, class: "state" }, STATE_WORDS[node.step.state] || node.step.state);
+      group.addEventListener("click", () => quietly(showStepOutputs(node.step.name)));
+    }
+    canvas.append(group);
+  }
+}
+
+async function showStepOutputs(step) {
+  const data = await get(`/api/pipelines/${state.pipeline}/steps/${encodeURIComponent(step)}`, "pipeline");
+  const box = $("#step-outputs");
+  box.replaceChildren(el("h3", { text: `Step ${step}` }));
+  if (!data.folder) { box.append(el("p", { class: "muted", text: "Not in the cache yet: run the pipeline." })); return; }
+  box.append(el("p", { class: "muted", text: `Its outputs, in the cache: ${data.folder}` }));
+  if (data.accuracy != null) box.append(el("p", { text: `Accuracy ${(100 * data.accuracy).toFixed(2)}%` }));
+  for (const [port, files] of Object.entries(data.files)) {
+    box.append(el("h4", { text: port }), el("ul", { "data-port": port }, ...files.map((f) => el("li", { text: f }))));
+  }
+}
+
+$("#pipeline-open").addEventListener("click", async () => {
+  clearErrors();
+  quietly(post("/api/pipelines", { path: $("#pipeline-path").value }, "pipeline").then((p) => refreshPipelines(p.name)));
+});
+$("#pipeline-select").addEventListener("change", () => { state.pipeline = $("#pipeline-select").value; quietly(loadPipeline()); });
+$("#pipeline-run").addEventListener("click", () => {
+  clearErrors();
+  quietly(post(`/api/pipelines/${state.pipeline}/run`, { force_rerun: $("#force-rerun").checked }, "pipeline").then(loadPipeline));
+});
 
 // --- Start -----------------------------------------------------------------------------------------------
 
