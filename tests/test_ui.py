@@ -212,8 +212,8 @@ def test_a_person_opens_a_folder_trains_evaluates_tries_and_exports(page, server
 
 @needs_browser
 def test_a_run_outlives_its_page_and_stop_then_resume_go_on_from_the_checkpoint(browser, page, server):
-    status, opened = _api(server, "POST", "/api/datasets", json.dumps({"path": str(server["data"] / "shades")}).encode(),
-                          {"Content-Type": "application/json"})
+    body = json.dumps({"path": str(server["data"] / "shades")}).encode()
+    status, opened = _api(server, "POST", "/api/datasets", body, {"Content-Type": "application/json"})
     assert status == 200, opened
     page.reload()
     page.wait_for_function("document.querySelector('#dataset-state').textContent.startsWith('Converted')")
@@ -246,6 +246,34 @@ def test_a_run_outlives_its_page_and_stop_then_resume_go_on_from_the_checkpoint(
     log = _api(server, "GET", "/api/runs/long")[1]["job"]["log"]
     assert "--resume" in log
     again.context.close()
+
+
+@needs_browser
+def test_a_folder_uploaded_from_the_page_becomes_a_data_set(page, server, tmp_path):
+    chosen = make_labelled_folder(tmp_path / "pets", per_class=4, classes=("dark", "bright"))
+    (chosen / "dark" / "notes.txt").write_text("not an image")
+    page.expected_errors.append("415")
+    page.set_input_files("#upload-folder", str(chosen))
+    page.wait_for_function("document.querySelector('#upload-state').textContent.startsWith('8 of 9 files uploaded')")
+    assert "notes.txt is not an image file" in page.inner_text("#upload-state")
+    _wait(page, '.class[data-class="bright"] img.thumb')
+    assert page.locator(".class h3").all_inner_texts() == ["bright · 4", "dark · 4"]
+    page.wait_for_function("document.querySelector('#dataset-state').textContent.startsWith('Converted')")
+    uploaded = Path(page.input_value("#path"))
+    assert uploaded.parent == server["root"] / "ws" / "uploads" and len(list(uploaded.rglob("*.*"))) == 8
+
+
+def test_uploads_keep_to_their_folder_and_their_size(server):
+    for path, status in [("../../escape.png", 400), ("a/../../b.png", 400), (".hidden/x.png", 400),
+                         ("cls/.x.png", 400), ("cls/x\x01.png", 400), ("x.txt", 415), ("", 415),
+                         ("deep/er/cls/kept.png", 200)]:
+        code, answer = _api(server, "POST", f"/api/uploads?folder=up&path={urllib.request.quote(path)}", b"abc",
+                            {"Content-Type": "application/octet-stream"})
+        assert code == status, (path, answer)
+    assert sorted(p.relative_to(server["root"]) for p in server["root"].rglob("*.png")
+                  if "data" not in p.parts and "up" in p.parts) == [Path("ws/uploads/up/cls/kept.png")]
+    code, answer = _api(server, "POST", "/api/uploads?folder=../x&path=a/b.png", b"abc")
+    assert code == 400 and "not a plain name" in answer["error"]
 
 
 PIPELINE = """type: pipeline

@@ -720,11 +720,13 @@ class _RunFiles:
         generators = self.world.gather(rng_state(self.device))  # every process's, for each to resume its own
         if not self.world.is_main:
             return
-        _write_metrics(self.work / METRICS_FILE, history)
         save_checkpoint(self.work / CHECKPOINT_FILE, self.network, self.optimizer, self.schedule, {
             "run_id": self.run_id, "parameters": self.run_parameters, "asked": self.asked, "epoch": epoch,
             "early_stopping": asdict(stopper), "history": [asdict(m) for m in history],
             "scaler": self.scaler.state_dict(), "world_size": self.world.size}, generators)
+        # Then the epoch's row: a row in metrics.csv (a point on `imgtrain ui`'s curves) always has its checkpoint,
+        # so that a run stopped as soon as the row appears resumes after that epoch, not before it.
+        _write_metrics(self.work / METRICS_FILE, history)
 
 
 def _remove_leftovers(work: Path) -> None:

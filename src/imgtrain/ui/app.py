@@ -38,11 +38,12 @@ from imgtrain.ui import jobs
 from imgtrain.ui.workspace import Workspace, check_name, read_json, write_json
 
 STATIC = Path(__file__).parent / "static"
-MAX_UPLOAD_MB = 20.0  # an image sent to Try it
+MAX_UPLOAD_MB = 20.0  # an image sent to Try it, or uploaded in a dropped folder
 TRAINING_FIELDS = ("epochs", "batch_size", "learning_rate", "random_seed", "patience", "image_size")
 _FLAG = re.compile(r"--([a-z-]+)")
 _ANSWER_FIELDS = {"warmup-steps": "warmup_epochs"}
 EXPORTS = {"onnx": "model.onnx", "pt2": "model.pt2"}
+UPLOADS = "uploads"  # the folders dropped on the page
 PIPELINES_FILE, PIPELINES_DIR = "pipelines.json", "pipelines"  # the pipeline files opened, and their runs
 EXPLAINED = 8  # images `imgtrain explain` shows of a run's validation share: its worst mistakes first
 
@@ -106,6 +107,45 @@ class UI:
             jobs.start(folder / "job", [["convert-to-image-directory", str(path), "--output",
                                          str(folder / "images"), "--overwrite"]])
         return self.dataset(name)
+
+    async def upload(self, request) -> dict:
+        """One file of a folder dropped on the page (or chosen with "Upload a folder"), streamed to
+        WORKSPACE/uploads/NAME/CLASS/FILE: ``?folder=NAME&path=[TOP/]CLASS/FILE`` (its last two parts are kept;
+        a lone FILE is unlabelled). Only image files, at most --max-upload-mb each; the images are decoded
+        later, by Convert to Image Directory, when the page opens the folder."""
+        from imgtrain.directories.image_directory import IMAGE_EXTENSIONS
+
+        folder = check_name("upload", request.query_params.get("folder"))
+        parts = [p for p in str(request.query_params.get("path", "")).replace("\\", "/").split("/") if p]
+        parts = parts[-2:]
+        for part in parts:
+            if part in (".", "..") or part.startswith(".") or len(part.encode()) > 255 \
+                    or re.search(r"[\x00-\x1f\x7f]", part):
+                raise PageError(400, f"the file name {escaped(part)[:80]!r} is not one to keep: rename it", "path")
+        if not parts or not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+            raise PageError(415, f"{escaped('/'.join(parts))[:120]} is not an image file (it ends in none of "
+                                 f"{', '.join(IMAGE_EXTENSIONS)}): left out", "path")
+        limit = int(MAX_UPLOAD_MB * 2**20)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PageError(413, f"{escaped(parts[-1])[:80]} is {int(declared):,} bytes, over the limit of "
+                                 f"{limit:,} for an image", "path")
+        target = self.workspace.root / UPLOADS / folder / Path(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        received = 0
+        try:
+            with open(tmp, "wb") as out:
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        raise PageError(413, f"{escaped(parts[-1])[:80]} is over the limit of {limit:,} bytes for "
+                                             "an image", "path")
+                    out.write(chunk)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return {"saved": "/".join(parts), "bytes": received, "folder": str(self.workspace.root / UPLOADS / folder)}
 
     def dataset(self, name: str) -> dict:
         folder = self.workspace.dataset_dir(name)
@@ -633,6 +673,7 @@ def make_app(ui: UI):
         Route("/api/browse", api(browse, "path")),
         Route("/api/datasets", api(posted(lambda r, d: ui.open_dataset(d)), "path", threaded=False),
               methods=["POST"]),
+        Route("/api/uploads", api(ui.upload, "path", threaded=False), methods=["POST"]),
         Route("/api/datasets/{name}", api(dataset, "dataset")),
         Route("/api/datasets/{name}/images", api(dataset_images, "dataset")),
         Route("/api/datasets/{name}/thumbnail/{category:int}/{number:int}", api(thumbnail)),

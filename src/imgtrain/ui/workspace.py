@@ -7,6 +7,8 @@
       runs/NAME/run.json           the data set, the architecture and Train PyTorch Model's parameters
       runs/NAME/training/, validation/, untrained/, trained/, scored/, evaluation/, export/: the modules' outputs
       runs/NAME/job/               the job that trains, scores and evaluates
+      uploads/NAME/CLASS/FILE      the folders dropped on the page (then opened as any folder)
+      pipelines.json, pipelines/   the pipeline files opened, and their runs' logs and outputs
       .thumbnails/                 small JPEGs, made once per image file
 
 Every run is an ordinary model directory, usable from the CLI (``imgtrain score-image-model --trained-model

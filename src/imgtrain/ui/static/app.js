@@ -176,6 +176,57 @@ function pagedThumbnails(scroll, name, index) {
     { root: scroll, rootMargin: "200px" }).observe(sentinel);
 }
 
+// A dropped (or chosen) folder: its image files sent one by one to the workspace, then opened as any folder.
+async function upload(files) {
+  clearErrors();
+  if (!files.length) return;
+  const stamp = new Date().toISOString().replace(/[-:T]/g, "").slice(0, 14);
+  const folder = `dropped-${stamp}`;
+  let done = 0, leftOut = [], target = null;
+  const status = $("#upload-state");
+  const queue = files.slice();
+  const worker = async () => {
+    while (queue.length) {
+      const { file, path } = queue.shift();
+      const response = await fetch(`/api/uploads?folder=${folder}&path=${encodeURIComponent(path)}`, { method: "POST", body: file });
+      const answer = await response.json().catch(() => ({ error: `the server answered ${response.status}` }));
+      if (response.ok) target = answer.folder; else leftOut.push(answer.error);
+      done += 1;
+      status.textContent = `uploading: ${done} of ${files.length} files`;
+    }
+  };
+  await Promise.all([worker(), worker(), worker(), worker()]);
+  status.textContent = `${done - leftOut.length} of ${files.length} files uploaded` + (leftOut.length ? `; ${leftOut.length} left out: ${leftOut[0]}` : "");
+  if (!target) { showError("path", leftOut[0] || "no image file was uploaded"); return; }
+  $("#path").value = target;
+  await openFolder();
+}
+
+async function entries(entry, prefix) {  // a dropped folder, walked as the browser lists it
+  if (entry.isFile) return [await new Promise((ok, fail) => entry.file((file) => ok({ file, path: prefix + file.name }), fail))];
+  const reader = entry.createReader(), found = [];
+  for (;;) {
+    const batch = await new Promise((ok, fail) => reader.readEntries(ok, fail));
+    if (!batch.length) break;
+    for (const child of batch) found.push(...await entries(child, `${prefix}${entry.name}/`));
+  }
+  return found;
+}
+
+const folderDrop = $("#folder-drop");
+folderDrop.addEventListener("dragover", (e) => { e.preventDefault(); folderDrop.classList.add("over"); });
+folderDrop.addEventListener("dragleave", () => folderDrop.classList.remove("over"));
+folderDrop.addEventListener("drop", async (e) => {
+  e.preventDefault(); folderDrop.classList.remove("over");
+  const roots = [...e.dataTransfer.items].map((item) => item.webkitGetAsEntry && item.webkitGetAsEntry()).filter(Boolean);
+  const files = roots.length ? (await Promise.all(roots.map((r) => entries(r, "")))).flat()
+    : [...e.dataTransfer.files].map((file) => ({ file, path: file.name }));
+  quietly(upload(files));
+});
+$("#upload-folder").addEventListener("change", (e) => {
+  quietly(upload([...e.target.files].map((file) => ({ file, path: file.webkitRelativePath || file.name }))));
+});
+
 $("#open").addEventListener("click", () => quietly(openFolder()));
 $("#path").addEventListener("keydown", (e) => { if (e.key === "Enter") quietly(openFolder()); });
 
