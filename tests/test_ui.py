@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -274,6 +275,33 @@ def test_uploads_keep_to_their_folder_and_their_size(server):
                   if "data" not in p.parts and "up" in p.parts) == [Path("ws/uploads/up/cls/kept.png")]
     code, answer = _api(server, "POST", "/api/uploads?folder=../x&path=a/b.png", b"abc")
     assert code == 400 and "not a plain name" in answer["error"]
+
+
+def test_a_second_folder_can_validate_and_the_split_is_shown(server):
+    make_labelled_folder(server["data"] / "held-out", per_class=3, seed=5)
+    names = []
+    for folder in ("shades", "held-out"):
+        status, opened = _api(server, "POST", "/api/datasets", json.dumps({"path": str(server["data"] / folder)})
+                              .encode(), {"Content-Type": "application/json"})
+        assert status == 200, opened
+        names.append(opened["name"])
+    deadline = time.monotonic() + 120
+    while any(_api(server, "GET", f"/api/datasets/{n}")[1]["job"]["state"] == "running" for n in names):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    status, run = _api(server, "POST", "/api/runs", json.dumps({
+        "dataset": names[0], "validation_dataset": names[1], "model_name": "resnet18", "pretrained": False,
+        "epochs": 1, "batch_size": 4, "image_size": 32, "name": "held-out-run"}).encode(),
+        {"Content-Type": "application/json"})
+    assert status == 200, run
+    _api(server, "POST", "/api/runs/held-out-run/stop", b"{}", {"Content-Type": "application/json"})
+    assert run["run"]["split"] == {"training": {"bright": 10, "dark": 10, "mid": 10},
+                                   "validation": {"bright": 3, "dark": 3, "mid": 3}}
+    assert run["run"]["validation"].endswith(f"datasets/{names[1]}/images")
+    status, answer = _api(server, "POST", "/api/runs", json.dumps({
+        "dataset": names[0], "validation_dataset": "../x", "name": "other"}).encode(),
+        {"Content-Type": "application/json"})
+    assert status == 400 and "not a plain name" in answer["error"], answer
 
 
 PIPELINE = """type: pipeline

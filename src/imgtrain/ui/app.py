@@ -214,20 +214,39 @@ class UI:
         if folder.exists():
             raise PageError(400, f"InvalidParameterError: the run {name!r} exists. Pick another name", "name")
         params = TrainingParameters(**values)
-        staging = folder.with_name(f".{folder.name}.new")
-        shutil.rmtree(staging, ignore_errors=True)
+        other = body.get("validation_dataset") or None
+        if other is not None:  # a second folder validates: the whole data set trains
+            other_folder = self.workspace.dataset_dir(str(other))
+            if not (other_folder / "images" / "_meta.yaml").is_file():
+                raise PageError(400, f"the data set {other!r} is still being converted: wait for its audit",
+                                "validation_dataset")
+        staging = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.new")  # two clicks: two folders
         try:
-            a, _ = split_image_directory(data_folder / "images", staging / "training", staging / "validation",
-                                         fraction=round(1 - share, 6), random_seed=params.random_seed)
+            if other is None:
+                split_image_directory(data_folder / "images", staging / "training", staging / "validation",
+                                      fraction=round(1 - share, 6), random_seed=params.random_seed)
+                training, validation = folder / "training", folder / "validation"
+                sets = (ImageDirectory.load(staging / "training"), ImageDirectory.load(staging / "validation"))
+            else:
+                staging.mkdir(parents=True)
+                training, validation = data_folder / "images", other_folder / "images"
+                sets = (ImageDirectory.load(training), ImageDirectory.load(validation))
             try:
-                params.check(a)
+                params.check(len(sets[0]))
             except ImgtrainError as exc:
                 raise PageError(400, one_line(exc), _field_of(exc.message, None)) from None
-            ImageDirectory.load(staging / "validation")  # a share too small for one image is named now
+            split = {side: {c: int((data.labels == i).sum()) for i, c in enumerate(data.categories)}
+                     for side, data in zip(("training", "validation"), sets, strict=True)}
             write_json(staging / "run.json", {"dataset": dataset, "model_name": model_name, "pretrained": pretrained,
-                                              "validation_share": share, "parameters": values,
-                                              "created": time.time()})
-            staging.rename(folder)
+                                              "validation_share": None if other else share,
+                                              "validation_dataset": other, "training": str(training),
+                                              "validation": str(validation), "split": split,
+                                              "parameters": values, "created": time.time()})
+            try:
+                staging.rename(folder)
+            except OSError:
+                raise PageError(400, f"InvalidParameterError: the run {name!r} exists. Pick another name",
+                                "name") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self._start_training(folder, resume=False)
@@ -241,21 +260,22 @@ class UI:
             commands.append(["image-model", "--model-name", run["model_name"],
                              "--pretrained" if run["pretrained"] else "--no-pretrained",
                              "--output", str(folder / "untrained")])
+        training, validation = run.get("training", str(folder / "training")), run.get("validation",
+                                                                                     str(folder / "validation"))
         train = ["train-pytorch-model", "--untrained-model", str(folder / "untrained"), "--training-data",
-                 str(folder / "training"), "--validation-data", str(folder / "validation"), "--output",
-                 str(folder / "trained")]
+                 training, "--validation-data", validation, "--output", str(folder / "trained")]
         for key, value in values.items():
             train += [f"--{key.replace('_', '-')}", str(value)]
         if resume:
             train.append("--resume")
         commands.append(train)
         commands.append(["score-image-model", "--trained-model", str(folder / "trained"), "--dataset",
-                         str(folder / "validation"), "--output", str(folder / "scored"), "--overwrite"])
+                         validation, "--output", str(folder / "scored"), "--overwrite"])
         commands.append(["evaluate-model", "--scored-dataset", str(folder / "scored"), "--output",
                          str(folder / "evaluation"), "--overwrite"])
         if importlib.util.find_spec("captum") is not None:  # imgtrain[explain]: where it looked, mistakes first
             commands.append(["explain", "--trained-model", str(folder / "trained"), "--dataset",
-                             str(folder / "validation"), "--images", str(EXPLAINED), "--output",
+                             validation, "--images", str(EXPLAINED), "--output",
                              str(folder / "explanations"), "--overwrite"])
         jobs.start(folder / "job", commands)
 
@@ -325,9 +345,8 @@ class UI:
         if not 0 <= row < len(table.images) or table.root is None:
             raise PageError(404, f"the run {name!r} has no scored image number {row}")
         path = (table.root / table.images[row]).resolve()
-        folder = self.workspace.run_dir(name).resolve()
-        if folder not in path.parents:
-            raise PageError(403, f"scored image {row} of {name!r} lies outside its run")
+        if self.workspace.root not in path.parents:  # the run's validation share, or a data set validating it
+            raise PageError(403, f"scored image {row} of {name!r} lies outside the workspace")
         return path
 
     async def endpoint(self, name: str):

@@ -133,7 +133,8 @@ class Workspace:
         return folder
 
     def datasets(self) -> list[str]:
-        return sorted(p.parent.name for p in (self.root / DATASETS).glob("*/dataset.json"))
+        return sorted(p.parent.name for p in (self.root / DATASETS).glob("*/dataset.json")
+                      if not p.parent.name.startswith("."))
 
     def new_dataset(self, source: Path) -> str:
         """A data set for the folder or archive ``source``: the one it already has, or a new name."""
@@ -196,7 +197,8 @@ class Workspace:
         return folder
 
     def runs(self) -> list[str]:
-        found = [(p.stat().st_mtime, p.parent.name) for p in (self.root / RUNS).glob("*/run.json")]
+        found = [(p.stat().st_mtime, p.parent.name) for p in (self.root / RUNS).glob("*/run.json")
+                 if not p.parent.name.startswith(".")]  # a run being made
         return [name for _, name in sorted(found, reverse=True)]
 
     # --- Thumbnails ----------------------------------------------------------------------------------

@@ -96,7 +96,13 @@ async function openFolder() {
   showDataset(data);
 }
 
+function knowDataset(name) {
+  const select = $("#validation_dataset");
+  if (![...select.options].some((o) => o.value === name)) select.append(el("option", { value: name, text: name }));
+}
+
 function showDataset(data) {
+  knowDataset(data.name);
   const changed = !state.dataset || state.dataset.name !== data.name || state.dataset.converted !== data.converted
     || state.dataset.images !== data.images;
   state.dataset = data;
@@ -252,7 +258,8 @@ async function train() {
   clearErrors();
   const value = (id) => $(`#${id}`).value.trim();
   const body = { dataset: state.dataset && state.dataset.name, model_name: value("model_name"),
-    pretrained: $("#pretrained").checked, validation_share: value("validation_share"), name: value("run_name") || undefined };
+    pretrained: $("#pretrained").checked, validation_share: value("validation_share"), name: value("run_name") || undefined,
+    validation_dataset: $("#validation_dataset").value || undefined };
   for (const key of ["epochs", "batch_size", "learning_rate", "random_seed", "patience", "image_size"]) body[key] = value(key);
   $("#train").disabled = true;
   try {
@@ -289,6 +296,9 @@ function showRun(run) {
   }
   if (run.eta_seconds != null) parts.push(`about ${fmtSeconds(run.eta_seconds)} left`);
   $("#run-state").textContent = parts.join(" \u00b7 ");
+  const split = (run.run || {}).split;
+  $("#run-split").textContent = split ? ["training", "validation"].map((side) => `${side}: ` +
+    Object.entries(split[side]).map(([c, n]) => `${c} ${n}`).join(", ")).join(" \u00b7 ") : "";
   $("#run-state").dataset.state = job.state || "none";
   $("#run-state").dataset.epochs = String(run.history.length);
   const errorSpot = document.querySelector('.error[data-for="run"]');
@@ -588,6 +598,7 @@ async function start() {
   for (const [key, value] of Object.entries(s.defaults)) { const input = $(`#${key}`); if (input && value != null) input.value = value; }
   quietly(browse(null));
   quietly(get("/api/models", "model_name").then((models) => { state.models = models; showModels(); }));
+  $("#validation_dataset").append(...s.datasets.map((d) => el("option", { value: d, text: d })));
   if (s.datasets.length) quietly(get(`/api/datasets/${s.datasets[s.datasets.length - 1]}`, "path").then(showDataset));
   await refreshRuns();
   if (state.run) quietly(pollRun());
