@@ -445,3 +445,21 @@ def test_the_workspace_refuses_names_and_paths_that_lead_out(tmp_path):
     for name in ("..", ".hidden", "a/b", "a\\b", "x" * 65, "", "é"):
         with pytest.raises(Exception, match="not a plain name"):
             space.run_dir(name)
+
+
+def test_the_command_line_names_bad_options_and_warns_off_loopback(tmp_path):
+    for args, expected in [(["--token", "short"], "error: InvalidParameterError: --token is shorter than 16"),
+                           (["--data", str(tmp_path / "missing")], "error: InvalidParameterError: --data "),
+                           (["--port", "70000"], "error: NotInRangeValueError: parameter --port is 70000")]:
+        r = subprocess.run([sys.executable, "-m", "imgtrain", "ui", "--workspace", str(tmp_path / "ws"), *args],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and r.stderr.startswith(expected) and len(r.stderr.splitlines()) == 1, r.stderr
+        assert not (tmp_path / "ws").exists()  # nothing made by a command that failed
+    process = subprocess.Popen([sys.executable, "-m", "imgtrain", "ui", "--workspace", str(tmp_path / "ws"), "--host",
+                                "0.0.0.0", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr.readline().startswith("warning: listening on 0.0.0.0, not only this machine")
+        assert re.match(r"imgtrain ui: open http://0\.0\.0\.0:\d+/\?token=[\w-]{32}$", process.stdout.readline())
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0

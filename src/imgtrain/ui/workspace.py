@@ -70,12 +70,14 @@ class Listing:
 class Workspace:
     def __init__(self, root: Path | str, data: list[Path | str] = ()) -> None:
         self.root = Path(root).resolve()
-        for sub in (DATASETS, RUNS, THUMBNAILS):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.roots = [self.root] + [Path(d).resolve() for d in data]
         for folder in self.roots[1:]:
             if not folder.is_dir():
                 raise InvalidParameterError(f"--data {folder}: not a folder", "pass a folder that holds images")
+        if self.root.exists() and not self.root.is_dir():
+            raise InvalidParameterError(f"--workspace {self.root}: not a folder", "pass a folder (made if missing)")
+        for sub in (DATASETS, RUNS, THUMBNAILS):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._listings: dict[str, tuple[float, Listing]] = {}
         self._lock = threading.Lock()
 
