@@ -294,6 +294,11 @@ function showRun(run) {
     parts.push(`epoch ${last.epoch} of ${run.epochs}`, `${Math.round(last.train_images_per_second)} images/s`,
       `validation accuracy ${(100 * last.validation_top1_accuracy).toFixed(1)}%`);
   }
+  const scored = run.history.filter((h) => h.validation_loss != null && isFinite(h.validation_loss));
+  if (scored.length > 1) {  // the weights kept: the epoch of the lowest validation loss, as training keeps them
+    const best = scored.reduce((a, b) => (b.validation_loss < a.validation_loss ? b : a));
+    parts.push(`best epoch ${best.epoch} (kept): ${(100 * best.validation_top1_accuracy).toFixed(1)}%`);
+  }
   if (run.eta_seconds != null) parts.push(`about ${fmtSeconds(run.eta_seconds)} left`);
   $("#run-state").textContent = parts.join(" \u00b7 ");
   const split = (run.run || {}).split;
