@@ -188,7 +188,12 @@ class Workspace:
         if not 0 <= number < len(files):
             raise InvalidParameterError(f"class {category} of {name!r} has no image number {number}",
                                         "reload the page")
-        return files[number]
+        real = files[number].resolve()
+        if not any(root in real.parents for root in self.roots):  # a symbolic link out of the folders it may open
+            raise InvalidParameterError(f"{files[number]} leads outside the folders this page may open",
+                                        "copy the image into the folder, or start `imgtrain ui` with --data "
+                                        "naming where it is")
+        return real
 
     # --- Runs ----------------------------------------------------------------------------------------
 
