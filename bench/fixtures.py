@@ -138,3 +138,29 @@ def many_small_pngs(cache: Path, count: int) -> Path:
         k = i % len(encoded)
         (tmp / str(labels[k]) / f"{i:06d}.png").write_bytes(encoded[k])
     return _finish(tmp, folder)
+
+
+def small_jpegs(cache: Path, count: int, size: int = 64, classes: int = 10) -> Path:
+    """``count`` small RGB JPEG files (``size`` x ``size``) in ``classes`` folders, each image its own.
+
+    A colour per class, blended with a coarse random pattern upscaled to the size: every file differs (so
+    no duplicates for the convert audit to group) and decodes as a photo of that size does. Each image is
+    seeded by its number.
+    """
+    folder = cache / f"jpeg{size}-{count}"
+    if _complete(folder):
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    colours = np.random.default_rng(0).uniform(40, 215, size=(classes, 3)).astype(np.float32)
+    for c in range(classes):
+        (tmp / f"class-{c}").mkdir(parents=True)
+    for i in range(count):
+        c = i % classes
+        rng = np.random.default_rng([1, i])
+        coarse = Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8), mode="RGB")
+        pattern = np.asarray(coarse.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+        pixels = 0.6 * colours[c] + 0.4 * pattern + rng.normal(0, 4, size=(size, size, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="RGB").save(
+            tmp / f"class-{c}" / f"{i:05d}.jpg", quality=90)
+    return _finish(tmp, folder)

@@ -19,6 +19,7 @@ from responsiveness import shared_cpu, startup
 from scale import scale
 from serving import serving
 from torch import nn
+from ui import ui
 from zoo import zoo
 
 # --- 1. training throughput ----------------------------------------------------------------------------------
@@ -480,4 +481,5 @@ SECTIONS: dict[str, tuple[Callable[[Context], Section], str]] = {
     "scale": (scale, "training and scoring, one process against N under torchrun"),
     "serve": (serving, "imgtrain serve under 1, 8 and 32 clients, batched and one at a time, vs a bare call"),
     "zoo": (zoo, "six architectures from scratch on the digits: training and scoring img/s, time to 97%"),
+    "ui": (ui, "imgtrain ui: first page, opening 20,000 images, training from the page vs the CLI, live curves"),
 }
