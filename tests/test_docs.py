@@ -126,6 +126,13 @@ QUOTED = {
     "MissingDependencyError: --mlflow needs the mlflow package, which is not installed":
         ("MissingDependencyError: --mlflow needs the mlflow package, which is not installed. install it with "
          "`pip install 'imgtrain[mlflow]'`", "test_tracking.py::test_a_missing_extra_is_one_line_before_any_work"),
+    "InvalidParameterError: --epochs 2.9 is not a whole number":
+        ("InvalidParameterError: --epochs 2.9 is not a whole number",
+         "test_ui.py::test_what_an_outside_review_found_stays_fixed"),
+    "NotInRangeValueError: parameter --image-size is 16, ...":
+        ("NotInRangeValueError: parameter --image-size is 16, allowed: [32, 4,096]. pass an image size from 32 "
+         "(DenseNet and ResNet shrink images 32-fold) to 4096",
+         "test_ui.py::test_bad_input_through_the_page_is_one_line_next_to_its_control"),
     "NotInRangeValueError: parameter --batch-size is 50, allowed: [2, 3]. ...":
         ("NotInRangeValueError: parameter --batch-size is 50, allowed: [2, 3]. pass a batch size from 2 (BatchNorm "
          "needs two images a batch) to 3, the number of training images",

@@ -294,6 +294,10 @@ def test_a_second_folder_can_validate_and_the_split_is_shown(server):
         {"Content-Type": "application/json"})
     assert status == 200, run
     _api(server, "POST", "/api/runs/held-out-run/stop", b"{}", {"Content-Type": "application/json"})
+    while _api(server, "GET", "/api/runs/held-out-run")[1]["job"]["state"] == "running":
+        assert time.monotonic() < deadline + 60
+        time.sleep(0.2)
+    assert _api(server, "GET", "/api/runs/held-out-run")[1]["job"]["state"] == "stopped"  # even while starting
     assert run["run"]["split"] == {"training": {"bright": 10, "dark": 10, "mid": 10},
                                    "validation": {"bright": 3, "dark": 3, "mid": 3}}
     assert run["run"]["validation"].endswith(f"datasets/{names[1]}/images")
@@ -472,3 +476,92 @@ def test_the_command_line_names_bad_options_and_warns_off_loopback(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def _post(server, path: str, body: object, **headers) -> tuple[int, dict]:
+    return _api(server, "POST", path, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
+
+
+def test_what_an_outside_review_found_stays_fixed(server):
+    """Each case a hostile reviewer confirmed against the first version of the page."""
+    data = server["data"]
+    # A folder with an image that is a symbolic link out of the folders the page may open: refused whole.
+    outside = make_labelled_folder(server["root"] / "outside-secret", per_class=1, classes=("dark",))
+    evil = make_labelled_folder(data / "evil", per_class=2, classes=("dark", "bright"))
+    os.symlink(next((outside / "dark").iterdir()), evil / "dark" / "link.png")
+    status, answer = _post(server, "/api/datasets", {"path": str(evil)})
+    assert status == 400 and "symbolic links out of the folders" in answer["error"] and answer["field"] == "path"
+    # A '--' in a path names no control; a folder named '_private' opens.
+    status, answer = _post(server, "/api/datasets", {"path": "cats--batch-size"})
+    assert status == 400 and answer["field"] == "path", answer
+    make_labelled_folder(data / "_private", per_class=2, classes=("dark", "bright"))
+    status, answer = _post(server, "/api/datasets", {"path": str(data / "_private")})
+    assert status == 200 and answer["name"] == "private", answer
+    # Numbers the CLI would refuse, refused by name; never a 500.
+    for field, value in [("epochs", 1e309), ("epochs", 2.9), ("epochs", True), ("epochs", "1e3"),
+                         ("learning_rate", "nan"), ("learning_rate", [1]), ("validation_share", [1]),
+                         ("batch_size", {"a": 1}), ("image_size", "-Infinity")]:
+        status, answer = _post(server, "/api/runs", {"dataset": "private", field: value})
+        assert status == 400 and answer["error"].startswith("InvalidParameterError: --") \
+            and answer["field"] == field, (field, value, answer)
+        if value == 2.9:
+            assert answer["error"] == "InvalidParameterError: --epochs 2.9 is not a whole number"
+    # Thumbnails: a negative start is the first page; the token only as the CLI prints it.
+    status, page = _api(server, "GET", "/api/datasets/private/images?class=0&start=-5&count=2")
+    assert status == 200 and [i["number"] for i in page["images"]] == [0, 1]
+    assert _api(server, "GET", "/api/state", headers={"Authorization": server["token"]}, token=False)[0] == 403
+    assert _api(server, "GET", "/api/state", headers={"Cookie": "imgtrain-ui-x=wrong"})[0] == 200
+    # Two runs' models answer predictions at the same time (the first version stopped one in use).
+    runs = {r["name"]: r for r in _api(server, "GET", "/api/runs")[1]}
+    if runs.get("first", {}).get("state") != "done":
+        pytest.skip("no trained run: the end-to-end test did not run first")
+    copy = server["root"] / "ws" / "runs" / "copy"
+    shutil.copytree(server["root"] / "ws" / "runs" / "first", copy, ignore=shutil.ignore_patterns("job"))
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 200, 200)).save(buffer, format="PNG")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda name: _api(server, "POST", f"/api/runs/{name}/predict", buffer.getvalue(),
+                                                  {"Content-Type": "image/png"}), ["first", "copy"] * 6))
+    assert [status for status, _ in answers] == [200] * 12, answers
+    # Resuming a finished run is refused; four Train clicks with one name make one run, and no stray folder.
+    status, answer = _post(server, "/api/runs/first/resume", {})
+    assert status == 409 and "complete" in answer["error"]
+    body = {"dataset": "private", "model_name": "resnet18", "pretrained": False, "epochs": 1, "batch_size": 2,
+            "image_size": 32, "validation_share": 0.5, "name": "twice"}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: _post(server, "/api/runs", body), range(4)))
+    assert sorted(status for status, _ in answers) == [200, 400, 400, 400] or \
+        sorted(status for status, _ in answers)[0] == 200 and [s for s, _ in answers].count(200) == 1, answers
+    _post(server, "/api/runs/twice/stop", {})
+    assert sorted(p.name for p in (server["root"] / "ws" / "runs").iterdir()) == ["copy", "first", "held-out-run",
+                                                                                  "long", "twice"]
+    deadline = time.monotonic() + 60
+    while _api(server, "GET", "/api/runs/twice")[1]["job"]["state"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_thumbnails_are_made_once_per_content_and_their_urls_change_with_the_listing(tmp_path):
+    from imgtrain import convert_to_image_directory
+
+    space = Workspace(tmp_path / "ws", [tmp_path])
+    source = make_labelled_folder(tmp_path / "pets", per_class=3, classes=("dark", "bright"))
+    (source / "dark" / "000.png").write_bytes(b"not a png")  # convert leaves it out: the numbers shift
+    name = space.new_dataset(source)
+    before = space.version(name)
+    first = space.thumbnail(space.image_path(name, 1, 1))
+    convert_to_image_directory(source, space.dataset_dir(name) / "images", log=lambda m: None)
+    assert space.listing(name).converted and space.version(name) != before
+    copied = space.image_path(name, 1, 0)  # the same file, copied by convert (001.png, now the first)
+    assert copied != first and space.thumbnail(copied) == first
+
+
+def test_the_pages_defaults_are_train_pytorch_models():
+    from dataclasses import asdict
+
+    from imgtrain.training.train import TrainingParameters
+    from imgtrain.ui.app import DEFAULTS
+
+    assert DEFAULTS == {k: v for k, v in asdict(TrainingParameters()).items() if k in DEFAULTS}

@@ -28,12 +28,10 @@ import base64
 import binascii
 import json
 import re
-import signal
 import struct
 import sys
-import threading
 from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +40,6 @@ import torch
 
 from imgtrain.errors import (
     BadImageError,
-    InvalidParameterError,
     MissingDependencyError,
     check_choice,
     check_range,
@@ -640,36 +637,6 @@ def make_app(endpoint: Endpoint):
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-def _check_address(host: str, port: int) -> None:
-    """A named error now, before the model loads, where the address cannot be listened on (in use, unknown)."""
-    import socket
-
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            probe.bind((host, port))
-    except OSError as exc:
-        raise InvalidParameterError(f"cannot listen on {host}:{port} ({exc.strerror or exc})",
-                                    f"pick another {option('port')}, or stop what listens there") from None
-
-
-@contextmanager
-def _stop_signals_end_quietly():
-    """uvicorn stops gracefully on SIGTERM and SIGINT, then raises the signal again for whatever handled it
-    before: here, a handler that lets serve() return, so that a stop is a clean exit (0), not a kill."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda number, frame: None) for sig in stops}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def serve(
     trained_model: Path | str,
     *,
@@ -683,10 +650,12 @@ def serve(
     _imports()
     import uvicorn
 
+    from imgtrain.deploy.listening import check_address, stop_signals_end_quietly
+
     options = options or ServeOptions()
     options.check()
     check_range("port", port, low=0, high=65535)
-    _check_address(host, port)
+    check_address(host, port)
     name = name or Path(trained_model).resolve().name
     endpoint = Endpoint(trained_model, name, options, log)
     log(f"Serving {name} ({endpoint.describe}) on http://{host}:{port}: Open Inference Protocol at "
@@ -695,6 +664,6 @@ def serve(
         "stops it once the requests in flight are answered")
     config = uvicorn.Config(make_app(endpoint), host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30, backlog=2048)
-    with _stop_signals_end_quietly():
+    with stop_signals_end_quietly():
         uvicorn.Server(config).run()
     log(f"Stopped serving {name}: {endpoint.batcher.images:,} images scored in {endpoint.batcher.batches:,} batches")

@@ -16,6 +16,7 @@ import importlib.util
 import io
 import ipaddress
 import json
+import math
 import re
 import secrets
 import shutil
@@ -38,9 +39,14 @@ from imgtrain.ui import jobs
 from imgtrain.ui.workspace import Workspace, check_name, read_json, write_json
 
 STATIC = Path(__file__).parent / "static"
+KEPT_MODELS = 2  # trained models kept loaded for Try it
 MAX_UPLOAD_MB = 20.0  # an image sent to Try it, or uploaded in a dropped folder
-TRAINING_FIELDS = ("epochs", "batch_size", "learning_rate", "random_seed", "patience", "image_size")
-_FLAG = re.compile(r"--([a-z-]+)")
+# Train PyTorch Model's defaults (the designer's), as TrainingParameters has them (a test holds them equal): the
+# page's first answer needs no torch.
+DEFAULTS = {"epochs": 5, "batch_size": 16, "learning_rate": 0.001, "random_seed": 1, "patience": 3, "image_size": None}
+TRAINING_FIELDS = tuple(DEFAULTS)
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z-]*)")
+CONTROLS = set(TRAINING_FIELDS) | {"validation_share", "validation_dataset", "model_name", "name", "format"}
 _ANSWER_FIELDS = {"warmup-steps": "warmup_epochs"}
 EXPORTS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 UPLOADS = "uploads"  # the folders dropped on the page
@@ -63,10 +69,12 @@ def one_line(exc: BaseException) -> str:
 
 
 def _field_of(message: str, default: str | None) -> str | None:
-    match = _FLAG.search(message)
-    if match:
-        name = match.group(1)
-        return _ANSWER_FIELDS.get(name, name.replace("-", "_"))
+    """The control an error names: the first of the page's parameters that the message names as a flag (a
+    ``--`` inside a path the user gave names nothing)."""
+    for match in _FLAG.finditer(message):
+        name = _ANSWER_FIELDS.get(match.group(1), match.group(1).replace("-", "_"))
+        if name in CONTROLS:
+            return name
     return default
 
 
@@ -75,7 +83,7 @@ class UI:
 
     def __init__(self, workspace: Workspace, token: str, log: Callable[[str], None]) -> None:
         self.workspace, self.token, self.log = workspace, token, log
-        self._endpoint: tuple[Path, float, object] | None = None
+        self._endpoints: dict[tuple[Path, int], list] = {}  # (model, its time) -> [Endpoint, requests using it]
         self._endpoint_lock = asyncio.Lock()
         self._catalog: list[dict] | None = None
         # Cookies are kept per host, not per port: each server's has a name of its own.
@@ -98,6 +106,13 @@ class UI:
             if not found.items:
                 raise InvalidParameterError(f"{path} holds no images", "pick a folder with one sub-folder of "
                                             "images per class")
+            # Convert follows symbolic links: one out of the folders the page may open would bring that file in.
+            out = [p for p, _ in found.items if not self.workspace.inside(p.resolve())]
+            if out:
+                raise InvalidParameterError(
+                    f"{len(out):,} image(s) of {path} are symbolic links out of the folders this page may open "
+                    f"(the first: {escaped(str(out[0]))})", "copy those images into the folder, or start `imgtrain "
+                    "ui` with --data naming where they are")
         elif not path.name.lower().endswith(ARCHIVE_SUFFIXES):
             raise InvalidParameterError(f"{path} is not a folder or an archive",
                                         f"pick a folder, or an archive ending in {', '.join(ARCHIVE_SUFFIXES)}")
@@ -176,6 +191,14 @@ class UI:
         from imgtrain.models.registry import get_architecture
         from imgtrain.training.train import TrainingParameters
 
+        values = {}  # the form's numbers first: what is wrong in it is said before anything else
+        for key in TRAINING_FIELDS:
+            value = body.get(key)
+            if value not in (None, ""):
+                values[key] = _number(key, value, whole=key != "learning_rate")
+        share = _number("validation_share", body.get("validation_share", 0.2), whole=False)
+        check_range("validation_share", share, low=0, high=1, low_inclusive=False, high_inclusive=False,
+                    hint="pass a share of the images between 0 and 1, such as 0.2")
         dataset = body.get("dataset")
         if not dataset:
             raise PageError(400, "InvalidParameterError: no data set is open. Open a folder on the Data tab first",
@@ -183,32 +206,14 @@ class UI:
         data_folder = self.workspace.dataset_dir(str(dataset))
         if not (data_folder / "images" / "_meta.yaml").is_file():
             state = jobs.state(data_folder / "job")
-            raise PageError(400, state.get("error") or "the data set is still being converted: wait for its audit",
-                            "dataset")
+            raise PageError(400, state.get("error") or "InvalidDatasetError: the data set is still being converted. "
+                                                       "Wait for its audit on the Data tab", "dataset")
         model_name = str(body.get("model_name") or "resnet18")
         try:
             get_architecture(model_name)
         except ImgtrainError as exc:
             raise PageError(400, one_line(exc), "model_name") from None
-        pretrained = bool(body.get("pretrained", False))
-        values = {}
-        for key in TRAINING_FIELDS:
-            value = body.get(key)
-            if value in (None, ""):
-                continue
-            try:
-                values[key] = float(value) if key == "learning_rate" else int(value)
-            except (TypeError, ValueError):
-                raise PageError(400, f"InvalidParameterError: --{key.replace('_', '-')} {escaped(str(value))[:40]} "
-                                     "is not a number", key) from None
-        share = body.get("validation_share", 0.2)
-        try:
-            share = float(share)
-            check_range("validation_share", share, low=0, high=1, low_inclusive=False, high_inclusive=False,
-                        hint="pass a share of the images between 0 and 1, such as 0.2")
-        except ValueError:
-            raise PageError(400, "InvalidParameterError: the validation share is not a number", "validation_share") \
-                from None
+        pretrained = body.get("pretrained", False) is True
         name = body.get("name") or time.strftime("run-%Y%m%d-%H%M%S")
         folder = self.workspace.run_dir(check_name("run", name), exists=False)
         if folder.exists():
@@ -235,6 +240,7 @@ class UI:
                 params.check(len(sets[0]))
             except ImgtrainError as exc:
                 raise PageError(400, one_line(exc), _field_of(exc.message, None)) from None
+            self._training_elsewhere("train")  # after the checks: an error in the form is said first
             split = {side: {c: int((data.labels == i).sum()) for i, c in enumerate(data.categories)}
                      for side, data in zip(("training", "validation"), sets, strict=True)}
             write_json(staging / "run.json", {"dataset": dataset, "model_name": model_name, "pretrained": pretrained,
@@ -279,10 +285,21 @@ class UI:
                              str(folder / "explanations"), "--overwrite"])
         jobs.start(folder / "job", commands)
 
+    def _training_elsewhere(self, field: str) -> None:
+        """One training at a time: two would share the cores, each at half the speed."""
+        for other in self.workspace.runs():
+            if jobs.state(self.workspace.run_dir(other) / "job")["state"] == "running":
+                raise PageError(409, f"the run {other!r} is running: stop it, or wait for it to end, before "
+                                     "starting another", field)
+
     def resume_run(self, name: str) -> dict:
         folder = self.workspace.run_dir(name)
-        if jobs.state(folder / "job")["state"] == "running":
+        state = jobs.state(folder / "job")["state"]
+        if state == "running":
             raise PageError(409, f"the run {name!r} is running", "resume")
+        if state == "done":
+            raise PageError(409, f"the run {name!r} is complete: there is nothing to resume", "resume")
+        self._training_elsewhere("resume")
         self._start_training(folder, resume=True)
         return self.run(name)
 
@@ -349,8 +366,10 @@ class UI:
             raise PageError(403, f"scored image {row} of {name!r} lies outside the workspace")
         return path
 
+    @asynccontextmanager
     async def endpoint(self, name: str):
-        """The run's trained model, loaded as `imgtrain serve` loads it (one at a time)."""
+        """The run's trained model, loaded as `imgtrain serve` loads it, held for one request. A few stay loaded
+        (the most recently used); one is let go only when no request uses it."""
         from starlette.concurrency import run_in_threadpool
 
         from imgtrain.deploy.serve import Endpoint, ServeOptions, _imports
@@ -359,17 +378,22 @@ class UI:
         trained = self.workspace.run_dir(name) / "trained"
         if not trained.is_dir():
             raise PageError(409, f"the run {name!r} has no trained model yet: train it first", "predict")
-        stamp = trained.stat().st_mtime
+        key = (trained, trained.stat().st_mtime_ns)
         async with self._endpoint_lock:
-            if self._endpoint and self._endpoint[:2] == (trained, stamp):
-                return self._endpoint[2]
-            if self._endpoint:
-                await run_in_threadpool(self._endpoint[2].batcher.stop)
-                self._endpoint = None
-            options = ServeOptions(max_body_mb=MAX_UPLOAD_MB, max_batch_size=8, device="cpu")
-            endpoint = await run_in_threadpool(Endpoint, trained, name, options, lambda m: None)
-            self._endpoint = (trained, stamp, endpoint)
-            return endpoint
+            loaded = self._endpoints.pop(key, None)
+            if loaded is None:
+                options = ServeOptions(max_body_mb=MAX_UPLOAD_MB, max_batch_size=8, device="cpu")
+                loaded = [await run_in_threadpool(Endpoint, trained, name, options, lambda m: None), 0]
+            self._endpoints[key] = loaded  # the most recent last
+            loaded[1] += 1
+            idle = [k for k, (_, users) in self._endpoints.items() if users == 0]
+            gone = [self._endpoints.pop(k)[0] for k in idle[:max(0, len(self._endpoints) - KEPT_MODELS)]]
+        for old in gone:
+            await run_in_threadpool(old.batcher.stop)
+        try:
+            yield loaded[0]
+        finally:
+            loaded[1] -= 1
 
     def export(self, name: str, fmt: str) -> dict:
         from imgtrain.deploy.export import FORMATS, export_model
@@ -477,8 +501,8 @@ class UI:
                 "accuracy": metrics.get("accuracy") if isinstance(metrics, dict) else None}
 
     def close(self) -> None:
-        if self._endpoint:
-            self._endpoint[2].batcher.stop()
+        for endpoint, _ in self._endpoints.values():
+            endpoint.batcher.stop()
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -519,9 +543,10 @@ def make_app(ui: UI):
     from starlette.staticfiles import StaticFiles
 
     def authorized(request: Request) -> bool:
-        given = (request.cookies.get(ui.cookie) or request.query_params.get("token")
-                 or request.headers.get("authorization", "").removeprefix("token ").strip())
-        return bool(given) and secrets.compare_digest(given.encode(), ui.token.encode())
+        header = request.headers.get("authorization", "")
+        given = [request.cookies.get(ui.cookie), request.query_params.get("token"),
+                 header[len("token "):].strip() if header.startswith("token ") else None]
+        return any(g and secrets.compare_digest(g.encode(), ui.token.encode()) for g in given)
 
     class Guard:
         """Every request needs the token; ``/?token=...`` trades it for a cookie and a plain URL."""
@@ -589,13 +614,9 @@ def make_app(ui: UI):
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     def state(request: Request):
-        from imgtrain.training.train import TrainingParameters
-
-        defaults = TrainingParameters()
         return {"workspace": str(ui.workspace.root), "roots": [str(r) for r in ui.workspace.roots],
                 "datasets": ui.workspace.datasets(), "runs": ui.runs(),
-                "defaults": {k: getattr(defaults, k) for k in TRAINING_FIELDS} | {"validation_share": 0.2},
-                "python": sys.executable}
+                "defaults": DEFAULTS | {"validation_share": 0.2}, "python": sys.executable}
 
     def browse(request: Request):
         return ui.workspace.browse(request.query_params.get("path"))
@@ -609,9 +630,10 @@ def make_app(ui: UI):
         if not 0 <= c < len(listing.classes):
             raise PageError(404, f"no class number {c}")
         files = listing.images[listing.classes[c]]
-        start = _int(request.query_params.get("start", "0"), "start")
-        count = min(_int(request.query_params.get("count", "60"), "count"), 500)
-        return {"class": listing.classes[c], "total": len(files),
+        start = max(0, _int(request.query_params.get("start", "0"), "start"))
+        count = max(0, min(_int(request.query_params.get("count", "60"), "count"), 500))
+        return {"class": listing.classes[c], "total": len(files), "version": ui.workspace.version(
+                    request.path_params["name"]),
                 "images": [{"number": i, "name": files[i].name} for i in range(start, min(start + count, len(files)))]}
 
     def thumbnail(request: Request):
@@ -639,11 +661,11 @@ def make_app(ui: UI):
     async def predict(request: Request):
         from imgtrain.deploy.serve import RequestError, answer_predictions
 
-        endpoint = await ui.endpoint(request.path_params["name"])
-        try:
-            return await answer_predictions(endpoint, request)
-        except RequestError as exc:
-            raise PageError(exc.status, exc.message, "predict") from None
+        async with ui.endpoint(request.path_params["name"]) as endpoint:
+            try:
+                return await answer_predictions(endpoint, request)
+            except RequestError as exc:
+                raise PageError(exc.status, exc.message, "predict") from None
 
     def explanation(request: Request):
         number = request.path_params["number"]
@@ -736,6 +758,26 @@ def _in_cli_words(function, request):
         return function(request)
 
 
+def _number(key: str, value: object, *, whole: bool) -> int | float:
+    """A number the page sent, read as the CLI reads its flag: a whole number where the CLI takes one (2.9 and
+    true are not), a finite one always."""
+    shown = f"--{key.replace('_', '-')} {escaped(str(value))[:40]}"
+    kind = "a whole number" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise PageError(400, f"InvalidParameterError: {shown} is not {kind}", key)
+    try:
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError
+        if whole:
+            if not number.is_integer() or (isinstance(value, str) and not re.fullmatch(r"\s*[-+]?\d+\s*", value)):
+                raise ValueError
+            return int(number)
+        return number
+    except (ValueError, OverflowError):
+        raise PageError(400, f"InvalidParameterError: {shown} is not {kind}", key) from None
+
+
 def _int(text: str, what: str) -> int:
     try:
         return int(text)
@@ -788,13 +830,13 @@ def run_ui(workspace: Path | str, *, data: list[Path | str] = (), host: str = "1
     except ImportError:
         raise MissingDependencyError("`imgtrain ui` needs starlette and uvicorn",
                                      "install them with `pip install 'imgtrain[serve]'`") from None
-    from imgtrain.deploy.serve import _check_address, _stop_signals_end_quietly
+    from imgtrain.deploy.listening import check_address, stop_signals_end_quietly
 
     check_range("port", port, low=0, high=65535)
     if token is not None and len(token) < 16:
         raise InvalidParameterError("--token is shorter than 16 characters", "pass a longer one, or none (then "
                                     "a random one is made)")
-    _check_address(host, port)
+    check_address(host, port)
     space = Workspace(workspace, list(data))
     ui = UI(space, token or secrets.token_urlsafe(24), log)
     if not _is_loopback(host):
@@ -816,6 +858,6 @@ def run_ui(workspace: Path | str, *, data: list[Path | str] = (), host: str = "1
                 "the page (running jobs go on)")
         await task
 
-    with _stop_signals_end_quietly():
+    with stop_signals_end_quietly():
         asyncio.run(main())
     log("Stopped imgtrain ui")

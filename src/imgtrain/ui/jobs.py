@@ -21,6 +21,7 @@ from pathlib import Path
 from imgtrain.ui.workspace import read_json, write_json
 
 JOB_FILE, LOG_FILE, STATUS_FILE, PID_FILE = "job.json", "log.txt", "status.json", "pid"
+STOP_FILE = "stop-asked"  # Stop was pressed: a process that ends without a word then was stopped, not failed
 STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)
 _children: dict[Path, subprocess.Popen] = {}  # this server's jobs, reaped when asked about
 
@@ -30,7 +31,7 @@ def start(folder: Path, commands: list[list[str]], *, env: dict[str, str] | None
     if state(folder)["state"] == "running":
         raise RuntimeError(f"a job already runs in {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (STATUS_FILE, PID_FILE):
+    for name in (STATUS_FILE, PID_FILE, STOP_FILE):
         (folder / name).unlink(missing_ok=True)
     write_json(folder / JOB_FILE, {"commands": commands, "started": time.time()})
     with open(folder / LOG_FILE, "ab") as log:
@@ -69,6 +70,8 @@ def state(folder: Path) -> dict:
            "ended": status.get("ended"), "log": _tail(folder / LOG_FILE)}
     if pid is not None and status.get("ended") is None:
         out["state"] = "running"
+    elif status.get("ended") is None and (folder / STOP_FILE).exists():
+        out["state"] = "stopped"  # stopped before it could say so (while starting)
     elif status.get("ended") is None:
         out["state"], out["error"] = "failed", "the job's process ended without a word (was it killed?)"
     else:
@@ -86,6 +89,7 @@ def stop(folder: Path) -> bool:
     pid = _alive(folder)
     if pid is None:
         return False
+    (folder / STOP_FILE).touch()
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -76,8 +76,12 @@ class Workspace:
                 raise InvalidParameterError(f"--data {folder}: not a folder", "pass a folder that holds images")
         if self.root.exists() and not self.root.is_dir():
             raise InvalidParameterError(f"--workspace {self.root}: not a folder", "pass a folder (made if missing)")
-        for sub in (DATASETS, RUNS, THUMBNAILS):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in (DATASETS, RUNS, THUMBNAILS):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidParameterError(f"--workspace {self.root}: cannot be made ({exc.strerror or exc})",
+                                        "pass a folder you may write to") from None
         self._listings: dict[str, tuple[float, Listing]] = {}
         self._lock = threading.Lock()
 
@@ -91,12 +95,16 @@ class Workspace:
         if not path.is_absolute():
             path = self.roots[-1] / path  # relative to the last --data folder (else the workspace)
         real = path.resolve()
-        if not any(real == root or root in real.parents for root in self.roots):
+        if not self.inside(real):
             listed = ", ".join(str(r) for r in self.roots)
             raise InvalidParameterError(
                 f"{escaped(text.strip())} is outside the folders this page may open ({listed})",
                 "start `imgtrain ui` with --data FOLDER to open folders below FOLDER")
         return real
+
+    def inside(self, real: Path) -> bool:
+        """Whether a resolved path lies in the workspace or a --data folder."""
+        return any(real == root or root in real.parents for root in self.roots)
 
     def browse(self, text: str | None) -> dict:
         """The folders (and archives) inside an allowed folder, for the page's folder picker."""
@@ -135,20 +143,25 @@ class Workspace:
         return folder
 
     def datasets(self) -> list[str]:
-        return sorted(p.parent.name for p in (self.root / DATASETS).glob("*/dataset.json")
-                      if not p.parent.name.startswith("."))
+        """The data sets, the most recently opened last."""
+        found = [(read_json(p, {}).get("opened", 0), p.parent.name)
+                 for p in (self.root / DATASETS).glob("*/dataset.json") if NAME.fullmatch(p.parent.name)]
+        return [name for _, name in sorted(found)]
 
     def new_dataset(self, source: Path) -> str:
         """A data set for the folder or archive ``source``: the one it already has, or a new name."""
         for name in self.datasets():
-            if read_json(self.root / DATASETS / name / "dataset.json", {}).get("source") == str(source):
+            record = self.root / DATASETS / name / "dataset.json"
+            if read_json(record, {}).get("source") == str(source):
+                write_json(record, {"source": str(source), "opened": time.time()})
                 return name
-        base = re.sub(r"[^A-Za-z0-9_.-]", "-", source.name.split(".")[0])[:40].strip("-.") or "data"
+        base = re.sub(r"[^A-Za-z0-9_.-]", "-", source.name.split(".")[0])[:40]
+        base = re.sub(r"^[^A-Za-z0-9]+", "", base).rstrip("-.") or "data"
         name, n = base, 1
         while (self.root / DATASETS / name).exists():
             n += 1
             name = f"{base}-{n}"
-        folder = self.root / DATASETS / name
+        folder = self.root / DATASETS / check_name("data set", name)
         folder.mkdir(parents=True)
         write_json(folder / "dataset.json", {"source": str(source), "opened": time.time()})
         return name
@@ -189,7 +202,7 @@ class Workspace:
             raise InvalidParameterError(f"class {category} of {name!r} has no image number {number}",
                                         "reload the page")
         real = files[number].resolve()
-        if not any(root in real.parents for root in self.roots):  # a symbolic link out of the folders it may open
+        if not self.inside(real):  # a symbolic link out of the folders it may open
             raise InvalidParameterError(f"{files[number]} leads outside the folders this page may open",
                                         "copy the image into the folder, or start `imgtrain ui` with --data "
                                         "naming where it is")
@@ -211,22 +224,36 @@ class Workspace:
     # --- Thumbnails ----------------------------------------------------------------------------------
 
     def thumbnail(self, path: Path) -> Path:
-        """A small JPEG of the image file ``path``, made once (keyed by the file's path, size and time) with the
-        decoders every module uses; BadImageError names what is wrong with the file."""
-        from imgtrain.data.decode import load_rgb
+        """A small JPEG of the image file ``path``, made once per content (a file and its copy in the converted
+        ImageDirectory share it) with the decoders every module uses; BadImageError names what is wrong."""
+        from imgtrain.data.decode import MAX_FILE_BYTES, decode_rgb
+        from imgtrain.directories.files import read_bytes
 
-        info = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{info.st_size}|{info.st_mtime_ns}".encode()).hexdigest()[:32]
+        try:
+            data = read_bytes(path, min(MAX_FILE_BYTES, 64 * 2**20))
+        except OSError as exc:
+            raise InvalidDatasetError(f"{path} cannot be read ({exc.strerror or exc})",
+                                      "check the file, or open the folder again") from None
+        key = hashlib.sha256(data).hexdigest()[:32]
         thumb = self.root / THUMBNAILS / key[:2] / f"{key}.jpg"
         if thumb.is_file():
             return thumb
-        image = load_rgb(path, draft_size=2 * THUMBNAIL)
+        image = decode_rgb(data, str(path), draft_size=2 * THUMBNAIL)
         image.thumbnail((THUMBNAIL, THUMBNAIL))
         thumb.parent.mkdir(exist_ok=True)
         tmp = thumb.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
         image.save(tmp, format="JPEG", quality=80)
         os.replace(tmp, thumb)
         return thumb
+
+    def version(self, name: str) -> str:
+        """A short tag of a data set's listing, in its thumbnails' URLs: a browser's cached thumbnail of image N is
+        not taken for another image once the listing changes (the conversion left one out, another folder of the
+        same name)."""
+        listing = self.listing(name)
+        stamp, _ = self._listings[name]
+        return hashlib.sha256(f"{name}|{stamp}|{listing.converted}|{sum(map(len, listing.images.values()))}"
+                              .encode()).hexdigest()[:12]
 
 
 def _stamp(path: Path) -> float:

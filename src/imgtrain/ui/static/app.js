@@ -92,6 +92,7 @@ async function browse(path) {
 
 async function openFolder() {
   clearErrors();
+  clearTimeout(state.datasetPolling);
   const data = await post("/api/datasets", { path: $("#path").value }, "path");
   showDataset(data);
 }
@@ -115,7 +116,12 @@ function showDataset(data) {
   if (job.state === "failed" || job.state === "stopped") showError("path", job.error || "the conversion failed");
   showAudit(data);
   if (changed) showClasses(data);
-  if (job.state === "running") setTimeout(() => quietly(get(`/api/datasets/${data.name}`, "path").then(showDataset)), 800);
+  clearTimeout(state.datasetPolling);
+  if (job.state === "running") {  // until its conversion ends; a data set opened meanwhile ends this one's polling
+    state.datasetPolling = setTimeout(() => quietly(get(`/api/datasets/${data.name}`, "path").then((d) => {
+      if (state.dataset && state.dataset.name === d.name) showDataset(d);
+    })), 800);
+  }
 }
 
 function showAudit(data) {
@@ -172,7 +178,7 @@ function pagedThumbnails(scroll, name, index) {
       total = page.total;
       for (const image of page.images) {
         scroll.insertBefore(el("img", { class: "thumb", loading: "lazy", alt: image.name, title: image.name,
-          src: `/api/datasets/${name}/thumbnail/${index}/${image.number}` }), sentinel);
+          src: `/api/datasets/${name}/thumbnail/${index}/${image.number}?v=${page.version}` }), sentinel);
       }
       next += page.images.length;
     } finally { busy = false; }
