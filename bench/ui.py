@@ -64,7 +64,7 @@ class Sizes:
     def of(cls, ctx: Context) -> Sizes:
         if ctx.config.quick:
             return cls(starts=2, images=2_000, opens=1, train_images=200, epochs=2, train_reps=1)
-        return cls(starts=5, images=20_000, opens=3, train_images=1_250, epochs=3, train_reps=2)
+        return cls(starts=5, images=20_000, opens=3, train_images=1_250, epochs=4, train_reps=3)
 
 
 # --- the server and the browser ----------------------------------------------------------------------------
@@ -549,7 +549,7 @@ def _section(sizes: Sizes, starts: list[tuple[float, float, float]], opens: dict
         "image), so the first time is measured while it runs on the same cores; each opening waits for it to "
         "end before the next. The second time is a new server on the same workspace, the third another: "
         "\"made\" counts the thumbnail files each made; the page lists a converted data set from its "
-        "ImageDirectory, whose files are copies, and thumbnails are keyed by the file's path.",
+        "ImageDirectory, whose files are copies; thumbnails are keyed by the file's bytes, so the copies' are the ones already made.",
         table(["opening", "classes and counts s", "first thumbnails s", "thumbnails shown", "thumbnails made, each "
                "rep", "listed from"], open_detail),
         f"**Training** ResNet-18 from scratch at 64 px, batch size 16, {sizes.epochs} epochs, on "

@@ -565,3 +565,10 @@ def test_the_pages_defaults_are_train_pytorch_models():
     from imgtrain.ui.app import DEFAULTS
 
     assert DEFAULTS == {k: v for k, v in asdict(TrainingParameters()).items() if k in DEFAULTS}
+
+
+def test_the_page_reads_training_s_work_folder_where_training_writes_it():
+    from imgtrain.training.train import resume_dir_for
+    from imgtrain.ui.app import RESUME_PREFIX
+
+    assert resume_dir_for(Path("/x/trained")) == Path(f"/x/{RESUME_PREFIX}trained")

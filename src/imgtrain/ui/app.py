@@ -39,6 +39,7 @@ from imgtrain.ui import jobs
 from imgtrain.ui.workspace import Workspace, check_name, read_json, write_json
 
 STATIC = Path(__file__).parent / "static"
+RESUME_PREFIX = ".imgtrain-resume-"  # training.train's, without importing torch for a page that polls
 KEPT_MODELS = 2  # trained models kept loaded for Try it
 MAX_UPLOAD_MB = 20.0  # an image sent to Try it, or uploaded in a dropped folder
 # Train PyTorch Model's defaults (the designer's), as TrainingParameters has them (a test holds them equal): the
@@ -310,12 +311,10 @@ class UI:
         return {"stopping": name}
 
     def run(self, name: str) -> dict:
-        from imgtrain.training.train import resume_dir_for
-
         folder = self.workspace.run_dir(name)
         run = read_json(folder / "run.json", {})
         trained = folder / "trained"
-        live = resume_dir_for(trained) / "metrics.jsonl"
+        live = folder / f"{RESUME_PREFIX}{trained.name}" / "metrics.jsonl"  # the work folder, while it trains
         source = live if live.is_file() and (not (trained / "metrics.jsonl").is_file()
                                              or live.stat().st_mtime > (trained / "metrics.jsonl").stat().st_mtime) \
             else trained / "metrics.jsonl"

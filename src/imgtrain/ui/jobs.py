@@ -2,10 +2,10 @@
 
 A job is a folder: ``job.json`` (its commands), ``log.txt`` (what they print), ``status.json`` (which
 command runs, and how the job ended) and ``pid``. Its process (``python -m imgtrain.ui.jobs FOLDER``)
-runs each command through ``imgtrain.cli.main``, the very function the command line runs, in a session
-of its own: closing the page, or stopping the server, leaves it running, and the page finds it again
-from its folder. Stop sends SIGTERM to its process group, which every command takes as Ctrl-C:
-training keeps its checkpoint, and ``--resume`` goes on from it.
+runs each command as ``python -m imgtrain ...``, the command line itself, in a session of its own:
+closing the page, or stopping the server, leaves it running, and the page finds it again from its
+folder. Stop sends SIGTERM to its process group, which every command takes as Ctrl-C: training keeps
+its checkpoint, and ``--resume`` goes on from it.
 """
 
 from __future__ import annotations
@@ -107,25 +107,33 @@ def _tail(path: Path, size: int = 4000) -> str:
 
 
 def _run(folder: Path) -> int:
-    """The job's process: each command through the CLI's main, until one fails or is stopped."""
-    from imgtrain.cli import main
+    """The job's process: each command as `python -m imgtrain ...`, the command line itself, in a process of its
+    own (nothing one leaves, threads or memory, weighs on the next), until one fails or is stopped. SIGTERM to
+    the group reaches the command, which takes it as Ctrl-C; this process waits for it to end, then says so."""
+    stopping = []
 
-    def stopped(number, frame):  # between commands (within one, the CLI's own handler takes it)
-        raise KeyboardInterrupt
+    def stopped(number, frame):
+        stopping.append(number)
 
     signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGINT, stopped)
     commands = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))["commands"]
     code = 0
     for i, argv in enumerate(commands):
         write_json(folder / STATUS_FILE, {"command": i})
+        if stopping:
+            code = 128 + stopping[0]
+            break
         print(f"$ imgtrain {' '.join(argv)}", flush=True)
-        try:
-            code = main(argv)
-        except KeyboardInterrupt:
-            code = 128 + signal.SIGTERM
-        except SystemExit as exc:  # argparse
-            code = exc.code if isinstance(exc.code, int) else 2
-        sys.stdout.flush()
+        command = subprocess.Popen([sys.executable, "-m", "imgtrain", *argv], stdin=subprocess.DEVNULL)
+        while True:
+            try:
+                code = command.wait()
+                break
+            except InterruptedError:  # pragma: no cover - Python retries wait() itself
+                continue
+        if stopping and code == 0:
+            code = 128 + stopping[0]  # stopped between its last epoch and its end: the next does not start
         if code != 0:
             break
     write_json(folder / STATUS_FILE, {"command": i, "ended": time.time(), "code": code})
