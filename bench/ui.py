@@ -549,7 +549,8 @@ def _section(sizes: Sizes, starts: list[tuple[float, float, float]], opens: dict
         "image), so the first time is measured while it runs on the same cores; each opening waits for it to "
         "end before the next. The second time is a new server on the same workspace, the third another: "
         "\"made\" counts the thumbnail files each made; the page lists a converted data set from its "
-        "ImageDirectory, whose files are copies; thumbnails are keyed by the file's bytes, so the copies' are the ones already made.",
+        "ImageDirectory, whose files are copies; thumbnails are keyed by the file's bytes, so the copies' are "
+        "the ones already made.",
         table(["opening", "classes and counts s", "first thumbnails s", "thumbnails shown", "thumbnails made, each "
                "rep", "listed from"], open_detail),
         f"**Training** ResNet-18 from scratch at 64 px, batch size 16, {sizes.epochs} epochs, on "

@@ -572,3 +572,30 @@ def test_the_page_reads_training_s_work_folder_where_training_writes_it():
     from imgtrain.ui.app import RESUME_PREFIX
 
     assert resume_dir_for(Path("/x/trained")) == Path(f"/x/{RESUME_PREFIX}trained")
+
+
+def _converted(server, name: str) -> dict:
+    deadline = time.monotonic() + 120
+    while True:
+        data = _api(server, "GET", f"/api/datasets/{name}")[1]
+        if data["job"]["state"] != "running" and data["converted"]:
+            return data
+        assert time.monotonic() < deadline and data["job"]["state"] in ("running", "done", "none"), data
+        time.sleep(0.2)
+
+
+def test_the_audit_shows_what_convert_left_out_and_a_changed_folder_is_converted_again(server):
+    folder = make_labelled_folder(server["data"] / "audited", per_class=3, classes=("dark", "bright"))
+    (folder / "dark" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    shutil.copy(folder / "dark" / "000.png", folder / "bright" / "same-as-dark.png")  # one picture, two labels
+    shutil.copy(folder / "dark" / "001.jpg", folder / "loose.jpg")  # beside the class folders
+    status, opened = _post(server, "/api/datasets", {"path": str(folder)})
+    assert status == 200, opened
+    audit = _converted(server, opened["name"])["audit"]
+    assert audit["rejected_count"] == 1 and audit["rejected"][0]["file"].endswith("bad.png")
+    assert audit["duplicates_with_different_categories_count"] == 1 and audit["outside_categories"] == 1
+    shutil.copy(folder / "dark" / "002.png", folder / "dark" / "new.png")
+    status, opened = _post(server, "/api/datasets", {"path": str(folder)})
+    assert status == 200, opened
+    counts = {c["name"]: c["count"] for c in _converted(server, opened["name"])["classes"]}
+    assert counts == {"bright": 4, "dark": 4}  # the new image in, the bad one still out

@@ -119,7 +119,11 @@ class UI:
                                         f"pick a folder, or an archive ending in {', '.join(ARCHIVE_SUFFIXES)}")
         name = self.workspace.new_dataset(path)
         folder = self.workspace.dataset_dir(name)
-        if not (folder / "images" / "_meta.yaml").is_file() and jobs.state(folder / "job")["state"] != "running":
+        converted = (folder / "images" / "_meta.yaml").is_file()
+        if converted and path.is_dir():  # images added or removed since: converted again
+            audit = read_json(folder / "images" / "audit.json", {})
+            converted = audit.get("images", 0) + len(audit.get("rejected", [])) == len(found.items)
+        if not converted and jobs.state(folder / "job")["state"] != "running":
             jobs.start(folder / "job", [["convert-to-image-directory", str(path), "--output",
                                          str(folder / "images"), "--overwrite"]])
         return self.dataset(name)
@@ -127,7 +131,7 @@ class UI:
     async def upload(self, request) -> dict:
         """One file of a folder dropped on the page (or chosen with "Upload a folder"), streamed to
         WORKSPACE/uploads/NAME/CLASS/FILE: ``?folder=NAME&path=[TOP/]CLASS/FILE`` (its last two parts are kept;
-        a lone FILE is unlabelled). Only image files, at most --max-upload-mb each; the images are decoded
+        a lone FILE is unlabelled). Only image files, at most MAX_UPLOAD_MB each; the images are decoded
         later, by Convert to Image Directory, when the page opens the folder."""
         from imgtrain.directories.image_directory import IMAGE_EXTENSIONS
 
@@ -514,10 +518,14 @@ def _jsonl(path: Path) -> list[dict]:
 def _audit_summary(audit: dict | None) -> dict | None:
     if not audit:
         return None
-    keys = ("num_images", "counts", "rejected", "duplicates", "empty_categories", "outside_categories", "ignored",
-            "hidden", "not_images", "imbalance")
+    keys = ("images", "categories", "imbalance", "rejected", "duplicates", "duplicates_with_different_categories",
+            "empty_categories")
     out = {k: audit[k] for k in keys if k in audit}
-    for k in ("rejected", "duplicates"):
+    ignored = audit.get("ignored", {})
+    out["outside_categories"] = len(ignored.get("images_outside_category_folders", []))
+    out["not_images"] = ignored.get("files_without_image_extension", 0)
+    out["hidden"] = len(ignored.get("hidden", []))
+    for k in ("rejected", "duplicates", "duplicates_with_different_categories"):
         if isinstance(out.get(k), list):
             out[k + "_count"] = len(out[k])
             out[k] = out[k][:50]

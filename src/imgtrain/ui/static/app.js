@@ -139,14 +139,17 @@ function showAudit(data) {
     const rejected = audit.rejected_count ?? (audit.rejected || []).length;
     items.push(`${rejected} file(s) left out${rejected ? ":" : ""}`);
     const dup = audit.duplicates_count ?? (audit.duplicates || []).length;
-    items.push(`${dup} group(s) of duplicate images`);
+    const across = audit.duplicates_with_different_categories_count ?? 0;
+    items.push(`${dup} group(s) of duplicate images` + (across ? `, ${across} of them in different classes (conflicting labels)` : ""));
     if ((audit.empty_categories || []).length) items.push(`Empty class folders: ${audit.empty_categories.join(", ")}`);
+    if (audit.outside_categories) items.push(`${audit.outside_categories} image(s) beside the class folders, left out`);
+    if (audit.not_images) items.push(`${audit.not_images} file(s) without an image extension, passed over`);
   }
   const list = el("ul", { class: "audit", id: "audit-list" });
   for (const text of items) list.append(el("li", { text }));
   if (audit && audit.rejected) {
     for (const r of audit.rejected.slice(0, 20)) {
-      const file = r.file || r[0] || "", reason = r.reason || r[1] || "";
+      const file = r.file || "", reason = r.reason || "";
       list.append(el("li", { class: "muted", text: `\u2003${file}: ${reason}` }));
     }
   }
