@@ -81,8 +81,9 @@ def test_cli_errors_are_one_line(tmp_path, image_dirs):
          "(BatchNorm needs two images a batch) to 27, the number of training images"),
         (["--untrained-model", d["untrained"], *common, "--learning-rate", "nan"],
          "error: NotInRangeValueError: parameter --learning-rate is nan, allowed: a number"),
-        (["--untrained-model", d["untrained"], *common, "--image-size", "16"],
-         "error: NotInRangeValueError: parameter --image-size is 16, allowed: [32, 4,096]"),
+        (["--untrained-model", d["untrained"], *common, "--image-size", "16"],  # the line `imgtrain ui` shows too
+         "error: NotInRangeValueError: parameter --image-size is 16, allowed: [32, 4,096]. pass an image size from 32 "
+         "(DenseNet and ResNet shrink images 32-fold) to 4096"),
         (["--untrained-model", d["untrained"], *common, "--learning-rate", "-1"],
          "error: NotInRangeValueError: parameter --learning-rate is -1.0"),
     ]

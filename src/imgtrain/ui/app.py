@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -51,6 +52,7 @@ CONTROLS = set(TRAINING_FIELDS) | {"validation_share", "validation_dataset", "mo
 _ANSWER_FIELDS = {"warmup-steps": "warmup_epochs"}
 EXPORTS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 UPLOADS = "uploads"  # the folders dropped on the page
+SPEEDS_FILE = "speeds.json"  # "speed here": images a second each architecture scored on this machine
 PIPELINES_FILE, PIPELINES_DIR = "pipelines.json", "pipelines"  # the pipeline files opened, and their runs
 EXPLAINED = 8  # images `imgtrain explain` shows of a run's validation share: its worst mistakes first
 
@@ -87,6 +89,7 @@ class UI:
         self._endpoints: dict[tuple[Path, int], list] = {}  # (model, its time) -> [Endpoint, requests using it]
         self._endpoint_lock = asyncio.Lock()
         self._catalog: list[dict] | None = None
+        self._speed_lock = threading.Lock()  # one speed measured at a time: two would share the cores
         # Cookies are kept per host, not per port: each server's has a name of its own.
         self.cookie = "imgtrain-ui-" + hashlib.sha256(token.encode()).hexdigest()[:8]
 
@@ -186,6 +189,9 @@ class UI:
             self._catalog = [{"name": m.name, "family": m.family, "params_m": round(m.params / 1e6, 1),
                               "gflops": round(m.gflops, 2), "top1": m.top1, "image_size": m.image_size,
                               "pretrained": m.pretrained} for m in catalog()]
+        speeds = read_json(self.workspace.root / SPEEDS_FILE, {})
+        for m in self._catalog:
+            m["speed"] = next((v for k, v in speeds.items() if k.startswith(f"{m['name']}@{m['image_size']}|")), None)
         return self._catalog
 
     # --- Runs ------------------------------------------------------------------------------------------
@@ -304,6 +310,8 @@ class UI:
             raise PageError(409, f"the run {name!r} is running", "resume")
         if state == "done":
             raise PageError(409, f"the run {name!r} is complete: there is nothing to resume", "resume")
+        if read_json(folder / "run.json", {}).get("imported"):
+            raise PageError(409, f"the run {name!r} is an imported model: there is nothing to resume", "resume")
         self._training_elsewhere("resume")
         self._start_training(folder, resume=True)
         return self.run(name)
@@ -343,9 +351,68 @@ class UI:
         for name in self.workspace.runs():
             folder = self.workspace.run_dir(name)
             run = read_json(folder / "run.json", {})
+            state = jobs.state(folder / "job")["state"]
             out.append({"name": name, "dataset": run.get("dataset"), "model_name": run.get("model_name"),
-                        "state": jobs.state(folder / "job")["state"]})
+                        "state": "imported" if run.get("imported") and state == "none" else state})
         return out
+
+    def import_model(self, body: dict) -> dict:
+        """A trained model directory from elsewhere (the CLI, another machine) copied into a run of its own, to try,
+        export and serve from the page. One that is not imgtrain's trained model directory is refused by name."""
+        from imgtrain.directories.model_directory import load_model_spec
+
+        path = self.workspace.allowed(body.get("path"), "model directory")
+        spec = load_model_spec(path, need_trained=True)
+        links = [p for p in path.rglob("*") if p.is_symlink()]
+        if links:
+            raise InvalidParameterError(f"{path} holds a symbolic link ({escaped(str(links[0]))})",
+                                        "copy the model directory without links, then import the copy")
+        base = re.sub(r"[^A-Za-z0-9_.-]", "-", path.name)[:40]
+        base = re.sub(r"^[^A-Za-z0-9]+", "", base).rstrip("-.") or "model"
+        name, n = base, 1
+        while (self.workspace.root / "runs" / name).exists():
+            n += 1
+            name = f"{base}-{n}"
+        folder = self.workspace.run_dir(name, exists=False)
+        staging = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.new")
+        try:
+            shutil.copytree(path, staging / "trained")
+            write_json(staging / "run.json", {"imported": str(path), "model_name": spec.architecture,
+                                              "dataset": None, "parameters": {}, "created": time.time()})
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.run(name)
+
+    def speed(self, model_name: str, body: dict) -> dict:
+        """Images a second the architecture scores here, at its default image size (or ``image_size``), batches of
+        8, after one to warm up: the "speed here" of the models table. Kept in the workspace."""
+        import torch
+
+        from imgtrain.models.registry import build_model, get_architecture
+        from imgtrain.threads import Threads, parse_threads
+
+        get_architecture(model_name)  # an unknown name: named, with the closest ones
+        size = body.get("image_size")
+        size = int(_number("image_size", size, whole=True)) if size not in (None, "") else None
+        if size is not None:
+            check_range("image_size", size, low=32, high=1024)
+        size = size or next((m["image_size"] for m in self.models() if m["name"] == model_name), 224)
+        speeds = read_json(self.workspace.root / SPEEDS_FILE, {})
+        key = f"{model_name}@{size}|torch {torch.__version__}"
+        if key not in speeds:
+            with self._speed_lock, Threads(parse_threads(None), lambda m: None), torch.inference_mode():
+                network = build_model(model_name, 1000, image_size=size).eval()
+                batch = torch.rand(8, 3, size, size).contiguous(memory_format=torch.channels_last)
+                network = network.to(memory_format=torch.channels_last)
+                network(batch)  # warm-up
+                done, start = 0, time.perf_counter()
+                while done < 8 or time.perf_counter() - start < 1.0:
+                    network(batch)
+                    done += 8
+                speeds[key] = round(done / (time.perf_counter() - start), 1)
+                write_json(self.workspace.root / SPEEDS_FILE, speeds)
+        return {"model_name": model_name, "image_size": size, "images_per_second": speeds[key]}
 
     def cell(self, name: str, truth: str, predicted: str) -> list[dict]:
         table = self._scored(name)
@@ -728,6 +795,10 @@ def make_app(ui: UI):
         Route("/api/models", api(models)),
         Route("/api/runs", api(runs)),
         Route("/api/runs", api(posted(lambda r, d: ui.start_run(d)), "train", threaded=False), methods=["POST"]),
+        Route("/api/runs/import", api(posted(lambda r, d: ui.import_model(d)), "import", threaded=False),
+              methods=["POST"]),
+        Route("/api/models/{model}/speed", api(posted(lambda r, d: ui.speed(r.path_params["model"], d)),
+                                               "model_name", threaded=False), methods=["POST"]),
         Route("/api/runs/{name}", api(run, "run")),
         Route("/api/runs/{name}/stop", api(posted(lambda r, d: ui.stop_run(r.path_params["name"])), "stop",
                                            threaded=False), methods=["POST"]),

@@ -257,11 +257,23 @@ function showModels() {
       onclick: () => { $("#model_name").value = m.name; showModels(); } },
       el("td", { text: m.name }), el("td", { text: m.family }), el("td", { text: m.params_m }),
       el("td", { text: m.gflops }), el("td", { text: m.top1 == null ? "\u2013" : `${m.top1}%` }),
-      el("td", { text: m.image_size }));
+      el("td", { text: m.image_size }), el("td", { text: m.speed == null ? "\u2013" : m.speed }));
     body.append(row);
   }
 }
 $("#model-filter").addEventListener("input", showModels);
+$("#measure-speed").addEventListener("click", async () => {
+  clearErrors();
+  const name = $("#model_name").value.trim();
+  $("#speed").textContent = `measuring ${name}\u2026`;
+  $("#measure-speed").disabled = true;
+  try {
+    const answer = await post(`/api/models/${encodeURIComponent(name)}/speed`, {}, "model_name");
+    $("#speed").textContent = `${answer.model_name} scores ${answer.images_per_second} images/s here at ${answer.image_size} px (batches of 8)`;
+    const row = state.models.find((m) => m.name === answer.model_name && m.image_size === answer.image_size);
+    if (row) { row.speed = answer.images_per_second; showModels(); }
+  } catch (exc) { $("#speed").textContent = ""; } finally { $("#measure-speed").disabled = false; }
+});
 
 async function train() {
   clearErrors();
@@ -449,6 +461,14 @@ async function predict(blob) {
   $("#predictions").replaceChildren(...ranked.map(([label, p]) => el("li", { "data-label": label },
     `${label}: ${(100 * p).toFixed(1)}%`, el("span", { class: "bar", style: `width:${Math.round(200 * p)}px` }))));
 }
+
+$("#import").addEventListener("click", () => {
+  clearErrors();
+  quietly(post("/api/runs/import", { path: $("#import-path").value }, "import").then(async (run) => {
+    await refreshRuns(run.name);
+    $("#try-run").textContent = `(${run.name})`;
+  }));
+});
 
 $("#predict-file").addEventListener("change", (e) => { if (e.target.files[0]) quietly(predict(e.target.files[0])); });
 const drop = $("#drop");
