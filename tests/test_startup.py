@@ -95,3 +95,14 @@ def test_the_benchmarks_help_lists_every_section():
     r = subprocess.run([sys.executable, str(bench / "run.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "serve:" in r.stdout and "zoo:" in r.stdout
+
+
+def test_only_the_command_line_imports_the_web_page():
+    """imgtrain.ui is a room on top: it uses the modules; no module uses it (the CLI starts it)."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "src" / "imgtrain"
+    users = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
+                   if "ui" not in p.relative_to(src).parts[:1] and re.search(r"imgtrain\.ui\b", p.read_text()))
+    assert users == ["cli.py"]
