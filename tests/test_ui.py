@@ -300,7 +300,8 @@ def test_a_second_folder_can_validate_and_the_split_is_shown(server):
     assert _api(server, "GET", "/api/runs/held-out-run")[1]["job"]["state"] == "stopped"  # even while starting
     assert run["run"]["split"] == {"training": {"bright": 10, "dark": 10, "mid": 10},
                                    "validation": {"bright": 3, "dark": 3, "mid": 3}}
-    assert run["run"]["validation"].endswith(f"datasets/{names[1]}/images")
+    assert run["run"]["validation"].endswith("runs/held-out-run/validation")  # its own copy (hard links)
+    assert run["run"]["validation_dataset"] == names[1]
     status, answer = _api(server, "POST", "/api/runs", json.dumps({
         "dataset": names[0], "validation_dataset": "../x", "name": "other"}).encode(),
         {"Content-Type": "application/json"})
@@ -500,6 +501,13 @@ def test_what_an_outside_review_found_stays_fixed(server):
     os.symlink(next((outside / "dark").iterdir()), evil / "dark" / "link.png")
     status, answer = _post(server, "/api/datasets", {"path": str(evil)})
     assert status == 400 and "symbolic links out of the folders" in answer["error"] and answer["field"] == "path"
+    # A pipeline whose input lies outside the folders the page may open: refused before it is read.
+    (data / "leak.yaml").write_text(PIPELINE.replace("path: shades", f"path: {outside}"))
+    status, answer = _post(server, "/api/pipelines", {"path": str(data / "leak.yaml")})
+    assert status == 400 and "input 'photos'" in answer["error"] and "is outside the folders" in answer["error"]
+    # An upload name longer than a file system takes with the temporary suffix
+    status, answer = _api(server, "POST", f"/api/uploads?folder=up&path=cls/{'x' * 201}.png", b"abc")
+    assert status == 400 and answer["field"] == "path"
     # A '--' in a path names no control; a folder named '_private' opens.
     status, answer = _post(server, "/api/datasets", {"path": "cats--batch-size"})
     assert status == 400 and answer["field"] == "path", answer
@@ -537,6 +545,7 @@ def test_what_an_outside_review_found_stays_fixed(server):
     # Resuming a finished run is refused; four Train clicks with one name make one run, and no stray folder.
     status, answer = _post(server, "/api/runs/first/resume", {})
     assert status == 409 and "complete" in answer["error"]
+    _converted(server, "private")
     body = {"dataset": "private", "model_name": "resnet18", "pretrained": False, "epochs": 1, "batch_size": 2,
             "image_size": 32, "validation_share": 0.5, "name": "twice"}
     with ThreadPoolExecutor(4) as pool:
@@ -603,11 +612,11 @@ def test_the_audit_shows_what_convert_left_out_and_a_changed_folder_is_converted
     audit = _converted(server, opened["name"])["audit"]
     assert audit["rejected_count"] == 1 and audit["rejected"][0]["file"].endswith("bad.png")
     assert audit["duplicates_with_different_categories_count"] == 1 and audit["outside_categories"] == 1
-    shutil.copy(folder / "dark" / "002.png", folder / "dark" / "new.png")
+    os.rename(folder / "dark" / "002.png", folder / "bright" / "moved.png")  # as many images, one relabelled
     status, opened = _post(server, "/api/datasets", {"path": str(folder)})
     assert status == 200, opened
     counts = {c["name"]: c["count"] for c in _converted(server, opened["name"])["classes"]}
-    assert counts == {"bright": 4, "dark": 4}  # the new image in, the bad one still out
+    assert counts == {"bright": 5, "dark": 2}  # the moved image in its new class, the bad one still out
 
 
 def test_a_trained_model_directory_is_imported_downloaded_and_timed_here(server):
@@ -638,3 +647,36 @@ def test_a_trained_model_directory_is_imported_downloaded_and_timed_here(server)
     assert row["speed"] == answer["images_per_second"]
     status, answer = _post(server, "/api/models/resnet1000/speed", {})
     assert status == 400 and answer["field"] == "model_name" and answer["error"].startswith("InvalidParameterError")
+    status, answer = _post(server, "/api/models/alexnet/speed", {"image_size": 32})  # torchvision refuses: named
+    assert status == 400 and answer["error"].startswith("ImageSizeError: alexnet cannot run at 32 px"), answer
+
+
+def test_a_jobs_command_outlives_its_runner_killed_and_stop_still_reaches_it(tmp_path, trained_model):
+    from imgtrain.ui import jobs
+
+    folder = tmp_path / "job"
+    jobs.start(folder, [["serve", str(trained_model), "--port", "0", "--device", "cpu"]])  # runs until stopped
+    deadline = time.monotonic() + 120
+    while "Serving" not in jobs.state(folder)["log"]:
+        assert time.monotonic() < deadline and jobs.state(folder)["state"] == "running", jobs.state(folder)
+        time.sleep(0.2)
+    runner = int((folder / jobs.PID_FILE).read_text())
+    os.kill(runner, signal.SIGKILL)
+    jobs._children.pop(folder).wait()  # reaped, as the server would
+    assert jobs.state(folder)["state"] == "running"  # its command still is
+    assert jobs.stop(folder)
+    while jobs.state(folder)["state"] == "running":
+        assert time.monotonic() < deadline + 60
+        time.sleep(0.2)
+    assert jobs.state(folder)["state"] == "stopped"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(runner, 0)
+
+
+def test_names_made_of_file_names_are_plain():
+    from imgtrain.ui.workspace import plain_name
+
+    for text, expected in [("_leak", "leak"), ("model..v2", "model.v2"), ("..", "x"), ("é-photos", "photos"),
+                           ("a b", "a-b"), ("-.-", "x")]:
+        assert plain_name(text, "x", lambda n: False) == expected
+    assert plain_name("pets", "x", lambda n: n in ("pets", "pets-2")) == "pets-3"

@@ -17,6 +17,7 @@ import io
 import ipaddress
 import json
 import math
+import os
 import re
 import secrets
 import shutil
@@ -37,10 +38,11 @@ from imgtrain.errors import (
     speaking_command_line,
 )
 from imgtrain.ui import jobs
-from imgtrain.ui.workspace import Workspace, check_name, read_json, write_json
+from imgtrain.ui.workspace import Workspace, check_name, plain_name, read_json, write_json
 
 STATIC = Path(__file__).parent / "static"
 RESUME_PREFIX = ".imgtrain-resume-"  # training.train's, without importing torch for a page that polls
+MIN_FREE_GB = 2  # uploads leave at least this much of the workspace's disk free
 KEPT_MODELS = 2  # trained models kept loaded for Try it
 MAX_UPLOAD_MB = 20.0  # an image sent to Try it, or uploaded in a dropped folder
 # Train PyTorch Model's defaults (the designer's), as TrainingParameters has them (a test holds them equal): the
@@ -122,11 +124,13 @@ class UI:
                                         f"pick a folder, or an archive ending in {', '.join(ARCHIVE_SUFFIXES)}")
         name = self.workspace.new_dataset(path)
         folder = self.workspace.dataset_dir(name)
-        converted = (folder / "images" / "_meta.yaml").is_file()
-        if converted and path.is_dir():  # images added or removed since: converted again
-            audit = read_json(folder / "images" / "audit.json", {})
-            converted = audit.get("images", 0) + len(audit.get("rejected", [])) == len(found.items)
+        # Converted, and from the files as they are now (each one's name, class, size and time; an archive's):
+        # else converted again.
+        stamp = _fingerprint([(p, c) for p, c in found.items] if path.is_dir() else [(path, None)])
+        converted = (folder / "images" / "_meta.yaml").is_file() and \
+            read_json(folder / "converted-from.json", {}).get("fingerprint") == stamp
         if not converted and jobs.state(folder / "job")["state"] != "running":
+            write_json(folder / "converted-from.json", {"fingerprint": stamp})
             jobs.start(folder / "job", [["convert-to-image-directory", str(path), "--output",
                                          str(folder / "images"), "--overwrite"]])
         return self.dataset(name)
@@ -142,7 +146,7 @@ class UI:
         parts = [p for p in str(request.query_params.get("path", "")).replace("\\", "/").split("/") if p]
         parts = parts[-2:]
         for part in parts:
-            if part in (".", "..") or part.startswith(".") or len(part.encode()) > 255 \
+            if part in (".", "..") or part.startswith(".") or len(part.encode()) > 200 \
                     or re.search(r"[\x00-\x1f\x7f]", part):
                 raise PageError(400, f"the file name {escaped(part)[:80]!r} is not one to keep: rename it", "path")
         if not parts or not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
@@ -153,6 +157,10 @@ class UI:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise PageError(413, f"{escaped(parts[-1])[:80]} is {int(declared):,} bytes, over the limit of "
                                  f"{limit:,} for an image", "path")
+        free = shutil.disk_usage(self.workspace.root).free
+        if free < MIN_FREE_GB * 2**30 + int(declared or 0):
+            raise PageError(507, f"the disk of the workspace has {free / 2**30:.1f} GB free: uploads stop at "
+                                 f"{MIN_FREE_GB} GB. Free some space", "path")
         target = self.workspace.root / UPLOADS / folder / Path(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
@@ -243,10 +251,12 @@ class UI:
                                       fraction=round(1 - share, 6), random_seed=params.random_seed)
                 training, validation = folder / "training", folder / "validation"
                 sets = (ImageDirectory.load(staging / "training"), ImageDirectory.load(staging / "validation"))
-            else:
+            else:  # the run's own copies (hard links where it can): a later re-conversion changes nothing here
                 staging.mkdir(parents=True)
-                training, validation = data_folder / "images", other_folder / "images"
-                sets = (ImageDirectory.load(training), ImageDirectory.load(validation))
+                for source, side in ((data_folder / "images", "training"), (other_folder / "images", "validation")):
+                    shutil.copytree(source, staging / side, copy_function=_link_or_copy)
+                training, validation = folder / "training", folder / "validation"
+                sets = (ImageDirectory.load(staging / "training"), ImageDirectory.load(staging / "validation"))
             try:
                 params.check(len(sets[0]))
             except ImgtrainError as exc:
@@ -301,6 +311,10 @@ class UI:
         for other in self.workspace.runs():
             if jobs.state(self.workspace.run_dir(other) / "job")["state"] == "running":
                 raise PageError(409, f"the run {other!r} is running: stop it, or wait for it to end, before "
+                                     "starting another", field)
+        for other in self.pipelines():
+            if jobs.state(self.workspace.root / PIPELINES_DIR / other["name"] / "job")["state"] == "running":
+                raise PageError(409, f"the pipeline {other['name']!r} is running: wait for it to end, before "
                                      "starting another", field)
 
     def resume_run(self, name: str) -> dict:
@@ -367,12 +381,7 @@ class UI:
         if links:
             raise InvalidParameterError(f"{path} holds a symbolic link ({escaped(str(links[0]))})",
                                         "copy the model directory without links, then import the copy")
-        base = re.sub(r"[^A-Za-z0-9_.-]", "-", path.name)[:40]
-        base = re.sub(r"^[^A-Za-z0-9]+", "", base).rstrip("-.") or "model"
-        name, n = base, 1
-        while (self.workspace.root / "runs" / name).exists():
-            n += 1
-            name = f"{base}-{n}"
+        name = plain_name(path.name, "model", lambda n: (self.workspace.root / "runs" / n).exists())
         folder = self.workspace.run_dir(name, exists=False)
         staging = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.new")
         try:
@@ -390,7 +399,6 @@ class UI:
         import torch
 
         from imgtrain.models.registry import build_model, get_architecture
-        from imgtrain.threads import Threads, parse_threads
 
         get_architecture(model_name)  # an unknown name: named, with the closest ones
         size = body.get("image_size")
@@ -401,17 +409,29 @@ class UI:
         speeds = read_json(self.workspace.root / SPEEDS_FILE, {})
         key = f"{model_name}@{size}|torch {torch.__version__}"
         if key not in speeds:
-            with self._speed_lock, Threads(parse_threads(None), lambda m: None), torch.inference_mode():
-                network = build_model(model_name, 1000, image_size=size).eval()
-                batch = torch.rand(8, 3, size, size).contiguous(memory_format=torch.channels_last)
-                network = network.to(memory_format=torch.channels_last)
-                network(batch)  # warm-up
-                done, start = 0, time.perf_counter()
-                while done < 8 or time.perf_counter() - start < 1.0:
-                    network(batch)
-                    done += 8
+            self._training_elsewhere("model_name")  # a speed measured beside a training says nothing
+            if not self._speed_lock.acquire(blocking=False):
+                raise PageError(409, "another speed is being measured: wait for it", "model_name")
+            try:
+                with torch.inference_mode():
+                    network = build_model(model_name, 1000, image_size=size).eval()
+                    batch = torch.rand(8, 3, size, size).contiguous(memory_format=torch.channels_last)
+                    network = network.to(memory_format=torch.channels_last)
+                    network(batch)  # warm-up
+                    done, start = 0, time.perf_counter()
+                    while done < 8 or time.perf_counter() - start < 1.0:
+                        network(batch)
+                        done += 8
                 speeds[key] = round(done / (time.perf_counter() - start), 1)
                 write_json(self.workspace.root / SPEEDS_FILE, speeds)
+            except ImgtrainError:
+                raise
+            except Exception as exc:  # torchvision's own refusal: an image size the architecture cannot take
+                why = escaped(str(exc).splitlines()[0] if str(exc) else "")[:200]
+                raise PageError(400, f"ImageSizeError: {model_name} cannot run at {size} px here "
+                                     f"({type(exc).__name__}: {why})", "model_name") from None
+            finally:
+                self._speed_lock.release()
         return {"model_name": model_name, "image_size": size, "images_per_second": speeds[key]}
 
     def cell(self, name: str, truth: str, predicted: str) -> list[dict]:
@@ -489,18 +509,23 @@ class UI:
         path = self.workspace.allowed(body.get("path"), "pipeline file")
         if not path.is_file():
             raise InvalidParameterError(f"{path} is not a file", "pick a pipeline file (.yaml)")
-        load_pipeline(path)  # a file that does not read: its error now, with its line
+        self._check_pipeline_inputs(load_pipeline(path))  # a file that does not read: its error now, with its line
         known = read_json(self.workspace.root / PIPELINES_FILE, {})
         name = next((n for n, p in known.items() if p == str(path)), None)
         if name is None:
-            base = re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem)[:40].strip("-.") or "pipeline"
-            name, n = base, 1
-            while name in known:
-                n += 1
-                name = f"{base}-{n}"
+            name = plain_name(path.stem, "pipeline", lambda n: n in known)
             known[name] = str(path)
             write_json(self.workspace.root / PIPELINES_FILE, known)
         return self.pipeline(name)
+
+    def _check_pipeline_inputs(self, pipeline) -> None:
+        """A pipeline's inputs, like any folder the page opens, lie in the workspace or a --data folder."""
+        for input_name, (_, where) in pipeline.inputs.items():
+            if not self.workspace.inside(Path(where).resolve()):
+                raise InvalidParameterError(
+                    f"{pipeline.path}: input {input_name!r} ({where}) is outside the folders this page may open "
+                    f"({', '.join(map(str, self.workspace.roots))})",
+                    "start `imgtrain ui` with --data naming its folder, or run it with `imgtrain pipeline run`")
 
     def _pipeline_path(self, name: str) -> Path:
         path = read_json(self.workspace.root / PIPELINES_FILE, {}).get(check_name("pipeline", name))
@@ -511,12 +536,15 @@ class UI:
     def pipeline(self, name: str) -> dict:
         """The graph of a pipeline file, and each step's state: reused from the cache, ran, running, failed, or
         will run (what a run does now)."""
+        from imgtrain.pipeline.file import load_pipeline
         from imgtrain.pipeline.run import plan_pipeline
 
-        pipeline, plans = plan_pipeline(self._pipeline_path(name))
+        path = self._pipeline_path(name)
+        self._check_pipeline_inputs(load_pipeline(path))  # before the plan reads them whole
+        pipeline, plans = plan_pipeline(path)
         job = jobs.state(self.workspace.root / PIPELINES_DIR / name / "job")
         said = {}  # what the last run said of each step: running, or reused
-        for line in job.get("log", "").splitlines():
+        for line in jobs.log_text(self.workspace.root / PIPELINES_DIR / name / "job").splitlines():
             found = re.match(r"step ([\w-]+) \([\w-]+\): (running|reused from the cache)", line)
             if found:
                 said[found.group(1)] = found.group(2)
@@ -542,10 +570,14 @@ class UI:
                 "output": str(self.workspace.root / PIPELINES_DIR / name / "output")}
 
     def run_pipeline(self, name: str, body: dict) -> dict:
+        from imgtrain.pipeline.file import load_pipeline
+
         path = self._pipeline_path(name)
+        self._check_pipeline_inputs(load_pipeline(path))
         folder = self.workspace.root / PIPELINES_DIR / name
         if jobs.state(folder / "job")["state"] == "running":
             raise PageError(409, f"the pipeline {name!r} is running", "pipeline")
+        self._training_elsewhere("pipeline")
         command = ["pipeline", "run", str(path), "--output", str(folder / "output"), "--overwrite"]
         if body.get("force_rerun"):
             command.append("--force-rerun")
@@ -554,9 +586,12 @@ class UI:
         return self.pipeline(name)
 
     def step_outputs(self, name: str, step: str) -> dict:
+        from imgtrain.pipeline.file import load_pipeline
         from imgtrain.pipeline.run import plan_pipeline
 
-        _, plans = plan_pipeline(self._pipeline_path(name))
+        path = self._pipeline_path(name)
+        self._check_pipeline_inputs(load_pipeline(path))
+        _, plans = plan_pipeline(path)
         plan = next((p for p in plans if p.name == step), None)
         if plan is None:
             raise PageError(404, f"the pipeline {name!r} has no step {escaped(step)[:40]!r}", "pipeline")
@@ -573,6 +608,24 @@ class UI:
     def close(self) -> None:
         for endpoint, _ in self._endpoints.values():
             endpoint.batcher.stop()
+
+
+def _fingerprint(items) -> str:
+    digest = hashlib.sha256()
+    for path, category in items:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        digest.update(f"{path}\0{category}\0{info.st_size}\0{info.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:32]
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _jsonl(path: Path) -> list[dict]:

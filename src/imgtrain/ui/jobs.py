@@ -51,10 +51,24 @@ def _alive(folder: Path) -> int | None:
         del _children[folder]  # reaped
     try:
         pid = int((folder / PID_FILE).read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if b"imgtrain.ui.jobs" in cmdline and os.fsencode(folder) in cmdline else None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"imgtrain.ui.jobs" in cmdline and os.fsencode(folder) in cmdline:
+            return pid
+    except OSError:
+        pass
+    # The runner is gone (killed with SIGKILL?), but its command may still run: its process group (the runner's
+    # pid, in a session of its own) lives while any of its processes does, and Stop reaches them there.
+    status = read_json(folder / STATUS_FILE, {})
+    if status.get("ended") is None:
+        try:
+            os.killpg(pid, 0)
+            return pid
+        except (ProcessLookupError, PermissionError):
+            return None
+    return None
 
 
 def state(folder: Path) -> dict:
@@ -97,6 +111,15 @@ def stop(folder: Path) -> bool:
     return True
 
 
+def log_text(folder: Path, limit: int = 8 * 2**20) -> str:
+    """A job's whole log (its first ``limit`` bytes)."""
+    try:
+        with open(folder / LOG_FILE, "rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def _tail(path: Path, size: int = 4000) -> str:
     try:
         with open(path, "rb") as f:
@@ -126,12 +149,11 @@ def _run(folder: Path) -> int:
             break
         print(f"$ imgtrain {' '.join(argv)}", flush=True)
         command = subprocess.Popen([sys.executable, "-m", "imgtrain", *argv], stdin=subprocess.DEVNULL)
-        while True:
-            try:
-                code = command.wait()
-                break
-            except InterruptedError:  # pragma: no cover - Python retries wait() itself
-                continue
+        if stopping:  # SIGTERM came between the check above and the start: the command has it too
+            command.send_signal(signal.SIGTERM)
+        code = command.wait()
+        if code < 0:  # killed by the signal before its handler was there (it was still starting)
+            code = 128 - code
         if stopping and code == 0:
             code = 128 + stopping[0]  # stopped between its last epoch and its end: the next does not start
         if code != 0:

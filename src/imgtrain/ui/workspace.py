@@ -44,6 +44,17 @@ def check_name(what: str, name: object) -> str:
     return name
 
 
+def plain_name(text: str, fallback: str, taken) -> str:
+    """A plain name made of a file's or folder's name (``check_name`` accepts it), not one of ``taken``."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "-", text)[:40]
+    base = re.sub(r"\.{2,}", ".", re.sub(r"^[^A-Za-z0-9]+", "", base)).rstrip("-.") or fallback
+    name, n = base, 1
+    while taken(name):
+        n += 1
+        name = f"{base}-{n}"
+    return check_name("new", name)
+
+
 def write_json(path: Path, value: object) -> None:
     """A small JSON file, replaced whole (never seen half written)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -155,13 +166,8 @@ class Workspace:
             if read_json(record, {}).get("source") == str(source):
                 write_json(record, {"source": str(source), "opened": time.time()})
                 return name
-        base = re.sub(r"[^A-Za-z0-9_.-]", "-", source.name.split(".")[0])[:40]
-        base = re.sub(r"^[^A-Za-z0-9]+", "", base).rstrip("-.") or "data"
-        name, n = base, 1
-        while (self.root / DATASETS / name).exists():
-            n += 1
-            name = f"{base}-{n}"
-        folder = self.root / DATASETS / check_name("data set", name)
+        name = plain_name(source.name.split(".")[0], "data", lambda n: (self.root / DATASETS / n).exists())
+        folder = self.root / DATASETS / name
         folder.mkdir(parents=True)
         write_json(folder / "dataset.json", {"source": str(source), "opened": time.time()})
         return name
