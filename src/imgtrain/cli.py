@@ -13,7 +13,7 @@ import signal
 import sys
 
 from imgtrain import __version__
-from imgtrain.errors import DISK_FULL, ImgtrainError, escaped, speaking_command_line
+from imgtrain.errors import DISK_FULL, ImgtrainError, one_line, speaking_command_line
 from imgtrain.models.names import DENSENET_DEFAULT, DENSENET_NAMES, RESNET_DEFAULT, RESNET_NAMES
 from imgtrain.process import LAUNCHER_PID, Terminated, die_with_launcher, launched_by_torchrun, rank, sigterm_interrupts
 
@@ -730,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         who = f"rank {rank()}: " if torchrun and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
-        print(f"error: {who}{type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {who}{type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         number = exc.signal_number if isinstance(exc, Terminated) else signal.SIGINT
@@ -748,13 +748,6 @@ def main(argv: list[str] | None = None) -> int:
             hint = (". no output was written; free space on that disk, then re-run with --resume to continue from "
                     "the last epoch" if args.func is _train else
                     ". no output was written; free space on that disk, or write the output to another one")
-        print(f"error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {one_line(exc)}{hint}", file=sys.stderr)
         return 1
     return 0
-
-
-def _one_line(exc: BaseException) -> str:
-    """An error's text on one line, whatever it quotes (another library's message over several lines, a file
-    name with a line break or a terminal's escape sequence in it): line breaks of every kind become spaces,
-    other control characters their escapes."""
-    return escaped(" ".join(part.strip() for part in str(exc).splitlines()))

@@ -49,6 +49,13 @@ def escaped(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text)
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's text on one line, whatever it quotes (another library's message over several lines, a file
+    name with a line break or a terminal's escape sequence in it): line breaks of every kind become spaces,
+    other control characters their escapes."""
+    return escaped(" ".join(part.strip() for part in str(exc).splitlines()))
+
+
 def shown(name: str) -> str:
     """A name from the user's data (a label, a class) as a message shows it: escaped, the empty one as ''."""
     return escaped(name) if name else "''"

@@ -12,14 +12,12 @@ each output at least one image.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, path_relation
-from imgtrain.directories.files import NotARegularFileError, check_regular
+from imgtrain.directories.files import NotARegularFileError, link_or_copy
 from imgtrain.directories.image_directory import ImageDirectory, write_image_directory_files
 from imgtrain.errors import InvalidDatasetError, InvalidParameterError, check_range, option
 from imgtrain.seeding import as_uint32
@@ -64,7 +62,7 @@ def split_image_directory(
                 name = data.files[i]
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    _link_or_copy(data.path(i), tmp / name)
+                    link_or_copy(data.path(i), tmp / name)
                 except FileNotFoundError:
                     raise InvalidDatasetError(f"{data.path(i)} is listed in {source} but missing",
                                               "convert the folder again") from None
@@ -153,12 +151,3 @@ def _first_output_sizes(counts: np.ndarray, fraction: float, rng: np.random.Gene
     for c in order[: max(total - int(sizes.sum()), 0)]:
         sizes[c] += 1
     return sizes
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link when possible (images never change in place), copy otherwise; regular files only."""
-    check_regular(src)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +41,16 @@ def check_regular(path: Path | str) -> os.stat_result:
     if not stat.S_ISREG(st.st_mode):
         raise NotARegularFileError(path, st.st_mode)
     return st
+
+
+def link_or_copy(src: Path | str, dst: Path | str) -> None:
+    """Hard-link when possible (images and cached outputs never change in place), copy otherwise; regular files
+    only. Also a ``copy_function`` for ``shutil.copytree``."""
+    check_regular(src)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def open_regular(path: Path | str) -> BinaryIO:

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import importlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -38,6 +37,7 @@ from imgtrain.directories.atomic import (
     publish,
     remove_abandoned,
 )
+from imgtrain.directories.files import link_or_copy
 from imgtrain.errors import ImgtrainError, InvalidPipelineError, OutputNotWritableError
 from imgtrain.pipeline.file import Pipeline, Step, load_pipeline
 
@@ -66,17 +66,16 @@ def run_pipeline(file: Path | str, output: Path | str | None = None, *, force_re
         if not (path.is_dir() if kind == "uri_folder" else path.is_file()):
             raise InvalidPipelineError(f"{pipeline.path}: input {name!r} ({kind}) {path} does not exist",
                                        "make it, or correct its path (relative to the pipeline file)")
-    store = Path(cache) if cache is not None else pipeline.path.parent / CACHE_FOLDER
+    store = _store(pipeline, cache)
     output = Path(output) if output is not None else pipeline.path.with_name(pipeline.path.stem + "-output")
     _check_places(pipeline, output, store, overwrite=overwrite)
     store.mkdir(parents=True, exist_ok=True)
     _remove_partials(store)
-    digests = {name: _folder_digest(path) for name, (_, path) in pipeline.inputs.items()}
-    keys: dict[str, str] = {}
+    plans = _plans(pipeline, store)  # every input exists: every step has its key
+    keys = {plan.name: plan.key for plan in plans}
     runs = []
-    for step in pipeline.steps.values():
-        keys[step.name] = _key(step, digests, keys)
-        entry = store / keys[step.name]
+    for step, plan in zip(pipeline.steps.values(), plans, strict=True):
+        entry = plan.entry
         started = time.perf_counter()
         if not (entry.is_dir() and not force_rerun):  # entries appear complete, by a rename: reusing needs no lock
             with _key_lock(store, entry.name, wait=lambda s=step: log(
@@ -105,11 +104,18 @@ class StepPlan:
     entry: Path | None  # its folder in the cache: one sub-folder per output port
 
 
-def plan_pipeline(file: Path | str, *, cache: Path | str | None = None) -> tuple[Pipeline, list[StepPlan]]:
-    """The pipeline, and for each step (in run order) what ``run_pipeline`` would do with it now: reuse it
+def plan_pipeline(pipeline: Pipeline, *, cache: Path | str | None = None) -> list[StepPlan]:
+    """For each step of a loaded pipeline (in run order), what ``run_pipeline`` would do with it now: reuse it
     from the cache, or run it. The same keys as a run: the inputs' digests (which reads them whole)."""
-    pipeline = load_pipeline(file)
-    store = Path(cache) if cache is not None else pipeline.path.parent / CACHE_FOLDER
+    return _plans(pipeline, _store(pipeline, cache))
+
+
+def _store(pipeline: Pipeline, cache: Path | str | None) -> Path:
+    return Path(cache) if cache is not None else pipeline.path.parent / CACHE_FOLDER
+
+
+def _plans(pipeline: Pipeline, store: Path) -> list[StepPlan]:
+    """Each step's key (a digest of what it is and reads) and its entry in the cache, in run order."""
     digests = {name: _folder_digest(path) for name, (kind, path) in pipeline.inputs.items()
                if (path.is_dir() if kind == "uri_folder" else path.is_file())}
     keys: dict[str, str] = {}
@@ -121,7 +127,7 @@ def plan_pipeline(file: Path | str, *, cache: Path | str | None = None) -> tuple
             plans.append(StepPlan(step.name, entry.name, entry.is_dir() and not pipeline.force_rerun, entry))
         else:
             plans.append(StepPlan(step.name, None, False, None))
-    return pipeline, plans
+    return plans
 
 
 def _check_places(pipeline: Pipeline, output: Path, store: Path, *, overwrite: bool) -> None:
@@ -243,11 +249,4 @@ def _publish(pipeline: Pipeline, store: Path, keys: dict[str, str], output: Path
                                      for port in step.component.outputs}
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         for name, (step, port) in published.items():
-            shutil.copytree(store / keys[step] / port, tmp / name, copy_function=_link_or_copy)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+            shutil.copytree(store / keys[step] / port, tmp / name, copy_function=link_or_copy)

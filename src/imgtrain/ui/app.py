@@ -17,7 +17,6 @@ import io
 import ipaddress
 import json
 import math
-import os
 import re
 import secrets
 import shutil
@@ -35,6 +34,7 @@ from imgtrain.errors import (
     MissingDependencyError,
     check_range,
     escaped,
+    one_line,
     speaking_command_line,
 )
 from imgtrain.ui import jobs
@@ -67,10 +67,9 @@ class PageError(Exception):
         self.status, self.message, self.field = status, message, field
 
 
-def one_line(exc: BaseException) -> str:
+def cli_line(exc: BaseException) -> str:
     """An error as the CLI prints it after ``error: ``."""
-    text = escaped(" ".join(part.strip() for part in str(exc).splitlines()))
-    return f"{type(exc).__name__}: {text}" if isinstance(exc, ImgtrainError) else text
+    return f"{type(exc).__name__}: {one_line(exc)}" if isinstance(exc, ImgtrainError) else one_line(exc)
 
 
 def _field_of(message: str, default: str | None) -> str | None:
@@ -206,6 +205,7 @@ class UI:
 
     def start_run(self, body: dict) -> dict:
         from imgtrain.data.split import split_image_directory
+        from imgtrain.directories.files import link_or_copy
         from imgtrain.directories.image_directory import ImageDirectory
         from imgtrain.models.registry import get_architecture
         from imgtrain.training.train import TrainingParameters
@@ -231,7 +231,7 @@ class UI:
         try:
             get_architecture(model_name)
         except ImgtrainError as exc:
-            raise PageError(400, one_line(exc), "model_name") from None
+            raise PageError(400, cli_line(exc), "model_name") from None
         pretrained = body.get("pretrained", False) is True
         name = body.get("name") or time.strftime("run-%Y%m%d-%H%M%S")
         folder = self.workspace.run_dir(check_name("run", name), exists=False)
@@ -254,13 +254,13 @@ class UI:
             else:  # the run's own copies (hard links where it can): a later re-conversion changes nothing here
                 staging.mkdir(parents=True)
                 for source, side in ((data_folder / "images", "training"), (other_folder / "images", "validation")):
-                    shutil.copytree(source, staging / side, copy_function=_link_or_copy)
+                    shutil.copytree(source, staging / side, copy_function=link_or_copy)
                 training, validation = folder / "training", folder / "validation"
                 sets = (ImageDirectory.load(staging / "training"), ImageDirectory.load(staging / "validation"))
             try:
                 params.check(len(sets[0]))
             except ImgtrainError as exc:
-                raise PageError(400, one_line(exc), _field_of(exc.message, None)) from None
+                raise PageError(400, cli_line(exc), _field_of(exc.message, None)) from None
             self._training_elsewhere("train")  # after the checks: an error in the form is said first
             split = {side: {c: int((data.labels == i).sum()) for i, c in enumerate(data.categories)}
                      for side, data in zip(("training", "validation"), sets, strict=True)}
@@ -539,9 +539,9 @@ class UI:
         from imgtrain.pipeline.file import load_pipeline
         from imgtrain.pipeline.run import plan_pipeline
 
-        path = self._pipeline_path(name)
-        self._check_pipeline_inputs(load_pipeline(path))  # before the plan reads them whole
-        pipeline, plans = plan_pipeline(path)
+        pipeline = load_pipeline(self._pipeline_path(name))
+        self._check_pipeline_inputs(pipeline)  # before the plan reads them whole
+        plans = plan_pipeline(pipeline)
         job = jobs.state(self.workspace.root / PIPELINES_DIR / name / "job")
         said = {}  # what the last run said of each step: running, or reused
         for line in jobs.log_text(self.workspace.root / PIPELINES_DIR / name / "job").splitlines():
@@ -589,9 +589,9 @@ class UI:
         from imgtrain.pipeline.file import load_pipeline
         from imgtrain.pipeline.run import plan_pipeline
 
-        path = self._pipeline_path(name)
-        self._check_pipeline_inputs(load_pipeline(path))
-        _, plans = plan_pipeline(path)
+        pipeline = load_pipeline(self._pipeline_path(name))
+        self._check_pipeline_inputs(pipeline)
+        plans = plan_pipeline(pipeline)
         plan = next((p for p in plans if p.name == step), None)
         if plan is None:
             raise PageError(404, f"the pipeline {name!r} has no step {escaped(step)[:40]!r}", "pipeline")
@@ -619,13 +619,6 @@ def _fingerprint(items) -> str:
             continue
         digest.update(f"{path}\0{category}\0{info.st_size}\0{info.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:32]
-
-
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -709,10 +702,10 @@ def make_app(ui: UI):
                 return JSONResponse({"error": exc.message, "field": exc.field or default_field},
                                     status_code=exc.status)
             except ImgtrainError as exc:
-                return JSONResponse({"error": one_line(exc), "field": _field_of(exc.message, default_field)},
+                return JSONResponse({"error": cli_line(exc), "field": _field_of(exc.message, default_field)},
                                     status_code=400)
             except OSError as exc:
-                return JSONResponse({"error": f"{type(exc).__name__}: {one_line(exc)}", "field": default_field},
+                return JSONResponse({"error": f"{type(exc).__name__}: {cli_line(exc)}", "field": default_field},
                                     status_code=400)
         return handle
 

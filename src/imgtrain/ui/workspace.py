@@ -56,7 +56,8 @@ def plain_name(text: str, fallback: str, taken) -> str:
 
 
 def write_json(path: Path, value: object) -> None:
-    """A small JSON file, replaced whole (never seen half written)."""
+    """A small JSON file, replaced whole (never seen half written). Not ``atomic_file``: two requests may write
+    one file at once (each its own temporary name here), and nothing here needs its fsync."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
     os.replace(tmp, path)
