@@ -88,6 +88,14 @@ def _threads(p: argparse.ArgumentParser) -> None:
                         "N: exactly N")
 
 
+def _engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("auto", "torch", "onnxruntime", "openvino"), default=None,
+                   help="what runs the network: torch; onnxruntime or openvino (imgtrain[onnxruntime], "
+                        "imgtrain[openvino]; on the CPU); auto: on a CPU the fastest installed, timed once per model "
+                        "and machine and remembered in imgtrain's cache (README, \"Engines\"). Default: torch for a "
+                        "model directory, auto for an export")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true",
@@ -242,7 +250,8 @@ def _score(args) -> None:
 
     result = score_image_model(args.trained_model, args.dataset, args.output, batch_size=args.batch_size,
                                device=args.device, num_workers=args.num_workers, precision=args.precision,
-                               on_bad_image=args.on_bad_image, top_k=args.top_k, threads=args.threads,
+                               engine=args.engine, on_bad_image=args.on_bad_image, top_k=args.top_k,
+                               threads=args.threads,
                                overwrite=args.overwrite, log=_Log(args.quiet), progress=_progress(args))
     if rank() != 0:
         return  # rank 0 says it
@@ -303,8 +312,9 @@ def _report(args) -> None:
 def _export(args) -> None:
     from imgtrain.deploy.export import export_model
 
-    path = export_model(args.trained_model, args.output, format=args.format, opset=args.opset,
-                        overwrite=args.overwrite, log=_Log(args.quiet))
+    path = export_model(args.trained_model, args.output, format=args.format, opset=args.opset, int8=args.int8,
+                        calibration_data=args.calibration_data, validation_data=args.validation_data,
+                        max_accuracy_drop=args.max_accuracy_drop, overwrite=args.overwrite, log=_Log(args.quiet))
     _say(args, f"Exported to {path} (metadata in {path.parent / 'metadata.json'})")
 
 
@@ -315,7 +325,7 @@ def _serve(args) -> None:
                            max_queue=args.max_queue, max_body_mb=args.max_body_mb,
                            max_bodies_mb=args.max_bodies_mb, body_timeout_s=args.body_timeout_s,
                            max_decode_mb=args.max_decode_mb, threads=args.threads,
-                           precision=args.precision, device=args.device)
+                           precision=args.precision, device=args.device, engine=args.engine)
     serve(args.trained_model, host=args.host, port=args.port, name=args.name, options=options,
           log=_Log(args.quiet))
 
@@ -503,7 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "Score images with a trained model: one probability column per category and the predicted label. "
                 "Under torchrun (`torchrun --nproc-per-node N -m imgtrain score ...`) the processes share the "
                 "images out and rank 0 writes the one table.")
-    p.add_argument("--trained-model", required=True, help="output of `imgtrain train-pytorch-model`")
+    p.add_argument("--trained-model", required=True,
+                   help="output of `imgtrain train-pytorch-model`, or of `imgtrain export` (model.onnx, model.xml or "
+                        "their folder)")
     p.add_argument("--dataset", required=True, nargs="+", metavar="DATASET",
                    help="an ImageDirectory; a folder of images (one sub-folder per category, or flat); or image "
                         "files and glob patterns ('photos/*.jpg', quoted, or expanded by the shell)")
@@ -516,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes (default: one per CPU core, at most 8)")
     p.add_argument("--top-k", type=_int, default=None, metavar="K",
                    help="add the K most probable labels of each image with their probabilities")
+    _engine(p)
     _threads(p)
     _on_bad_image(p, "stops the run")
     _common(p)
@@ -638,15 +651,29 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = command("export", _export,
-                "Export a trained model for standard runtimes: ONNX (model.onnx) or torch.export (model.pt2). "
+                "Export a trained model for standard runtimes: ONNX (model.onnx), OpenVINO (model.xml, model.bin) or "
+                "torch.export (model.pt2); ONNX and OpenVINO in int8 too, its accuracy checked on held-out images. "
                 "Input `images`: uint8 [N, H, W, 3] RGB at the model's image size (resized outside the graph, as "
                 "the `resize` metadata says, and preprocess.py, written beside it, does); output `probabilities`: "
                 "float32 [N, C]; metadata `labels`, `image_size`, `resize`. Checked against the model before it is "
                 "written.")
     p.add_argument("trained_model", metavar="MODEL", help="output of `imgtrain train-pytorch-model`")
-    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx",
-                   help="onnx (needs imgtrain[export]) or pt2 (torch.export.save; torch.export.load reads it)")
+    p.add_argument("--format", choices=("onnx", "openvino", "pt2"), default="onnx",
+                   help="onnx (needs imgtrain[export]), openvino (imgtrain[openvino]) or pt2 (torch.export.save; "
+                        "torch.export.load reads it). imgtrain scores and serves onnx and openvino exports")
     p.add_argument("--opset", type=_int, default=None, help="the ONNX opset (default: 20); for --format onnx only")
+    p.add_argument("--int8", action="store_true",
+                   help="quantize to int8 (static, ONNX Runtime's quantizer; imgtrain[onnxruntime]): 2-3x faster on "
+                        "a CPU; needs --calibration-data and --validation-data")
+    p.add_argument("--calibration-data", default=None, metavar="IMAGEDIR",
+                   help="with --int8: an ImageDirectory whose images set the int8 ranges (up to 256 of them, of "
+                        "every category: the training split)")
+    p.add_argument("--validation-data", default=None, metavar="IMAGEDIR",
+                   help="with --int8: a labelled ImageDirectory, sharing no image with --calibration-data, on which "
+                        "int8's top-1 accuracy is measured against fp32's and recorded in the metadata")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
+                   help="with --int8: refuse the export (nothing written) when int8 loses more than this many points "
+                        "of top-1 accuracy on --validation-data")
     p.add_argument("--output", required=True, help="the folder to write the model file and metadata.json into")
     _common(p)
 
@@ -654,7 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "Serve a trained model over HTTP: the Open Inference Protocol (KServe v2, Triton) at "
                 "/v2/models/NAME/infer and TorchServe's shape at /predictions/NAME, with dynamic batching "
                 "(README, \"Serve\"). Runs until SIGTERM or Ctrl-C, which let the requests in flight finish.")
-    p.add_argument("trained_model", metavar="MODEL", help="output of `imgtrain train-pytorch-model`")
+    p.add_argument("trained_model", metavar="MODEL",
+                   help="output of `imgtrain train-pytorch-model`, or of `imgtrain export` (model.onnx, model.xml or "
+                        "their folder)")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=_int, default=8080, help="the port to listen on")
     p.add_argument("--name", default=None, help="the model's name in the URLs (default: MODEL's folder name)")
@@ -679,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 where the CPU or GPU runs it natively, fp16 on other GPUs, else fp32 (fp32 "
                         "answers as `imgtrain score --precision fp32` and an ONNX export do)")
+    _engine(p)
     _threads(p)
     p.add_argument("--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")

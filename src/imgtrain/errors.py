@@ -84,6 +84,10 @@ class InvalidModelDirectoryError(ImgtrainError):
     """The directory is not a model directory of the kind the module needs."""
 
 
+class InvalidModelFileError(InvalidModelDirectoryError):
+    """An exported model file (ONNX, OpenVINO) that cannot be read, or whose graph does not match its metadata."""
+
+
 class InvalidDatasetError(ImgtrainError):
     """The data set is missing, empty, malformed, or does not match another one."""
 
@@ -164,6 +168,14 @@ class InvalidPipelineError(ImgtrainError):
 
 class ExportError(ImgtrainError):
     """The exporter cannot turn the model into the format asked for (an architecture or opset it refuses)."""
+
+
+class AccuracyDropError(ExportError):
+    """An int8 export loses more top-1 accuracy on the held-out images than --max-accuracy-drop allows."""
+
+
+class EngineError(ImgtrainError):
+    """An inference engine (ONNX Runtime, OpenVINO) asked for by name could not load the model."""
 
 
 class MissingDependencyError(ImgtrainError):

@@ -1,4 +1,5 @@
-"""Export a trained model to the standard runtimes: ONNX (``model.onnx``) and torch.export (``model.pt2``).
+"""Export a trained model to the standard runtimes: ONNX (``model.onnx``), OpenVINO (``model.xml`` and
+``model.bin``) and torch.export (``model.pt2``); ONNX and OpenVINO in int8 too (deploy/quantize.py).
 
 Both hold one graph with one contract, so that a caller needs neither imgtrain nor its preprocessing code:
 
@@ -10,9 +11,12 @@ Both hold one graph with one contract, so that a caller needs neither imgtrain n
   one), and ``preprocess.py``, written beside the model, does: it is imgtrain's own decoding code
   (data/picture.py), Pillow and numpy only, so that a runtime fed by it answers as imgtrain does.
 
-The metadata travels inside the file (ONNX ``metadata_props``; the .pt2 archive's extra files) and in
-``metadata.json`` beside it. Every export is checked before it is published: the exported graph must
-give the network's own probabilities on a batch of images.
+The metadata travels inside the file (ONNX ``metadata_props``; OpenVINO's ``rt_info`` under ``imgtrain``;
+the .pt2 archive's extra files) and in ``metadata.json`` beside it. Every export is checked before it is
+published: an fp32 graph must give the network's own probabilities on a batch of images; an int8 graph
+must keep its top-1 accuracy on held-out images within ``--max-accuracy-drop`` of fp32's. ONNX and
+OpenVINO exports score with imgtrain itself (``score-image-model --trained-model model.onnx``,
+deploy/engines.py).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from imgtrain.data import picture
+from imgtrain.deploy.quantize import check_sets
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
 from imgtrain.errors import (
     ExportError,
@@ -42,8 +47,8 @@ from imgtrain.errors import (
 )
 from imgtrain.models.trained import TrainedModel, load_trained_model
 
-FORMATS = ("onnx", "pt2")
-FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}
+FORMATS = ("onnx", "openvino", "pt2")
+FILES = {"onnx": "model.onnx", "openvino": "model.xml", "pt2": "model.pt2"}
 METADATA_FILE, PREPROCESS_FILE = "metadata.json", "preprocess.py"
 INPUT, OUTPUT = "images", "probabilities"
 DEFAULT_OPSET = 20  # torch 2.14's own; named here so that a newer torch does not change what files hold
@@ -106,42 +111,130 @@ def export_model(
     *,
     format: str = "onnx",
     opset: int | None = None,
+    int8: bool = False,
+    calibration_data: Path | str | None = None,
+    validation_data: Path | str | None = None,
+    max_accuracy_drop: float = 1.0,
     overwrite: bool = False,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> Path:
-    """Export a trained model directory to ``output``/model.onnx or ``output``/model.pt2 (with metadata.json
-    and preprocess.py); returns the model file's path. ``opset``: the ONNX opset (default: 20)."""
+    """Export a trained model directory to ``output``/model.onnx, model.xml (OpenVINO, with model.bin) or
+    model.pt2 (with metadata.json and preprocess.py); returns the model file's path. ``opset``: the ONNX
+    opset (default: 20). ``int8``: quantized with ``calibration_data``'s images, refused when it loses more
+    than ``max_accuracy_drop`` points of top-1 on ``validation_data`` (held out, labelled)."""
     check_choice("format", format, FORMATS)
     if opset is not None and format != "onnx":
         # Refused rather than ignored: a file made "with opset 13" that holds no such thing misleads.
-        raise InvalidParameterError(f"{option('opset')} is for ONNX: a .pt2 holds torch's own operators, which "
-                                    "have no opset", f"leave out {option('opset')}, or pass {option('format', 'onnx')}")
-    if format == "onnx":
+        holds = "a .pt2 holds torch's own" if format == "pt2" else "an OpenVINO model holds OpenVINO's own"
+        raise InvalidParameterError(f"{option('opset')} is for ONNX: {holds} operators, which have no opset",
+                                    f"leave out {option('opset')}, or pass {option('format', 'onnx')}")
+    if int8 and format == "pt2":
+        raise InvalidParameterError(f"{option('int8')} is for ONNX and OpenVINO exports",
+                                    f"pass {option('format', 'onnx')} or {option('format', 'openvino')}")
+    if not int8 and (calibration_data is not None or validation_data is not None):
+        raise InvalidParameterError(f"{option('calibration_data')} and {option('validation_data')} are for "
+                                    f"{option('int8')}", f"add {option('int8')}, or leave them out")
+    if format in ("onnx", "openvino"):
         newest = _onnx_modules()[0].defs.onnx_opset_version()  # asked for a newer one, the exporter wrote 18
         check_range("opset", DEFAULT_OPSET if opset is None else opset, low=MIN_OPSET, high=newest,
                     hint=f"pass an {option('opset')} from {MIN_OPSET} (torch's exporter writes no older one) to "
                          f"{newest} (the newest the installed onnx knows)")
         opset = DEFAULT_OPSET if opset is None else opset
     model = trained_model if isinstance(trained_model, TrainedModel) else None
-    check_not_an_input(output, {"trained model": model.path if model else trained_model})
+    inputs = {"trained model": model.path if model else trained_model, "calibration data": calibration_data,
+              "validation data": validation_data}
+    check_not_an_input(output, {what: path for what, path in inputs.items() if path is not None})
     model = model or load_trained_model(trained_model)
+    if format == "openvino":
+        from imgtrain.deploy.engines import _need
+
+        _need("openvino")
+    sets = check_sets(model.labels, calibration_data, validation_data, max_accuracy_drop) if int8 else None
     check_output_writable(Path(output), overwrite=overwrite)
     size = model.image_size
     deployable = Deployable(model.network.float().eval(), model.spec.input.mean, model.spec.input.std).eval()
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     metadata = metadata_of(model)
-    log(f"Exporting {model.spec.architecture} ({len(model.labels)} classes, {size} px) to "
-        f"{f'ONNX opset {opset}' if format == 'onnx' else 'torch.export'}")
+    what = {"onnx": f"ONNX opset {opset}", "openvino": "OpenVINO", "pt2": "torch.export"}[format]
+    log(f"Exporting {model.spec.architecture} ({len(model.labels)} classes, {size} px) to {what}"
+        + (", int8" if int8 else ""))
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         path = tmp / FILES[format]
-        if format == "onnx":
-            _onnx(deployable, example, path, metadata, opset, model.spec.architecture)
-        else:
+        if format == "pt2":
             _pt2(deployable, example, path, metadata, model.spec.architecture)
+        else:
+            graph = tmp / ("model.onnx" if format == "onnx" and not int8 else "fp32.onnx")
+            _onnx(deployable, example, graph, metadata, opset or DEFAULT_OPSET, model.spec.architecture)
+            if int8:
+                graph = _int8(model, graph, format, sets, max_accuracy_drop, metadata, log)
+            if format == "openvino":
+                _openvino(deployable, example, graph, path, metadata, model.spec.architecture, check=not int8)
+                graph.unlink()
+            elif graph != path:
+                graph.replace(path)
+            for leftover in tmp.glob("*.onnx"):
+                if leftover != path:
+                    leftover.unlink()
         (tmp / PREPROCESS_FILE).write_text(_preprocess_source(model), encoding="utf-8")
         (tmp / METADATA_FILE).write_text(json.dumps({**metadata, "labels": model.labels}, indent=2,
                                                     ensure_ascii=False), encoding="utf-8")
     return Path(output) / FILES[format]
+
+
+def _engine_threads() -> int:
+    from imgtrain.threads import Threads, parse_threads
+
+    return Threads(parse_threads(None), lambda m: None).current
+
+
+def _int8(model: TrainedModel, fp32: Path, format: str, sets, max_accuracy_drop: float, metadata: dict[str, str],
+          log: Callable[[str], None]) -> Path:
+    """``fp32`` quantized (deploy/quantize.py), measured in the engine the format is for, its metadata updated."""
+    from imgtrain.deploy.engines import OnnxRuntimeEngine, OpenVinoEngine
+    from imgtrain.deploy.quantize import quantize
+
+    threads = _engine_threads()
+
+    def scorer(engine):
+        return lambda images: engine(torch.from_numpy(images).permute(0, 3, 1, 2))
+
+    def int8_engine(path: Path):
+        if format == "openvino":
+            return scorer(OpenVinoEngine(path, threads, "fp32", quantized=True))
+        return scorer(OnnxRuntimeEngine(path, threads, "int8"))
+
+    int8 = fp32.with_name("int8.onnx")
+    result = quantize(fp32, int8, labels=model.labels, preparation=model.preparation, calibration_set=sets[0],
+                      validation_set=sets[1], max_accuracy_drop=max_accuracy_drop, evaluate_int8=int8_engine,
+                      evaluate_fp32=lambda path: scorer(OnnxRuntimeEngine(path, threads, "fp32")), log=log)
+    metadata.update(result.metadata())
+    onnx = _onnx_modules()[0]
+    graph = onnx.load(str(int8))
+    del graph.metadata_props[:]
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(int8))
+    return int8
+
+
+def _openvino(deployable: Deployable, example: torch.Tensor, onnx_file: Path, path: Path, metadata: dict[str, str],
+              architecture: str, *, check: bool) -> None:
+    """The ONNX graph converted by OpenVINO's own converter to its IR (model.xml, model.bin), the metadata in
+    its rt_info; an fp32 one checked against the network."""
+    import openvino as ov
+
+    try:
+        converted = ov.convert_model(str(onnx_file))
+        for key, value in metadata.items():
+            converted.set_rt_info(value, ["imgtrain", key])
+        ov.save_model(converted, str(path), compress_to_fp16=False)
+    except Exception as exc:
+        raise _refused(architecture, "OpenVINO", exc, f"try {option('format', 'onnx')}") from None
+    if check:
+        from imgtrain.deploy.engines import OpenVinoEngine
+
+        engine = OpenVinoEngine(path, _engine_threads(), "fp32", quantized=False)
+        _check_same(deployable, lambda x: engine(x.permute(0, 3, 1, 2)), example, architecture, "OpenVINO")
 
 
 def _preprocess_source(model: TrainedModel) -> str:

@@ -68,6 +68,8 @@ class ServeOptions:
     threads: int | str | None = None  # torch's CPU threads, as for training and scoring
     precision: str = "auto"  # bf16 on a GPU and where the CPU runs it natively, else fp32 (fp16 on older GPUs)
     device: str = "auto"  # the first CUDA GPU where there is one, else the CPU
+    engine: str | None = None  # torch, onnxruntime, openvino or auto (deploy/engines.py); None: torch for a model
+    # directory, auto for an export
 
     @property
     def bodies_mb(self) -> float:
@@ -75,10 +77,13 @@ class ServeOptions:
         return max(256.0, BODY_COUNTS * self.max_body_mb) if self.max_bodies_mb is None else self.max_bodies_mb
 
     def check(self) -> None:
+        from imgtrain.deploy.engines import ENGINES
         from imgtrain.device import resolve_device
         from imgtrain.precision import PRECISIONS
 
         check_choice("precision", self.precision, PRECISIONS)
+        if self.engine is not None:
+            check_choice("engine", self.engine, ENGINES)
         resolve_device(self.device)  # cuda without a GPU is named now, before anything loads
         check_range("max_batch_size", self.max_batch_size, low=1, high=4096)
         check_range("max_wait_ms", self.max_wait_ms, low=0, high=10_000)
@@ -130,29 +135,22 @@ class Endpoint:
     def _start(self, trained_model: Path | str) -> Callable[[list], np.ndarray]:
         """In the batching thread: load the model and return what runs a batch through it."""
         from imgtrain.allocator import reuse_large_blocks
-        from imgtrain.data.transforms import Normalize
+        from imgtrain.deploy.engines import load_engine, open_model
         from imgtrain.device import resolve_device
-        from imgtrain.models.trained import load_trained_model
-        from imgtrain.precision import autocast, resolve_precision
 
         # First, before this thread's OpenMP workers exist: they inherit the flag, which is per thread.
         torch.set_flush_denormal(True)
         self.threads.__enter__()
-        self.model = model = load_trained_model(trained_model)
+        self.model = model = open_model(trained_model)
         self.labels = list(model.labels)
         self.preparation = preparation = model.preparation
         device = resolve_device(self.options.device)
-        precision = resolve_precision(self.options.precision, device)
         if device.type == "cpu":
             reuse_large_blocks()  # each batch's activations from reused memory, not fresh pages (allocator.py)
-        network = model.network.to(device, memory_format=torch.channels_last).eval()
-        normalize = Normalize(model.spec.input.mean, model.spec.input.std).to(device)
-        self.describe = (f"{model.spec.architecture}, {len(self.labels)} classes, {model.image_size} px, on "
-                         f"{device}, precision {precision}, {self.threads.describe()}")
-
-        def forward(batch: torch.Tensor) -> np.ndarray:  # uint8 N x 3 x S x S, on the CPU
-            with torch.inference_mode(), autocast(precision, device):
-                return network(normalize(batch.to(device))).float().softmax(dim=1).cpu().numpy()
+        forward = load_engine(self.options.engine, model, device=device, precision=self.options.precision,
+                              threads=self.threads.current, batch_size=self.options.max_batch_size, log=self.log)
+        self.describe = (f"{model.architecture}, {len(self.labels)} classes, {model.image_size} px, on "
+                         f"{device}, engine {forward.describe()}, {self.threads.describe()}")
 
         def run(images: list) -> np.ndarray:
             if preparation.plain:  # N x S x S x 3 arrays: a channels-last N x 3 x S x S view
@@ -169,7 +167,7 @@ class Endpoint:
                 "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
                 "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(self.labels)]}],
                 "parameters": {"labels": self.labels, "image_size": self.model.image_size,
-                               "architecture": self.model.spec.architecture,
+                               "architecture": self.model.architecture,
                                "content": "encoded image files (JPEG, PNG, ...), one per element"}}
 
     def _open(self, blobs: list[bytes], names: list[str]) -> tuple[list, int]:
@@ -637,6 +635,12 @@ def make_app(endpoint: Endpoint):
     return Starlette(routes=routes, lifespan=lifespan)
 
 
+def _name_of(model: Path) -> str:
+    """A model's name in the URLs: its folder's (a model directory, an export's folder), or its file's stem."""
+    return model.parent.name if model.is_file() and model.stem == "model" else model.stem if model.is_file() \
+        else model.name
+
+
 def serve(
     trained_model: Path | str,
     *,
@@ -656,7 +660,7 @@ def serve(
     options.check()
     check_range("port", port, low=0, high=65535)
     check_address(host, port)
-    name = name or Path(trained_model).resolve().name
+    name = name or _name_of(Path(trained_model).resolve())
     endpoint = Endpoint(trained_model, name, options, log)
     log(f"Serving {name} ({endpoint.describe}) on http://{host}:{port}: Open Inference Protocol at "
         f"/v2/models/{name}/infer, TorchServe's shape at /predictions/{name}; batches of up to "

@@ -19,7 +19,7 @@ from imgtrain.data.convert import find_images, is_image_file
 from imgtrain.data.dataset import BadImagePolicy, ImageDataset, SeededSampler
 from imgtrain.data.decode import ON_BAD_IMAGE
 from imgtrain.data.loading import make_loader
-from imgtrain.data.transforms import Normalize
+from imgtrain.deploy.engines import ENGINES, ScoringModel, load_engine, open_model
 from imgtrain.device import resolve_device
 from imgtrain.directories import dataframe_directory
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
@@ -27,8 +27,8 @@ from imgtrain.directories.files import file_sha256
 from imgtrain.directories.image_directory import META_FILE, ImageDirectory
 from imgtrain.distributed import ALONE, World, join_world, leave_world, rank_device
 from imgtrain.errors import InvalidDatasetError, check_choice, check_range, option
-from imgtrain.models.trained import TrainedModel, load_trained_model
-from imgtrain.precision import PRECISIONS, autocast, denormals_flushed, resolve_precision
+from imgtrain.models.trained import TrainedModel
+from imgtrain.precision import PRECISIONS, denormals_flushed
 from imgtrain.progress import bar
 from imgtrain.scoring.table import (
     IMAGE_ROOT,
@@ -129,9 +129,9 @@ def _folder_rows(folder: Path) -> _Rows:
 
 
 def _probabilities(
-    model: TrainedModel, paths: list[Path], *, batch_size: int, device: torch.device, num_workers: int | None,
-    precision: str, on_bad_image: str, threads: int | str | None, progress: bool | None, log: Callable[[str], None],
-    world: World = ALONE,
+    model: ScoringModel, paths: list[Path], *, batch_size: int, device: torch.device, num_workers: int | None,
+    precision: str, engine: str | None, on_bad_image: str, threads: int | str | None, progress: bool | None,
+    log: Callable[[str], None], world: World = ALONE,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
     """Every image's class probabilities, and which images could be decoded (the others stay zero).
 
@@ -139,23 +139,23 @@ def _probabilities(
     row back in the input's order; the other ranks get (None, None).
     """
     threads = Threads(parse_threads(threads), log)
-    precision = resolve_precision(precision, device)
     if device.type == "cpu":
         reuse_large_blocks()  # each batch's activations from reused memory, not fresh pages (allocator.py)
-    network = model.network.to(device, memory_format=torch.channels_last)
-    normalize = Normalize(model.spec.input.mean, model.spec.input.std).to(device)
+    with threads, denormals_flushed():
+        run = load_engine(engine, model, device=device, precision=precision, threads=threads.current,
+                          batch_size=batch_size, log=log)
     images = ImageDataset(paths, None, model.image_size, prepare=model.preparation)
     share = SeededSampler(len(paths), 0, shuffle=False, rank=world.rank, ranks=world.size)
     workers = min(worker_count(num_workers, processes=world.local_size),
                   len(share) // batch_size)  # a worker per batch at most
     loader = make_loader(images, batch_size=batch_size, workers=workers, device=device, sampler=share)
-    log(f"Scoring {len(paths):,} images with {model.spec.architecture} ({model.spec.num_classes} classes) on "
-        f"{device}, precision {precision}, {threads.describe()}"
+    log(f"Scoring {len(paths):,} images with {model.architecture} ({model.num_classes} classes) on "
+        f"{device}, engine {run.describe()}, {threads.describe()}"
         + (f", {world.size} processes ({world.backend})" if world.size > 1 else ""))
     # SeededSampler deals the images in order: this process's share is images rank, rank + size, ...,
     # and image i is row (i - rank) // size of its arrays.
     mine = np.arange(world.rank, len(paths), world.size)
-    probabilities = np.zeros((len(mine), model.spec.num_classes), dtype=np.float32)
+    probabilities = np.zeros((len(mine), model.num_classes), dtype=np.float32)
     scored = np.zeros(len(mine), dtype=bool)
     bad_images = BadImagePolicy(on_bad_image, images, world.own_log(log))  # each names the bad ones it meets
     shown = bar(what="scoring", total=len(paths), show=progress if world.is_main else False)
@@ -164,18 +164,18 @@ def _probabilities(
             threads.step()
             x, _, index = bad_images.filter(batch)
             if len(index):
-                with autocast(precision, device):
-                    logits = network(normalize(x.to(device, non_blocking=True)))
                 rows = (index.numpy() - world.rank) // world.size
-                probabilities[rows] = logits.float().softmax(dim=1).cpu().numpy()
+                probabilities[rows] = run(x)
                 scored[rows] = True
             shown.update(len(batch[2]) * world.size)  # the processes go at one pace: count them all
     return world.gather_rows(mine, probabilities, len(paths)), world.gather_rows(mine, scored, len(paths))
 
 
 def _check_options(batch_size: int, num_workers: int | None, on_bad_image: str, precision: str,
-                   threads: int | str | None) -> None:
+                   threads: int | str | None, engine: str | None) -> None:
     check_range("batch_size", batch_size, low=1)
+    if engine is not None:
+        check_choice("engine", engine, ENGINES)
     if num_workers is not None:
         check_range("num_workers", num_workers, low=0, high=64)
     check_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
@@ -192,6 +192,7 @@ def score_image_model(
     device: str = "auto",
     num_workers: int | None = None,
     precision: str = "auto",
+    engine: str | None = None,
     on_bad_image: str = "skip",
     top_k: int | None = None,
     threads: int | str | None = None,
@@ -205,11 +206,11 @@ def score_image_model(
     glob patterns (one or a list). An image that cannot be decoded is left out of the scores and
     named (``skip``), or stops the run (``fail``). ``top_k`` adds the K most probable labels.
     """
-    _check_options(batch_size, num_workers, on_bad_image, precision, threads)
+    _check_options(batch_size, num_workers, on_bad_image, precision, threads, engine)
     rows = _rows(dataset)
-    model = trained_model if isinstance(trained_model, TrainedModel) else None
+    model = trained_model if isinstance(trained_model, TrainedModel | ScoringModel) else None
     check_not_an_input(output, {"trained model": model.path if model else trained_model, "dataset": rows.given})
-    model = model or load_trained_model(trained_model)
+    model = open_model(model or trained_model)
     labels = model.labels
     if top_k is not None:
         check_range("top_k", top_k, low=1, high=len(labels),
@@ -221,14 +222,14 @@ def score_image_model(
             world.on_main(lambda: check_output_writable(Path(output), overwrite=overwrite))
             probabilities, scored = _probabilities(
                 model, rows.paths, batch_size=batch_size, device=rank_device(dev, world), num_workers=num_workers,
-                precision=precision, on_bad_image=on_bad_image, threads=threads, progress=progress,
+                precision=precision, engine=engine, on_bad_image=on_bad_image, threads=threads, progress=progress,
                 log=log if world.is_main else lambda message: None, world=world)
             return world.on_main(lambda: _write_scores(output, rows, model, probabilities, scored, top_k, overwrite))
     finally:
         leave_world(world)
 
 
-def _write_scores(output: Path | str, rows: _Rows, model: TrainedModel, probabilities: np.ndarray,
+def _write_scores(output: Path | str, rows: _Rows, model: ScoringModel, probabilities: np.ndarray,
                   scored: np.ndarray, top_k: int | None, overwrite: bool) -> ScoreResult:
     labels = model.labels
     if not scored.any():
@@ -266,7 +267,7 @@ def _write_scores(output: Path | str, rows: _Rows, model: TrainedModel, probabil
             {**{PROBABILITY_PREFIX + label: PROBABILITY_PREFIX + label for label in labels},
              dataframe_directory.ASSIGNED_LABELS: SCORED_LABEL},
             {"csv": SCORED_FILE, "labels": list(labels), TRAINED_MODEL: str(model.path.resolve()),
-             WEIGHTS_SHA256: file_sha256(model.path / model.spec.weights), IMAGE_ROOT: str(rows.root.absolute())}))
+             WEIGHTS_SHA256: file_sha256(model.identity), IMAGE_ROOT: str(rows.root.absolute())}))
     return ScoreResult(Path(output), int(scored.sum()), rows.categories is not None)
 
 
@@ -278,6 +279,7 @@ def predict(
     device: str = "auto",
     num_workers: int | None = 0,
     precision: str = "auto",
+    engine: str | None = None,
     on_bad_image: str = "fail",
     threads: int | str | None = None,
     log: Callable[[str], None] = lambda m: None,
@@ -295,12 +297,12 @@ def predict(
     An image that cannot be decoded raises BadImageError naming it (``on_bad_image="skip"``
     leaves it out instead). Images are decoded in this process unless ``num_workers`` is set.
     """
-    _check_options(batch_size, num_workers, on_bad_image, precision, threads)
+    _check_options(batch_size, num_workers, on_bad_image, precision, threads, engine)
     rows = _rows(images)
-    model = trained_model if isinstance(trained_model, TrainedModel) else load_trained_model(trained_model)
+    model = open_model(trained_model)
     probabilities, scored = _probabilities(
         model, rows.paths, batch_size=batch_size, device=resolve_device(device), num_workers=num_workers,
-        precision=precision, on_bad_image=on_bad_image, threads=threads, progress=False, log=log)
+        precision=precision, engine=engine, on_bad_image=on_bad_image, threads=threads, progress=False, log=log)
     answers = []
     for i in np.flatnonzero(scored):
         best = int(probabilities[i].argmax())
