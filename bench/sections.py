@@ -15,6 +15,7 @@ import torchvision
 from context import Case, Context, TrainCase, parse_training_log, read_metrics, steady_rate
 from gpu import gpu
 from measure import CommandFailed, Section, med, num, python_startup_seconds, ratio, spread, table
+from peer_bench import peer
 from responsiveness import shared_cpu, startup
 from scale import scale
 from serving import serving
@@ -482,4 +483,6 @@ SECTIONS: dict[str, tuple[Callable[[Context], Section], str]] = {
     "serve": (serving, "imgtrain serve under 1, 8 and 32 clients, batched and one at a time, vs a bare call"),
     "zoo": (zoo, "six architectures from scratch on the digits: training and scoring img/s, time to 97%"),
     "ui": (ui, "imgtrain ui: first page, opening 20,000 images, training from the page vs the CLI, live curves"),
+    "peer": (peer, "imgtrain serve against LitServe (installed pinned into the cache): 1 and 32 clients, after a "
+                   "sweep of LitServe's batching settings"),
 }

@@ -18,9 +18,12 @@ having read its answer. Clients are threads of this process, on the same cores a
 from __future__ import annotations
 
 import http.client
+import os
+import signal
 import socket
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,29 +44,64 @@ def _free_port() -> int:
 
 
 class _Server:
-    def __init__(self, ctx: Context, code: Code, model: Path, *args: str) -> None:
+    """A server process on a free port, ready once ``ready`` answers 200: `imgtrain serve` on the model, with
+    ``args``, or any ``command`` (where PORT stands for the port), in a process group of its own."""
+
+    def __init__(self, ctx: Context, code: Code, model: Path, *args: str, command: list[str] | None = None,
+                 ready: str = "/v2/health/ready", env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
-        self.process = subprocess.Popen([ctx.python, "-m", "imgtrain", "serve", str(model), "--port", str(self.port),
-                                         "--name", "bench", *args], env=code.env(ctx), cwd=REPO,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if command is None:
+            command = [ctx.python, "-m", "imgtrain", "serve", str(model), "--port", "PORT", "--name", "bench", *args]
+        # Its output goes to a file (a pipe left unread could fill and stop it), read by name (reading through the
+        # file object would move the offset the server writes at).
+        with tempfile.NamedTemporaryFile("w", prefix="imgtrain-bench-server-", suffix=".log", delete=False) as log:
+            self.log = Path(log.name)
+            self.process = subprocess.Popen([str(self.port) if c == "PORT" else c for c in command],
+                                            env=env or code.env(ctx), cwd=REPO, stdout=log,
+                                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
             try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                connection.request("GET", "/v2/health/ready")
+                connection.request("GET", ready)
                 if connection.getresponse().status == 200:
                     return
             except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"the server did not start: {self.process.stderr.read() if self.process.poll() else ''}")
+                pass
+            finally:
+                connection.close()
+            time.sleep(0.2)
+        raise RuntimeError(f"the server did not start: {self.stop()[-3000:]}")
 
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.communicate(timeout=60)
+    def output(self) -> str:
+        """What it has written so far (stdout and stderr)."""
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> str:
+        """SIGTERM to the server and every process it started (they share its process group), SIGKILL to what
+        is left after 60 s; what it wrote."""
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # what is left of the group (LitServe's workers)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        text = self.output()
+        self.log.unlink(missing_ok=True)
+        return text
 
 
-def _load(port: int, blobs: list[bytes], clients: int, seconds: float) -> tuple[float, list[float], int]:
-    """``clients`` threads posting images for ``seconds``: (requests per second, latencies, failures)."""
+def _load(port: int, blobs: list[bytes], clients: int, seconds: float, path: str = "/predictions/bench",
+          content_type: str = "image/jpeg") -> tuple[float, list[float], int]:
+    """``clients`` threads posting ``blobs`` (request bodies: by default raw JPEG images) to ``path`` for
+    ``seconds``: (requests per second, latencies, failures)."""
     latencies: list[list[float]] = [[] for _ in range(clients)]
     failures = [0] * clients
     start = threading.Barrier(clients + 1)
@@ -75,7 +113,7 @@ def _load(port: int, blobs: list[bytes], clients: int, seconds: float) -> tuple[
         n = k
         while time.monotonic() < stop_at[0]:
             sent = time.perf_counter()
-            connection.request("POST", "/predictions/bench", blobs[n % len(blobs)], {"Content-Type": "image/jpeg"})
+            connection.request("POST", path, blobs[n % len(blobs)], {"Content-Type": content_type})
             response = connection.getresponse()
             response.read()
             latencies[k].append(time.perf_counter() - sent)
@@ -187,9 +225,8 @@ def _paired(ctx: Context, port: int, model: Path, photos: list[Path], count: int
     return where, served, whole, alone, [one], [sixteen]
 
 
-def serving(ctx: Context) -> Section:
-    quick = ctx.config.quick
-    seconds, reps = (2.0, 1) if quick else (5.0, 3)
+def serve_model(ctx: Context) -> tuple[Path, list[Path]]:
+    """The served model (made once a run: ResNet-18 at 224 px, one epoch on the photos) and the photos."""
     photos = fixtures.photo_folder(ctx.cache, PHOTOS)
     root = ctx.work / "serve"
     if not (root / "model").exists():
@@ -199,7 +236,14 @@ def serving(ctx: Context) -> Section:
         ctx.imgtrain("train-pytorch-model", "--untrained-model", ctx.untrained("resnet18"), "--training-data",
                      root / "train", "--validation-data", root / "val", "--output", root / "model", "--epochs", 1,
                      "--image-size", 224, "--overwrite")
-    files = sorted(photos.rglob("*.jpg"))[:PHOTOS]
+    return root / "model", sorted(photos.rglob("*.jpg"))[:PHOTOS]
+
+
+def serving(ctx: Context) -> Section:
+    quick = ctx.config.quick
+    seconds, reps = (2.0, 1) if quick else (5.0, 3)
+    model, files = serve_model(ctx)
+    root = model.parent
     blobs = [p.read_bytes() for p in files]
     paired: tuple[list[float], ...] = ([], [], [], [], [])
     where = ""
