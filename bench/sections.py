@@ -13,6 +13,7 @@ import fixtures
 import torch
 import torchvision
 from context import Case, Context, TrainCase, parse_training_log, read_metrics, steady_rate
+from engines import engines
 from gpu import gpu
 from measure import CommandFailed, Section, med, num, python_startup_seconds, ratio, spread, table
 from peer_bench import peer
@@ -483,6 +484,8 @@ SECTIONS: dict[str, tuple[Callable[[Context], Section], str]] = {
     "serve": (serving, "imgtrain serve under 1, 8 and 32 clients, batched and one at a time, vs a bare call"),
     "zoo": (zoo, "six architectures from scratch on the digits: training and scoring img/s, time to 97%"),
     "ui": (ui, "imgtrain ui: first page, opening 20,000 images, training from the page vs the CLI, live curves"),
+    "engines": (engines, "the network at batch 16 in torch, ONNX Runtime and OpenVINO (fp32, bf16, int8) with each "
+                         "one's accuracy; scoring 2,000 photos and serving with --engine auto and an int8 export"),
     "peer": (peer, "imgtrain serve against LitServe (installed pinned into the cache): 1 and 32 clients, after a "
                    "sweep of LitServe's batching settings"),
 }

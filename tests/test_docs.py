@@ -75,13 +75,13 @@ def test_the_readmes_python_example_runs_as_written(tmp_path, labelled_folder, m
 
 
 def test_the_readmes_export_example_runs_as_written(tmp_path, trained_model, monkeypatch, capsys):
-    """"Export to ONNX or torch.export": its two commands, then its Python, which needs neither imgtrain nor its
+    """"Export to ONNX, OpenVINO or torch.export": its three commands, then its Python, which needs neither imgtrain nor its
     code: its answers are the model's."""
     from conftest import make_image
 
     (tmp_path / "demo-output").mkdir()
     (tmp_path / "demo-output" / "trained-model").symlink_to(trained_model)
-    for line in _block(README.read_text(), "### Export to ONNX or torch.export", "sh").strip().splitlines():
+    for line in _block(README.read_text(), "### Export to ONNX, OpenVINO or torch.export", "sh").strip().splitlines():
         words = shlex.split(line, comments=True)
         r = subprocess.run([sys.executable, "-m", "imgtrain", *words[1:]], cwd=tmp_path, capture_output=True,
                            text=True, timeout=600)
@@ -90,7 +90,7 @@ def test_the_readmes_export_example_runs_as_written(tmp_path, trained_model, mon
 
     make_image(tmp_path / "digit.png", 40, np.random.default_rng(0))
     monkeypatch.chdir(tmp_path)
-    code = _block(README.read_text(), "### Export to ONNX or torch.export", "python")
+    code = _block(README.read_text(), "### Export to ONNX, OpenVINO or torch.export", "python")
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the README's own example)
     from imgtrain import predict
 

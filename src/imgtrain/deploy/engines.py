@@ -349,6 +349,15 @@ def _onnx_of(model: ScoringModel, log: Callable[[str], None]) -> Path:
     return folder / "model.onnx"
 
 
+def device_for(device: str, engine: str | None, model: ScoringModel) -> torch.device:
+    """``--device`` resolved for the engine: ``auto`` is the CPU where only a CPU engine can run (an export,
+    or onnxruntime or openvino asked for), so that a GPU machine scores an export without being told."""
+    from imgtrain.device import resolve_device
+
+    cpu_only = engine in ("onnxruntime", "openvino") or model.format != "directory"
+    return resolve_device("cpu" if device == "auto" and cpu_only else device)
+
+
 def make_engine(engine: str, model: ScoringModel, *, device: torch.device, precision: str, threads: int,
                 log: Callable[[str], None] = lambda m: None) -> Engine:
     """The engine named (not ``auto``), loaded: MissingDependencyError, or EngineError naming why it failed."""

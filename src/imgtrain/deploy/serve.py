@@ -135,8 +135,7 @@ class Endpoint:
     def _start(self, trained_model: Path | str) -> Callable[[list], np.ndarray]:
         """In the batching thread: load the model and return what runs a batch through it."""
         from imgtrain.allocator import reuse_large_blocks
-        from imgtrain.deploy.engines import load_engine, open_model
-        from imgtrain.device import resolve_device
+        from imgtrain.deploy.engines import device_for, load_engine, open_model
 
         # First, before this thread's OpenMP workers exist: they inherit the flag, which is per thread.
         torch.set_flush_denormal(True)
@@ -144,7 +143,7 @@ class Endpoint:
         self.model = model = open_model(trained_model)
         self.labels = list(model.labels)
         self.preparation = preparation = model.preparation
-        device = resolve_device(self.options.device)
+        device = device_for(self.options.device, self.options.engine, model)
         if device.type == "cpu":
             reuse_large_blocks()  # each batch's activations from reused memory, not fresh pages (allocator.py)
         forward = load_engine(self.options.engine, model, device=device, precision=self.options.precision,

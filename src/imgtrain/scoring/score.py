@@ -19,8 +19,7 @@ from imgtrain.data.convert import find_images, is_image_file
 from imgtrain.data.dataset import BadImagePolicy, ImageDataset, SeededSampler
 from imgtrain.data.decode import ON_BAD_IMAGE
 from imgtrain.data.loading import make_loader
-from imgtrain.deploy.engines import ENGINES, ScoringModel, load_engine, open_model
-from imgtrain.device import resolve_device
+from imgtrain.deploy.engines import ENGINES, ScoringModel, device_for, load_engine, open_model
 from imgtrain.directories import dataframe_directory
 from imgtrain.directories.atomic import atomic_output_dir, check_not_an_input, check_output_writable
 from imgtrain.directories.files import file_sha256
@@ -215,7 +214,7 @@ def score_image_model(
     if top_k is not None:
         check_range("top_k", top_k, low=1, high=len(labels),
                     hint=f"pass {option('top_k')} from 1 to {len(labels)}, the number of labels")
-    dev = resolve_device(device)
+    dev = device_for(device, engine, model)
     world = join_world(dev)
     try:
         with world.speaking_for_the_others():
@@ -301,7 +300,7 @@ def predict(
     rows = _rows(images)
     model = open_model(trained_model)
     probabilities, scored = _probabilities(
-        model, rows.paths, batch_size=batch_size, device=resolve_device(device), num_workers=num_workers,
+        model, rows.paths, batch_size=batch_size, device=device_for(device, engine, model), num_workers=num_workers,
         precision=precision, engine=engine, on_bad_image=on_bad_image, threads=threads, progress=False, log=log)
     answers = []
     for i in np.flatnonzero(scored):
