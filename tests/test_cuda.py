@@ -139,3 +139,21 @@ def test_explaining_on_a_gpu_after_predicting_there(trained_model, image_dirs):
     for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
         assert gpu.predicted == cpu.predicted and gpu.probability == pytest.approx(cpu.probability, abs=1e-2)
         assert gpu.saliency.shape == cpu.saliency.shape and abs(gpu.saliency - cpu.saliency).max() < 0.05
+
+
+def test_on_a_gpu_auto_is_torch_there_and_an_export_scores_on_the_cpu(trained_model, image_dirs, tmp_path, monkeypatch):
+    """--engine auto stays torch on a GPU (no timing); an exported model, whose engines run on the CPU, is scored
+    there with --device auto, and answers as the model directory does on the GPU."""
+    from imgtrain import predict
+    from imgtrain.deploy.export import export_model
+
+    monkeypatch.setenv("IMGTRAIN_CACHE", str(tmp_path / "cache"))
+    lines: list[str] = []
+    on_gpu = predict(trained_model, image_dirs["val"], engine="auto", precision="fp32", log=lines.append)
+    assert any("on cuda" in line and "engine torch (fp32)" in line for line in lines), lines
+    assert not (tmp_path / "cache").exists()  # nothing was timed
+    exported = export_model(trained_model, tmp_path / "onnx", log=lambda m: None)
+    lines.clear()
+    on_cpu = predict(exported.parent, image_dirs["val"], precision="fp32", log=lines.append)
+    assert any("on cpu" in line for line in lines), lines
+    assert [a.label for a in on_cpu] == [a.label for a in on_gpu]
