@@ -11,13 +11,20 @@ Here uvicorn's own HTTP protocol (h11's, or httptools' where it is installed) is
 
 - A connection beyond --max-connections is answered 503 (Retry-After) and closed as it is accepted, before
   anything of it is read. First, though, the connection that has waited longest for a request's headers gives
-  up its place, if it has waited over a second: a client whose headers arrive at once always gets in, however
-  many connections hang on to their places by sending theirs slowly.
+  up its place, if it has waited over a second: a client whose headers come at once gets in, however many
+  connections hold on to their places by sending theirs slowly (unless new ones come faster than the cap's
+  count a second).
 - A request's headers must all be there within --header-timeout-s of the connection's opening, or of the
-  request's first byte on a connection kept alive (idle between requests, it is uvicorn's keep-alive timeout
-  that counts). Past it the connection is closed, with a 408 if part of a request came. A request's body is not
-  timed here: once the headers are all there, it has --body-timeout-s. A body the server answered without
-  reading (413, 503) is read and dropped, on the time of the next request's headers.
+  request's first byte on a connection kept alive (idle between requests, uvicorn's keep-alive timeout counts,
+  5 s). Past it the connection is closed, with a 408 if part of a request came. A request's body is not timed
+  here: once its headers are all there, it has --body-timeout-s.
+- A request answered before its body was all there (413 by its Content-Length, 503 before reading it) is not
+  kept alive: the rest of its body is read and dropped, for up to --body-timeout-s, and then the connection
+  closes. Closed with bytes unread, a connection is reset, and a client still sending loses its answer.
+
+The listen backlog is fitted to the open files the process may have (``fit_open_files``): asyncio accepts up to
+that many connections in one go, before any is refused, so the server holds at most --max-connections, and for a
+moment the backlog's count more, beside its own.
 """
 
 from __future__ import annotations
@@ -148,6 +155,12 @@ class _Guarded:
         self._stop_waiting()
         self.limits.open.discard(self)
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:  # the server stops: a body nobody will answer is not waited for
+        if self.lingering:
+            self.raw.abort()
+        else:
+            super().shutdown()
 
     def handle_websocket_upgrade(self, *args) -> None:  # the connection passes to another protocol
         self._stop_waiting()
