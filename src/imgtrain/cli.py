@@ -677,9 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a connection whose request headers are not all there this many seconds after it opens "
                         "(or after the request's first byte, on a connection kept alive) is closed, with 408")
     p.add_argument("--max-connections", type=_int, default=512,
-                   help="connections open at once; more get 503 with Retry-After as they are accepted, once the "
-                        "one waiting longest (over a second) for its headers is closed to make room (the default "
-                        "fits the 1,024 open files a process may have by default)")
+                   help="connections open at once; one more gets 503 with Retry-After as it is accepted, unless "
+                        "the one that has waited longest for its request's headers, over a second, can be closed "
+                        "to make room; the default fits a limit of 1,024 open files (ulimit -n)")
     p.add_argument("--max-decode-mb", type=float, default=512.0,
                    help="memory that decoding requests' images may hold at once (counted from their headers: "
                         "pixels x bytes of the copies a decode holds); more wait; an image that alone needs more "
