@@ -332,6 +332,9 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(server, image_dirs, body, h
         body = _bomb()
     if status == 413:  # answered from the Content-Length, before the body: send only its start
         got, answer = _declared_only(server, "/predictions/shades", len(body), headers)
+        # and 16 MB sent whole, with Connection: close (urllib's): the rest is read before the close, the client reads
+        # its answer (closed with the bytes unread, the connection was reset under the client still sending)
+        assert server.request("POST", "/predictions/shades", body * 8, headers)[0] == 413
     else:
         got, answer, _ = server.request("POST", "/predictions/shades", body, headers)
     assert got == status and message in json.loads(answer)["error"], answer
@@ -409,11 +412,11 @@ def _sending(server, path: str, length: int, body: bytes, headers: dict | None =
     return connection
 
 
-def _answer(connection: socket.socket) -> tuple[int, dict]:
-    """The HTTP answer on a raw connection: its status and JSON body."""
+def _answer(connection: socket.socket) -> tuple[int, dict, http.client.HTTPMessage]:
+    """The HTTP answer on a raw connection: its status, JSON body and headers (looked up in any case)."""
     response = http.client.HTTPResponse(connection)
     response.begin()
-    return response.status, json.loads(response.read())
+    return response.status, json.loads(response.read()), response.headers
 
 
 @pytest.fixture(scope="module")
@@ -428,17 +431,24 @@ def guarded(trained_model):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's memory from /proc")
 def test_bodies_held_at_once_are_bounded_and_a_slow_one_times_out(guarded, image_dirs):
-    """Ten clients each declare a body of 2 MB, send 1.9 MB of it, and pause: one at a time is read (its 3 times
-    2 MB fill --max-bodies-mb), the others wait with their bytes unread (the server read all 19 MB, and kept
-    them after the clients left). A body that stops coming gets 408 after --body-timeout-s; one whose client
-    closes mid-way ends quietly (it was a traceback in the log); and the server goes on."""
+    """Ten clients each declare a body of 2 MB, send 1.9 MB of it, and pause: one is read (its 3 times 2 MB fill
+    --max-bodies-mb), the others find no room within a second and get 503 with Retry-After, their bytes unread
+    (the server read all 19 MB, and kept them after the clients left; then they waited in line without end). A
+    body that stops coming gets 408 after --body-timeout-s; one whose client closes mid-way ends quietly (it
+    was a traceback in the log); and the server goes on."""
     before = _status(guarded.process.pid, "VmRSS:")
     stalled = [_sending(guarded, "/predictions/shades", 2_000_000, b"x" * 1_900_000) for _ in range(10)]
     time.sleep(1)  # what the server reads, it has read by now
     grown = _status(guarded.process.pid, "VmRSS:") - before
     assert grown < 8 * 2**20, grown  # one body (and its chunks), not ten
     first = time.monotonic()
-    status, answer = _answer(stalled[0])  # the one read: its 2 s run out
+    for connection in stalled[1:]:
+        status, answer, headers = _answer(connection)
+        assert (status, headers["Retry-After"]) == (503, "1") and answer["error"] == (
+            "the server is busy: the request bodies it holds take 6 MB of its 6 MB (--max-bodies-mb, each counted "
+            "at 3 times its size): retry in a second")
+    assert time.monotonic() - first < 1.5  # answered as their second of patience ran out
+    status, answer, _ = _answer(stalled[0])  # the one read: its 2 s run out
     assert status == 408 and answer["error"].startswith("the body did not arrive within 2 s (it had 1,900,000 "), \
         answer
     assert time.monotonic() - first < 10
@@ -449,6 +459,126 @@ def test_bodies_held_at_once_are_bounded_and_a_slow_one_times_out(guarded, image
     status, _, _ = guarded.request("POST", "/predictions/shades", _val_images(image_dirs, 1)[0].read_bytes(),
                                    {"Content-Type": "image/png"})
     assert status == 200
+
+
+def _noise_png(nbytes: int) -> bytes:
+    """A PNG of random pixels, stored uncompressed: about ``nbytes`` long, and a real image to decode."""
+    side = int((nbytes / 3) ** 0.5)
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+        out, "PNG", compress_level=0)
+    return out.getvalue()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's memory from /proc")
+def test_a_burst_of_large_bodies_gets_503_beyond_the_budget_and_gives_its_memory_back(trained_model):
+    """24 clients post a form of one 11.5 MB image at once, to a server that takes bodies of 12 MB and holds 256 MB
+    of them (7, each counted at 3 times its size): those that find no room within a second get 503 with
+    Retry-After, their bodies unread, and every client has its answer. Once the burst is answered the memory
+    it left free goes back: the server was 1.44 times as large as before it, for good (all 24 read, 7 at a time,
+    and malloc kept what they had freed)."""
+    running = Server(trained_model, "--max-body-mb", "12", "--precision", "fp32", "--device", "cpu")
+    try:
+        form, kind = _multipart([("noise.png", _noise_png(int(11.5 * 2**20)))])
+
+        def post(_) -> tuple[int, bytes, dict]:
+            status, body, headers = running.request("POST", "/predictions/shades", form, {"Content-Type": kind})
+            return status, body, {k.lower(): v for k, v in headers.items()}
+
+        assert post(0)[0] == 200  # what one request leaves to reuse is there before the burst
+        time.sleep(0.5)
+        before = _status(running.process.pid, "VmRSS:")
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(post, range(24)))
+        statuses = [status for status, _, _ in answers]
+        assert set(statuses) == {200, 503} and statuses.count(200) >= 7, statuses
+        for status, body, headers in answers:
+            if status == 503:
+                assert headers["retry-after"] == "1" and json.loads(body)["error"].startswith(
+                    "the server is busy: the request bodies it holds take "), body
+        deadline = time.monotonic() + 3  # the memory goes back in a thread, once the last body is let go
+        while (after := _status(running.process.pid, "VmRSS:")) > 1.2 * before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert after <= 1.2 * before, (before / 2**20, after / 2**20)
+    finally:
+        code, err = running.stop()
+        assert code == 0 and "Traceback" not in err, err
+
+
+def _files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts the server's open files in /proc")
+def test_slow_connections_are_closed_and_their_count_is_bounded(trained_model, image_dirs):
+    """Slowloris: 300 connections each send part of a request, then a header line every second, to a server that
+    holds 200 connections and waits 3 s for a request's headers (800 such connections were all still open after
+    10 s, an open file each). Those beyond 200 are refused at once; the others are closed within the 3 s; the
+    server's open files stay within its 200 connections; and a client's requests made meanwhile are answered
+    about as fast as without them (each takes the place of the connection that has waited longest for its
+    headers). A connection kept alive between requests, and a body that comes slowly, are not timed so."""
+    import selectors
+    import statistics
+
+    running = Server(trained_model, "--header-timeout-s", "3", "--max-connections", "200", "--precision", "fp32",
+                     "--device", "cpu")
+    pid, blob, png = running.process.pid, _val_images(image_dirs, 1)[0].read_bytes(), {"Content-Type": "image/png"}
+
+    def timed() -> float:
+        started = time.monotonic()
+        status, _, _ = running.request("POST", "/predictions/shades", blob, png)
+        assert status == 200
+        return time.monotonic() - started
+
+    try:
+        alone = statistics.median([timed() for _ in range(10)][1:])
+        kept = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)  # kept alive between requests
+        kept.request("POST", "/predictions/shades", blob, png)
+        response = kept.getresponse()
+        assert response.status == 200 and response.read()
+        answered = time.monotonic()
+        slow = _sending(running, "/predictions/shades", len(blob), blob[:100])  # the rest of its body comes later
+        files = _files(pid)
+        opened, selector = {}, selectors.DefaultSelector()
+        started = time.monotonic()
+        for _ in range(300):
+            connection = socket.create_connection(("127.0.0.1", running.port))
+            connection.sendall(b"POST /predictions/shades HTTP/1.1\r\nHost: x\r\n")
+            connection.setblocking(False)
+            selector.register(connection, selectors.EVENT_READ)
+            opened[connection] = time.monotonic()
+        closed, during, counts, line, request = {}, [], [], started + 1, started + 1.1
+        while len(closed) < len(opened) and time.monotonic() - started < 6:
+            for key, _ in selector.select(timeout=0.02):
+                try:
+                    said = key.fileobj.recv(64)
+                except ConnectionResetError:  # closed with the last header line unread
+                    said = b"reset"
+                closed[key.fileobj] = (time.monotonic() - opened[key.fileobj], said[:12])
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
+            if time.monotonic() >= line:  # a header line on each connection still open, every second
+                line += 1
+                for connection in set(opened) - set(closed):
+                    connection.send(b"X-Header: still coming\r\n")
+            if request <= time.monotonic() < started + 2.8:  # a client's requests meanwhile, every quarter second
+                request += 0.25
+                during.append(timed())
+                counts.append(_files(pid))
+        said = [answer for _, answer in closed.values()]
+        assert len(closed) == 300 and max(seconds for seconds, _ in closed.values()) < 3 + 1, sorted(closed.values())
+        assert set(said) <= {b"HTTP/1.1 503", b"HTTP/1.1 408", b"reset"}, set(said)
+        assert sum(seconds < 0.5 for seconds, _ in closed.values()) >= 100  # beyond the 200 (2 of them the test's)
+        assert len(during) >= 5 and max(counts) <= files + 200, (files, counts)
+        assert statistics.median(during) < 2 * alone, (alone, during)
+        time.sleep(max(0.0, answered + 3.5 - time.monotonic()))  # idle longer than the header timeout
+        kept.request("POST", "/predictions/shades", blob, png)
+        assert kept.getresponse().status == 200  # the same connection
+        slow.sendall(blob[100:])
+        assert _answer(slow)[0] == 200
+    finally:
+        code, err = running.stop()
+        assert code == 0 and "Traceback" not in err, err
 
 
 def test_a_client_that_leaves_before_its_images_are_decoded_costs_no_decoding(guarded, image_dirs):
@@ -988,6 +1118,46 @@ def test_the_budget_serves_requests_in_turn_and_one_that_gives_up_takes_nothing(
     asyncio.run(scenario())
 
 
+def test_a_budget_with_patience_gives_up_in_time_holding_nothing_and_says_when_it_drains():
+    """A request that may wait a moment: refused at once with no patience, after its patience with some (and then
+    holds nothing, blocking no one behind it); one served as the holder lets go. Once the last holder lets go,
+    the budget says how much it held at once (the server gives the memory back after a large burst)."""
+    import asyncio
+
+    from imgtrain.deploy.budget import Budget, BudgetFullError
+
+    drained = []
+    budget = Budget(10, drained=drained.append)
+
+    async def holding(nbytes: int, done: asyncio.Event) -> None:
+        async with budget.hold(nbytes, patience=1):
+            await done.wait()
+
+    async def scenario():
+        done = asyncio.Event()
+        async with budget.hold(6):
+            with pytest.raises(BudgetFullError):
+                async with budget.hold(5, patience=0):
+                    pass
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(BudgetFullError):
+                async with budget.hold(5, patience=0.05):
+                    pass
+            assert asyncio.get_running_loop().time() - started >= 0.05 and budget.held == 6
+            async with budget.hold(4, patience=0):  # fits now, and nobody waits before it
+                assert budget.held == 10
+            later = asyncio.ensure_future(holding(8, done))
+            await asyncio.sleep(0.01)
+            assert budget.held == 6 and drained == []
+        await asyncio.sleep(0.01)  # its turn came as the 6 were let go
+        assert budget.held == 8 and drained == []
+        done.set()
+        await later
+        assert budget.held == 0 and drained == [10]
+
+    asyncio.run(scenario())
+
+
 def test_a_full_server_answers_503_and_sigterm_lets_requests_finish(trained_model, image_dirs):
     running = Server(trained_model, "--max-queue", "600", "--max-batch-size", "600", "--max-body-mb", "100")
     try:
@@ -1044,3 +1214,24 @@ def test_serve_refuses_what_is_not_a_trained_model_and_a_busy_port(image_dirs, t
         assert r.returncode == 1 and "Traceback" not in r.stderr
         assert r.stderr.startswith("error: InvalidParameterError: device cuda was asked for but no CUDA GPU"), r.stderr
     assert os.environ.get("IMGTRAIN_OFFLINE") == "1"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sets the process's limit of open files")
+def test_the_connections_fit_the_open_files_the_server_may_have(trained_model):
+    """Within the default limit of 1,024 open files (soft and hard), the default --max-connections fits beside the
+    connections asyncio accepts in one go (the listen backlog, cut to what is left); more connections than fit
+    are refused at start, naming how many do."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    script = "from imgtrain.deploy.connections import fit_open_files; print(fit_open_files(512))"
+    fitted = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, preexec_fn=limited,
+                            check=True)
+    assert fitted.stdout == "448\n"  # 1,024 less 512 connections and 64 for the server's own
+    r = subprocess.run([sys.executable, "-m", "imgtrain", "serve", str(trained_model), "--port", str(_free_port()),
+                        "--max-connections", "2000"], capture_output=True, text=True, preexec_fn=limited, timeout=120)
+    assert r.returncode == 1 and r.stderr == (
+        "error: InvalidParameterError: --max-connections 2000 takes 2,192 open files with the server's own, and this "
+        "process may open 1,024. pass at most --max-connections 832, or raise the limit (ulimit -n)\n"), r.stderr

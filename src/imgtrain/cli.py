@@ -324,6 +324,7 @@ def _serve(args) -> None:
     options = ServeOptions(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, max_body_mb=args.max_body_mb,
                            max_bodies_mb=args.max_bodies_mb, body_timeout_s=args.body_timeout_s,
+                           header_timeout_s=args.header_timeout_s, max_connections=args.max_connections,
                            max_decode_mb=args.max_decode_mb, threads=args.threads,
                            precision=args.precision, device=args.device, engine=args.engine)
     serve(args.trained_model, host=args.host, port=args.port, name=args.name, options=options,
@@ -696,10 +697,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="a larger request body gets 413")
     p.add_argument("--max-bodies-mb", type=float, default=None,
                    help="memory that request bodies may hold at once, each counted at 3 times its size (its bytes, "
-                        "what parsing makes of them, its images); more wait (default: 256, or 3 x --max-body-mb "
+                        "what parsing makes of them, its images); a request whose body finds no room within a "
+                        "second gets 503 with Retry-After, its body unread (default: 256, or 3 x --max-body-mb "
                         "where that is more)")
     p.add_argument("--body-timeout-s", type=float, default=60.0,
                    help="a request body not all there this many seconds after its turn to be read gets 408")
+    p.add_argument("--header-timeout-s", type=float, default=5.0,
+                   help="a connection whose request headers are not all there this many seconds after it opens "
+                        "(or after the request's first byte, on a connection kept alive) is closed, with 408")
+    p.add_argument("--max-connections", type=_int, default=512,
+                   help="connections open at once; one more gets 503 with Retry-After as it is accepted, unless "
+                        "the one that has waited longest for its request's headers, over a second, can be closed "
+                        "to make room; the default fits a limit of 1,024 open files (ulimit -n)")
     p.add_argument("--max-decode-mb", type=float, default=512.0,
                    help="memory that decoding requests' images may hold at once (counted from their headers: "
                         "pixels x bytes of the copies a decode holds); more wait; an image that alone needs more "

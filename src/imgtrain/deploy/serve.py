@@ -17,8 +17,10 @@ Bad requests get a 4xx with ``{"error": ...}`` and the server goes on: not an im
 decompression bomb or a format imgtrain does not read (400), over the size limit or the memory
 decoding may hold (413), a body that does not arrive in time (408), a content type it does not take (415),
 an unknown model (404). Request bodies, and decoding, hold memory from budgets of bytes that requests
-take whole and in turn (deploy/budget.py). Concurrent requests are batched (deploy/batching.py); a full queue
-answers 503. SIGTERM (and Ctrl-C) stop taking connections and let the requests in flight finish.
+take whole and in turn (deploy/budget.py): a body that finds no room within a second gets 503 (Retry-After),
+unread. Concurrent requests are batched (deploy/batching.py); a full queue answers 503. Connections are
+counted and their requests' headers timed (deploy/connections.py). SIGTERM (and Ctrl-C) stop taking
+connections and let the requests in flight finish.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ BINARY_HEADER = "Inference-Header-Content-Length"
 BODY_COUNTS = 3  # what a body holds, in its sizes: its bytes, what parsing makes of them, its images cut out
 _MB = 2**20
 _TRIM_AFTER = 16 * _MB  # decoding that held more gives what it freed back to the kernel (a 2-megapixel PNG)
+_TRIM_BODIES_AFTER = 64 * _MB  # bodies that held more at once (as counted) give it back once they are all answered
+BODY_PATIENCE_S = 1.0  # how long a body waits for room in --max-bodies-mb before its request gets 503
 
 
 @dataclass
@@ -61,9 +65,11 @@ class ServeOptions:
     max_wait_ms: float = 5.0  # how long a batch waits for requests still being decoded
     max_queue: int = 256  # images waiting, at most; beyond, 503
     max_body_mb: float = 20.0  # a request body larger than this gets 413
-    max_bodies_mb: float | None = None  # memory request bodies may hold at once, each counted 3x its size (more
-    # wait); None: 256, or room for one body of max_body_mb where that takes more
+    max_bodies_mb: float | None = None  # memory request bodies may hold at once, each counted 3x its size (one
+    # that does not fit within a second gets 503); None: 256, or room for one body of max_body_mb where that takes more
     body_timeout_s: float = 60.0  # a body not all there by then gets 408
+    header_timeout_s: float = 5.0  # a connection whose request's headers are not all there by then is closed
+    max_connections: int = 512  # connections open at once; beyond, 503 as they are accepted (deploy/connections.py)
     max_decode_mb: float = 512.0  # memory decoding requests' images may hold at once (more wait; over it alone: 413)
     threads: int | str | None = None  # torch's CPU threads, as for training and scoring
     precision: str = "auto"  # bf16 on a GPU and where the CPU runs it natively, else fp32 (fp16 on older GPUs)
@@ -93,6 +99,8 @@ class ServeOptions:
                     hint=f"a body of {option('max_body_mb', f'{self.max_body_mb:g}')} counts {BODY_COUNTS} times its "
                          "size: pass at least that")
         check_range("body_timeout_s", self.body_timeout_s, low=0, low_inclusive=False)
+        check_range("header_timeout_s", self.header_timeout_s, low=0, low_inclusive=False)
+        check_range("max_connections", self.max_connections, low=1)
         check_range("max_decode_mb", self.max_decode_mb, low=0, low_inclusive=False)
 
 
@@ -126,11 +134,25 @@ class Endpoint:
         from imgtrain.threads import Threads, parse_threads
 
         self.name, self.options, self.log = name, options, log
-        self.bodies = Budget(int(options.bodies_mb * _MB))
+        self.bodies = Budget(int(options.bodies_mb * _MB), drained=self._bodies_drained)
+        self._trimming = None
         self.decoding = Budget(int(options.max_decode_mb * _MB))
         self.threads = Threads(parse_threads(options.threads), log)
         self.batcher = Batcher(lambda: self._start(trained_model), max_batch=options.max_batch_size,
                                max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
+
+    def _bodies_drained(self, peak: int) -> None:
+        """In the event loop, when the last body held is let go: after a burst, the memory the bodies left free
+        goes back to the kernel, in a thread. malloc keeps freed blocks for reuse (allocator.py), among blocks
+        still in use: forms of a 19 MB image from 40 clients at once, read 4 at a time, left a server 300 MB
+        larger for good. Not after each request: the trim walks every arena (30 ms for 570 MB), and the next
+        batch faults its memory in anew."""
+        if peak < _TRIM_BODIES_AFTER or self._trimming is not None:
+            return
+        from imgtrain.allocator import give_back_free_memory
+
+        self._trimming = asyncio.get_running_loop().run_in_executor(None, give_back_free_memory)
+        self._trimming.add_done_callback(lambda _: setattr(self, "_trimming", None))
 
     def _start(self, trained_model: Path | str) -> Callable[[list], np.ndarray]:
         """In the batching thread: load the model and return what runs a batch through it."""
@@ -248,33 +270,43 @@ async def _still_there(gone: Callable[[], Awaitable[bool]] | None) -> None:
 @asynccontextmanager
 async def _receiving(request, options: ServeOptions, bodies):
     """The request's body: refused with 413 past --max-body-mb (by its Content-Length, or as it streams), held
-    in ``bodies`` (--max-bodies-mb, waiting while other requests hold it) until the block ends, and refused
-    with 408 when it is not all there within --body-timeout-s of its turn."""
+    in ``bodies`` (--max-bodies-mb) until the block ends, and refused with 408 when it is not all there within
+    --body-timeout-s of its turn. A body that finds no room within a second (BODY_PATIENCE_S: bodies ahead of it
+    that come fast are done by then) gets 503 before any of it is read, with Retry-After: the client may go to
+    another server or come back, where in a line without end it waited unanswered for as long as the bodies
+    ahead took. What it sends meanwhile is read and dropped (deploy/connections.py: it then reads its answer)."""
     from starlette.requests import ClientDisconnect
+
+    from imgtrain.deploy.budget import BudgetFullError
 
     limit = int(options.max_body_mb * _MB)
     declared = request.headers.get("content-length")
     size = int(declared) if declared is not None and declared.isdigit() else None
     if size is not None and size > limit:
         raise RequestError(413, f"the body is {size:,} bytes, over the limit of {limit:,}")
-    async with bodies.hold(BODY_COUNTS * (limit if size is None else size)):
-        chunks, received = [], 0
-        try:
-            async with asyncio.timeout(options.body_timeout_s):
-                async for chunk in request.stream():
-                    received += len(chunk)
-                    if received > limit:
-                        raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise RequestError(408, f"the body did not arrive within {options.body_timeout_s:g} s (it had "
-                                    f"{received:,} bytes of it): send it faster (the server's --body-timeout-s)") \
-                from None
-        except ClientDisconnect:  # its answer would go nowhere
-            raise RequestError(499, "the client closed the connection before its body was sent") from None
-        body = b"".join(chunks)
-        del chunks
-        yield body
+    try:
+        async with bodies.hold(BODY_COUNTS * (limit if size is None else size), patience=BODY_PATIENCE_S):
+            chunks, received = [], 0
+            try:
+                async with asyncio.timeout(options.body_timeout_s):
+                    async for chunk in request.stream():
+                        received += len(chunk)
+                        if received > limit:
+                            raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
+                        chunks.append(chunk)
+            except TimeoutError:
+                raise RequestError(408, f"the body did not arrive within {options.body_timeout_s:g} s (it had "
+                                        f"{received:,} bytes of it): send it faster (the server's --body-timeout-s)") \
+                    from None
+            except ClientDisconnect:  # its answer would go nowhere
+                raise RequestError(499, "the client closed the connection before its body was sent") from None
+            body = b"".join(chunks)
+            del chunks
+            yield body
+    except BudgetFullError:  # only as it waits for room, before the body is read
+        raise RequestError(503, f"the server is busy: the request bodies it holds take {bodies.held / _MB:,.0f} MB "
+                                f"of its {bodies.limit / _MB:,.0f} MB (--max-bodies-mb, each counted at 3 times its "
+                                "size): retry in a second") from None
 
 
 async def _form_files(request, body: bytes, max_images: int) -> tuple[list[bytes], list[str]]:
@@ -560,7 +592,8 @@ def make_app(endpoint: Endpoint):
     from imgtrain import __version__
 
     def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+        busy = {"Retry-After": "1"} if status == 503 else None  # each 503 is a moment's: a budget or queue full
+        return JSONResponse({"error": message}, status_code=status, headers=busy)
 
     def handler(function):
         async def handle(request: Request):
@@ -653,20 +686,24 @@ def serve(
     _imports()
     import uvicorn
 
+    from imgtrain.deploy.connections import ConnectionLimits, fit_open_files, guarded_protocol
     from imgtrain.deploy.listening import check_address, stop_signals_end_quietly
 
     options = options or ServeOptions()
     options.check()
     check_range("port", port, low=0, high=65535)
     check_address(host, port)
+    backlog = fit_open_files(options.max_connections)
     name = name or _name_of(Path(trained_model).resolve())
     endpoint = Endpoint(trained_model, name, options, log)
     log(f"Serving {name} ({endpoint.describe}) on http://{host}:{port}: Open Inference Protocol at "
         f"/v2/models/{name}/infer, TorchServe's shape at /predictions/{name}; batches of up to "
         f"{options.max_batch_size} images, waiting up to {options.max_wait_ms:g} ms for them; Ctrl-C or SIGTERM "
         "stops it once the requests in flight are answered")
+    protocol = guarded_protocol(ConnectionLimits(options.max_connections, options.header_timeout_s,
+                                                   options.body_timeout_s))
     config = uvicorn.Config(make_app(endpoint), host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=30, backlog=2048)
+                            timeout_graceful_shutdown=30, backlog=backlog, http=protocol)
     with stop_signals_end_quietly():
         uvicorn.Server(config).run()
     log(f"Stopped serving {name}: {endpoint.batcher.images:,} images scored in {endpoint.batcher.batches:,} batches")
