@@ -75,8 +75,8 @@ def test_the_readmes_python_example_runs_as_written(tmp_path, labelled_folder, m
 
 
 def test_the_readmes_export_example_runs_as_written(tmp_path, trained_model, monkeypatch, capsys):
-    """"Export to ONNX, OpenVINO or torch.export": its three commands, then its Python, which needs neither imgtrain nor its
-    code: its answers are the model's."""
+    """"Export to ONNX, OpenVINO or torch.export": its three commands, then its Python, which needs neither
+    imgtrain nor its code: its answers are the model's."""
     from conftest import make_image
 
     (tmp_path / "demo-output").mkdir()
