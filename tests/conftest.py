@@ -76,6 +76,20 @@ def training_in_background(log: Path, *args) -> Iterator[subprocess.Popen]:
             proc.wait()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory) -> Iterator[Path]:
+    """imgtrain's cache (the engines' ONNX graphs, auto's choices) in the session's temporary folder, for this
+    process and the commands it starts: never the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("imgtrain-cache")
+    before = os.environ.get("IMGTRAIN_CACHE")
+    os.environ["IMGTRAIN_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("IMGTRAIN_CACHE", None)
+    else:
+        os.environ["IMGTRAIN_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def labelled_folder(tmp_path_factory) -> Path:
     return make_labelled_folder(tmp_path_factory.mktemp("src") / "shades")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import importlib.util
 import io
 import json
 import os
@@ -228,12 +229,17 @@ class Server:
         return self.process.returncode, err
 
 
-@pytest.fixture(scope="module")
-def server(trained_model):
-    # fp32 on the CPU, as the answers it is compared with: on a CPU with native bf16, auto would serve in bf16
-    # (and on a GPU machine, auto would serve there: tests/test_cuda.py does)
+ENGINES = ["torch", *(name for name in ("onnxruntime", "openvino") if importlib.util.find_spec(name))]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def server(trained_model, request):
+    """The server, on each engine installed: every test that takes it runs against each.
+
+    fp32 on the CPU, as the answers it is compared with: on a CPU with native bf16, auto would serve in bf16
+    (and on a GPU machine, auto would serve there: tests/test_cuda.py does)."""
     running = Server(trained_model, "--max-batch-size", "8", "--max-body-mb", "1", "--max-queue", "64",
-                     "--precision", "fp32", "--device", "cpu")
+                     "--precision", "fp32", "--device", "cpu", "--engine", request.param)
     yield running
     code, err = running.stop()
     assert code == 0 and "Traceback" not in err, err

@@ -17,13 +17,6 @@ from conftest import make_image, run_cli
 RUNTIMES = [name for name in ("onnxruntime", "openvino") if importlib.util.find_spec(name)]
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path_factory, monkeypatch):
-    """imgtrain's cache (exports for the engines, auto's choices) in the session's temporary folder, shared by
-    the tests of this module: never the user's ~/.cache."""
-    monkeypatch.setenv("IMGTRAIN_CACHE", str(tmp_path_factory.getbasetemp() / "imgtrain-cache"))
-
-
 def _table(answers, labels):
     return [a.label for a in answers], np.array([[a.probabilities[label] for label in labels] for a in answers])
 
