@@ -166,7 +166,7 @@ def export_model(
             graph = tmp / ("model.onnx" if format == "onnx" and not int8 else "fp32.onnx")
             _onnx(deployable, example, graph, metadata, opset or DEFAULT_OPSET, model.spec.architecture)
             if int8:
-                graph = _int8(model, graph, format, sets, max_accuracy_drop, metadata, log)
+                graph = _int8(model, graph, path, format, sets, max_accuracy_drop, metadata, log)
             if format == "openvino":
                 _openvino(deployable, example, graph, path, metadata, model.spec.architecture, check=not int8)
                 graph.unlink()
@@ -187,10 +187,11 @@ def _engine_threads() -> int:
     return Threads(parse_threads(None), lambda m: None).current
 
 
-def _int8(model: TrainedModel, fp32: Path, format: str, sets, max_accuracy_drop: float, metadata: dict[str, str],
-          log: Callable[[str], None]) -> Path:
-    """``fp32`` quantized (deploy/quantize.py), measured in the engine the format is for, its metadata updated."""
-    from imgtrain.deploy.engines import OnnxRuntimeEngine, OpenVinoEngine
+def _int8(model: TrainedModel, fp32: Path, path: Path, format: str, sets, max_accuracy_drop: float,
+          metadata: dict[str, str], log: Callable[[str], None]) -> Path:
+    """``fp32`` quantized (deploy/quantize.py), measured as it will run (the very file shipped, in the engine the
+    format is for, at that engine's default precision), its metadata updated."""
+    from imgtrain.deploy.engines import OnnxRuntimeEngine, OpenVinoEngine, ScoringModel, _precision_for
     from imgtrain.deploy.quantize import quantize
 
     threads = _engine_threads()
@@ -198,10 +199,14 @@ def _int8(model: TrainedModel, fp32: Path, format: str, sets, max_accuracy_drop:
     def scorer(engine):
         return lambda images: engine(torch.from_numpy(images).permute(0, 3, 1, 2))
 
-    def int8_engine(path: Path):
-        if format == "openvino":
-            return scorer(OpenVinoEngine(path, threads, "fp32", quantized=True))
-        return scorer(OnnxRuntimeEngine(path, threads, "int8"))
+    def int8_engine(quantized: Path):
+        if format == "openvino":  # OpenVINO's converter makes the graph that ships: that one is measured
+            _openvino(None, None, quantized, path, metadata, model.spec.architecture, check=False)
+            shipped = ScoringModel(path, "openvino", model.labels, model.image_size, model.spec.architecture, None,
+                                   path, quantized=True)
+            precision = _precision_for("openvino", shipped, "auto", torch.device("cpu"))
+            return scorer(OpenVinoEngine(path, threads, precision, quantized=True))
+        return scorer(OnnxRuntimeEngine(quantized, threads, "int8"))
 
     int8 = fp32.with_name("int8.onnx")
     result = quantize(fp32, int8, labels=model.labels, preparation=model.preparation, calibration_set=sets[0],
@@ -217,8 +222,8 @@ def _int8(model: TrainedModel, fp32: Path, format: str, sets, max_accuracy_drop:
     return int8
 
 
-def _openvino(deployable: Deployable, example: torch.Tensor, onnx_file: Path, path: Path, metadata: dict[str, str],
-              architecture: str, *, check: bool) -> None:
+def _openvino(deployable: Deployable | None, example: torch.Tensor | None, onnx_file: Path, path: Path,
+              metadata: dict[str, str], architecture: str, *, check: bool) -> None:
     """The ONNX graph converted by OpenVINO's own converter to its IR (model.xml, model.bin), the metadata in
     its rt_info; an fp32 one checked against the network."""
     import openvino as ov

@@ -700,7 +700,7 @@ def make_app(ui: UI):
                 return result if isinstance(result, Response) else JSONResponse(result)
             except PageError as exc:
                 return JSONResponse({"error": exc.message, "field": exc.field or default_field},
-                                    status_code=exc.status)
+                                    status_code=exc.status, headers={"Retry-After": "1"} if exc.status == 503 else None)
             except ImgtrainError as exc:
                 return JSONResponse({"error": cli_line(exc), "field": _field_of(exc.message, default_field)},
                                     status_code=400)
