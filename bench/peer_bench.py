@@ -22,10 +22,13 @@ What is measured:
    median of its runs), none failing, is the one measured. Then, on that server, which of the two ways
    LitServe takes an image (below) answers more.
 3. Side by side: LitServe at that setting, `imgtrain serve` at its defaults (``--engine auto`` where its
-   ``--help`` lists ``--engine``), and `imgtrain serve` again with LitServe's folder on its path, so that its
-   uvicorn runs on uvloop and httptools as LitServe's does (uvicorn picks them when it finds them): that row
-   tells the HTTP stack's share of a difference from the rest. 1 and 32 clients, rows alternating between the
-   servers, repeated; requests/s, p50 and p99 latency, failures.
+   ``--help`` lists ``--engine``), and `imgtrain serve` on the model's int8 export (``imgtrain export --int8
+   --format openvino``: another file, made from the same model; its speed only, as this one-epoch model's
+   accuracy says nothing: the `engines` section measures int8's accuracy on a trained model). 1 and 32
+   clients, rows alternating between the servers, repeated; requests/s, p50 and p99 latency, failures. (An
+   earlier run had, as a third row, `imgtrain serve` with LitServe's folder on its path, so that its uvicorn
+   ran on uvloop and httptools as LitServe's does: 90.4 against 90.2 requests/s at 32 clients, 72.0 against
+   69.5 at one: the HTTP stack is not where the time goes; bench/results/2026-12-05-engines.md.)
 
 Requests differ in one way: LitServe 0.2.19 reads a request body as JSON or as a form, never raw, so its
 clients send each image as a ``multipart/form-data`` file (field ``content``, its file-upload examples' way)
@@ -265,7 +268,12 @@ def peer(ctx: Context) -> Section:
     # --- side by side -------------------------------------------------------------------------------------
     peer_label = f"LitServe {versions['litserve']} (best setting of the sweep)"
     ours_label = "`imgtrain serve`" + (" --engine auto" if engine else " (defaults)")
-    fast_label = "`imgtrain serve`, uvloop + httptools on its path"
+    fast_label = "`imgtrain serve`, its int8 export, --engine auto"
+    int8 = model.parent / "int8-openvino"
+    if not int8.exists():  # the speed of the int8 export: this one-epoch model's accuracy says nothing (the
+        # engines section measures int8's accuracy on a trained model), so its check may not refuse it here
+        ctx.imgtrain("export", model, "--format", "openvino", "--int8", "--calibration-data", model.parent / "train",
+                     "--validation-data", model.parent / "val", "--max-accuracy-drop", "100", "--output", int8)
     running: dict[str, tuple[_Server, list[bytes], str, str]] = {}
     rates: dict[tuple[str, int], list[float]] = {}
     latencies: dict[tuple[str, int], list[float]] = {}
@@ -285,8 +293,7 @@ def peer(ctx: Context) -> Section:
         ctx.log(f"[peer] bodies: {', '.join(f'{w} {statistics.median(r):.1f} req/s' for w, r in body_rates.items())}")
         running[peer_label] = (server, peer_bodies[way][0], PEER_PATH, peer_bodies[way][1])
         running[ours_label] = (_Server(ctx, code, model, *engine), blobs, "/predictions/bench", "image/jpeg")
-        running[fast_label] = (_Server(ctx, code, model, *engine, env=_peer_env(ctx, code, folder)), blobs,
-                               "/predictions/bench", "image/jpeg")
+        running[fast_label] = (_Server(ctx, code, int8, *engine), blobs, "/predictions/bench", "image/jpeg")
         agreement = _agreement(running[ours_label][0].port, server.port, blobs, *peer_bodies[way])
         ctx.log(f"[peer] agreement: {agreement[1]} of {agreement[0]} top labels the same, largest probability "
                 f"difference {agreement[2]:.4f}")
@@ -313,7 +320,8 @@ def peer(ctx: Context) -> Section:
     rate = {key: statistics.median(values) for key, values in rates.items()}
     settings = {peer_label: f"{_describe(chosen, cores)}; each image {BODIES[way]}",
                 ours_label: f"its defaults{' and --engine auto' if engine else ''}; each image the raw body",
-                fast_label: "as above, its uvicorn on uvloop and httptools"}
+                fast_label: "`imgtrain export --int8 --format openvino` of the same model (another file, "
+                            "OpenVINO's int8), served at its defaults"}
     rows = [[label, settings[label], clients, f"{rate[label, clients]:.1f}",
              f"{rate[label, clients] / rate[ours_label, clients]:.2f}x",
              f"{statistics.median(latencies[label, clients]) * 1000:.1f}",
