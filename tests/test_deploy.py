@@ -992,7 +992,7 @@ def test_requests_are_decoded_without_torch_and_scored_as_imgtrain_scores(traine
         assert np.allclose(got, expected, atol=1e-5) and len(opens) == len(paths)
         asyncio.run(_waiting_holds_no_thread(endpoint, paths[0].read_bytes()))
     finally:
-        endpoint.batcher.stop()
+        endpoint.close()
 
 
 async def _waiting_holds_no_thread(endpoint, blob: bytes) -> None:

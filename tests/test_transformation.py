@@ -255,7 +255,7 @@ def test_the_endpoint_applies_the_recorded_transformation(trained_with_transform
         assert not endpoint.preparation.plain
         got = asyncio.run(endpoint.probabilities([p.read_bytes() for p in paths], [p.name for p in paths]))
     finally:
-        endpoint.batcher.stop()
+        endpoint.close()
     assert np.allclose(got, expected, atol=1e-5)
 
 
@@ -282,7 +282,7 @@ def test_an_image_that_fits_the_decoding_budget_alone_is_decoded_and_one_that_do
         except RequestError as exc:
             said[limit] = (exc.status, exc.message)
         finally:
-            endpoint.batcher.stop()
+            endpoint.close()
     assert said == {40: (1, 3), 30: (400, "big.png: too large to decode: 2000 x 2000 pixels in mode RGBA take 35 MB "
                                           "to decode, over the limit of 30 MB")}
 

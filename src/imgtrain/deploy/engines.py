@@ -421,39 +421,45 @@ def load_engine(engine: str | None, model: ScoringModel, *, device: torch.device
 
 def _fastest(candidates: list[str], model: ScoringModel, device: torch.device, precision: str, threads: int,
              batch: int, record: Path, log: Callable[[str], None]) -> Engine:
+    """Each candidate loaded and warmed, then timed in turns (so that a change in the machine's speed falls on
+    all alike); the fastest kept, its choice written to ``record``."""
     images = torch.randint(0, 256, (batch, 3, model.image_size, model.image_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    best, times = None, {}
+    built: dict[str, Engine] = {}
     for name in candidates:
         try:
-            built = make_engine(name, model, device=device, precision=precision, threads=threads, log=log)
+            engine = make_engine(name, model, device=device, precision=precision, threads=threads, log=log)
+            for _ in range(_WARM_BATCHES):
+                engine(images)
         except (EngineError, MissingDependencyError) as exc:
             log(f"warning: {exc.message}; auto goes on without it")
             continue
-        for _ in range(_WARM_BATCHES):
-            built(images)
-        runs = []
-        for _ in range(_TIMED_BATCHES):
-            start = time.perf_counter()
-            built(images)
-            runs.append(time.perf_counter() - start)
-        times[built.describe()] = statistics.median(runs) / batch * 1000
-        if best is None or times[built.describe()] < times[best.describe()]:
-            best = built
-        else:
-            del built
-    if best is None:
+        except Exception as exc:  # a runtime that loads a graph it then cannot run
+            log(f"warning: the {name} engine failed on {model.path} ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no reason given'}); auto goes "
+                "on without it")
+            continue
+        built[engine.describe()] = engine
+    if not built:
         raise EngineError(f"no engine could load {model.path}", "see the warnings above")
-    others = ", ".join(f"{name} {ms:.2f}" for name, ms in times.items() if name != best.describe())
-    log(f"Engine auto: {best.describe()}, {times[best.describe()]:.2f} ms an image at batch {batch} (measured "
-        f"now; {others or 'no other engine'}); the choice is kept in {record}")
+    runs: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(_TIMED_BATCHES):
+        for name, engine in built.items():
+            start = time.perf_counter()
+            engine(images)
+            runs[name].append(time.perf_counter() - start)
+    times = {name: statistics.median(values) / batch * 1000 for name, values in runs.items()}
+    best = min(times, key=times.get)
+    others = ", ".join(f"{name} {ms:.2f}" for name, ms in times.items() if name != best)
+    log(f"Engine auto: {best}, {times[best]:.2f} ms an image at batch {batch} (measured now; "
+        f"{others or 'no other engine'}); the choice is kept in {record}")
     with contextlib.suppress(OSError):
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_name(f".{record.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"engine": best.name, "ms_per_image": times, "batch_size": batch,
+        tmp.write_text(json.dumps({"engine": built[best].name, "ms_per_image": times, "batch_size": batch,
                                    "measured": time.strftime("%Y-%m-%d %H:%M:%S")}), encoding="utf-8")
         tmp.replace(record)
-    return best
+    return built[best]
 
 
 def _cache_file(model: ScoringModel, candidates: list[str], precision: str, threads: int, batch: int) -> Path:

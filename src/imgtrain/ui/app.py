@@ -479,7 +479,7 @@ class UI:
             idle = [k for k, (_, users) in self._endpoints.items() if users == 0]
             gone = [self._endpoints.pop(k)[0] for k in idle[:max(0, len(self._endpoints) - KEPT_MODELS)]]
         for old in gone:
-            await run_in_threadpool(old.batcher.stop)
+            await run_in_threadpool(old.close)
         try:
             yield loaded[0]
         finally:
@@ -607,7 +607,7 @@ class UI:
 
     def close(self) -> None:
         for endpoint, _ in self._endpoints.values():
-            endpoint.batcher.stop()
+            endpoint.close()
 
 
 def _fingerprint(items) -> str:
