@@ -56,14 +56,14 @@ data = ImageDirectory.load(held_out)
 limit = min(320, len(data)) if quick == "1" else len(data)
 images = torch.stack([model.preparation.load(data.path(i)) for i in range(limit)])
 truth = np.array([model.labels.index(data.categories[data.labels[i]]) for i in range(limit)])
-cpu, n = torch.device("cpu"), threads.current
+cpu, n, c = torch.device("cpu"), threads.current, model.num_classes
 engines = {"torch fp32": lambda: E.TorchEngine(model, cpu, "fp32"),
            "torch bf16": lambda: E.TorchEngine(model, cpu, "bf16"),
-           "onnxruntime fp32": lambda: E.OnnxRuntimeEngine(Path(fp32_onnx), n, "fp32"),
-           "onnxruntime int8": lambda: E.OnnxRuntimeEngine(Path(int8_onnx), n, "int8"),
-           "openvino fp32": lambda: E.OpenVinoEngine(Path(fp32_onnx), n, "fp32", False),
-           "openvino bf16": lambda: E.OpenVinoEngine(Path(fp32_onnx), n, "bf16", False),
-           "openvino int8": lambda: E.OpenVinoEngine(Path(int8_xml), n, "bf16", True)}
+           "onnxruntime fp32": lambda: E.OnnxRuntimeEngine(Path(fp32_onnx), n, "fp32", c),
+           "onnxruntime int8": lambda: E.OnnxRuntimeEngine(Path(int8_onnx), n, "int8", c),
+           "openvino fp32": lambda: E.OpenVinoEngine(Path(fp32_onnx), n, "fp32", False, c),
+           "openvino bf16": lambda: E.OpenVinoEngine(Path(fp32_onnx), n, "bf16", False, c),
+           "openvino int8": lambda: E.OpenVinoEngine(Path(int8_xml), n, "bf16", True, c)}
 built, failed = {}, {}
 for name, make in engines.items():
     try:

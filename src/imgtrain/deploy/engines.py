@@ -114,13 +114,15 @@ def open_model(model) -> ScoringModel:
         return model
     if isinstance(model, TrainedModel):
         return _of_trained(model)
+    from imgtrain.directories.model_directory import SPEC_FILE
+
     path = Path(model)
     if path.is_dir():
         found = [path / name for name in MODEL_FILES if (path / name).is_file()]
-        if not found:
+        if not found or (path / SPEC_FILE).exists():  # a model directory is one, whatever else it holds
             return _of_trained(load_trained_model(path))
         path = found[0]
-    if path.suffix == ".pt2":
+    if path.suffix == ".pt2" and path.is_file():
         raise InvalidModelFileError(f"{path} is a torch.export archive, whose weights load through pickle, which can "
                                     "run code: imgtrain does not open it", "score the model directory it came from, "
                                     "or export it with --format onnx or openvino")
@@ -162,7 +164,7 @@ def _of_onnx(path: Path) -> ScoringModel:
         raise InvalidModelFileError(f"{path} cannot be read as ONNX ({type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0][:200] if str(exc) else 'damaged'})",
                                     "export the model again") from None
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer):
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(graph.graph)):
         raise InvalidModelFileError(f"{path} keeps its weights in other files, which imgtrain does not read",
                                     "export the model again: imgtrain's exports hold their weights inside")
     metadata = {entry.key: entry.value for entry in graph.metadata_props}
@@ -178,13 +180,44 @@ def _of_onnx(path: Path) -> ScoringModel:
     return _of_export(path, "onnx", metadata, signature)
 
 
+def _numbers(value) -> list[float]:
+    """The numbers in an operation's argument: a number, or keyword arguments holding numbers and lists."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [n for item in value for n in _numbers(item)] if isinstance(value, list | tuple) else []
+
+
+def _tensors(graph):
+    """Every tensor a graph holds: its initializers, and those of its nodes' attributes and subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message in one line: OpenVINO's first line names only where it was raised."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    told = [line for line in lines if not line.startswith(("Exception from", "Check '"))] or lines
+    return f"{type(exc).__name__}: {' '.join(told)[:300] if told else 'no reason given'}"
+
+
 def _of_openvino(path: Path) -> ScoringModel:
     ov = _need("openvino")
     try:
         model = ov.Core().read_model(str(path))
     except Exception as exc:  # OpenVINO raises RuntimeError, or its own, for a damaged file
-        raise InvalidModelFileError(f"{path} cannot be read as an OpenVINO model ({type(exc).__name__}: "
-                                    f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'damaged'})",
+        raise InvalidModelFileError(f"{path} cannot be read as an OpenVINO model ({_reason(exc)})",
                                     "export the model again (model.xml and model.bin, side by side)") from None
     metadata = {}
     if model.has_rt_info(["imgtrain"]):
@@ -219,11 +252,11 @@ def _of_export(path: Path, format: str, metadata: dict, signature) -> ScoringMod
         raise bad(f"its image_size metadata is {size}, not a size in pixels from 1 to 8192")
     inputs, outputs = signature
     if len(inputs) != 1 or inputs[0][0] != INPUT or not inputs[0][2] or len(inputs[0][1]) != 4 \
-            or inputs[0][1][1:] not in ([size, size, 3], [None, None, 3]):
+            or inputs[0][1][1:] != [size, size, 3]:
         got = ", ".join(f"{name} {shape}{'' if u8 else ' (not uint8)'}" for name, shape, u8 in inputs)
         raise bad(f"its input is {got or 'none'}, not {INPUT} uint8 [N, {size}, {size}, 3] as its metadata says")
     if len(outputs) != 1 or outputs[0][0] != OUTPUT or len(outputs[0][1]) != 2 \
-            or outputs[0][1][1] not in (len(labels), None):
+            or outputs[0][1][1] != len(labels):
         got = ", ".join(f"{name} {shape}" for name, shape in outputs)
         raise bad(f"its output is {got or 'none'}, not {OUTPUT} [N, {len(labels)}] for its {len(labels)} labels")
     if transformation is not None:
@@ -231,9 +264,12 @@ def _of_export(path: Path, format: str, metadata: dict, signature) -> ScoringMod
         from imgtrain.errors import InvalidTransformationDirectoryError
 
         try:
-            parse_operations(transformation, "its transformation metadata")
+            operations = parse_operations(transformation, "its transformation metadata")
         except InvalidTransformationDirectoryError as exc:
             raise bad(exc.message) from None
+        sizes = [n for op in operations for n in _numbers(op.argument)]
+        if any(n > 8192 for n in sizes):
+            raise bad(f"its transformation metadata asks for a size of {max(sizes):g} pixels, over 8,192")
     return ScoringModel(path, format, labels, size, metadata.get("architecture", "exported model"),
                         transformation, path, quantized=metadata.get("precision") == "int8", metadata=metadata)
 
@@ -246,6 +282,19 @@ class Engine:
 
     name = ""
     precision = ""
+    classes = 0  # the columns every answer must have (the graph's runtimes: checked on each batch)
+
+    def _checked(self, run: Callable[[], np.ndarray], count: int) -> np.ndarray:
+        """A runtime's answer, or EngineError naming why it failed or what it gave instead."""
+        try:
+            out = run()
+        except Exception as exc:  # whatever the runtime raises on a graph it cannot run
+            raise EngineError(f"the {self.name} engine failed on a batch of {count} ({_reason(exc)})",
+                              f"pass another {option('engine')}") from None
+        if out.shape != (count, self.classes):
+            raise EngineError(f"the {self.name} engine answered shape {list(out.shape)} for {count} images and "
+                              f"{self.classes} labels", "export the model again with `imgtrain export`")
+        return out
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
@@ -281,8 +330,9 @@ def _channels_last(batch: torch.Tensor) -> np.ndarray:
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
 
-    def __init__(self, file: Path, threads: int, precision: str) -> None:
+    def __init__(self, file: Path, threads: int, precision: str, classes: int) -> None:
         ort = _need("onnxruntime")
+        self.classes = classes
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.log_severity_level = 3  # its warnings (a node it places on the CPU, ...) are not the user's
@@ -290,14 +340,16 @@ class OnnxRuntimeEngine(Engine):
         self._session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        return self._session.run([OUTPUT], {INPUT: _channels_last(batch)})[0]
+        images = _channels_last(batch)
+        return self._checked(lambda: self._session.run([OUTPUT], {INPUT: images})[0], len(images))
 
 
 class OpenVinoEngine(Engine):
     name = "openvino"
 
-    def __init__(self, file: Path, threads: int, precision: str, quantized: bool) -> None:
+    def __init__(self, file: Path, threads: int, precision: str, quantized: bool, classes: int) -> None:
         ov = _need("openvino")
+        self.classes = classes
         hint = "bf16" if precision == "bf16" else "f32"
         self.precision = f"int8, the rest {precision}" if quantized else precision
         compiled = ov.Core().compile_model(str(file), "CPU", {"INFERENCE_NUM_THREADS": threads,
@@ -306,7 +358,8 @@ class OpenVinoEngine(Engine):
         self._request = compiled.create_infer_request()
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        return np.array(self._request.infer({0: _channels_last(batch)})[0], dtype=np.float32)
+        images = _channels_last(batch)
+        return self._checked(lambda: np.array(self._request.infer({0: images})[0], dtype=np.float32), len(images))
 
 
 # --- Which engine ------------------------------------------------------------------------------------
@@ -329,6 +382,15 @@ def _precision_for(engine: str, model: ScoringModel, asked: str, device: torch.d
     return asked
 
 
+def _runs(engine: str, model: ScoringModel, precision: str, device: torch.device) -> bool:
+    """Whether the engine runs the model in the precision asked (auto leaves the others out, without a word)."""
+    try:
+        _precision_for(engine, model, precision, device)
+    except InvalidParameterError:
+        return False
+    return True
+
+
 def _onnx_of(model: ScoringModel, log: Callable[[str], None]) -> Path:
     """The model's ONNX graph: an export's own file, or a model directory's export, made once and cached."""
     if model.format != "directory":
@@ -342,11 +404,18 @@ def _onnx_of(model: ScoringModel, log: Callable[[str], None]) -> Path:
     key = hashlib.sha256("\n".join([file_sha256(model.identity), file_sha256(model.path / SPEC_FILE),
                                     torch.version.__version__, str(DEFAULT_OPSET)]).encode()).hexdigest()[:32]
     folder = cache_root() / "onnx" / key
-    if not (folder / "model.onnx").is_file():
+    graph, digest = folder / "model.onnx", folder / "model.onnx.sha256"
+    try:
+        if graph.is_file() and digest.is_file() and digest.read_text().strip() == file_sha256(graph):
+            return graph
         log(f"Exporting {model.architecture} to ONNX for the engines, once (kept in {folder})")
         folder.parent.mkdir(parents=True, exist_ok=True)
         export_model(model.trained, folder, format="onnx", overwrite=True, log=lambda m: None)
-    return folder / "model.onnx"
+        digest.write_text(file_sha256(graph))  # what a later run checks the graph against (a damaged one is made anew)
+    except OSError as exc:
+        raise EngineError(f"imgtrain's cache {folder} cannot be written ({type(exc).__name__}: {exc})",
+                          "set IMGTRAIN_CACHE to a folder you may write, or pass --engine torch") from None
+    return graph
 
 
 def device_for(device: str, engine: str | None, model: ScoringModel) -> torch.device:
@@ -376,13 +445,12 @@ def make_engine(engine: str, model: ScoringModel, *, device: torch.device, preci
             return TorchEngine(model, device, resolved)
         file = _onnx_of(model, log)
         if engine == "onnxruntime":
-            return OnnxRuntimeEngine(file, threads, resolved)
-        return OpenVinoEngine(file, threads, resolved, model.quantized)
-    except (MissingDependencyError, InvalidParameterError):
+            return OnnxRuntimeEngine(file, threads, resolved, model.num_classes)
+        return OpenVinoEngine(file, threads, resolved, model.quantized, model.num_classes)
+    except (MissingDependencyError, InvalidParameterError, EngineError):
         raise
     except Exception as exc:  # whatever the runtime raises on a graph it cannot take
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise EngineError(f"the {engine} engine could not load {model.path}: {type(exc).__name__}: {reason[:300]}",
+        raise EngineError(f"the {engine} engine could not load {model.path}: {_reason(exc)}",
                           f"pass another {option('engine')}") from None
 
 
@@ -402,7 +470,11 @@ def load_engine(engine: str | None, model: ScoringModel, *, device: torch.device
                                         f"pass {option('device', 'cpu')}")
         return make_engine("torch", model, device=device, precision=precision, threads=threads, log=log)
     candidates = [e for e in model.runtimes()
-                  if e == "torch" or all(importlib.util.find_spec(p) for p in _PACKAGES[e])]
+                  if (e == "torch" or all(importlib.util.find_spec(p) for p in _PACKAGES[e]))
+                  and _runs(e, model, precision, device)]
+    if not candidates:
+        raise InvalidParameterError(f"no engine installed runs {model.path} in {option('precision', precision)}",
+                                    f"pass {option('precision', 'auto')}")
     if len(candidates) == 1:
         return make_engine(candidates[0], model, device=device, precision=precision, threads=threads, log=log)
     batch = max(1, min(batch_size, 16))
@@ -451,14 +523,19 @@ def _fastest(candidates: list[str], model: ScoringModel, device: torch.device, p
     times = {name: statistics.median(values) / batch * 1000 for name, values in runs.items()}
     best = min(times, key=times.get)
     others = ", ".join(f"{name} {ms:.2f}" for name, ms in times.items() if name != best)
+    kept = "not kept: an engine failed, so it is timed again next time"
+    if len(built) == len(candidates):
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_name(f".{record.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"engine": built[best].name, "ms_per_image": times, "batch_size": batch,
+                                       "measured": time.strftime("%Y-%m-%d %H:%M:%S")}), encoding="utf-8")
+            tmp.replace(record)
+            kept = f"the choice is kept in {record}"
+        except OSError as exc:
+            kept = f"not kept: imgtrain's cache cannot be written ({type(exc).__name__})"
     log(f"Engine auto: {best}, {times[best]:.2f} ms an image at batch {batch} (measured now; "
-        f"{others or 'no other engine'}); the choice is kept in {record}")
-    with contextlib.suppress(OSError):
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f".{record.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"engine": built[best].name, "ms_per_image": times, "batch_size": batch,
-                                   "measured": time.strftime("%Y-%m-%d %H:%M:%S")}), encoding="utf-8")
-        tmp.replace(record)
+        f"{others or 'no other engine'}); {kept}")
     return built[best]
 
 

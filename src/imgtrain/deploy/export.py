@@ -22,6 +22,7 @@ deploy/engines.py).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -199,19 +200,26 @@ def _int8(model: TrainedModel, fp32: Path, path: Path, format: str, sets, max_ac
     def scorer(engine):
         return lambda images: engine(torch.from_numpy(images).permute(0, 3, 1, 2))
 
-    def int8_engine(quantized: Path):
+    classes = len(model.labels)
+
+    def int8_engines(quantized: Path) -> dict:
+        """What runs the shipped file by default: each engine installed that can (an ONNX file: ONNX Runtime, and
+        OpenVINO where it is installed, which --engine auto may pick), at its default precision."""
+        shipped = ScoringModel(path, format, model.labels, model.image_size, model.spec.architecture, None,
+                               path, quantized=True)
+        precision = _precision_for("openvino", shipped, "auto", torch.device("cpu"))
         if format == "openvino":  # OpenVINO's converter makes the graph that ships: that one is measured
             _openvino(None, None, quantized, path, metadata, model.spec.architecture, check=False)
-            shipped = ScoringModel(path, "openvino", model.labels, model.image_size, model.spec.architecture, None,
-                                   path, quantized=True)
-            precision = _precision_for("openvino", shipped, "auto", torch.device("cpu"))
-            return scorer(OpenVinoEngine(path, threads, precision, quantized=True))
-        return scorer(OnnxRuntimeEngine(quantized, threads, "int8"))
+            return {"openvino": scorer(OpenVinoEngine(path, threads, precision, True, classes))}
+        runs = {"onnxruntime": scorer(OnnxRuntimeEngine(quantized, threads, "int8", classes))}
+        if importlib.util.find_spec("openvino") is not None:
+            runs["openvino"] = scorer(OpenVinoEngine(quantized, threads, precision, True, classes))
+        return runs
 
     int8 = fp32.with_name("int8.onnx")
     result = quantize(fp32, int8, labels=model.labels, preparation=model.preparation, calibration_set=sets[0],
-                      validation_set=sets[1], max_accuracy_drop=max_accuracy_drop, evaluate_int8=int8_engine,
-                      evaluate_fp32=lambda path: scorer(OnnxRuntimeEngine(path, threads, "fp32")), log=log)
+                      validation_set=sets[1], max_accuracy_drop=max_accuracy_drop, evaluate_int8=int8_engines,
+                      evaluate_fp32=lambda graph: scorer(OnnxRuntimeEngine(graph, threads, "fp32", classes)), log=log)
     metadata.update(result.metadata())
     onnx = _onnx_modules()[0]
     graph = onnx.load(str(int8))
@@ -238,7 +246,7 @@ def _openvino(deployable: Deployable | None, example: torch.Tensor | None, onnx_
     if check:
         from imgtrain.deploy.engines import OpenVinoEngine
 
-        engine = OpenVinoEngine(path, _engine_threads(), "fp32", quantized=False)
+        engine = OpenVinoEngine(path, _engine_threads(), "fp32", False, len(json.loads(metadata["labels"])))
         _check_same(deployable, lambda x: engine(x.permute(0, 3, 1, 2)), example, architecture, "OpenVINO")
 
 

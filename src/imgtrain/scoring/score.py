@@ -208,7 +208,9 @@ def score_image_model(
     _check_options(batch_size, num_workers, on_bad_image, precision, threads, engine)
     rows = _rows(dataset)
     model = trained_model if isinstance(trained_model, TrainedModel | ScoringModel) else None
-    check_not_an_input(output, {"trained model": model.path if model else trained_model, "dataset": rows.given})
+    given = Path(model.path if model else trained_model)
+    files = [given, given.with_suffix(".bin")] if given.suffix == ".xml" else [given]  # OpenVINO's weights too
+    check_not_an_input(output, {"trained model": files, "dataset": rows.given})
     model = open_model(model or trained_model)
     labels = model.labels
     if top_k is not None:
