@@ -33,7 +33,6 @@ import re
 import struct
 import sys
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,10 +138,6 @@ class Endpoint:
         self._trimming = None
         self.decoding = Budget(int(options.max_decode_mb * _MB))
         self.threads = Threads(parse_threads(options.threads), log)
-        # Requests are opened and decoded by as many threads as there are cores, in the order they come: with a
-        # thread each (Starlette's pool has 40), 32 clients' images were decoded all at once, each slower, and
-        # the last to finish waited for a later batch (p99 2.6 times p50 where it is now 1.4).
-        self.decoders = ThreadPoolExecutor(max_workers=self.threads.cores, thread_name_prefix="imgtrain-decode")
         self.batcher = Batcher(lambda: self._start(trained_model), max_batch=options.max_batch_size,
                                max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
 
@@ -189,9 +184,8 @@ class Endpoint:
         return run
 
     def close(self) -> None:
-        """Answer what is queued, then stop the batching and decoding threads."""
+        """Answer what is queued, then stop the batching thread."""
         self.batcher.stop()
-        self.decoders.shutdown(wait=False)
 
     def metadata(self) -> dict:
         return {"name": self.name, "versions": ["1"], "platform": "pytorch_imgtrain",
@@ -241,9 +235,9 @@ class Endpoint:
                             gone: Callable[[], Awaitable[bool]] | None = None) -> np.ndarray:
         """Each image's class probabilities: opened and decoded in worker threads, within --max-decode-mb, then
         batched with other requests'. ``gone``: whether the client has gone (its images are then not decoded)."""
-        from imgtrain.deploy.batching import QueueFullError
+        from starlette.concurrency import run_in_threadpool
 
-        loop = asyncio.get_running_loop()
+        from imgtrain.deploy.batching import QueueFullError
 
         limit = self.options.max_queue
         _check_count(len(blobs), limit)
@@ -253,7 +247,7 @@ class Endpoint:
             raise RequestError(503, f"the server is busy: {self.batcher.pending} images are in hand, and it holds "
                                     f"{limit}; retry later") from None
         try:
-            opened, need = await loop.run_in_executor(self.decoders, self._open, blobs, names)
+            opened, need = await run_in_threadpool(self._open, blobs, names)
             if need > self.decoding.limit:
                 raise RequestError(413, f"the {len(blobs)} images take {need / _MB:,.0f} MB to decode, over the "
                                         f"{self.decoding.limit / _MB:,.0f} MB the server decodes at once: send fewer "
@@ -263,7 +257,7 @@ class Endpoint:
                 await _still_there(gone)  # it may have waited: the client may have given up
                 self.batcher.coming(+1)
                 try:
-                    images = await loop.run_in_executor(self.decoders, self._decode, opened, names, need)
+                    images = await run_in_threadpool(self._decode, opened, names, need)
                 finally:
                     self.batcher.coming(-1)
                 return await self.batcher(images)
