@@ -68,6 +68,12 @@ def test_an_int8_export_records_its_accuracy_and_scores_as_a_model_directory_doe
     meta = json.loads((path.parent / "metadata.json").read_text())
     assert meta["precision"] == "int8" and int(meta["validation_images"]) == 9 and int(meta["calibration_images"]) == 27
     assert float(meta["accuracy_fp32"]) - float(meta["accuracy_int8"]) <= 0.01
+    if format == "openvino":  # its weights are an input too: no output may land on them
+        from imgtrain import score_image_model
+        from imgtrain.errors import OutputNotWritableError
+
+        _refused(lambda: score_image_model(path, image_dirs["val"], path.parent / "model.bin", overwrite=True),
+                 OutputNotWritableError, "model.bin")
     labels = load_trained_model(trained_model).labels
     got, _ = _table(predict(path.parent, image_dirs["all"], device="cpu"), labels)
     reference, _ = _table(predict(trained_model, image_dirs["all"], precision="fp32", device="cpu"), labels)
@@ -159,14 +165,30 @@ def test_damaged_or_mismatched_exports_are_named_before_any_work(trained_model, 
         graph = onnx.load(str(good))
         for entry in graph.metadata_props:
             if entry.key in changes:
-                entry.value = changes[entry.key]
+                entry.value = changes.pop(entry.key)
+        for key, value in changes.items():
+            graph.metadata_props.add(key=key, value=value)
         path = tmp_path / name
         onnx.save(graph, str(path))
         return path
 
     pt2 = tmp_path / "model.pt2"
     pt2.write_bytes(b"PK\x03\x04")
+    graph = onnx.load(str(good))  # a class dimension left open: 2 labels would meet the graph's 3 columns
+    graph.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"
+    for entry in graph.metadata_props:
+        entry.value = json.dumps(["a", "b"]) if entry.key == "labels" else entry.value
+    onnx.save(graph, str(tmp_path / "open.onnx"))
+    graph = onnx.load(str(good))  # a node's tensor read from a file beside the model
+    tensor = onnx.helper.make_tensor("leak", onnx.TensorProto.FLOAT, [3], [0.0, 0.0, 0.0])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="secret.bin")
+    graph.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["leaked"], value=tensor))
+    onnx.save(graph, str(tmp_path / "external.onnx"))
     cases = [
+        (tmp_path / "open.onnx", "not probabilities [N, 2] for its 2 labels"),
+        (tmp_path / "external.onnx", "keeps its weights in other files"),
+        (edited("huge.onnx", transformation=json.dumps([["Resize", 100000]])), "a size of 100000 pixels"),
         (edited("size.onnx", image_size="64"), "its input is images [None, 32, 32, 3], not images uint8 [N, 64, 64"),
         (edited("labels.onnx", labels=json.dumps(["a", "b"])), "not probabilities [N, 2] for its 2 labels"),
         (edited("dup.onnx", labels=json.dumps(["a", "a", "b"])), "not a list of distinct names"),
@@ -176,6 +198,16 @@ def test_damaged_or_mismatched_exports_are_named_before_any_work(trained_model, 
         _refused(lambda m=model: predict(m, image_dirs["val"]), InvalidModelFileError, message)
     _refused(lambda: predict(good, image_dirs["val"], engine="torch"), InvalidParameterError,
              "the torch engine does not run")
+    lines = []  # bf16 asked of an ONNX export: auto keeps to the engines that run it (onnxruntime does not)
+    assert predict(good, image_dirs["val"], precision="bf16", log=lines.append)
+    assert not any("onnxruntime" in line for line in lines), lines
+    mixed = tmp_path / "mixed"  # a model directory that also holds an export is a model directory
+    mixed.mkdir()
+    for item in Path(trained_model).iterdir():
+        if item.is_file():
+            (mixed / item.name).write_bytes(item.read_bytes())
+    (mixed / "model.onnx").write_bytes(good.read_bytes())
+    assert open_model(mixed).format == "directory"
     r = run_cli("score-image-model", "--trained-model", truncated, "--dataset", image_dirs["val"], "--output",
                 tmp_path / "scored", check=False)
     assert r.returncode == 1 and not (tmp_path / "scored").exists(), r.stderr
@@ -203,6 +235,11 @@ def test_an_engine_that_fails_to_load_is_left_out_by_auto_and_an_error_when_aske
     from imgtrain.errors import EngineError, MissingDependencyError
 
     predict(trained_model, image_dirs["val"], engine="onnxruntime")  # the model's ONNX graph made and cached
+    cached = next(Path(os.environ["IMGTRAIN_CACHE"]).glob("onnx/*/model.onnx"))
+    cached.write_bytes(cached.read_bytes()[:1000])  # damaged: made anew, not trusted
+    lines = []
+    predict(trained_model, image_dirs["val"], engine="openvino", log=lines.append)
+    assert any(line.startswith("Exporting resnet18 to ONNX for the engines") for line in lines), lines
 
     def no_session(*args, **kwargs):
         raise RuntimeError("this build has no CPU provider")
@@ -218,6 +255,7 @@ def test_an_engine_that_fails_to_load_is_left_out_by_auto_and_an_error_when_aske
     assert predict(trained_model, image_dirs["val"], engine="auto", log=lines.append)
     assert any(line.startswith("warning: the onnxruntime engine could not load") and "no CPU provider" in line
                and line.endswith("auto goes on without it") for line in lines), lines
+    assert not list(Path(os.environ["IMGTRAIN_CACHE"]).glob("engines/*.json"))  # a choice made without it is not kept
     _refused(lambda: predict(trained_model, image_dirs["val"], engine="onnxruntime"), EngineError,
              "the onnxruntime engine could not load")
     monkeypatch.setitem(sys.modules, "openvino", None)  # importing it raises ImportError
