@@ -128,21 +128,23 @@ def test_the_exports_recipe_gives_scorings_answers_on_jpegs(trained_model, tmp_p
     import onnx
     import onnxruntime
 
+    from imgtrain.deploy.engines import _onnx_of, open_model
     from imgtrain.deploy.export import DEFAULT_OPSET
 
     paths = _photos(tmp_path / "photos")
     model, expected = _imgtrain_probabilities(trained_model, paths)
-    run_cli("export", trained_model, "--format", "onnx", "--output", tmp_path / "onnx")
-    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    exported = _onnx_of(open_model(trained_model), lambda m: None).parent  # `imgtrain export`'s folder, as the
+    # engines keep it in imgtrain's cache (made once for the session: the export command has its own test above)
+    session = onnxruntime.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     assert meta["draft_size"] == "32" and "Image.draft('RGB', (draft_size, draft_size))" in meta["resize"]
-    spec = importlib.util.spec_from_file_location("preprocess", tmp_path / "onnx" / "preprocess.py")
+    spec = importlib.util.spec_from_file_location("preprocess", exported / "preprocess.py")
     preprocess = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(preprocess)
     x = np.stack([preprocess.preprocess(p, int(meta["image_size"])) for p in paths])
     got = session.run(["probabilities"], {"images": x})[0]
     assert np.abs(got - expected).max() < 1e-5
-    graph = onnx.load(tmp_path / "onnx" / "model.onnx")
+    graph = onnx.load(exported / "model.onnx")
     assert {entry.domain or "ai.onnx": entry.version for entry in graph.opset_import}["ai.onnx"] == DEFAULT_OPSET
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert f"opset (default: {DEFAULT_OPSET};" in readme

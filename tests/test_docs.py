@@ -81,11 +81,16 @@ def test_the_readmes_export_example_runs_as_written(tmp_path, trained_model, mon
 
     (tmp_path / "demo-output").mkdir()
     (tmp_path / "demo-output" / "trained-model").symlink_to(trained_model)
-    for line in _block(README.read_text(), "### Export to ONNX, OpenVINO or torch.export", "sh").strip().splitlines():
-        words = shlex.split(line, comments=True)
-        r = subprocess.run([sys.executable, "-m", "imgtrain", *words[1:]], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=600)
-        assert r.returncode == 0, f"{line}\n{r.stderr}"
+    lines = _block(README.read_text(), "### Export to ONNX, OpenVINO or torch.export", "sh").strip().splitlines()
+    commands = [shlex.split(line, comments=True)[1:] for line in lines]
+    assert all(shlex.split(line)[0] == "imgtrain" for line in lines), lines
+    # each command as `imgtrain` runs it (its main()), one after another in one process: torch starts once
+    script = "import sys, json\nfrom imgtrain.cli import main\nfor argv in json.loads(sys.argv[1]):\n" \
+             "    code = main(argv)\n    if code:\n        sys.exit(code)\n"
+    r = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"{lines}\n{r.stderr}"
+    assert {p.name for p in tmp_path.iterdir()} >= {"exported", "exported2", "exported3"}
     import numpy as np
 
     make_image(tmp_path / "digit.png", 40, np.random.default_rng(0))
