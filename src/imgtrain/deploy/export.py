@@ -54,6 +54,7 @@ METADATA_FILE, PREPROCESS_FILE = "metadata.json", "preprocess.py"
 INPUT, OUTPUT = "images", "probabilities"
 DEFAULT_OPSET = 20  # torch 2.14's own; named here so that a newer torch does not change what files hold
 MIN_OPSET = 18  # torch's exporter writes opset 18 operators: asked for fewer, it wrote 18 all the same
+_EXPORTER_LOGS = ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")
 _RTOL, _ATOL = 1e-3, 1e-5  # how close the exported graph's probabilities must be to the network's
 
 
@@ -262,9 +263,10 @@ def _preprocess_source(model: TrainedModel) -> str:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Keep what the exporters print and log out of the user's terminal (the outcome is what counts)."""
-    quieted = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+def quiet(*loggers: str):
+    """Keep what an exporter or quantizer prints, and logs to ``loggers`` (the root logger when none are named),
+    out of the user's terminal: the outcome is what counts."""
+    quieted = [logging.getLogger(name) for name in loggers or (None,)]
     levels = [logger.level for logger in quieted]
     for logger in quieted:
         logger.setLevel(logging.CRITICAL)
@@ -303,7 +305,7 @@ def _onnx(deployable: Deployable, example: torch.Tensor, path: Path, metadata: d
     hint = f"try another {option('opset')} (from {MIN_OPSET} to {onnx.defs.onnx_opset_version()}), or " \
            f"{option('format', 'pt2')}"
     try:
-        with _quiet():  # the exporter prints its progress, and logs the tracebacks it recovers from
+        with quiet(*_EXPORTER_LOGS):  # the exporter prints its progress, and logs the tracebacks it recovers from
             program = torch.onnx.export(deployable, (example,), input_names=[INPUT], output_names=[OUTPUT],
                                         dynamic_shapes=_batch_dim(), opset_version=opset, dynamo=True,
                                         verbose=False)
@@ -336,7 +338,7 @@ def _onnx(deployable: Deployable, example: torch.Tensor, path: Path, metadata: d
 def _pt2(deployable: Deployable, example: torch.Tensor, path: Path, metadata: dict[str, str],
          architecture: str) -> None:
     try:
-        with _quiet():
+        with quiet(*_EXPORTER_LOGS):
             program = torch.export.export(deployable, (example,), dynamic_shapes=_batch_dim())
         torch.export.save(program, str(path), extra_files=dict(metadata))
         loaded = torch.export.load(str(path)).module()

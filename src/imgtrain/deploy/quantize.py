@@ -16,7 +16,6 @@ worse model.
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,8 +142,10 @@ def quantize(fp32: Path, int8: Path, *, labels: list[str], preparation, calibrat
             batch = next(calibration, None)
             return None if batch is None else {"images": batch[0]}
 
+    from imgtrain.deploy.export import quiet
+
     prepared = int8.with_name("prepared.onnx")
-    with _quiet():
+    with quiet():
         quantization.shape_inference.quant_pre_process(str(fp32), str(prepared))
         quantization.quantize_static(str(prepared), str(int8), Reader(), quant_format=quantization.QuantFormat.QDQ,
                                      activation_type=quantization.QuantType.QUInt8,
@@ -180,18 +181,3 @@ def quantize(fp32: Path, int8: Path, *, labels: list[str], preparation, calibrat
                                 "calibrate on more, or more varied, images (the training split), export in fp32, or "
                                 f"raise {option('max_accuracy_drop')} if that loss is acceptable")
     return result
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The quantizer prints its progress and warnings: the outcome is what the user needs."""
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
