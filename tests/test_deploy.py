@@ -234,17 +234,37 @@ class Server:
 ENGINES = ["torch", *(name for name in ("onnxruntime", "openvino") if importlib.util.find_spec(name))]
 
 
-@pytest.fixture(scope="module", params=ENGINES)
-def server(trained_model, request):
-    """The server, on each engine installed: every test that takes it runs against each.
+@pytest.fixture(scope="module")
+def servers(trained_model):
+    """The module's servers, one per engine, each started when a test first asks for it and stopped at the end.
 
-    fp32 on the CPU, as the answers it is compared with: on a CPU with native bf16, auto would serve in bf16
+    fp32 on the CPU, as the answers they are compared with: on a CPU with native bf16, auto would serve in bf16
     (and on a GPU machine, auto would serve there: tests/test_cuda.py does)."""
-    running = Server(trained_model, "--max-batch-size", "8", "--max-body-mb", "1", "--max-queue", "64",
-                     "--precision", "fp32", "--device", "cpu", "--engine", request.param)
-    yield running
-    code, err = running.stop()
-    assert code == 0 and "Traceback" not in err, err
+    running: dict[str, Server] = {}
+
+    def on(engine: str) -> Server:
+        if engine not in running:
+            running[engine] = Server(trained_model, "--max-batch-size", "8", "--max-body-mb", "1", "--max-queue",
+                                     "64", "--precision", "fp32", "--device", "cpu", "--engine", engine)
+        return running[engine]
+
+    yield on
+    for engine, server in running.items():
+        code, err = server.stop()
+        assert code == 0 and "Traceback" not in err, (engine, err)
+
+
+@pytest.fixture(params=ENGINES)
+def server(servers, request):
+    """The server on each engine installed: a test that takes it runs against each (it reaches the network)."""
+    return servers(request.param)
+
+
+@pytest.fixture
+def front(servers):
+    """The server on torch alone, for what is answered before any engine runs (HTTP, the protocol, decoding):
+    that part is the same code whichever engine scores."""
+    return servers("torch")
 
 
 def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
@@ -333,39 +353,39 @@ def _bomb() -> bytes:
     (b"x" * (2 * 2**20), {"Content-Type": "image/png"}, 413, "over the limit"),
     (b"hello", {"Content-Type": "text/plain"}, 415, "not text/plain"),
 ])
-def test_bad_requests_get_4xx_and_the_server_goes_on(server, image_dirs, body, headers, status, message):
+def test_bad_requests_get_4xx_and_the_server_goes_on(front, image_dirs, body, headers, status, message):
     if body is None:
         body = _png_half()
     elif body == "bomb":
         body = _bomb()
     if status == 413:  # answered from the Content-Length, before the body: send only its start
-        got, answer = _declared_only(server, "/predictions/shades", len(body), headers)
+        got, answer = _declared_only(front, "/predictions/shades", len(body), headers)
         # and 16 MB sent whole, with Connection: close (urllib's): the rest is read before the close, the client reads
         # its answer (closed with the bytes unread, the connection was reset under the client still sending)
-        assert server.request("POST", "/predictions/shades", body * 8, headers)[0] == 413
+        assert front.request("POST", "/predictions/shades", body * 8, headers)[0] == 413
     else:
-        got, answer, _ = server.request("POST", "/predictions/shades", body, headers)
+        got, answer, _ = front.request("POST", "/predictions/shades", body, headers)
     assert got == status and message in json.loads(answer)["error"], answer
-    assert server.get("/v2/health/ready")[0] == 200
-    status, _, _ = server.request("POST", "/predictions/shades", _val_images(image_dirs, 1)[0].read_bytes(),
+    assert front.get("/v2/health/ready")[0] == 200
+    status, _, _ = front.request("POST", "/predictions/shades", _val_images(image_dirs, 1)[0].read_bytes(),
                                   {"Content-Type": "image/png"})
     assert status == 200  # still answering
 
 
-def test_images_of_other_formats_are_refused_by_name(server):
+def test_images_of_other_formats_are_refused_by_name(front):
     """EPS (which Pillow hands to Ghostscript), ICO, PDF and SVG are bad images (400); a phone's MPO is a JPEG."""
     from conftest import foreign_images, mpo_image
 
     said = {}
     for name, data in foreign_images().items():
-        status, body, _ = server.request("POST", "/predictions/shades", data, {"Content-Type": "image/png"})
+        status, body, _ = front.request("POST", "/predictions/shades", data, {"Content-Type": "image/png"})
         said[name] = (status, json.loads(body)["error"])
     reads = "(it reads JPEG, PNG, PPM/PGM, BMP, TIFF and WebP)"
     assert said == {"eps.png": (400, f"the body: not an image imgtrain reads: EPS {reads}"),
                     "ico.jpg": (400, f"the body: not an image imgtrain reads: ICO {reads}"),
                     "pdf.png": (400, "the body: not an image (no decoder recognises it)"),
                     "svg.png": (400, "the body: not an image (no decoder recognises it)")}
-    status, _, _ = server.request("POST", "/predictions/shades", mpo_image(), {"Content-Type": "image/jpeg"})
+    status, _, _ = front.request("POST", "/predictions/shades", mpo_image(), {"Content-Type": "image/jpeg"})
     assert status == 200
 
 
@@ -639,7 +659,7 @@ def _png_half() -> bytes:
     return out.getvalue()[: len(out.getvalue()) // 2]
 
 
-def test_bad_inference_requests_are_named(server):
+def test_bad_inference_requests_are_named(front):
     for document, message in [({"inputs": []}, "one input"),
                               ({"inputs": [{"name": "images", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
                                "BYTES"),
@@ -647,9 +667,9 @@ def test_bad_inference_requests_are_named(server):
                                "not base64"),
                               ({"inputs": [{"name": "images", "shape": [2], "datatype": "BYTES", "data": ["AA=="]}]},
                                "shape [2] for 1")]:
-        status, answer = server.post_json("/v2/models/shades/infer", document)
+        status, answer = front.post_json("/v2/models/shades/infer", document)
         assert status == 400 and message in answer["error"], answer
-    status, body, _ = server.request("POST", "/v2/models/shades/infer", b"{", {"Content-Type": "application/json"})
+    status, body, _ = front.request("POST", "/v2/models/shades/infer", b"{", {"Content-Type": "application/json"})
     assert status == 400 and "not JSON" in json.loads(body)["error"]
 
 
@@ -735,21 +755,21 @@ def _malformed(good: bytes) -> list[tuple[str, object, int, str]]:
     ]
 
 
-def test_malformed_inference_requests_are_refused_before_decoding_or_scoring(server, image_dirs):
+def test_malformed_inference_requests_are_refused_before_decoding_or_scoring(front, image_dirs):
     """Each a 4xx with a one-line reason naming the field, before any image is decoded (the second image of most
     is no image: decoded first, it would be the reason) or scored (the server's counts stay), never a 500."""
     good = _val_images(image_dirs, 1)[0].read_bytes()
     for what, request, status, reason in _malformed(good):
         body, headers = request if isinstance(request, tuple) else (json.dumps(request).encode(), {})
         headers = {"Content-Type": "application/json", **headers}
-        before = _counts(server)
-        got, answer, _ = server.request("POST", "/v2/models/shades/infer", body, headers)
+        before = _counts(front)
+        got, answer, _ = front.request("POST", "/v2/models/shades/infer", body, headers)
         error = json.loads(answer)["error"] if got != 500 else answer.decode()
         assert (got, "\n" in error) == (status, False) and reason in error, (what, got, error)
-        assert _counts(server) == before, what
+        assert _counts(front) == before, what
     # Deep JSON where nothing reads it parses (a request needs 5 levels, the parser allows some 1,000) and is served
     deep = _deep({"inputs": [_images([good])], "parameters": {"x": "DEEP"}}, 200)
-    status, answer, _ = server.request("POST", "/v2/models/shades/infer", deep, {"Content-Type": "application/json"})
+    status, answer, _ = front.request("POST", "/v2/models/shades/infer", deep, {"Content-Type": "application/json"})
     assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [1, 3]
 
 
@@ -903,12 +923,12 @@ def _parses(body: bytes) -> bool:
 
 @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(data=st.data())
-def test_any_inference_request_gets_200_or_a_4xx_and_no_invalid_one_is_decoded_or_scored(server, image_dirs, data):
+def test_any_inference_request_gets_200_or_a_4xx_and_no_invalid_one_is_decoded_or_scored(front, image_dirs, data):
     good = [p.read_bytes() for p in _val_images(image_dirs, 2)]
     body, headers, defect, count, decodable = data.draw(_inference_requests(good, 3))
-    before = _counts(server)
-    status, answer, answer_headers = server.request("POST", "/v2/models/shades/infer", body, headers)
-    after = _counts(server)
+    before = _counts(front)
+    status, answer, answer_headers = front.request("POST", "/v2/models/shades/infer", body, headers)
+    after = _counts(front)
     assert status == 200 or 400 <= status < 500, (status, answer[:300])
     if status != 200:
         error = json.loads(answer)["error"]
