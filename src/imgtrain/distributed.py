@@ -89,6 +89,16 @@ class World:
             raise exc
         return box[0][1]
 
+    def average(self, tensors: list[torch.Tensor]) -> None:
+        """Each tensor replaced, in place, by its mean over the ranks (in float64, one all-reduce for them all)."""
+        if not self.distributed or not tensors:
+            return
+        flat = torch.cat([t.detach().double().reshape(-1) for t in tensors]).to(self.collective_device)
+        dist.all_reduce(flat)
+        flat /= self.size
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(part.reshape(t.shape).to(t.device, t.dtype))
+
     def share_buffers(self, network: torch.nn.Module) -> None:
         """Rank 0's buffers (BatchNorm's running statistics) on every rank: before evaluating, every
         process then runs the very network rank 0 saves."""

@@ -156,6 +156,57 @@ def _check_finite(s: Stepper, nonfinite: torch.Tensor, epoch: int, step: int) ->
             f"train again with a lower {option('learning_rate')} than {s.learning_rate:g}")
 
 
+def precise_images(share: int) -> int:
+    """Training images whose BatchNorm statistics replace the running ones before an evaluation: a tenth of
+    the process's share of an epoch, at least PRECISE_MIN (all of a small set) and at most PRECISE_MAX."""
+    return min(share, max(PRECISE_MIN, min(PRECISE_MAX, share // 10)))
+
+
+PRECISE_MIN, PRECISE_MAX = 512, 2048
+
+
+@torch.no_grad()
+def recompute_batchnorm(s: Stepper, batches: Iterable, images: int, bad_images: BadImagePolicy) -> None:
+    """Precise BatchNorm (as pycls and Detectron2 do it): BatchNorm's running mean and variance computed again,
+    as plain averages over the first ``images`` training images of the epoch, with the weights as they are now.
+
+    The running statistics follow the weights with momentum 0.1: an average over the last ten or so steps,
+    taken while the weights moved, and still holding their starting values after a few dozen steps. With few
+    steps (a small set, a larger batch, several processes), they lag the weights so far that evaluation sees
+    a different network: measured on 216 training images, 3 epochs, the training error went to 10% while
+    validation stayed at chance. Recomputed, evaluation and the saved model use the statistics of the weights
+    they have. Only BatchNorm layers run in training mode (dropout and stochastic depth stay off, as in
+    evaluation); over processes, the statistics are averaged."""
+    norms = [m for m in s.network.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or images <= 0:
+        return
+    s.network.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches, each weighing the same
+        m.train()
+    seen = 0
+    try:
+        for batch in batches:
+            if s.world.distributed:
+                x = batch[0]  # every process runs every batch (SyncBatchNorm gathers in each); bad images are zeros
+            else:
+                x = bad_images.filter(batch)[0]
+                if len(x) < 2:
+                    continue
+            with autocast(s.precision, s.device):
+                s.network(s.normalize(x.to(s.device, non_blocking=True)))
+            seen += len(x)
+            if seen >= images:
+                break
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+    s.world.average([b for m in norms for b in (m.running_mean, m.running_var)])
+
+
 @torch.no_grad()
 def evaluate(network: nn.Module, batches: Iterable, normalize: Normalize, device: torch.device,
              precision: str = "fp32", bad_images: BadImagePolicy | None = None, world: World = ALONE,
@@ -237,6 +288,7 @@ def fit(s: Stepper, state: Fit, train: Feeder, validation: Feeder, bad: dict[str
         if trained.images == 0:
             raise InvalidDatasetError(f"no training image of {train.source} could be decoded",
                                       "check the training data (see the warnings above)")
+        recompute_batchnorm(s, train.epoch(epoch), precise_images(len(train.sampler)), bad["training"])
         s.world.share_buffers(s.network)
         val = evaluate(s.network, validation.epoch(epoch), s.normalize, s.device, s.precision, bad["validation"],
                        s.world, s.threads, s.validation_weights)
