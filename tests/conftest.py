@@ -18,6 +18,12 @@ from PIL import Image
 
 # Never reach for the network: pretrained weights come from files the tests place.
 os.environ["IMGTRAIN_OFFLINE"] = "1"
+# --threads auto trains on the cores that are free as a run starts, so two runs of a test on a busy machine could
+# choose differently, and their weights differ: the tests train on every core available, as auto does on an idle
+# machine (tests/test_threads.py asks for auto itself).
+from imgtrain.threads import Threads  # noqa: E402  (imgtrain first: it sets OpenMP's spinning before torch starts)
+
+os.environ.setdefault("IMGTRAIN_THREADS", str(Threads("auto", print).cores))
 
 FORMATS = [("png", "RGB"), ("jpg", "RGB"), ("png", "L"), ("bmp", "RGB"), ("png", "RGBA"), ("png", "P"),
            ("webp", "RGB"), ("tiff", "RGB")]

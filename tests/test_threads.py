@@ -96,3 +96,42 @@ def test_threads_are_set_for_the_run_and_given_back(image_dirs, tmp_path):
                 "--validation-data", image_dirs["val"], "--output", tmp_path / "m2", "--epochs", "1",
                 env={"IMGTRAIN_THREADS": "lots"}, check=False)
     assert r.returncode == 1 and "error: InvalidParameterError: IMGTRAIN_THREADS 'lots' is not known" in r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc")
+def test_auto_takes_the_cores_free_as_the_run_starts_and_keeps_them_on_resume(image_dirs, tmp_path):
+    """Beside a busy process, auto trains on one thread fewer, says so, records it, and a resumed run keeps the
+    count its run chose (the weights depend on it) even when the machine is idle by then."""
+    cores = Threads("auto", print).cores
+    if cores < 2:
+        pytest.skip("one core: there is no thread to give up")
+    load = OtherLoad()
+    pid = _busy_process_elsewhere()
+    try:
+        busy = Threads("auto", print, start_load=load)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert busy.current == cores - 1 and "busy as the run started" in busy.describe(), busy.describe()
+    assert Threads("auto", print, start_load=OtherLoad()).current == cores  # idle again (the window: 0.5 s)
+    assert Threads("auto", print, start_load=OtherLoad(), chosen=1).current == 1
+    assert Threads(2, print, start_load=OtherLoad(), chosen=1).current == 2  # asked for: as asked
+    # A run records what it chose in its checkpoint and its spec; resumed under auto, it keeps that count. Here the
+    # checkpoint says 1 (as a run that started beside a busy process chose): the resumed run on an idle machine
+    # trains on 1 thread.
+    from imgtrain import load_trained_model, train_pytorch_model
+
+    class Stop(BaseException):
+        pass
+
+    def stop_after_epoch_1(message: str) -> None:
+        if message.startswith("epoch 1/"):
+            raise Stop
+
+    args = (image_dirs["untrained"], image_dirs["train"], image_dirs["val"], tmp_path / "m")
+    with pytest.raises(Stop):
+        train_pytorch_model(*args, epochs=2, image_size=32, num_workers=0, threads=1, log=stop_after_epoch_1)
+    lines: list[str] = []
+    train_pytorch_model(*args, epochs=2, image_size=32, num_workers=0, threads="auto", resume=True,
+                        log=lines.append)
+    assert any("1 thread (as the run chose when it started)" in line for line in lines), lines
+    assert load_trained_model(tmp_path / "m").spec.training["torch_threads"] == 1

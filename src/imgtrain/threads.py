@@ -11,9 +11,12 @@ measured there, and what imgtrain does with them:
   a busy process instead of a third. Set before torch starts (importing imgtrain does it,
   unless OMP_WAIT_POLICY or GOMP_SPINCOUNT are set already).
 - As many threads as the cores this process may use: its CPU affinity and its container's
-  CPU quota (cgroups), never more than torch's own default. Fixed for the run: the thread
-  count changes how sums are split, so a fixed count keeps "same seed, same machine, same
-  weights" true however busy the machine is.
+  CPU quota (cgroups), never more than torch's own default, less one for each core other
+  processes kept busy while the run was set up (training only: ``start_load``). Fixed for the
+  run: the thread count changes how sums are split, so the count chosen is recorded (the
+  trained model's spec, the checkpoint) and a resumed run keeps it; ``--threads N`` with that
+  count gives the same weights on a machine however busy. Beside one busy process on 2 cores,
+  one thread trains at two thirds of the idle speed where two trained at a quarter of it.
 - ``adapt``: fewer threads while other processes keep cores busy, more when they are done,
   re-decided every few seconds. The fastest on a shared machine (three quarters of the idle
   speed beside one busy process on 2 cores), but the weights then depend on the machine's
@@ -30,10 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgtrain.errors import option
+
 THREADS_ENV = "IMGTRAIN_THREADS"
 SPIN_COUNT = "3000"  # measured in bench/ ("shared CPU"): no loss when idle, most of the gain when shared
 ADAPT = "adapt"
 ADAPT_EVERY_SECONDS = 2.0
+START_WINDOW_SECONDS = 0.5  # auto: the load is read over the run's set-up, and over this long at least
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # /proc/stat: user nice system (idle iowait) irq softirq steal
 
 
@@ -161,8 +167,11 @@ class OtherLoad:
             return None
         return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), _own_cpu_seconds(self.proc)
 
-    def cores(self) -> float | None:
-        """Cores other processes used on average since the previous call (None where /proc is missing)."""
+    def cores(self, at_least: float = 0.0) -> float | None:
+        """Cores other processes used on average since the previous call (None where /proc is missing), over
+        ``at_least`` seconds: waits for the rest when the previous call was more recent."""
+        if self.last is not None:
+            time.sleep(max(0.0, self.last[0] + at_least - time.monotonic()))
         now = self._read()
         last, self.last = self.last, now
         if now is None or last is None or now[0] - last[0] <= 0:
@@ -196,12 +205,21 @@ class Threads:
 
     setting: int | str
     log: Callable[[str], None]
+    start_load: OtherLoad | None = None  # auto: started as the run began; the cores others used since then count
+    chosen: int | None = None  # auto: the count a resumed run chose when it started
     cores: int = 0
     current: int = 0
+    others: float | None = None  # the cores other processes kept busy as the run started (auto)
 
     def __post_init__(self) -> None:
         self.cores = min(available_cores(), torch_default_threads())
         self.current = self.setting if isinstance(self.setting, int) else self.cores
+        if self.setting == "auto" and self.chosen is not None:
+            self.current = self.chosen
+        elif self.setting == "auto" and self.start_load is not None:
+            self.others = self.start_load.cores(at_least=START_WINDOW_SECONDS)
+            if self.others is not None:
+                self.current = threads_at_start(self.cores, self.others)
         self._load = OtherLoad() if self.setting == ADAPT else None
         self._next = time.monotonic() + ADAPT_EVERY_SECONDS / 4  # first look soon: the set-up is one core
         self._wanted_more = 0
@@ -226,6 +244,12 @@ class Threads:
             if not self._load.readable:
                 return f"{threads} (the cores available; the load cannot be read here, so they stay)"
             return f"{threads}, adapting to the load, of {self.cores} cores"
+        if self.chosen is not None:
+            return f"{threads} (as the run chose when it started)"
+        if self.current < self.cores:
+            return (f"{threads} (other processes kept {self.others:.1f} of the {self.cores} cores busy as the run "
+                    f"started; {option('threads', self.cores)} uses them all, {option('threads', 'adapt')} follows "
+                    "the load)")
         return f"{threads} (the cores available)"
 
     def step(self) -> None:
@@ -249,6 +273,12 @@ class Threads:
         import torch
 
         torch.set_num_threads(self.current)
+
+
+def threads_at_start(cores: int, others: float) -> int:
+    """Threads for a run that keeps them: one fewer for each core other processes keep busy, rounded (half a
+    core of other work, a browser's or an editor's, does not cost a thread)."""
+    return max(1, min(cores, cores - math.floor(others + 0.5)))
 
 
 def fitting_threads(cores: int, others: float) -> int:

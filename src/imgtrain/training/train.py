@@ -99,7 +99,7 @@ from imgtrain.reports import plots
 from imgtrain.reports.page import REPORT_FILE
 from imgtrain.reports.training import TRAINING_IMAGES, read_history, training_page
 from imgtrain.seeding import as_uint32, seed_everything, seed_rank, torch_settings_restored
-from imgtrain.threads import Threads, parse_threads, worker_count
+from imgtrain.threads import OtherLoad, Threads, parse_threads, worker_count
 from imgtrain.training import balance
 from imgtrain.training.checkpoint import (
     CHECKPOINT_FILE,
@@ -250,6 +250,7 @@ def train_pytorch_model(
     settings, else ./mlruns) or a tracking URI. Both get the figures of every epoch and, every
     ``log_every`` steps, the running training loss.
     """
+    load = OtherLoad()  # what other processes use while the run is set up: --threads auto's count comes from it
     params = TrainingParameters(**{**(asdict(params) if params else {}), **overrides})
     check_range("log_every", log_every, low=1)
     tracking = Tracking(tensorboard, mlflow, log_every)
@@ -262,7 +263,8 @@ def train_pytorch_model(
                 return _train(untrained_model, training_data, validation_data, Path(output), params,
                               rank_device(device, world), world, overwrite=overwrite, resume=resume, restart=restart,
                               log=log if world.is_main else lambda message: None, progress=progress,
-                              tracking=tracking if world.is_main else Tracking())
+                              tracking=tracking if world.is_main else Tracking(),
+                              load=None if world.distributed else load)
         finally:
             if world.is_main:
                 disown(resume_dir_for(output))  # what stays there (a checkpoint) is free for the next run to resume
@@ -271,7 +273,8 @@ def train_pytorch_model(
 
 def _train(untrained_model, training_data, validation_data, output: Path, params: TrainingParameters,
            device: torch.device, world: World, *, overwrite: bool, resume: bool, restart: bool,
-           log: Callable[[str], None], progress: bool | None, tracking: Tracking) -> TrainResult:
+           log: Callable[[str], None], progress: bool | None, tracking: Tracking,
+           load: OtherLoad | None) -> TrainResult:
     if resume and restart:
         raise InvalidParameterError(f"{option('resume', True)} and {option('restart', True)} exclude each other",
                                     "pass one of them")
@@ -286,7 +289,7 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
         _warn_about_shared_images(run.train_set, run.val_set, log)
 
     seed_everything(run.seed)
-    stepper, state, files = _model_and_state(run, resume=resume, log=log)
+    stepper, state, files = _model_and_state(run, resume=resume, log=log, load=load)
     # The caches come after the checkpoint was accepted: a refused resume reserves no disk space.
     caches = open_caches(run.work, {"training": (len(run.train_set), run.cached_size, run.cached_shapes),
                                     "validation": (len(run.val_set), run.image_size, False)} if params.cache else {},
@@ -326,7 +329,8 @@ def _fit_and_publish(run: _Run, stepper: Stepper, state: Fit, train_feed: Feeder
     if state.stopper.best_epoch == 0:
         raise TrainingDivergedError("the validation loss was never a finite number",
                                     f"pass a lower {option('learning_rate')} than {params.learning_rate:g}")
-    spec = _trained_spec(run, state, {name: world.union(policy.skipped) for name, policy in bad.items()})
+    spec = _trained_spec(run, state, {name: world.union(policy.skipped) for name, policy in bad.items()},
+                         files.threads)
 
     def publish_model() -> None:
         _write_report(run, spec, state, train_feed, log)
@@ -516,7 +520,7 @@ def _take_work_directory(run: _Run, *, overwrite: bool, resume: bool, restart: b
     return "train"
 
 
-def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _RunFiles]:
+def _model_and_state(run: _Run, *, resume: bool, log, load: OtherLoad | None) -> tuple[Stepper, Fit, _RunFiles]:
     """The network, its optimiser and schedule, and the loop's state: fresh, or from the checkpoint."""
     params, device, world = run.params, run.device, run.world
     network = _initial_model(run.base, run.untrained_model, len(run.train_set.categories), run.image_size)
@@ -532,6 +536,7 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
     # Every process built the same network; its dropout masks are its own. A checkpoint's streams replace these:
     # its GPU's too, where it holds one (one made on CPUs holds none, and each GPU then drew the seed's masks).
     seed_rank(run.seed, world.rank)
+    chosen = None  # the thread count the checkpoint's run chose under --threads auto
     if resume and run.checkpoint.is_file():
         saved = load_checkpoint(run.checkpoint, run.run_id, network, optimizer, schedule,
                                 lambda state: _what_differs(state, run), rank=world.rank, device=device)
@@ -542,6 +547,7 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
                 f"resume with {done_by} process(es) (torchrun --nnodes x --nproc-per-node = {done_by}), "
                 f"or pass {option('restart', True)} to start again with {world.size}")
         scaler.load_state_dict(saved["scaler"])
+        chosen = saved.get("threads")
         state.epoch, state.stopper = saved["epoch"], EarlyStopping(**saved["early_stopping"])
         state.history = [EpochMetrics(**m) for m in saved["history"]]
         log(f"resuming {run.output} after epoch {state.epoch} from its checkpoint")
@@ -554,11 +560,12 @@ def _model_and_state(run: _Run, *, resume: bool, log) -> tuple[Stepper, Fit, _Ru
     training, validation = (torch.tensor(balance.balanced_weights(counts), dtype=torch.float32, device=device)
                             for counts in run.class_counts)
     stepper = Stepper(model, network, optimizer, scaler, schedule, Normalize(*run.normalization).to(device),
-                      device, run.precision, params.learning_rate, Threads(params.threads, log), world,
+                      device, run.precision, params.learning_rate,
+                      Threads(params.threads, log, start_load=load, chosen=chosen), world,
                       loss_fn=nn.CrossEntropyLoss(weight=training if params.class_weights == "balanced" else None),
                       validation_weights=validation if params.balanced else None)
     files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters, run.asked,
-                      device)
+                      device, stepper.threads.current)
     return stepper, state, files
 
 
@@ -633,7 +640,7 @@ def _tracked_parameters(run: _Run) -> dict:
             "classes": len(run.train_set.categories)}
 
 
-def _trained_spec(run: _Run, state: Fit, bad: dict[str, set[int]]) -> ModelSpec:
+def _trained_spec(run: _Run, state: Fit, bad: dict[str, set[int]], threads: int) -> ModelSpec:
     """The spec of the trained model: its labels, input, and the record of its training (with the images
     left out as bad, ``bad``: their indices in the training and the validation data)."""
     base, params = run.base, run.params
@@ -647,7 +654,8 @@ def _trained_spec(run: _Run, state: Fit, bad: dict[str, set[int]]) -> ModelSpec:
                         if run.transformation and run.transformation.inference else None),
         training={**asdict(params), "image_size": run.image_size, "num_workers": run.workers,
                   "device": str(run.device), "precision": run.precision, "processes": run.world.size,
-                  "effective_learning_rate": run.learning_rate, "best_epoch": state.stopper.best_epoch,
+                  "torch_threads": threads, "effective_learning_rate": run.learning_rate,
+                  "best_epoch": state.stopper.best_epoch,
                   "stopped_epoch": state.epoch, "best_validation_loss": state.stopper.best_loss,
                   "best_validation_top1_accuracy": state.history[state.stopper.best_epoch - 1].validation_top1_accuracy,
                   "training_images": len(run.train_set), "validation_images": len(run.val_set),
@@ -711,6 +719,7 @@ class _RunFiles:
     run_parameters: dict
     asked: dict
     device: torch.device
+    threads: int  # torch's threads as the run started: a resumed run under --threads auto keeps them
 
     def save_best(self, network: nn.Module) -> None:
         if self.world.is_main:
@@ -723,7 +732,7 @@ class _RunFiles:
         save_checkpoint(self.work / CHECKPOINT_FILE, self.network, self.optimizer, self.schedule, {
             "run_id": self.run_id, "parameters": self.run_parameters, "asked": self.asked, "epoch": epoch,
             "early_stopping": asdict(stopper), "history": [asdict(m) for m in history],
-            "scaler": self.scaler.state_dict(), "world_size": self.world.size}, generators)
+            "scaler": self.scaler.state_dict(), "world_size": self.world.size, "threads": self.threads}, generators)
         # Then the epoch's row: a row in metrics.csv (a point on `imgtrain ui`'s curves) always has its checkpoint,
         # so that a run stopped as soon as the row appears resumes after that epoch, not before it.
         _write_metrics(self.work / METRICS_FILE, history)
