@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 PHOTO_CLASSES = ("circle", "square", "triangle", "stripes", "cross")
+TEXTURE_CLASSES = ("stripes", "checks", "dots")
 
 
 def _complete(folder: Path) -> bool:
@@ -163,4 +164,38 @@ def small_jpegs(cache: Path, count: int, size: int = 64, classes: int = 10) -> P
         pixels = 0.6 * colours[c] + 0.4 * pattern + rng.normal(0, 4, size=(size, size, 3))
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="RGB").save(
             tmp / f"class-{c}" / f"{i:05d}.jpg", quality=90)
+    return _finish(tmp, folder)
+
+
+def texture_folder(cache: Path, count: int, size: int = 64) -> Path:
+    """``count`` RGB JPEG textures (``size`` x ``size``) in 3 classes: stripes at any angle, checks, dots.
+
+    Colours, scale, angle and phase are drawn for each image, with noise on top: the class is in the pattern
+    only, and a model must see it whatever the colours. Each image is seeded by its number."""
+    folder = cache / f"textures-{size}-{count}"
+    if _complete(folder):
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for label in TEXTURE_CLASSES:
+        (tmp / label).mkdir(parents=True)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    for i in range(count):
+        rng = np.random.default_rng([2, i])
+        label = TEXTURE_CLASSES[i % len(TEXTURE_CLASSES)]
+        period = rng.uniform(0.08, 0.3)
+        angle = rng.uniform(0, math.pi)
+        u = np.cos(angle) * xx + np.sin(angle) * yy + rng.uniform(0, 1)
+        v = -np.sin(angle) * xx + np.cos(angle) * yy + rng.uniform(0, 1)
+        if label == "stripes":
+            mask = np.sin(2 * math.pi * u / period) > 0
+        elif label == "checks":
+            mask = (np.sin(2 * math.pi * u / period) > 0) ^ (np.sin(2 * math.pi * v / period) > 0)
+        else:
+            fu, fv = (u / period) % 1 - 0.5, (v / period) % 1 - 0.5
+            mask = fu * fu + fv * fv < rng.uniform(0.04, 0.12)
+        c0, c1 = rng.uniform(20, 235, size=(2, 3)).astype(np.float32)
+        pixels = np.where(mask[..., None], c1, c0) + rng.normal(0, 12, size=(size, size, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="RGB").save(tmp / label / f"{i:05d}.jpg",
+                                                                               quality=90)
     return _finish(tmp, folder)

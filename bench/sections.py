@@ -21,6 +21,7 @@ from responsiveness import shared_cpu, startup
 from scale import scale
 from serving import serving
 from torch import nn
+from tta import time_to_accuracy
 from ui import ui
 from zoo import zoo
 
@@ -471,6 +472,7 @@ def precision_parity(ctx: Context) -> Section:
 
 
 SECTIONS: dict[str, tuple[Callable[[Context], Section], str]] = {
+    "tta": (time_to_accuracy, "time to accuracy: imgtrain's defaults against the designer's recipe, whole commands"),
     "train": (training_throughput, "training throughput, imgtrain vs the designer's recipe"),
     "flops": (flops, "achieved FLOP/s vs the matmul peak"),
     "datawait": (data_wait, "share of step time waiting for data"),
