@@ -122,6 +122,7 @@ def directories(ctx: Context, d: DataSet) -> tuple[Path, Path]:
 
 def time_to_accuracy(ctx: Context) -> Section:
     rows, lines = [], []
+    (ctx.work / "tta").mkdir(parents=True, exist_ok=True)
     untrained = ctx.untrained("resnet18")
     for d in sets(ctx.config.quick):
         train, val = directories(ctx, d)

@@ -25,6 +25,13 @@ from imgtrain.threads import Threads  # noqa: E402  (imgtrain first: it sets Ope
 
 os.environ.setdefault("IMGTRAIN_THREADS", str(Threads("auto", print).cores))
 
+
+def distributed_env(**extra: str) -> dict[str, str]:
+    """The environment of a command that starts several processes (torchrun, --nproc-per-node): without the pinned
+    thread count (each process would take every core), and with one OpenMP thread each, as torchrun gives."""
+    env = {k: v for k, v in os.environ.items() if k != "IMGTRAIN_THREADS"}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
 FORMATS = [("png", "RGB"), ("jpg", "RGB"), ("png", "L"), ("bmp", "RGB"), ("png", "RGBA"), ("png", "P"),
            ("webp", "RGB"), ("tiff", "RGB")]
 LEVELS = {"dark": 40, "mid": 128, "bright": 215}
@@ -67,10 +74,10 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None) -> subproce
 def training_in_background(log: Path, *args) -> Iterator[subprocess.Popen]:
     """`imgtrain train ARGS` in a session of its own, its stderr in ``log``, yielded once it has logged epoch 1
     (still running); killed with its whole process group at the end if it runs on."""
+    env = distributed_env() if "--nproc-per-node" in args else {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "imgtrain", "train", *map(str, args)],
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, env=env)
     try:
         while proc.poll() is None and "epoch 1/" not in log.read_text():
             time.sleep(0.02)

@@ -6,7 +6,6 @@ trained; recomputed, it sees the network it trained."""
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import distributed_env
 from imgtrain import convert_to_image_directory, resnet, split_image_directory, train_pytorch_model
 from imgtrain.data.transforms import Normalize
 from imgtrain.distributed import ALONE
@@ -102,7 +102,7 @@ def test_a_larger_batch_and_two_processes_evaluate_as_one_process_does(digits, t
                "train-pytorch-model", "--untrained-model", str(digits["untrained"]), "--training-data",
                str(digits["train"]), "--validation-data", str(digits["val"]), "--output", str(two), "--batch-size",
                "16", *(f"--{k.replace('_', '-')}={v}" for k, v in ARGS.items())]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    done = subprocess.run(command, env=distributed_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     figures = {name: _top1(path) for name, path in (("16", one), ("32", larger), ("two", two))}

@@ -7,13 +7,13 @@ The CPU tests cover the same code: the loop, the checkpoints and the distributed
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import distributed_env
 from imgtrain import load_trained_model, score_image_model, train_pytorch_model
 from test_deploy import Server, _imgtrain_probabilities, _val_images
 from test_reliability import Interrupt, _interrupt_after
@@ -91,7 +91,7 @@ def test_torchrun_with_nccl(tmp_path, image_dirs):
          "imgtrain", "train", "--untrained-model", d["untrained"], "--training-data", d["train"],
          "--validation-data", d["val"], "--output", tmp_path / "m", "--epochs", "2", "--batch-size", "4",
          "--image-size", "64", "--sync-batchnorm"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        capture_output=True, text=True, timeout=300, env=distributed_env())
     assert r.returncode == 0, r.stderr
     word = "processes" if processes > 1 else "process"
     assert f"{processes} {word} (nccl): each takes 4 images a step" in r.stderr, r.stderr

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import training_in_background
+from conftest import distributed_env, training_in_background
 from imgtrain import load_trained_model
 from imgtrain.data.dataset import ImageDataset, SeededSampler
 from imgtrain.data.transforms import Normalize
@@ -34,8 +34,7 @@ def torchrun(d: dict, output: Path, *extra: str, processes: int = 2, **popen) ->
                "-m", "imgtrain", "train-pytorch-model", "--untrained-model", str(d["untrained"]),
                "--training-data", str(d["train"]), "--validation-data", str(d["val"]), "--output", str(output),
                *ARGS, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(command, env=env, text=True, start_new_session=True, **popen)
+    return subprocess.Popen(command, env=distributed_env(), text=True, start_new_session=True, **popen)
 
 
 def run_torchrun(d: dict, output: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -227,7 +226,7 @@ def test_a_bad_image_in_one_rank_stops_every_rank_with_its_name(tmp_path, image_
     r = subprocess.run([sys.executable, "-m", "imgtrain", "train", "--nproc-per-node", "2", "--untrained-model",
                         image_dirs["untrained"], "--training-data", train, "--validation-data", image_dirs["val"],
                         "--output", tmp_path / "m", *ARGS, "--on-bad-image", "fail"], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, env=distributed_env())
     assert r.returncode == 1
     assert time.monotonic() - started < 90
     lines = r.stderr.strip().splitlines()
@@ -291,7 +290,7 @@ def test_scoring_under_torchrun_writes_the_table_of_one_process(tmp_path, refere
                         "imgtrain", "score", "--trained-model", reference, "--dataset", image_dirs["all"], "--output",
                         tmp_path / "two", "--batch-size", "4", "--num-workers", "1", "--device", "cpu"],
                        capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       timeout=300, env=distributed_env())
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Scored 36 images") == 1, r.stdout
     assert "2 processes (gloo)" in r.stderr
