@@ -32,7 +32,7 @@ DESIGNER_EPOCH = re.compile(r"^epoch (\d+)/\d+ .*val top-1 ([\d.]+)%")
 @dataclass
 class DataSet:
     name: str
-    source: str  # mnist, photos, imbalanced
+    source: str  # mnist, textures, imbalanced
     size: int  # image size, px
     train: int
     val: int
@@ -60,10 +60,10 @@ class Timed:
 
 def sets(quick: bool) -> list[DataSet]:
     if quick:
-        return [DataSet("digits", "mnist", 32, 400, 100, 0.9), DataSet("photos", "photos", 64, 80, 20, 0.9)]
+        return [DataSet("digits", "mnist", 32, 400, 100, 0.9), DataSet("textures", "textures", 64, 120, 30, 0.9)]
     return [DataSet("digits", "mnist", 32, 4000, 1000, 0.97),
-            DataSet("photos 64 px", "photos", 64, 800, 200, 0.9),
-            DataSet("photos 224 px", "photos", 224, 320, 80, 0.9),
+            DataSet("textures 64 px", "textures", 64, 1200, 300, 0.9),
+            DataSet("textures 224 px", "textures", 224, 400, 100, 0.9),
             DataSet("digits, imbalanced", "imbalanced", 32, 2200, 1000, 0.95)]
 
 
@@ -116,7 +116,8 @@ def directories(ctx: Context, d: DataSet) -> tuple[Path, Path]:
                 ctx.imgtrain("convert-to-image-directory", src, "--output", root / name)
         return root / "train", root / "val"
     count = d.train + d.val
-    source = fixtures.mnist_folder(ctx.cache, count) if d.source == "mnist" else fixtures.photo_folder(ctx.cache, count)
+    source = (fixtures.mnist_folder(ctx.cache, count) if d.source == "mnist"
+              else fixtures.texture_folder(ctx.cache, count, size=128))
     return ctx.image_directories(source, f"tta-{d.source}-{d.train}-{d.val}", d.train, d.val)
 
 
@@ -151,7 +152,9 @@ def time_to_accuracy(ctx: Context) -> Section:
         "seconds since its command started. The designer's recipe: `bench/baseline_train.py` (SGD, momentum 0.9, "
         "Nesterov, no augmentation, fp32, batch 16, learning rate 0.001, 5 epochs, the last kept); imgtrain: "
         "`train-pytorch-model` at its defaults with `--image-size` as the recipe's. 'not reached': never within its 5 "
-        "epochs. The imbalanced set: digits 0-4 ten times as many as 5-9 in training, all alike in validation.",
+        "epochs. Textures: `fixtures.texture_folder`, 128 x 128 JPEG stripes, checks and dots of random colours, "
+        "scale and angle, with noise. The imbalanced set: digits 0-4 ten times as many as 5-9 in training, all "
+        "alike in validation.",
         table(["data set", "validation top-1 reached", "designer's recipe, s", "imgtrain defaults, s",
                "imgtrain sooner by"], rows),
         "\n".join(lines),

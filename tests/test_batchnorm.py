@@ -23,11 +23,12 @@ from imgtrain.distributed import ALONE
 from imgtrain.training.loop import Stepper, precise_images, recompute_batchnorm
 
 
-class _Everything:
-    """A bad-image policy with nothing bad."""
+class _LeaveOutBad:
+    """The bad-image policy ``skip``: a batch's images flagged bad are left out."""
 
     def filter(self, batch):
-        return batch[:3]
+        x, y, index, ok = batch
+        return [x[ok], y[ok], index[ok]]
 
 
 def _stepper(network: nn.Module) -> Stepper:
@@ -41,11 +42,15 @@ def test_the_statistics_are_the_plain_averages_of_the_batches_and_nothing_else_c
     net(torch.zeros(2, 3, 8, 8))
     net[1].running_mean.fill_(7.0)  # stale figures, as the running average leaves them after a few steps
     net[1].momentum = 0.1
-    batches = [(torch.rand(n, 3, 8, 8), torch.zeros(n, dtype=torch.long), torch.arange(n)) for n in (5, 3, 1, 6)]
+    ok = [torch.ones(n, dtype=torch.bool) for n in (5, 1, 4, 6)]
+    ok[2][1] = False  # a bad image (zeros), left out
+    batches = [(torch.rand(len(k), 3, 8, 8) * k[:, None, None, None], torch.zeros(len(k), dtype=torch.long),
+                torch.arange(len(k)), k) for k in ok]
     weights = [p.clone() for p in net.parameters()]
-    recompute_batchnorm(_stepper(net), batches, images=8, bad_images=_Everything())
-    # the batches of 5 and 3 make 8: the one of 1 (too few for BatchNorm) and the fourth are not used
-    conv = [net[0](Normalize([0.5] * 3, [0.5] * 3)(x)) for x, _, _ in batches[:2]]
+    recompute_batchnorm(_stepper(net), batches, images=10, bad_images=_LeaveOutBad())
+    # 5 + 1 + 4 images make 10: the batch of one (too few for BatchNorm) is counted but not run, the third batch's
+    # bad image is left out, and the fourth batch is not used
+    conv = [net[0](Normalize([0.5] * 3, [0.5] * 3)(x[k])) for x, _, _, k in (batches[0], batches[2])]
     means = torch.stack([c.mean(dim=(0, 2, 3)) for c in conv])
     variances = torch.stack([c.var(dim=(0, 2, 3)) for c in conv])
     assert torch.allclose(net[1].running_mean, means.mean(0), atol=1e-6)

@@ -249,9 +249,8 @@ def servers(trained_model):
         return running[engine]
 
     yield on
-    for engine, server in running.items():
-        code, err = server.stop()
-        assert code == 0 and "Traceback" not in err, (engine, err)
+    stopped = {engine: server.stop() for engine, server in running.items()}  # every one, before any assertion
+    assert all(code == 0 and "Traceback" not in err for code, err in stopped.values()), stopped
 
 
 @pytest.fixture(params=ENGINES)

@@ -83,9 +83,10 @@ def _on_bad_image(p: argparse.ArgumentParser, what: str) -> None:
 def _threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", default=None, metavar="N|auto|adapt",
                    help="torch's CPU threads. auto (default, or $IMGTRAIN_THREADS): the cores this process may "
-                        "use, fixed for the run (same seed, same weights); adapt: fewer while other processes "
-                        "keep cores busy (fastest on a shared machine; the weights then depend on the load); "
-                        "N: exactly N")
+                        "use, in training less those other processes keep busy as it starts; fixed for the run "
+                        "and recorded (a resumed run keeps them; --threads N with the count a run used gives its "
+                        "weights again); adapt: fewer while other processes keep cores busy (fastest on a shared "
+                        "machine; the weights then depend on the load); N: exactly N")
 
 
 def _engine(p: argparse.ArgumentParser) -> None:

@@ -50,9 +50,13 @@ def configure_openmp() -> None:
     os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 
+def _affinity() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def available_cores() -> int:
     """The cores this process may run on: its CPU affinity, bounded by its cgroup's CPU quota."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = _affinity()
     quota = cgroup_cpu_quota()
     return max(1, min(cores, math.ceil(quota))) if quota else cores
 
@@ -206,20 +210,23 @@ class Threads:
     setting: int | str
     log: Callable[[str], None]
     start_load: OtherLoad | None = None  # auto: started as the run began; the cores others used since then count
-    chosen: int | None = None  # auto: the count a resumed run chose when it started
+    chosen: int | None = None  # auto: the count of the run a checkpoint was made by
     cores: int = 0
     current: int = 0
     others: float | None = None  # the cores other processes kept busy as the run started (auto)
 
     def __post_init__(self) -> None:
         self.cores = min(available_cores(), torch_default_threads())
+        # The load is read over every CPU this process may run on; those beyond its cores (a CPU quota, a smaller
+        # OMP_NUM_THREADS) take other processes' work first.
+        self._spare = max(0, _affinity() - self.cores)
         self.current = self.setting if isinstance(self.setting, int) else self.cores
         if self.setting == "auto" and self.chosen is not None:
-            self.current = self.chosen
+            self.current = max(1, min(self.cores, self.chosen))
         elif self.setting == "auto" and self.start_load is not None:
             self.others = self.start_load.cores(at_least=START_WINDOW_SECONDS)
             if self.others is not None:
-                self.current = threads_at_start(self.cores, self.others)
+                self.current = threads_at_start(self.cores, max(0.0, self.others - self._spare))
         self._load = OtherLoad() if self.setting == ADAPT else None
         self._next = time.monotonic() + ADAPT_EVERY_SECONDS / 4  # first look soon: the set-up is one core
         self._wanted_more = 0
@@ -245,7 +252,7 @@ class Threads:
                 return f"{threads} (the cores available; the load cannot be read here, so they stay)"
             return f"{threads}, adapting to the load, of {self.cores} cores"
         if self.chosen is not None:
-            return f"{threads} (as the run chose when it started)"
+            return f"{threads} (as when the run started: a resumed run keeps its count)"
         if self.current < self.cores:
             return (f"{threads} (other processes kept {self.others:.1f} of the {self.cores} cores busy as the run "
                     f"started; {option('threads', self.cores)} uses them all, {option('threads', 'adapt')} follows "
@@ -259,7 +266,7 @@ class Threads:
         others = self._load.cores()
         if others is None:
             return
-        wanted = fitting_threads(self.cores, others)
+        wanted = fitting_threads(self.cores, max(0.0, others - self._spare))
         # Fewer at once (spinning beside a busy process is the expensive mistake), more only when two
         # readings in a row agree (a short burst elsewhere should not make it swing back and forth).
         self._wanted_more = self._wanted_more + 1 if wanted > self.current else 0

@@ -157,8 +157,8 @@ def _check_finite(s: Stepper, nonfinite: torch.Tensor, epoch: int, step: int) ->
 
 
 def precise_images(share: int) -> int:
-    """Training images whose BatchNorm statistics replace the running ones before an evaluation: a tenth of
-    the process's share of an epoch, at least PRECISE_MIN (all of a small set) and at most PRECISE_MAX."""
+    """Training images whose BatchNorm statistics replace the running ones before an evaluation, in each process:
+    a tenth of its share of an epoch, at least PRECISE_MIN (all of a small share) and at most PRECISE_MAX."""
     return min(share, max(PRECISE_MIN, min(PRECISE_MAX, share // 10)))
 
 
@@ -187,19 +187,18 @@ def recompute_batchnorm(s: Stepper, batches: Iterable, images: int, bad_images: 
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches, each weighing the same
         m.train()
-    seen = 0
+    # SyncBatchNorm gathers over the processes in every forward pass: each process then runs every batch, whole (a
+    # bad image is zeros, and counts). Plain BatchNorm leaves bad images out, and batches too small for it.
+    synced = any(isinstance(m, nn.SyncBatchNorm) for m in norms)
+    taken = 0
     try:
         for batch in batches:
-            if s.world.distributed:
-                x = batch[0]  # every process runs every batch (SyncBatchNorm gathers in each); bad images are zeros
-            else:
-                x = bad_images.filter(batch)[0]
-                if len(x) < 2:
-                    continue
-            with autocast(s.precision, s.device):
-                s.network(s.normalize(x.to(s.device, non_blocking=True)))
-            seen += len(x)
-            if seen >= images:
+            taken += len(batch[1])  # the same in every process: they stop after the same batch
+            x = batch[0] if synced else bad_images.filter(batch)[0]
+            if len(x) >= 2:
+                with autocast(s.precision, s.device):
+                    s.network(s.normalize(x.to(s.device, non_blocking=True)))
+            if taken >= images:
                 break
     finally:
         for m, momentum in zip(norms, momenta, strict=True):

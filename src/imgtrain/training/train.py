@@ -99,7 +99,7 @@ from imgtrain.reports import plots
 from imgtrain.reports.page import REPORT_FILE
 from imgtrain.reports.training import TRAINING_IMAGES, read_history, training_page
 from imgtrain.seeding import as_uint32, seed_everything, seed_rank, torch_settings_restored
-from imgtrain.threads import OtherLoad, Threads, parse_threads, worker_count
+from imgtrain.threads import ADAPT, OtherLoad, Threads, parse_threads, worker_count
 from imgtrain.training import balance
 from imgtrain.training.checkpoint import (
     CHECKPOINT_FILE,
@@ -330,7 +330,7 @@ def _fit_and_publish(run: _Run, stepper: Stepper, state: Fit, train_feed: Feeder
         raise TrainingDivergedError("the validation loss was never a finite number",
                                     f"pass a lower {option('learning_rate')} than {params.learning_rate:g}")
     spec = _trained_spec(run, state, {name: world.union(policy.skipped) for name, policy in bad.items()},
-                         files.threads)
+                         files.threads or ADAPT)
 
     def publish_model() -> None:
         _write_report(run, spec, state, train_feed, log)
@@ -536,8 +536,9 @@ def _model_and_state(run: _Run, *, resume: bool, log, load: OtherLoad | None) ->
     # Every process built the same network; its dropout masks are its own. A checkpoint's streams replace these:
     # its GPU's too, where it holds one (one made on CPUs holds none, and each GPU then drew the seed's masks).
     seed_rank(run.seed, world.rank)
-    chosen = None  # the thread count the checkpoint's run chose under --threads auto
-    if resume and run.checkpoint.is_file():
+    chosen = None  # the thread count the checkpoint's run had (auto keeps it: the weights depend on it)
+    resuming = resume and run.checkpoint.is_file()
+    if resuming:
         saved = load_checkpoint(run.checkpoint, run.run_id, network, optimizer, schedule,
                                 lambda state: _what_differs(state, run), rank=world.rank, device=device)
         done_by = saved.get("world_size", 1)
@@ -547,7 +548,7 @@ def _model_and_state(run: _Run, *, resume: bool, log, load: OtherLoad | None) ->
                 f"resume with {done_by} process(es) (torchrun --nnodes x --nproc-per-node = {done_by}), "
                 f"or pass {option('restart', True)} to start again with {world.size}")
         scaler.load_state_dict(saved["scaler"])
-        chosen = saved.get("threads")
+        chosen = saved.get("threads")  # None from before it was recorded (all the cores) or from an adapting run
         state.epoch, state.stopper = saved["epoch"], EarlyStopping(**saved["early_stopping"])
         state.history = [EpochMetrics(**m) for m in saved["history"]]
         log(f"resuming {run.output} after epoch {state.epoch} from its checkpoint")
@@ -561,11 +562,11 @@ def _model_and_state(run: _Run, *, resume: bool, log, load: OtherLoad | None) ->
                             for counts in run.class_counts)
     stepper = Stepper(model, network, optimizer, scaler, schedule, Normalize(*run.normalization).to(device),
                       device, run.precision, params.learning_rate,
-                      Threads(params.threads, log, start_load=load, chosen=chosen), world,
+                      Threads(params.threads, log, start_load=None if resuming else load, chosen=chosen), world,
                       loss_fn=nn.CrossEntropyLoss(weight=training if params.class_weights == "balanced" else None),
                       validation_weights=validation if params.balanced else None)
     files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters, run.asked,
-                      device, stepper.threads.current)
+                      device, None if params.threads == ADAPT else stepper.threads.current)
     return stepper, state, files
 
 
@@ -640,7 +641,7 @@ def _tracked_parameters(run: _Run) -> dict:
             "classes": len(run.train_set.categories)}
 
 
-def _trained_spec(run: _Run, state: Fit, bad: dict[str, set[int]], threads: int) -> ModelSpec:
+def _trained_spec(run: _Run, state: Fit, bad: dict[str, set[int]], threads: int | str) -> ModelSpec:
     """The spec of the trained model: its labels, input, and the record of its training (with the images
     left out as bad, ``bad``: their indices in the training and the validation data)."""
     base, params = run.base, run.params
@@ -719,7 +720,7 @@ class _RunFiles:
     run_parameters: dict
     asked: dict
     device: torch.device
-    threads: int  # torch's threads as the run started: a resumed run under --threads auto keeps them
+    threads: int | None  # torch's threads (None: adapting to the load): a resumed run under auto keeps them
 
     def save_best(self, network: nn.Module) -> None:
         if self.world.is_main:
