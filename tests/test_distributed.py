@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from conftest import distributed_env, training_in_background
 from imgtrain import load_trained_model
 from imgtrain.data.dataset import ImageDataset, SeededSampler
-from imgtrain.data.transforms import Normalize
+from imgtrain.data.transforms import Normalize, memory_format
 from imgtrain.directories.image_directory import ImageDirectory
 from imgtrain.training.checkpoint import checkpoint_epoch
 from imgtrain.training.loop import evaluate
@@ -72,7 +72,8 @@ def test_two_processes_record_the_figures_of_one_process_evaluating_the_saved_we
     labels = np.array([trained.labels.index(val.categories[i]) for i in val.labels])
     loader = DataLoader(ImageDataset([val.path(i) for i in range(len(val))], labels, trained.image_size),
                         batch_size=5)
-    alone = evaluate(trained.network, loader, Normalize(trained.spec.input.mean, trained.spec.input.std),
+    alone = evaluate(trained.network, loader, Normalize(trained.spec.input.mean, trained.spec.input.std,
+                                                      memory_format(torch.device("cpu"), trained.image_size)),
                      torch.device("cpu"), trained.spec.training["precision"])
     best = trained.spec.training["best_epoch"]
     import csv

@@ -21,7 +21,7 @@ from imgtrain import (
     train_pytorch_model,
 )
 from imgtrain.data.dataset import ImageDataset, SeededSampler
-from imgtrain.data.transforms import Normalize
+from imgtrain.data.transforms import Normalize, memory_format
 from imgtrain.directories.image_directory import ImageDirectory
 from imgtrain.training.balance import balanced_weights, describe
 from imgtrain.training.loop import evaluate
@@ -148,7 +148,9 @@ def test_balancing_beats_the_raw_counts_on_macro_recall(imbalanced):
     # is 1, so the best epoch's recorded loss is the plain loss of the saved weights.
     val = ImageDirectory.load(imbalanced["val"])
     loader = DataLoader(ImageDataset([val.path(i) for i in range(len(val))], val.labels, 32), batch_size=16)
-    plain = evaluate(trained.network, loader, Normalize(spec.input.mean, spec.input.std), torch.device("cpu"),
+    cpu = torch.device("cpu")
+    normalize = Normalize(spec.input.mean, spec.input.std, memory_format(cpu, 32))  # in training's layout
+    plain = evaluate(trained.network, loader, normalize, cpu,
                      precision=spec.training["precision"]).loss  # as training evaluated it (bf16 where native)
     assert plain == pytest.approx(spec.training["best_validation_loss"], rel=1e-4)
     assert spec.training["class_counts"] == {"large": {"training": 200, "validation": 40},

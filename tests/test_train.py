@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from conftest import make_labelled_folder, run_cli
 from imgtrain import convert_to_image_directory, load_trained_model, train_pytorch_model
 from imgtrain.data.dataset import ImageDataset
-from imgtrain.data.transforms import Normalize
+from imgtrain.data.transforms import Normalize, memory_format
 from imgtrain.directories.image_directory import ImageDirectory
 from imgtrain.errors import (
     InvalidDatasetError,
@@ -150,7 +150,8 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, labelled_folder, image_di
     labels = torch.tensor([spec.labels.index(val.categories[i]) for i in val.labels]).numpy()
     loader = DataLoader(ImageDataset([val.path(i) for i in range(len(val))], labels, 32),
                         batch_size=8)
-    loss = evaluate(model, loader, Normalize(spec.input.mean, spec.input.std), torch.device("cpu"),
+    loss = evaluate(model, loader, Normalize(spec.input.mean, spec.input.std, memory_format(torch.device("cpu"), 32)),
+                    torch.device("cpu"),
                     spec.training["precision"]).loss
     assert loss == pytest.approx(losses[result.best_epoch - 1], rel=1e-4)
     assert loss < losses[-1]

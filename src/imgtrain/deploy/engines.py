@@ -307,13 +307,14 @@ class TorchEngine(Engine):
     name = "torch"
 
     def __init__(self, model: ScoringModel, device: torch.device, precision: str) -> None:
-        from imgtrain.data.transforms import Normalize
+        from imgtrain.data.transforms import Normalize, memory_format
         from imgtrain.precision import autocast
 
         spec = model.trained.spec
         self.precision, self._device = precision, device
-        self._network = model.trained.network.to(device, memory_format=torch.channels_last).eval()
-        self._normalize = Normalize(spec.input.mean, spec.input.std).to(device)
+        layout = memory_format(device, spec.input.image_size)  # as training evaluated it
+        self._network = model.trained.network.to(device, memory_format=layout).eval()
+        self._normalize = Normalize(spec.input.mean, spec.input.std, layout).to(device)
         self._autocast = lambda: autocast(precision, device)
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:

@@ -33,6 +33,7 @@ from imgtrain.data.transforms import (
     Normalize,
     Preparation,
     build_augmentation,
+    memory_format,
 )
 from imgtrain.device import resolve_device
 from imgtrain.directories.atomic import (
@@ -526,7 +527,8 @@ def _model_and_state(run: _Run, *, resume: bool, log, load: OtherLoad | None) ->
     network = _initial_model(run.base, run.untrained_model, len(run.train_set.categories), run.image_size)
     if params.sync_batchnorm and world.distributed:
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
-    network = network.to(device, memory_format=torch.channels_last)
+    layout = memory_format(device, run.image_size)  # channels-last but for small images on a CPU
+    network = network.to(device, memory_format=layout)
     steps_per_epoch = run.share // params.batch_size if run.drop_last else math.ceil(run.share / params.batch_size)
     optimizer = _make_optimizer(network, run.base, params.optimizer, run.learning_rate, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -560,7 +562,7 @@ def _model_and_state(run: _Run, *, resume: bool, log, load: OtherLoad | None) ->
     # whatever the classes' shares in the training data.
     training, validation = (torch.tensor(balance.balanced_weights(counts), dtype=torch.float32, device=device)
                             for counts in run.class_counts)
-    stepper = Stepper(model, network, optimizer, scaler, schedule, Normalize(*run.normalization).to(device),
+    stepper = Stepper(model, network, optimizer, scaler, schedule, Normalize(*run.normalization, layout).to(device),
                       device, run.precision, params.learning_rate,
                       Threads(params.threads, log, start_load=None if resuming else load, chosen=chosen), world,
                       loss_fn=nn.CrossEntropyLoss(weight=training if params.class_weights == "balanced" else None),
