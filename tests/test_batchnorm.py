@@ -36,7 +36,8 @@ def _stepper(network: nn.Module) -> Stepper:
                    "fp32", 0.001, None, ALONE)
 
 
-def test_the_statistics_are_the_plain_averages_of_the_batches_and_nothing_else_changes():
+def test_the_statistics_are_the_plain_averages_of_the_batches_and_nothing_else_changes(monkeypatch):
+    monkeypatch.setattr("imgtrain.training.loop.PRECISE_ENOUGH", 8)  # these 9 images are enough
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.9), nn.Flatten(), nn.LazyLinear(2))
     net(torch.zeros(2, 3, 8, 8))
@@ -58,6 +59,13 @@ def test_the_statistics_are_the_plain_averages_of_the_batches_and_nothing_else_c
     assert net[1].momentum == 0.1 and all(torch.equal(a, b) for a, b in zip(weights, net.parameters(), strict=True))
     # dropout was off (it would have changed the statistics), and so does the network stay: evaluate sets its mode
     assert not net[2].training and not net.training
+    # From fewer images than PRECISE_ENOUGH, the running statistics stay as training left them: statistics of a
+    # batch or two (a set of 3 images at a batch of 2) made variances near zero and a validation loss of 3,000
+    monkeypatch.setattr("imgtrain.training.loop.PRECISE_ENOUGH", 10)
+    net[1].running_mean.fill_(7.0)
+    before = [b.clone() for b in net[1].buffers()]
+    recompute_batchnorm(_stepper(net), batches, images=10, bad_images=_LeaveOutBad())
+    assert all(torch.equal(a, b) for a, b in zip(before, net[1].buffers(), strict=True))
 
 
 def test_how_many_images_recompute_them():
