@@ -21,6 +21,15 @@ def _complete(folder: Path) -> bool:
     return (folder / ".complete").is_file()
 
 
+def _partial(folder: Path, labels=()) -> Path:
+    """An empty ``<folder>.partial`` to write into, with a sub-folder per label; ``_finish`` moves it into place."""
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for label in labels:
+        (tmp / label).mkdir(parents=True)
+    return tmp
+
+
 def _finish(tmp: Path, folder: Path) -> Path:
     (tmp / ".complete").touch()
     if folder.exists():
@@ -45,8 +54,7 @@ def mnist_folder(cache: Path, count: int) -> Path:
     per_class = math.ceil(count / 10)
     chosen = np.concatenate([np.flatnonzero(labels == d)[:per_class] for d in range(10)])
     chosen = np.sort(chosen)[:count] if len(chosen) > count else chosen
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _partial(folder)
     for i in chosen:
         sub = tmp / str(labels[i])
         sub.mkdir(parents=True, exist_ok=True)
@@ -64,10 +72,7 @@ def photo_folder(cache: Path, count: int, width: int = 400, height: int = 300, w
     folder = cache / f"photos-v2-{width}x{height}-{count}"
     if _complete(folder):
         return folder
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for label in PHOTO_CLASSES:
-        (tmp / label).mkdir(parents=True)
+    tmp = _partial(folder, PHOTO_CLASSES)
     chunks = [(tmp, range(start, count, workers), width, height) for start in range(workers)]
     if workers == 1:
         _photos(*chunks[0])
@@ -131,8 +136,7 @@ def many_small_pngs(cache: Path, count: int) -> Path:
         buffer = io.BytesIO()
         Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
         encoded.append(buffer.getvalue())
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _partial(folder)
     for d in range(10):
         (tmp / str(d)).mkdir(parents=True)
     for i in range(count):
@@ -151,8 +155,7 @@ def small_jpegs(cache: Path, count: int, size: int = 64, classes: int = 10) -> P
     folder = cache / f"jpeg{size}-{count}"
     if _complete(folder):
         return folder
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _partial(folder)
     colours = np.random.default_rng(0).uniform(40, 215, size=(classes, 3)).astype(np.float32)
     for c in range(classes):
         (tmp / f"class-{c}").mkdir(parents=True)
@@ -175,10 +178,7 @@ def texture_folder(cache: Path, count: int, size: int = 64) -> Path:
     folder = cache / f"textures-{size}-{count}"
     if _complete(folder):
         return folder
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for label in TEXTURE_CLASSES:
-        (tmp / label).mkdir(parents=True)
+    tmp = _partial(folder, TEXTURE_CLASSES)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     for i in range(count):
         rng = np.random.default_rng([2, i])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -90,20 +89,20 @@ def timed(command: list[str], env: dict, pattern: re.Pattern, log) -> Timed:
 def imbalanced_digits(cache: Path, train: int, val: int) -> tuple[Path, Path]:
     """Training digits 10:1 (digits 0-4 ten times as many as 5-9), validation digits balanced: two source folders."""
     folder = cache / f"mnist-imbalanced-{train}-{val}"
-    if not (folder / ".complete").is_file():
+    if not fixtures._complete(folder):
         images, labels = fixtures._mnist()
-        shutil.rmtree(folder, ignore_errors=True)
+        tmp = fixtures._partial(folder)
         large = round(train / 5.5)  # five digits of ``large`` images each, five of a tenth of it
         small = max(1, large // 10)
         for d in range(10):
             mine = np.flatnonzero(labels == d)
             kept = {"train": mine[: large if d < 5 else small], "val": mine[-(val // 10):]}
             for split, indices in kept.items():
-                sub = folder / split / str(d)
+                sub = tmp / split / str(d)
                 sub.mkdir(parents=True, exist_ok=True)
                 for i in indices:
                     Image.fromarray(images[i], mode="L").save(sub / f"{i:04d}.png")
-        (folder / ".complete").touch()
+        fixtures._finish(tmp, folder)
     return folder / "train", folder / "val"
 
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgtrain.errors import option
+from imgtrain.errors import InvalidParameterError, option
 
 THREADS_ENV = "IMGTRAIN_THREADS"
 SPIN_COUNT = "3000"  # measured in bench/ ("shared CPU"): no loss when idle, most of the gain when shared
@@ -126,8 +126,6 @@ _TORCH_DEFAULT: int | None = None
 
 def parse_threads(value: int | str | None) -> int | str:
     """--threads (or IMGTRAIN_THREADS): "auto", "adapt" or a count >= 1."""
-    from imgtrain.errors import InvalidParameterError, option
-
     name = option("threads")
     if value is None:
         value, name = os.environ.get(THREADS_ENV) or "auto", THREADS_ENV
