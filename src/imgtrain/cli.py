@@ -184,7 +184,7 @@ def _train(args) -> None:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         random_seed=args.random_seed, patience=args.patience, warmup_epochs=args.warmup_epochs,
         image_size=args.image_size, device=args.device, precision=args.precision, optimizer=args.optimizer,
-        augmentation=args.augmentation, num_workers=args.num_workers, on_bad_image=args.on_bad_image,
+        augmentation=args.augmentation, ema=args.ema, num_workers=args.num_workers, on_bad_image=args.on_bad_image,
         cache=args.cache, threads=args.threads, lr_scaling=args.lr_scaling, sync_batchnorm=args.sync_batchnorm,
         compile=args.compile, class_weights=args.class_weights, sampler=args.sampler,
         transformation=args.transformation)
@@ -457,6 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augmentation", choices=("shift", "shift-flip", "none"), default="shift",
                    help="per-epoch augmentation: shift moves images by up to 1/16 of their side (safe for "
                         "digits and text); shift-flip adds horizontal flips (photos only)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate, and keep as the model, an exponential moving average of the weights (its window "
+                        "about the last ninth of the steps so far): good models sooner. --no-ema: the weights "
+                        "themselves")
     p.add_argument("--transformation", default=None, metavar="T",
                    help="a TransformationDirectory (`imgtrain init-image-transformation`, or the designer's) in place "
                         "of --augmentation: its fixed operations (Resize, CenterCrop, Pad, Grayscale) run once per "

@@ -28,6 +28,7 @@ from imgtrain.directories.atomic import write_safetensors
 from imgtrain.directories.files import check_regular, read_bytes
 from imgtrain.errors import CheckpointDamagedError, CheckpointMismatchError, option
 from imgtrain.models.registry import load_weights
+from imgtrain.training.averaging import WeightAverage
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -65,10 +66,14 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict,
-                    rng: list[dict[str, torch.Tensor]]) -> None:
+                    rng: list[dict[str, torch.Tensor]], average: WeightAverage | None = None) -> None:
     """Write a checkpoint atomically (temporary file, then rename); ``rng``: every process's
-    ``rng_state``, in the order of their ranks."""
+    ``rng_state``, in the order of their ranks; ``average``: the weights' average, if the run keeps one."""
     tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors.update({f"average/{k}": v.detach().to("cpu").contiguous()
+                        for k, v in average.network.state_dict().items()})
+        state = {**state, "average_updates": average.updates}
     opt = optimizer.state_dict()
     skeleton: dict = {"param_groups": opt["param_groups"], "state": {}}
     for pid, entries in opt["state"].items():
@@ -96,9 +101,9 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler,
                     differences: Callable[[dict], str] = lambda state: "", *,
-                    rank: int = 0, device: torch.device | None = None) -> dict:
-    """Restore model, optimizer, scheduler and random states (those of process ``rank``, whose GPU is
-    ``device`` if any); return the JSON state.
+                    rank: int = 0, device: torch.device | None = None, average: WeightAverage | None = None) -> dict:
+    """Restore model, optimizer, scheduler, the weights' ``average`` (if the run keeps one) and random states
+    (those of process ``rank``, whose GPU is ``device`` if any); return the JSON state.
 
     Refuses a checkpoint whose run had other data or parameters, naming which, and what ``differences``
     (given the checkpoint's JSON state) says of them: ': --learning-rate 0.001 then, ... now'.
@@ -118,6 +123,12 @@ def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimi
             f"the checkpoint {path} was made with other {' and '.join(differ)}{differences(meta)}",
             f"run with the same data and parameters to resume, or with {option('restart', True)} to start again")
     load_weights(model, {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    if average is not None:
+        if "average_updates" not in meta:
+            raise CheckpointDamagedError(f"the checkpoint {path} holds no average of the weights",
+                                         f"run with {option('restart', True)} to start again")
+        load_weights(average.network, {k[len("average/"):]: v for k, v in tensors.items() if k.startswith("average/")})
+        average.updates = int(meta.pop("average_updates"))
     skeleton = meta.pop("optimizer")
     opt_state = {"param_groups": skeleton["param_groups"], "state": {}}
     for pid, entries in skeleton["state"].items():

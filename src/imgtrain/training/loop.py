@@ -28,6 +28,7 @@ from imgtrain.distributed import ALONE, World
 from imgtrain.errors import InvalidDatasetError, TrainingDivergedError, option
 from imgtrain.precision import autocast
 from imgtrain.threads import Threads
+from imgtrain.training.averaging import WeightAverage
 from imgtrain.training.early_stopping import EarlyStopping
 
 SYNC_EVERY = 50  # GPU steps between reads of the running figures
@@ -88,6 +89,12 @@ class Stepper:
     world: World
     loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)  # class-weighted with --class-weights balanced
     validation_weights: torch.Tensor | None = None  # the class weights of the validation loss, if any
+    average: WeightAverage | None = None  # with --ema: the weights evaluated and kept
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The network evaluated after each epoch and saved when best: the weights' average, or the weights."""
+        return self.average.network if self.average is not None else self.network
 
 
 def train_one_epoch(s: Stepper, batches: Iterable, bad_images: BadImagePolicy, epoch: int,
@@ -136,6 +143,8 @@ def train_one_epoch(s: Stepper, batches: Iterable, bad_images: BadImagePolicy, e
         s.scaler.step(s.optimizer)  # skips the step when fp16 gradients overflowed
         s.scaler.update()
         s.schedule.step()
+        if s.average is not None:
+            s.average.update()
         if step % sync_every == 0:
             _check_finite(s, nonfinite, epoch, step)
             show(step, float(loss_sum) / max(seen, 1))
@@ -167,9 +176,11 @@ PRECISE_ENOUGH = 32  # fewer images than this (over all processes) keep the runn
 
 
 @torch.no_grad()
-def recompute_batchnorm(s: Stepper, batches: Iterable, images: int, bad_images: BadImagePolicy) -> None:
+def recompute_batchnorm(s: Stepper, network: nn.Module, batches: Iterable, images: int,
+                        bad_images: BadImagePolicy) -> None:
     """Precise BatchNorm (as pycls and Detectron2 do it): BatchNorm's running mean and variance computed again,
-    as plain averages over the first ``images`` training images of the epoch, with the weights as they are now.
+    of ``network`` (the trained one or the weights' average) as plain averages over the first ``images`` training
+    images of the epoch, with its weights as they are now.
 
     The running statistics follow the weights with momentum 0.1: an average over the last ten or so steps,
     taken while the weights moved, and still holding their starting values after a few dozen steps. With few
@@ -180,11 +191,11 @@ def recompute_batchnorm(s: Stepper, batches: Iterable, images: int, bad_images: 
     evaluation); over processes, the statistics are averaged. From fewer than PRECISE_ENOUGH images (a set of
     3 images at a batch of 2 gave one batch of 2, variances near zero and a validation loss of 3,000), the running
     statistics are kept as training left them."""
-    norms = [m for m in s.network.modules()
+    norms = [m for m in network.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or images <= 0:
         return
-    s.network.eval()
+    network.eval()
     momenta = [m.momentum for m in norms]
     kept = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
@@ -201,7 +212,7 @@ def recompute_batchnorm(s: Stepper, batches: Iterable, images: int, bad_images: 
             x = batch[0] if synced else bad_images.filter(batch)[0]
             if len(x) >= 2:
                 with autocast(s.precision, s.device):
-                    s.network(s.normalize(x.to(s.device, non_blocking=True)))
+                    network(s.normalize(x.to(s.device, non_blocking=True)))
                 used += len(x)
             if taken >= images:
                 break
@@ -298,13 +309,17 @@ def fit(s: Stepper, state: Fit, train: Feeder, validation: Feeder, bad: dict[str
         if trained.images == 0:
             raise InvalidDatasetError(f"no training image of {train.source} could be decoded",
                                       "check the training data (see the warnings above)")
-        recompute_batchnorm(s, train.epoch(epoch), precise_images(len(train.sampler)), bad["training"])
-        s.world.share_buffers(s.network)
-        val = evaluate(s.network, validation.epoch(epoch), s.normalize, s.device, s.precision, bad["validation"],
+        evaluated = s.evaluated
+        if s.average is not None:
+            s.average.flush()
+            s.average.take_buffers(s.network)
+        recompute_batchnorm(s, evaluated, train.epoch(epoch), precise_images(len(train.sampler)), bad["training"])
+        s.world.share_buffers(evaluated)
+        val = evaluate(evaluated, validation.epoch(epoch), s.normalize, s.device, s.precision, bad["validation"],
                        s.world, s.threads, s.validation_weights)
         improved = state.stopper.update(epoch, val.loss)
         if improved:
-            files.save_best(s.network)
+            files.save_best(evaluated)
         state.history.append(EpochMetrics(epoch, lr, trained.images / trained.seconds, trained.loss, trained.error,
                                           val.loss, val.top1, val.top5, trained.data_wait_fraction,
                                           time.perf_counter() - started))

@@ -102,6 +102,7 @@ from imgtrain.reports.training import TRAINING_IMAGES, read_history, training_pa
 from imgtrain.seeding import as_uint32, seed_everything, seed_rank, torch_settings_restored
 from imgtrain.threads import ADAPT, OtherLoad, Threads, parse_threads, worker_count
 from imgtrain.training import balance
+from imgtrain.training.averaging import WeightAverage
 from imgtrain.training.checkpoint import (
     CHECKPOINT_FILE,
     checkpoint_epoch,
@@ -125,7 +126,7 @@ RESUME_PREFIX = ".imgtrain-resume-"
 _FREE_PARAMETERS = ("num_workers", "device", "on_bad_image", "cache", "threads")
 # Parameters added after runs were first fingerprinted: at these defaults they are left out of the
 # fingerprint, so that a checkpoint or a finished output of an older version still matches.
-_LATER_DEFAULTS = {"class_weights": "none", "sampler": "uniform", "transformation": None}
+_LATER_DEFAULTS = {"class_weights": "none", "sampler": "uniform", "transformation": None, "ema": False}
 BAD_IMAGES_KEPT = 100  # bad images named in the spec (and the report) per data set; the rest are counted
 
 __all__ = ["EpochMetrics", "TrainResult", "TrainingParameters", "train_pytorch_model"]
@@ -146,6 +147,7 @@ class TrainingParameters:
     precision: str = "auto"
     optimizer: str = "adamw"
     augmentation: str = DEFAULT_AUGMENTATION
+    ema: bool = True  # evaluate and keep an exponential moving average of the weights (training/averaging.py)
     num_workers: int | None = None  # None: one per CPU core, at most 8
     threads: int | str | None = None  # torch's CPU threads: a count, "auto" or "adapt"; None: IMGTRAIN_THREADS or auto
     on_bad_image: str = "skip"
@@ -531,6 +533,7 @@ def _model_and_state(run: _Run, *, resume: bool, log, load: OtherLoad | None) ->
     network = network.to(device, memory_format=layout)
     steps_per_epoch = run.share // params.batch_size if run.drop_last else math.ceil(run.share / params.batch_size)
     optimizer = _make_optimizer(network, run.base, params.optimizer, run.learning_rate, device)
+    average = WeightAverage(network) if params.ema else None
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
@@ -542,7 +545,8 @@ def _model_and_state(run: _Run, *, resume: bool, log, load: OtherLoad | None) ->
     resuming = resume and run.checkpoint.is_file()
     if resuming:
         saved = load_checkpoint(run.checkpoint, run.run_id, network, optimizer, schedule,
-                                lambda state: _what_differs(state, run), rank=world.rank, device=device)
+                                lambda state: _what_differs(state, run), rank=world.rank, device=device,
+                                average=average)
         done_by = saved.get("world_size", 1)
         if done_by != world.size:
             raise CheckpointMismatchError(
@@ -566,9 +570,9 @@ def _model_and_state(run: _Run, *, resume: bool, log, load: OtherLoad | None) ->
                       device, run.precision, params.learning_rate,
                       Threads(params.threads, log, start_load=None if resuming else load, chosen=chosen), world,
                       loss_fn=nn.CrossEntropyLoss(weight=training if params.class_weights == "balanced" else None),
-                      validation_weights=validation if params.balanced else None)
+                      validation_weights=validation if params.balanced else None, average=average)
     files = _RunFiles(run.work, world, network, optimizer, schedule, scaler, run.run_id, run.run_parameters, run.asked,
-                      device, None if params.threads == ADAPT else stepper.threads.current)
+                      device, None if params.threads == ADAPT else stepper.threads.current, average)
     return stepper, state, files
 
 
@@ -723,6 +727,7 @@ class _RunFiles:
     asked: dict
     device: torch.device
     threads: int | None  # torch's threads (None: adapting to the load): a resumed run under auto keeps them
+    average: WeightAverage | None  # the weights' average, with --ema
 
     def save_best(self, network: nn.Module) -> None:
         if self.world.is_main:
@@ -735,7 +740,8 @@ class _RunFiles:
         save_checkpoint(self.work / CHECKPOINT_FILE, self.network, self.optimizer, self.schedule, {
             "run_id": self.run_id, "parameters": self.run_parameters, "asked": self.asked, "epoch": epoch,
             "early_stopping": asdict(stopper), "history": [asdict(m) for m in history],
-            "scaler": self.scaler.state_dict(), "world_size": self.world.size, "threads": self.threads}, generators)
+            "scaler": self.scaler.state_dict(), "world_size": self.world.size, "threads": self.threads}, generators,
+            self.average)
         # Then the epoch's row: a row in metrics.csv (a point on `imgtrain ui`'s curves) always has its checkpoint,
         # so that a run stopped as soon as the row appears resumes after that epoch, not before it.
         _write_metrics(self.work / METRICS_FILE, history)
