@@ -913,9 +913,10 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, ima
             "--num-workers", "0"]
     run_cli(*args, "--output", tmp_path / "reference")
     command = " ".join(map(str, [sys.executable, "-m", "imgtrain", *args, "--output", disk / "m"]))
-    # ResNet-18: the weights take 45 MB and a checkpoint 135 MB, so 250 MB hold epoch 1 but not epoch 2's
-    # checkpoint beside epoch 1's. Then the disk grows (space was freed) and the same command resumes.
-    _with_a_small_disk(disk, 250, f"""
+    # ResNet-18: the weights take 45 MB and a checkpoint 180 MB (the weights, their average and AdamW's two
+    # moments), so 300 MB hold epoch 1 and epoch 2's best model but not epoch 2's checkpoint beside epoch 1's.
+    # Then the disk grows (space was freed) and the same command resumes.
+    _with_a_small_disk(disk, 300, f"""
         {command} > {tmp_path}/first.out 2> {tmp_path}/first.err; echo $? > {tmp_path}/first.rc
         ls -A {disk} > {tmp_path}/first.ls
         mount -o remount,size=600m {disk}
