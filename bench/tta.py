@@ -7,6 +7,7 @@ epochs, batch 16, learning rate 0.001, seed 1, patience 3). Each command's outpu
 epoch's validation top-1 is stamped with the seconds since that command started (start-up, reading the images,
 caching and every epoch before it included). Reported: the seconds until the validation top-1 first reaches the
 recipe's final (5-epoch) accuracy, and a fixed bar, for both; their ratio; the best top-1; the whole commands.
+With ``--compare-with REV``, that revision's imgtrain runs too, after this checkout's, on every set.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from context import BENCH, Context
 from measure import Section, num, table
 from PIL import Image
+from responsiveness import codes
 
 IMGTRAIN_EPOCH = re.compile(r"^epoch (\d+)/\d+ .*val loss \S+ top-1 ([\d.]+)%")
 DESIGNER_EPOCH = re.compile(r"^epoch (\d+)/\d+ .*val top-1 ([\d.]+)%")
@@ -124,6 +126,7 @@ def time_to_accuracy(ctx: Context) -> Section:
     rows, lines = [], []
     (ctx.work / "tta").mkdir(parents=True, exist_ok=True)
     untrained = ctx.untrained("resnet18")
+    old = next((c for c in codes(ctx) if c.src is not None), None)  # --compare-with's revision, if any
     for d in sets(ctx.config.quick):
         train, val = directories(ctx, d)
         ctx.log(f"[tta] {d.name}: the designer's recipe")
@@ -133,19 +136,30 @@ def time_to_accuracy(ctx: Context) -> Section:
                          DESIGNER_EPOCH, ctx.log)
         ctx.log(f"[tta] {d.name}: imgtrain at its defaults")
         out = ctx.work / "tta" / "model"
-        mine = timed([ctx.python, "-m", "imgtrain", "train-pytorch-model", "--untrained-model", str(untrained),
-                      "--training-data", str(train), "--validation-data", str(val), "--output", str(out),
-                      "--overwrite", "--image-size", str(d.size)], ctx.env, IMGTRAIN_EPOCH, ctx.log)
+        command = [ctx.python, "-m", "imgtrain", "train-pytorch-model", "--untrained-model", str(untrained),
+                   "--training-data", str(train), "--validation-data", str(val), "--output", str(out),
+                   "--overwrite", "--image-size", str(d.size)]
+        mine = timed(command, ctx.env, IMGTRAIN_EPOCH, ctx.log)
+        before = None
+        if old is not None:
+            ctx.log(f"[tta] {d.name}: imgtrain {old.name} at its defaults")
+            before = timed(command, old.env(ctx), IMGTRAIN_EPOCH, ctx.log)
         target = designer.last
         bars = [(f"the recipe's final {100 * target:.1f}%", target), (f"{100 * d.bar:.0f}%", d.bar)]
         for what, bar in bars:
             a, b = designer.reached(bar), mine.reached(bar)
-            rows.append([d.name if what == bars[0][0] else "", what, _secs(a), _secs(b),
-                         f"{a / b:.2f}x" if a and b else "-"])
+            row = [d.name if what == bars[0][0] else "", what, _secs(a), _secs(b), f"{a / b:.2f}x" if a and b else "-"]
+            if before is not None:
+                c = before.reached(bar)
+                row += [_secs(c), f"{a / c:.2f}x" if a and c else "-"]
+            rows.append(row)
         lines.append(f"- {d.name} ({d.train:,} training / {d.val:,} validation images, {d.size} px): best top-1 "
                      f"designer {100 * designer.best:.1f}% (last {100 * designer.last:.1f}%), imgtrain "
-                     f"{100 * mine.best:.1f}%; whole commands {num(designer.wall)} s and {num(mine.wall)} s; epochs "
-                     "at (s, top-1): designer " + _epochs(designer) + "; imgtrain " + _epochs(mine))
+                     f"{100 * mine.best:.1f}%" + (f", imgtrain {old.name} {100 * before.best:.1f}%" if before else "")
+                     + f"; whole commands {num(designer.wall)} s and {num(mine.wall)} s"
+                     + (f" ({num(before.wall)} s {old.name})" if before else "") + "; epochs at (s, top-1): designer "
+                     + _epochs(designer) + "; imgtrain " + _epochs(mine)
+                     + (f"; imgtrain {old.name} " + _epochs(before) if before else ""))
     return Section("Time to accuracy: imgtrain's defaults against the designer's recipe", [
         "ResNet-18 from scratch, whole commands one after another, each epoch's validation top-1 stamped with the "
         "seconds since its command started. The designer's recipe: `bench/baseline_train.py` (SGD, momentum 0.9, "
@@ -155,7 +169,7 @@ def time_to_accuracy(ctx: Context) -> Section:
         "scale and angle, with noise. The imbalanced set: digits 0-4 ten times as many as 5-9 in training, all "
         "alike in validation.",
         table(["data set", "validation top-1 reached", "designer's recipe, s", "imgtrain defaults, s",
-               "imgtrain sooner by"], rows),
+               "imgtrain sooner by"] + ([f"imgtrain {old.name}, s", "sooner by"] if old else []), rows),
         "\n".join(lines),
     ])
 
