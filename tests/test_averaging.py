@@ -55,8 +55,8 @@ def _stop_after_epoch_1(message: str) -> None:
 @pytest.mark.parametrize("ema", [True, False])
 def test_the_model_kept_is_the_average_or_with_no_ema_the_weights(tmp_path, image_dirs, ema):
     """After epoch 1 of 2 (interrupted there), the work directory holds the epoch's best model and the checkpoint:
-    with --ema (the default) the model is the checkpoint's average of the weights, not the trained weights; with --no-ema it is the trained network and the checkpoint holds no
-    average."""
+    with --ema (the default) the model is the checkpoint's average of the weights, not the trained weights;
+    with --no-ema it is the trained network and the checkpoint holds no average."""
     d = image_dirs
     with pytest.raises(_Interrupt):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", epochs=2, batch_size=8,

@@ -47,6 +47,25 @@ def test_cache_changes_no_result(tmp_path, image_dirs):
     assert not list(tmp_path.glob(".imgtrain-*"))  # the cache went with the work directory
 
 
+def test_a_cpu_run_fills_the_cache_first_on_every_core(tmp_path, image_dirs):
+    """fill_cache decodes every image the cache lacks with worker processes: afterwards the cache is complete, holds
+    what decoding gives, and knows a bad file as bad (the first epoch then names it, as it did)."""
+    from imgtrain.data.dataset import ImageDataset
+    from imgtrain.data.loading import fill_cache
+    from imgtrain.data.transforms import Preparation
+    from imgtrain.directories.image_directory import ImageDirectory
+
+    images = ImageDirectory.load(image_dirs["train"])
+    paths = [images.path(i) for i in range(len(images))]
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    paths.append(tmp_path / "bad.png")
+    cache = DecodedImageCache(tmp_path / "c", count=len(paths), size=32)
+    dataset = ImageDataset(paths, None, 32, cache=cache)
+    fill_cache(dataset, workers=2)
+    assert cache.complete() and cache.get(len(paths) - 1) is False
+    assert all(torch.equal(cache.get(i), Preparation(32).load(str(p))) for i, p in enumerate(paths[:-1]))
+
+
 def test_precision_choices(tmp_path, image_dirs):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("fp16", cpu) == "fp16"

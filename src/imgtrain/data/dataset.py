@@ -99,7 +99,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _prepared(self, i: int) -> torch.Tensor | None:
+    def decoded(self, i: int) -> torch.Tensor | None:
+        """Image ``i`` prepared (decoded and resized) from the cache, or decoded and put there; None if bad."""
         cached = self.cache.get(i) if self.cache is not None else None
         if cached is not None:
             return cached if cached is not False else None
@@ -114,7 +115,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]):
         i, seed = item if isinstance(item, tuple) else (item, 0)
         label = -1 if self.labels is None else int(self.labels[i])
-        x = self._prepared(i)
+        x = self.decoded(i)
         if x is None:
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), label, i, False
         if self.augment is not None:

@@ -102,3 +102,36 @@ def open_caches(folder: Path, caches: dict[str, tuple[int, int, bool]], *, make:
             opened[name] = DecodedImageCache.open_existing(folder / cache_name(name, size, any_shape), count, size,
                                                            any_shape=any_shape)
     return opened
+
+
+def fill_cache(images: ImageDataset, workers: int) -> None:
+    """Decode every image the cache does not hold yet, with ``workers`` processes, before a CPU run's first epoch.
+
+    On a CPU the model's threads and the decoding workers share the same cores: decoding while the first epoch
+    trains made its steps wait for threads the workers had taken (measured: the first epoch of 3,750 digits
+    trained at 256 img/s, the next ones at 337). Decoded first, on every core, the first epoch is as fast as the
+    others, for the same decoding work. A GPU run keeps decoding beside its steps, which run on the GPU."""
+    cache = images.cache
+    if cache is None or workers == 0 or cache.complete():
+        return
+    loader = DataLoader(_Decoding(images), batch_size=64, num_workers=workers, collate_fn=_nothing,
+                        generator=torch.Generator().manual_seed(0), worker_init_fn=_end_quietly_on_sigterm)
+    for _ in loader:
+        pass
+
+
+class _Decoding(torch.utils.data.Dataset):
+    """Each image decoded into the cache (or marked bad there), nothing returned."""
+
+    def __init__(self, images: ImageDataset) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> None:
+        self.images.decoded(i)
+
+
+def _nothing(batch: list) -> None:
+    return None

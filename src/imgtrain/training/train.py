@@ -25,7 +25,7 @@ from torch import nn
 
 from imgtrain.data.dataset import BadImagePolicy, ImageDataset, SeededSampler
 from imgtrain.data.decode import ON_BAD_IMAGE
-from imgtrain.data.loading import Feeder, open_caches, remove_caches
+from imgtrain.data.loading import Feeder, fill_cache, open_caches, remove_caches
 from imgtrain.data.transformation import TrainingTransformation
 from imgtrain.data.transforms import (
     AUGMENTATIONS,
@@ -300,6 +300,9 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
                          shared=world.local_size == world.size, barrier=world.barrier, log=log)
     train_feed, val_feed, bad = _feeders(run, caches, log)
     _describe(run, stepper, caches, log)
+    if run.device.type == "cpu" and world.size == 1:
+        for feed in (train_feed, val_feed):
+            fill_cache(feed.images, run.workers)
     trackers = Trackers(tracking.open(output.name, _tracked_parameters(run), run.work, state.history), log)
     try:
         result = _fit_and_publish(run, stepper, state, train_feed, val_feed, bad, files, caches, log, progress,
