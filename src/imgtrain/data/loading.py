@@ -104,7 +104,8 @@ def open_caches(folder: Path, caches: dict[str, tuple[int, int, bool]], *, make:
     return opened
 
 
-def fill_cache(images: ImageDataset, workers: int) -> None:
+def fill_cache(images: ImageDataset, workers: int, log: Callable[[str], None] = lambda message: None,
+               what: str = "images") -> None:
     """Decode every image the cache does not hold yet, with ``workers`` processes, before a CPU run's first epoch.
 
     On a CPU the model's threads and the decoding workers share the same cores: decoding while the first epoch
@@ -114,6 +115,7 @@ def fill_cache(images: ImageDataset, workers: int) -> None:
     cache = images.cache
     if cache is None or workers == 0 or cache.complete():
         return
+    log(f"decoding the {len(images):,} {what} into the cache with {workers} processes")
     loader = DataLoader(_Decoding(images), batch_size=64, num_workers=workers, collate_fn=_nothing,
                         generator=torch.Generator().manual_seed(0), worker_init_fn=_end_quietly_on_sigterm)
     for _ in loader:

@@ -301,8 +301,8 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
     train_feed, val_feed, bad = _feeders(run, caches, log)
     _describe(run, stepper, caches, log)
     if run.device.type == "cpu" and world.size == 1:
-        for feed in (train_feed, val_feed):
-            fill_cache(feed.images, run.workers)
+        for feed, what in ((train_feed, "training images"), (val_feed, "validation images")):
+            fill_cache(feed.images, run.workers, log, what)
     trackers = Trackers(tracking.open(output.name, _tracked_parameters(run), run.work, state.history), log)
     try:
         result = _fit_and_publish(run, stepper, state, train_feed, val_feed, bad, files, caches, log, progress,
@@ -619,9 +619,10 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
         log(f"transformation {params.transformation}: {t.describe()}")
         augmentation = "the transformation's random operations" if t.random else "none"
     log(f"device {run.device}, precision {run.precision}, image size {run.image_size}, batch size "
-        f"{params.batch_size}, learning rate {run.learning_rate:g}, {params.optimizer}, augmentation "
-        f"{augmentation}, up to {params.epochs} epochs, patience {params.patience}, {run.workers} data "
-        f"workers, decoded-image cache {'on' if any(caches.values()) else 'off'}, {stepper.threads.describe()}")
+        f"{params.batch_size}, learning rate {run.learning_rate:g}, {params.optimizer}"
+        f"{' with ema' if params.ema else ''}, augmentation {augmentation}, up to {params.epochs} epochs, patience "
+        f"{params.patience}, {run.workers} data workers, decoded-image cache "
+        f"{'on' if any(caches.values()) else 'off'}, {stepper.threads.describe()}")
     training, validation = run.class_counts
     log(f"{balance.describe(run.train_set.categories, training, validation)}; "
         f"{option('class_weights', params.class_weights)}, {option('sampler', params.sampler)}"
