@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import re
 import shutil
 import subprocess
 import sys
@@ -173,7 +174,7 @@ outputs:
     return file
 
 
-def test_a_rerun_runs_only_what_changed_and_gives_the_same_bytes(tmp_path, labelled_folder):
+def test_a_rerun_runs_only_what_changed_and_gives_the_same_bytes(tmp_path, labelled_folder, monkeypatch):
     from imgtrain.pipeline.run import run_pipeline
 
     file = _small_pipeline(tmp_path, labelled_folder, epochs=1)
@@ -196,6 +197,14 @@ def test_a_rerun_runs_only_what_changed_and_gives_the_same_bytes(tmp_path, label
                                                    "train": False, "score": False, "evaluate": False}
     assert (tmp_path / "out3" / "model" / "model.safetensors").read_bytes() != (
         tmp_path / "out1" / "model" / "model.safetensors").read_bytes()
+    # Other code (a new default, a new way to compute, under the same version number): nothing is reused. The
+    # digest is of imgtrain's source files as they lie; here it stands for an edited one.
+    from imgtrain.pipeline import run
+
+    assert re.fullmatch(r"[0-9a-f]{64}", run.code_digest.__wrapped__())
+    monkeypatch.setattr(run, "code_digest", lambda: "another version of the code")
+    rerun = run_pipeline(file, tmp_path / "out4", log=lambda m: None)
+    assert [r.reused for r in rerun] == [False] * 6
 
 
 def test_a_killed_run_leaves_no_half_entry(tmp_path, labelled_folder):

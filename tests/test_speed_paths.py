@@ -61,9 +61,13 @@ def test_a_cpu_run_fills_the_cache_first_on_every_core(tmp_path, image_dirs):
     paths.append(tmp_path / "bad.png")
     cache = DecodedImageCache(tmp_path / "c", count=len(paths), size=32)
     dataset = ImageDataset(paths, None, 32, cache=cache)
-    fill_cache(dataset, workers=2)
+    said: list[str] = []
+    fill_cache(dataset, 2, said.append, "training images")
+    assert said == [f"decoding {len(paths)} training images into the cache with 2 processes"]
     assert cache.complete() and cache.get(len(paths) - 1) is False
     assert all(torch.equal(cache.get(i), Preparation(32).load(str(p))) for i, p in enumerate(paths[:-1]))
+    fill_cache(dataset, 2, said.append, "training images")  # a resumed run: nothing left to decode, nothing said
+    assert len(said) == 1
 
 
 def test_precision_choices(tmp_path, image_dirs):

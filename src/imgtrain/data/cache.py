@@ -148,6 +148,11 @@ class DecodedImageCache:
         self._open()
         return bool(np.count_nonzero((self._state == _FILLED) | (self._state == _BAD)) == self.count)
 
+    def undecided(self) -> np.ndarray:
+        """The indices of the images never put here yet (neither stored, nor known bad or too large)."""
+        self._open()
+        return np.flatnonzero(self._state == _EMPTY)
+
     def remove(self) -> None:
         self._opened_by = None
         for key in ("_pixels", "_state", "_shapes"):

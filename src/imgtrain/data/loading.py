@@ -113,11 +113,15 @@ def fill_cache(images: ImageDataset, workers: int, log: Callable[[str], None] = 
     trained at 256 img/s, the next ones at 337). Decoded first, on every core, the first epoch is as fast as the
     others, for the same decoding work. A GPU run keeps decoding beside its steps, which run on the GPU."""
     cache = images.cache
-    if cache is None or workers == 0 or cache.complete():
+    if cache is None or workers == 0:
         return
-    log(f"decoding the {len(images):,} {what} into the cache with {workers} processes")
-    loader = DataLoader(_Decoding(images), batch_size=64, num_workers=workers, collate_fn=_nothing,
-                        generator=torch.Generator().manual_seed(0), worker_init_fn=_end_quietly_on_sigterm)
+    undecided = cache.undecided()  # a resumed run's cache is full, or holds what was decoded before it stopped
+    if len(undecided) == 0:
+        return
+    log(f"decoding {len(undecided):,} {what} into the cache with {workers} processes")
+    loader = DataLoader(torch.utils.data.Subset(_Decoding(images), undecided.tolist()), batch_size=64,
+                        num_workers=workers, collate_fn=_nothing, generator=torch.Generator().manual_seed(0),
+                        worker_init_fn=_end_quietly_on_sigterm)
     for _ in loader:
         pass
 

@@ -15,6 +15,7 @@ pipeline's inputs, its file or its cache.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -150,9 +151,23 @@ def _check_places(pipeline: Pipeline, output: Path, store: Path, *, overwrite: b
 def _key(step: Step, digests: dict[str, str], keys: dict[str, str]) -> str:
     reads = {port: digests[s.input] if s.input is not None else f"{keys[s.job]}/{s.port}"
              for port, s in sorted(step.inputs.items())}
-    what = {"component": step.component.name, "imgtrain": __version__, "parameters": step.parameters,
-            "inputs": reads}
+    what = {"component": step.component.name, "imgtrain": __version__, "code": code_digest(),
+            "parameters": step.parameters, "inputs": reads}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@functools.cache
+def code_digest() -> str:
+    """The digest of imgtrain's own source files. A step's result depends on the code as much as on what the
+    file says: a new default (the weights' average) or a new way to compute (precise BatchNorm) changes the
+    model a step gives under the same version number and the same parameters, so the cache keys on the code."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parents[1]
+    for file in sorted(package.rglob("*.py")):
+        name = file.relative_to(package).as_posix().encode()
+        data = file.read_bytes()
+        digest.update(len(name).to_bytes(8, "little") + name + len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
 
 
 def _folder_digest(path: Path) -> str:

@@ -300,7 +300,8 @@ def _train(untrained_model, training_data, validation_data, output: Path, params
                          shared=world.local_size == world.size, barrier=world.barrier, log=log)
     train_feed, val_feed, bad = _feeders(run, caches, log)
     _describe(run, stepper, caches, log)
-    if run.device.type == "cpu" and world.size == 1:
+    # With --on-bad-image fail, the first bad image stops the run as soon as a batch holds it, not after every image
+    if run.device.type == "cpu" and world.size == 1 and params.on_bad_image != "fail":
         for feed, what in ((train_feed, "training images"), (val_feed, "validation images")):
             fill_cache(feed.images, run.workers, log, what)
     trackers = Trackers(tracking.open(output.name, _tracked_parameters(run), run.work, state.history), log)
