@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,51 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None) -> subproce
     if check and result.returncode != 0:
         raise AssertionError(f"imgtrain {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# The warning filters of an interpreter started without -W or PYTHONWARNINGS, as `imgtrain` is (pytest sets its own)
+_FRESH_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                  ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                  ("ignore", ResourceWarning, "")]
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@pytest.fixture
+def cli_in_process(capfd):
+    """``imgtrain ARGS`` run by the function its process runs, ``imgtrain.cli.main``, in this process: without
+    the 3 to 4 s of importing torch that each process of the command pays. Returned as ``run_cli`` returns it:
+    the exit code, and what reached file descriptors 1 and 2 (the warnings a fresh interpreter prints among
+    them; an exception main() lets out fails the test, where the process would print its traceback).
+
+    For commands that stop with an error, or finish a small job without state that outlives it in the process
+    (an MLflow run does): each kind of result is also had from a real process of the command elsewhere
+    (run_cli)."""
+    from imgtrain.cli import main
+
+    def run(*args) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        capfd.readouterr()  # what came before
+        environ = dict(os.environ)  # what the command sets in its environment goes with it, as with its process
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module in reversed(_FRESH_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module)
+            warnings.showwarning = _print_warning
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse's errors (2) and --help (0)
+                code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+            finally:
+                for key in set(os.environ) - set(environ):
+                    del os.environ[key]
+                os.environ.update(environ)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["imgtrain", *argv], code, out, err)
+
+    return run
 
 
 @contextlib.contextmanager
