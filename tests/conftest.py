@@ -187,6 +187,26 @@ def trained_model(tmp_path_factory, image_dirs) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def two_epoch_run(tmp_path_factory, image_dirs):
+    """ResNet-18 trained 2 epochs at 32 px in batches of 8 (precision auto), by the parameters that change no
+    result, ``two_epoch_run(cache=True, num_workers=0)``: each trained once for the session, when a test first
+    asks for it. Read only: a test that changes one works on a copy."""
+    from imgtrain import train_pytorch_model
+
+    runs = {}
+
+    def run(cache: bool = True, num_workers: int = 0):
+        if (cache, num_workers) not in runs:
+            out = tmp_path_factory.mktemp("two-epochs") / "m"
+            runs[cache, num_workers] = train_pytorch_model(
+                image_dirs["untrained"], image_dirs["train"], image_dirs["val"], out, epochs=2, batch_size=8,
+                image_size=32, cache=cache, num_workers=num_workers, log=lambda m: None)
+        return runs[cache, num_workers]
+
+    return run
+
+
 def foreign_images() -> dict[str, bytes]:
     """Images of formats imgtrain does not read (Pillow would take the first two), and content no decoder takes,
     each under a name that says otherwise: a file's name is no guide to which decoder its bytes reach."""

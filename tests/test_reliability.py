@@ -564,6 +564,12 @@ def test_existing_output_needs_overwrite(tmp_path, image_dirs):
 
 # --- checkpoints and exact resume -------------------------------------------------------------
 
+@pytest.fixture
+def finished(two_epoch_run) -> Path:
+    """An uninterrupted run of TRAIN, made once for the session: the tests below copy it, or compare with it."""
+    return two_epoch_run(cache=True, num_workers=0).output
+
+
 class Interrupt(BaseException):
     pass
 
@@ -613,9 +619,9 @@ def test_dropout_masks_depend_on_neither_the_data_workers_nor_a_resume(tmp_path,
         assert (result.output / "model.safetensors").read_bytes() == weights
 
 
-def test_resume_when_complete_changes_nothing(tmp_path, image_dirs):
+def test_resume_when_complete_changes_nothing(tmp_path, image_dirs, finished):
     d = image_dirs
-    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
+    shutil.copytree(finished, tmp_path / "m")
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "m").iterdir()}
     r = run_cli("train-pytorch-model", "--untrained-model", d["untrained"], "--training-data", d["train"],
                 "--validation-data", d["val"], "--output", tmp_path / "m", "--epochs", "2", "--batch-size", "8",
@@ -632,13 +638,12 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path, image_dirs):
     assert any("no checkpoint" in line and "starting from scratch" in line for line in logs)
 
 
-def test_killed_between_the_last_epoch_and_publishing_then_resume_publishes(tmp_path, image_dirs):
+def test_killed_between_the_last_epoch_and_publishing_then_resume_publishes(tmp_path, image_dirs, finished):
     d = image_dirs
-    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
-    weights = (tmp_path / "m" / "model.safetensors").read_bytes()
+    weights = (finished / "model.safetensors").read_bytes()
     # What a kill leaves at that moment: the finished model directory still in the work directory,
     # perhaps with the checkpoint, a cache and a partial file not yet removed.
-    os.rename(tmp_path / "m", tmp_path / ".imgtrain-resume-m")
+    shutil.copytree(finished, tmp_path / ".imgtrain-resume-m")
     for leftover in ("checkpoint.safetensors", "cache-training-32.pixels", "metrics.csv.partial"):
         (tmp_path / ".imgtrain-resume-m" / leftover).write_bytes(b"x")
     logs: list[str] = []
@@ -819,10 +824,9 @@ def test_a_run_in_progress_is_left_alone_and_a_dead_ones_pid_is_not_believed(tmp
         other.wait()
 
 
-def test_resume_moves_a_finished_run_into_place_in_one_line(tmp_path, image_dirs, cli_in_process):
+def test_resume_moves_a_finished_run_into_place_in_one_line(tmp_path, image_dirs, finished, cli_in_process):
     d = image_dirs
-    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
-    os.rename(tmp_path / "m", tmp_path / ".imgtrain-resume-m")  # killed before it was moved into place
+    shutil.copytree(finished, tmp_path / ".imgtrain-resume-m")  # killed before it was moved into place
     args = ["train", "--untrained-model", d["untrained"], "--training-data", d["train"], "--validation-data",
             d["val"], "--output", tmp_path / "m", "--batch-size", "8", "--image-size", "32", "--num-workers", "0"]
     r = cli_in_process(*args, "--epochs", "3", "--resume")
@@ -836,9 +840,9 @@ def test_resume_moves_a_finished_run_into_place_in_one_line(tmp_path, image_dirs
     assert (tmp_path / "m" / "model.safetensors").exists() and not (tmp_path / ".imgtrain-resume-m").exists()
 
 
-def test_a_rerun_without_resume_keeps_the_checkpoint_and_says_what_to_do(tmp_path, image_dirs, cli_in_process):
+def test_a_rerun_without_resume_keeps_the_checkpoint_and_says_what_to_do(tmp_path, image_dirs, finished,
+                                                                          cli_in_process):
     d = image_dirs
-    reference = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "ref", **TRAIN, **QUIET)
     with pytest.raises(Interrupt):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1), **TRAIN)
     work = tmp_path / ".imgtrain-resume-m"
@@ -854,8 +858,7 @@ def test_a_rerun_without_resume_keeps_the_checkpoint_and_says_what_to_do(tmp_pat
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", **TRAIN, **QUIET)
     restarted = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", restart=True,
                                     **TRAIN, **QUIET)
-    assert (restarted.output / "model.safetensors").read_bytes() == (
-        reference.output / "model.safetensors").read_bytes()
+    assert (restarted.output / "model.safetensors").read_bytes() == (finished / "model.safetensors").read_bytes()
     assert not work.exists()
 
 
