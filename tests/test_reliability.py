@@ -582,16 +582,16 @@ def _interrupt_after(epoch: int):
 
 
 def test_resume_continues_exactly(tmp_path, image_dirs):
-    d, args = image_dirs, {**TRAIN, "epochs": 4, "num_workers": 2}
+    d, args = image_dirs, {**TRAIN, "epochs": 3, "num_workers": 2}
     reference = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "ref", **args, **QUIET)
     with pytest.raises(Interrupt):
-        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(2), **args)
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1), **args)
     assert not (tmp_path / "m").exists() and (tmp_path / ".imgtrain-resume-m" / "checkpoint.safetensors").exists()
     logs: list[str] = []
     resumed = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
                                   log=logs.append, **args)
-    assert any("resuming" in line and "after epoch 2" in line for line in logs)
-    assert sum(line.startswith("epoch ") for line in logs) == 2  # epochs 3 and 4 only
+    assert any("resuming" in line and "after epoch 1" in line for line in logs)
+    assert sum(line.startswith("epoch ") for line in logs) == 2  # epochs 2 and 3 only
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
     assert [m.validation_loss for m in resumed.history] == [m.validation_loss for m in reference.history]
     assert not (tmp_path / ".imgtrain-resume-m").exists() and not (tmp_path / "m" / "checkpoint.safetensors").exists()
@@ -657,7 +657,7 @@ def test_killed_between_the_last_epoch_and_publishing_then_resume_publishes(tmp_
 
 
 def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
-    d, args = image_dirs, {**TRAIN, "epochs": 3}
+    d, args = image_dirs, TRAIN
     with pytest.raises(Interrupt):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1), **args)
     work = tmp_path / ".imgtrain-resume-m"
@@ -689,7 +689,7 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
     # the checkpoint is still there, and the same command resumes it (without the cache: it goes)
     result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, cache=False,
                                  **args, **QUIET)
-    assert result.stopped_epoch == 3
+    assert result.stopped_epoch == 2
     assert sorted(f.name for f in (tmp_path / "m").iterdir()) == [
         "_meta.yaml", "index_to_label.csv", "metrics.csv", "metrics.jsonl", "model.safetensors", "model_spec.yaml",
         "report.html", "training_images.png"]
@@ -864,7 +864,7 @@ def test_a_rerun_without_resume_keeps_the_checkpoint_and_says_what_to_do(tmp_pat
 
 def test_resume_with_more_epochs_trains_on(tmp_path, image_dirs):
     d, args = image_dirs, {**TRAIN, "patience": 9}
-    fresh = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "fresh", **{**args, "epochs": 5},
+    fresh = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "fresh", **{**args, "epochs": 4},
                                 **QUIET)
     with pytest.raises(Interrupt):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(2),
@@ -883,14 +883,14 @@ def test_resume_with_more_epochs_trains_on(tmp_path, image_dirs):
         "from the best of them")
     logs.clear()
     result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
-                                 log=logs.append, **{**args, "epochs": 5})
-    assert any("training on to 5 epochs instead of 3" in line for line in logs)
-    assert result.stopped_epoch == 5 and len(result.history) == 5
-    # Epochs 3 to 5 follow the 5-epoch schedule from where the checkpoint stood.
+                                 log=logs.append, **{**args, "epochs": 4})
+    assert any("training on to 4 epochs instead of 3" in line for line in logs)
+    assert result.stopped_epoch == 4 and len(result.history) == 4
+    # Epochs 3 and 4 follow the 4-epoch schedule from where the checkpoint stood.
     assert [m.learning_rate for m in result.history[2:]] == pytest.approx(
         [m.learning_rate for m in fresh.history[2:]], rel=1e-6)
     assert result.history[1].learning_rate != pytest.approx(fresh.history[1].learning_rate)  # done as a 3-epoch run
-    with pytest.raises(CheckpointMismatchError, match="is a finished run of 5 epochs, and its checkpoint is gone"):
+    with pytest.raises(CheckpointMismatchError, match="is a finished run of 4 epochs, and its checkpoint is gone"):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True,
                             **{**args, "epochs": 7}, **QUIET)
 
