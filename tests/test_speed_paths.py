@@ -74,7 +74,7 @@ def test_precision_choices(tmp_path, image_dirs):
     d = image_dirs
     for precision in ("fp16", "fp32"):  # fp16 runs the GPU's loss-scaling path, here on the CPU
         result = train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / precision, precision=precision,
-                                     num_workers=0, **TRAIN, **QUIET)
+                                     num_workers=0, **{**TRAIN, "epochs": 1}, **QUIET)
         spec = load_trained_model(result.output).spec
         assert spec.training["precision"] == precision
         assert np.isfinite(result.best_validation_loss)
