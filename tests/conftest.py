@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,51 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None) -> subproce
     if check and result.returncode != 0:
         raise AssertionError(f"imgtrain {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# The warning filters of an interpreter started without -W or PYTHONWARNINGS, as `imgtrain` is (pytest sets its own)
+_FRESH_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                  ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                  ("ignore", ResourceWarning, "")]
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@pytest.fixture
+def cli_in_process(capfd):
+    """``imgtrain ARGS`` run by the function its process runs, ``imgtrain.cli.main``, in this process: without
+    the 3 to 4 s of importing torch that each process of the command pays. Returned as ``run_cli`` returns it:
+    the exit code, and what reached file descriptors 1 and 2 (the warnings a fresh interpreter prints among
+    them; an exception main() lets out fails the test, where the process would print its traceback).
+
+    For commands that stop with an error, or finish a small job without state that outlives it in the process
+    (an MLflow run does): each kind of result is also had from a real process of the command elsewhere
+    (run_cli)."""
+    from imgtrain.cli import main
+
+    def run(*args) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        capfd.readouterr()  # what came before
+        environ = dict(os.environ)  # what the command sets in its environment goes with it, as with its process
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module in reversed(_FRESH_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module)
+            warnings.showwarning = _print_warning
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse's errors (2) and --help (0)
+                code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+            finally:
+                for key in set(os.environ) - set(environ):
+                    del os.environ[key]
+                os.environ.update(environ)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["imgtrain", *argv], code, out, err)
+
+    return run
 
 
 @contextlib.contextmanager
@@ -139,6 +185,26 @@ def trained_model(tmp_path_factory, image_dirs) -> Path:
     train_pytorch_model(image_dirs["untrained"], image_dirs["train"], image_dirs["val"], out,
                         epochs=3, batch_size=8, image_size=32, num_workers=0, precision="fp32", log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def two_epoch_run(tmp_path_factory, image_dirs):
+    """ResNet-18 trained 2 epochs at 32 px in batches of 8 (precision auto), by the parameters that change no
+    result, ``two_epoch_run(cache=True, num_workers=0)``: each trained once for the session, when a test first
+    asks for it. Read only: a test that changes one works on a copy."""
+    from imgtrain import train_pytorch_model
+
+    runs = {}
+
+    def run(cache: bool = True, num_workers: int = 0):
+        if (cache, num_workers) not in runs:
+            out = tmp_path_factory.mktemp("two-epochs") / "m"
+            runs[cache, num_workers] = train_pytorch_model(
+                image_dirs["untrained"], image_dirs["train"], image_dirs["val"], out, epochs=2, batch_size=8,
+                image_size=32, cache=cache, num_workers=num_workers, log=lambda m: None)
+        return runs[cache, num_workers]
+
+    return run
 
 
 def foreign_images() -> dict[str, bytes]:

@@ -47,11 +47,12 @@ def test_short_names(tmp_path, labelled_folder):
     assert "--warmup-steps EPOCHS" in run_cli("train", "--help").stdout
 
 
-def test_errors_speak_python_in_python_and_flags_on_the_command_line(tmp_path, image_dirs, monkeypatch):
+def test_errors_speak_python_in_python_and_flags_on_the_command_line(tmp_path, image_dirs, monkeypatch,
+                                                                     cli_in_process):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no weights there
     with pytest.raises(WeightsUnavailableError, match="or pass pretrained=False to train from scratch"):
         resnet(tmp_path / "r", model_name="resnet18")
-    r = run_cli("resnet", "--model-name", "resnet18", "--output", tmp_path / "r", check=False)
+    r = cli_in_process("resnet", "--model-name", "resnet18", "--output", tmp_path / "r")
     assert r.returncode == 1 and "or pass --no-pretrained to train from scratch" in r.stderr
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
@@ -62,8 +63,9 @@ def test_errors_speak_python_in_python_and_flags_on_the_command_line(tmp_path, i
     with pytest.raises(NotInRangeValueError, match=r"parameter batch_size is 1, allowed: \[2, 27\]"):
         train_pytorch_model(image_dirs["untrained"], image_dirs["train"], image_dirs["val"], tmp_path / "m",
                             batch_size=1, log=lambda m: None)
-    r = run_cli("train", "--untrained-model", image_dirs["untrained"], "--training-data", image_dirs["train"],
-                "--validation-data", image_dirs["val"], "--output", tmp_path / "m", "--batch-size", "1", check=False)
+    r = cli_in_process("train", "--untrained-model", image_dirs["untrained"], "--training-data", image_dirs["train"],
+                       "--validation-data", image_dirs["val"], "--output", tmp_path / "m", "--batch-size", "1")
+    assert r.returncode == 1
     assert "error: NotInRangeValueError: parameter --batch-size is 1, allowed: [2, 27]" in r.stderr
 
 

@@ -157,20 +157,20 @@ def test_opset_is_refused_for_pt2(trained_model, tmp_path):
                                 "operators, which have no opset. leave out --opset, or pass --format onnx")
 
 
-def test_a_refused_export_is_a_named_error(trained_model, tmp_path):
+def test_a_refused_export_is_a_named_error(trained_model, tmp_path, cli_in_process):
     """An opset torch's exporter cannot write is refused before any work, naming the ones it can (7 and 99 were
-    exported as opset 18, then refused with a hint to try 18 or later)."""
+    exported as opset 18, then refused with a hint to try 18 or later). (The command's own process, its exit code
+    and stderr, is test_opset_is_refused_for_pt2's.)"""
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
     for opset in ("7", "99"):
-        r = run_cli("export", trained_model, "--format", "onnx", "--opset", opset, "--output", tmp_path / "old",
-                    check=False)
+        r = cli_in_process("export", trained_model, "--format", "onnx", "--opset", opset, "--output", tmp_path / "old")
         assert r.returncode == 1 and not (tmp_path / "old").exists()
         assert r.stderr == (f"error: NotInRangeValueError: parameter --opset is {opset}, allowed: [18, {newest}]. pass "
                             f"an --opset from 18 (torch's exporter writes no older one) to {newest} (the newest the "
                             "installed onnx knows)\n"), r.stderr
-    r = run_cli("export", trained_model, "--format", "torchscript", "--output", tmp_path / "ts", check=False)
+    r = cli_in_process("export", trained_model, "--format", "torchscript", "--output", tmp_path / "ts")
     assert r.returncode != 0 and "Traceback" not in r.stderr and not (tmp_path / "ts").exists()
 
 

@@ -156,7 +156,7 @@ def test_designer_specs_with_hostile_fields(tmp_path_factory, designer, changes,
 
 
 def test_a_report_of_a_designer_model_and_of_a_data_set_another_model_scored(designer, trained_model, image_dirs,
-                                                                            tmp_path):
+                                                                            tmp_path, cli_in_process):
     """The designer records no training history: `report` writes what the model has and says what is missing.
     A data set scored by another model (here the designer's, the same network in another file) is refused,
     since its mistakes would be explained with a model that did not make them; the same model moved is not."""
@@ -174,20 +174,23 @@ def test_a_report_of_a_designer_model_and_of_a_data_set_another_model_scored(des
     assert "No training curves" in page and "resnet18" in page and "Evaluation on scored-by-designer" in page
     assert all(label in page for label in load_trained_model(trained_model).labels)
 
-    r = run_cli("report", trained_model, "--scored-dataset", tmp_path / "scored-by-designer", "--output",
-                tmp_path / "mixed.html", check=False)
+    r = cli_in_process("report", trained_model, "--scored-dataset", tmp_path / "scored-by-designer", "--output",
+                       tmp_path / "mixed.html")
     assert r.returncode == 1 and r.stderr.startswith("error: InvalidDatasetError: "), r.stderr
     assert f"was scored by another model ({designer['trained'].resolve()}), not {trained_model}" in r.stderr
     assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "mixed.html").exists()
 
     moved = tmp_path / "moved-model"
     shutil.copytree(designer["trained"], moved)
-    run_cli("report", moved, "--scored-dataset", tmp_path / "scored-by-designer", "--output", tmp_path / "ok.html")
+    r = cli_in_process("report", moved, "--scored-dataset", tmp_path / "scored-by-designer", "--output",
+                       tmp_path / "ok.html")
+    assert r.returncode == 0, r.stderr
 
     # images of classes the model never knew (a table of another tool's, with no record of who scored it)
     from test_score_evaluate import _scored_csv
 
     known = load_trained_model(trained_model).labels
     photos = _scored_csv(tmp_path / "photos", ["cat", "dog", known[0]], known, known)
-    r = run_cli("report", designer["trained"], "--scored-dataset", photos, "--output", tmp_path / "photos.html")
+    r = cli_in_process("report", designer["trained"], "--scored-dataset", photos, "--output", tmp_path / "photos.html")
+    assert r.returncode == 0, r.stderr
     assert "warning: 2 of 3 scored images have a true label the model does not know (cat, dog)" in r.stderr, r.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_image, run_cli
+from conftest import make_image
 
 RUNTIMES = [name for name in ("onnxruntime", "openvino") if importlib.util.find_spec(name)]
 
@@ -102,7 +102,8 @@ def _refused(call, error, message: str, out: Path | None = None):
 
 
 @pytest.mark.skipif(not RUNTIMES, reason="needs onnxruntime's quantizer (imgtrain[onnxruntime])")
-def test_int8_calibration_and_held_out_sets_are_checked_before_any_work(trained_model, image_dirs, tmp_path):
+def test_int8_calibration_and_held_out_sets_are_checked_before_any_work(trained_model, image_dirs, tmp_path,
+                                                                         cli_in_process):
     from imgtrain.deploy.export import export_model
     from imgtrain.directories.image_directory import ImageDirectory, write_image_directory_files
     from imgtrain.errors import InvalidDatasetError, InvalidParameterError
@@ -125,8 +126,7 @@ def test_int8_calibration_and_held_out_sets_are_checked_before_any_work(trained_
                                                                   validation_data=v, log=lines.append),
                  error, message, out)
     assert not any("Quantizing" in line for line in lines), lines
-    r = run_cli("export", trained_model, "--calibration-data", image_dirs["train"], "--output", tmp_path / "x",
-                check=False)
+    r = cli_in_process("export", trained_model, "--calibration-data", image_dirs["train"], "--output", tmp_path / "x")
     assert r.returncode == 1 and r.stderr.strip() == ("error: InvalidParameterError: --calibration-data and "
                                                       "--validation-data are for --int8. add --int8, or leave them "
                                                       "out"), r.stderr
@@ -150,7 +150,8 @@ def test_an_int8_export_that_loses_accuracy_is_refused_and_nothing_is_written(tr
 
 
 @pytest.mark.skipif("onnxruntime" not in RUNTIMES, reason="imgtrain[onnxruntime] is not installed")
-def test_damaged_or_mismatched_exports_are_named_before_any_work(trained_model, image_dirs, tmp_path):
+def test_damaged_or_mismatched_exports_are_named_before_any_work(trained_model, image_dirs, tmp_path,
+                                                                   cli_in_process):
     import onnx
 
     from imgtrain import predict
@@ -208,8 +209,8 @@ def test_damaged_or_mismatched_exports_are_named_before_any_work(trained_model, 
             (mixed / item.name).write_bytes(item.read_bytes())
     (mixed / "model.onnx").write_bytes(good.read_bytes())
     assert open_model(mixed).format == "directory"
-    r = run_cli("score-image-model", "--trained-model", truncated, "--dataset", image_dirs["val"], "--output",
-                tmp_path / "scored", check=False)
+    r = cli_in_process("score-image-model", "--trained-model", truncated, "--dataset", image_dirs["val"], "--output",
+                       tmp_path / "scored")
     assert r.returncode == 1 and not (tmp_path / "scored").exists(), r.stderr
     assert r.stderr.startswith(f"error: InvalidModelFileError: {truncated} cannot be read as ONNX") \
         and len(r.stderr.strip().splitlines()) == 1, r.stderr

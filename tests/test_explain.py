@@ -72,7 +72,8 @@ def test_a_model_that_must_look_at_a_corner_is_seen_looking_there(corner_model, 
         (f"{n:03d}.png", e.image, e.truth, e.predicted, e.method) for n, e in enumerate(found)]
 
 
-def test_transformers_get_integrated_gradients_and_the_cli_names_mistakes_first(corner_model, tmp_path):
+def test_transformers_get_integrated_gradients_and_the_cli_names_mistakes_first(corner_model, tmp_path,
+                                                                                 cli_in_process):
     from imgtrain.models.registry import build_model
     from imgtrain.scoring.explain import method_for, saliency
 
@@ -84,11 +85,11 @@ def test_transformers_get_integrated_gradients_and_the_cli_names_mistakes_first(
     r = run_cli("explain", "--trained-model", corner_model["model"], "--dataset", corner_model["val"], "--images",
                 "3", "--output", tmp_path / "e")
     assert "Explanations of 3 images written to" in r.stderr
-    again = run_cli("explain", "--trained-model", corner_model["model"], "--dataset", corner_model["val"],
-                    "--output", tmp_path / "e", check=False)
+    again = cli_in_process("explain", "--trained-model", corner_model["model"], "--dataset", corner_model["val"],
+                           "--output", tmp_path / "e")
     assert again.returncode == 1 and "OutputExistsError" in again.stderr
     if not torch.cuda.is_available():  # tests/test_cuda.py explains on a GPU where there is one
-        gpu = run_cli("explain", "--trained-model", corner_model["model"], "--dataset", corner_model["val"],
-                      "--output", tmp_path / "g", "--device", "cuda", check=False)
+        gpu = cli_in_process("explain", "--trained-model", corner_model["model"], "--dataset", corner_model["val"],
+                             "--output", tmp_path / "g", "--device", "cuda")
         assert gpu.returncode == 1 and "no CUDA GPU is available" in gpu.stderr and "Traceback" not in gpu.stderr
         assert not (tmp_path / "g").exists()

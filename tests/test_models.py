@@ -7,7 +7,6 @@ import torch
 import torchvision
 import yaml
 
-from conftest import run_cli
 from imgtrain import densenet, resnet
 from imgtrain.directories.model_directory import load_model_spec
 from imgtrain.errors import InvalidParameterError, WeightsUnavailableError
@@ -34,7 +33,7 @@ def test_model_names_match_the_designer():
         resnet("unused", model_name="densenet121")
 
 
-def test_offline_without_cached_weights_names_the_file(tmp_path, monkeypatch):
+def test_offline_without_cached_weights_names_the_file(tmp_path, monkeypatch, cli_in_process):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(WeightsUnavailableError) as err:
         resnet(tmp_path / "out", model_name="resnet18")
@@ -42,7 +41,7 @@ def test_offline_without_cached_weights_names_the_file(tmp_path, monkeypatch):
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in text
     assert "pretrained=False" in text and "download.pytorch.org" in text  # in Python, Python's words
     assert not (tmp_path / "out").exists()
-    r = run_cli("densenet", "--output", tmp_path / "d", check=False, env={"TORCH_HOME": str(tmp_path / "torch")})
+    r = cli_in_process("densenet", "--output", tmp_path / "d")  # TORCH_HOME as above
     assert r.returncode == 1 and r.stderr.startswith("error: WeightsUnavailableError: pretrained weights for "
                                                      "densenet201 are not cached")
     assert len(r.stderr.strip().splitlines()) == 1

@@ -345,7 +345,7 @@ def test_an_exported_transformation_model_fed_by_its_metadata_answers_as_scoring
 
 
 def test_a_transformation_trains_deterministically_and_is_named_when_wrong(trained_with_transformation, image_dirs,
-                                                                            tmp_path):
+                                                                            tmp_path, cli_in_process):
     from imgtrain import train_pytorch_model
 
     class Interrupt(BaseException):
@@ -372,7 +372,7 @@ def test_a_transformation_trains_deterministically_and_is_named_when_wrong(train
                            (["--image-size", "64"], "--image-size 64 disagrees with"),
                            ([], "is not a TransformationDirectory")]:
         given = image_dirs["val"] if not extra else root / "t"
-        r = run_cli(*common, given, *extra, "--output", tmp_path / "x", check=False)
+        r = cli_in_process(*common, given, *extra, "--output", tmp_path / "x")
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "x").exists()
 

@@ -120,11 +120,11 @@ def _pipeline(tmp_path, image_dirs, untrained, **training):
 
 
 def test_googlenet_pretrained_drops_its_auxiliary_classifiers_and_keeps_transform_input(
-        tmp_path, monkeypatch, image_dirs):
+        tmp_path, monkeypatch, image_dirs, cli_in_process):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     place_fake_imagenet_weights("googlenet")
-    run_cli("image-model", "--model-name", "googlenet", "--output", tmp_path / "untrained",
-            env={"TORCH_HOME": str(tmp_path / "torch")})
+    r = cli_in_process("image-model", "--model-name", "googlenet", "--output", tmp_path / "untrained")
+    assert r.returncode == 0, r.stderr
     spec = load_model_spec(tmp_path / "untrained")
     assert spec.options == {"transform_input": True}
     assert spec.preprocessing == {"resize_size": 256, "crop_size": 224, "interpolation": "bilinear",
@@ -161,11 +161,11 @@ def test_vit_from_scratch_fits_the_chosen_size_to_its_patches(tmp_path, image_di
     assert network.image_size == 64 and network.heads.head.out_features == 3
 
 
-def test_sizes_an_architecture_cannot_take_are_refused_before_training(tmp_path, image_dirs):
+def test_sizes_an_architecture_cannot_take_are_refused_before_training(tmp_path, image_dirs, cli_in_process):
     image_model(tmp_path / "maxvit", model_name="maxvit_t", pretrained=False)
-    r = run_cli("train-pytorch-model", "--untrained-model", tmp_path / "maxvit", "--training-data",
-                image_dirs["train"], "--validation-data", image_dirs["val"], "--image-size", "256", "--output",
-                tmp_path / "out", check=False)
+    r = cli_in_process("train-pytorch-model", "--untrained-model", tmp_path / "maxvit", "--training-data",
+                       image_dirs["train"], "--validation-data", image_dirs["val"], "--image-size", "256", "--output",
+                       tmp_path / "out")
     assert r.returncode == 1 and not (tmp_path / "out").exists()
     assert r.stderr.strip() == ("error: ImageSizeError: maxvit_t cannot take 256 px images (--image-size 256); it "
                                 "takes multiples of 224 from 224 to 4032 px. pass --image-size 448, or leave it out "
@@ -219,12 +219,11 @@ def test_a_size_hint_under_a_transformation_is_one_the_user_can_follow(tmp_path,
     assert train(tmp_path / "vit", tmp_path / "shorter", "--image-size", "64").startswith("error: OutputExistsError")
 
 
-def test_unknown_names_get_the_closest_ones(tmp_path):
+def test_unknown_names_get_the_closest_ones(tmp_path, cli_in_process):
     with pytest.raises(InvalidParameterError, match=r"unknown model name 'convnext_tiney' \(did you mean "
                                                     r"convnext_tiny"):
         image_model(tmp_path / "m", model_name="convnext_tiney", pretrained=False)
-    r = run_cli("image-model", "--model-name", "resnet19", "--no-pretrained", "--output", tmp_path / "m",
-                check=False)
+    r = cli_in_process("image-model", "--model-name", "resnet19", "--no-pretrained", "--output", tmp_path / "m")
     assert r.returncode == 1 and "did you mean resnet18" in r.stderr and "imgtrain list-models" in r.stderr
     assert not (tmp_path / "m").exists()
 
@@ -246,7 +245,8 @@ def _fake_timm_weights(hub: Path, name: str) -> torch.nn.Module:
     return network
 
 
-def test_timm_models_pretrained_from_the_hub_cache_and_from_scratch(tmp_path, monkeypatch, image_dirs):
+def test_timm_models_pretrained_from_the_hub_cache_and_from_scratch(tmp_path, monkeypatch, image_dirs,
+                                                                    cli_in_process):
     pytest.importorskip("timm")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     imagenet = _fake_timm_weights(tmp_path / "hub", "convnext_nano")
@@ -276,8 +276,8 @@ def test_timm_models_pretrained_from_the_hub_cache_and_from_scratch(tmp_path, mo
                                                      "timm/resnet18 are not cached and the Hugging Face Hub cannot "
                                                      "be reached (hub.imgtrain-test.invalid: "), r.stderr
     assert len(r.stderr.splitlines()) == 1 and "models--timm--resnet18" in r.stderr
-    listed = run_cli("list-models", "timm/convnext_n*", "--quiet").stdout
-    assert "timm/convnext_nano " in listed
+    listed = cli_in_process("list-models", "timm/convnext_n*", "--quiet")
+    assert listed.returncode == 0 and "timm/convnext_nano " in listed.stdout
 
 
 def test_timm_names_without_timm_say_how_to_install_it(tmp_path):
