@@ -696,19 +696,21 @@ def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
 
 
 def test_a_refused_resume_names_a_parameter_now_at_its_default(tmp_path, image_dirs):
-    """A checkpoint made with --class-weights balanced, --no-ema and an explicit precision, resumed with none of
-    them: all are named, as given then and now (the default class weights left the difference unnamed: 'made
-    with other parameters (by another version of imgtrain?)')."""
+    """A checkpoint made with --class-weights balanced, --no-ema, --lr-schedule cosine and an explicit precision,
+    resumed with none of them: all are named, as given then and now (the default class weights left the difference
+    unnamed: 'made with other parameters (by another version of imgtrain?)')."""
     d = image_dirs
     auto = resolve_precision("auto", torch.device("cpu"))
     other = "fp32" if auto == "bf16" else "bf16"
     with pytest.raises(Interrupt):
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=_interrupt_after(1),
-                            **{**TRAIN, "class_weights": "balanced", "precision": other, "ema": False})
+                            **{**TRAIN, "class_weights": "balanced", "precision": other, "ema": False,
+                               "lr_schedule": "cosine"})
     with speaking_command_line(), pytest.raises(CheckpointMismatchError) as refused:
         train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, **TRAIN, **QUIET)
-    assert (f"made with other parameters: --precision {other} then, --precision auto ({auto}) now; --no-ema then, "
-            "--ema now; --class-weights balanced then, --class-weights none now. run with") in str(refused.value)
+    assert ("made with other parameters: --lr-schedule cosine then, --lr-schedule linear now; --precision "
+            f"{other} then, --precision auto ({auto}) now; --no-ema then, --ema now; --class-weights balanced then, "
+            "--class-weights none now. run with") in str(refused.value)
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path, image_dirs, cli_in_process):

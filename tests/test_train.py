@@ -110,6 +110,9 @@ def test_trained_directory_is_complete_and_self_describing(trained_model, image_
                              "validation_loss", "validation_top1_accuracy", "validation_top5_accuracy",
                              "data_wait_fraction", "seconds"]
     assert len(rows) == spec.training["stopped_epoch"] == 3
+    # the learning rate each epoch starts at: linear to zero at the last step (no warm-up by default)
+    assert spec.training["lr_schedule"] == "linear"
+    assert [float(r["learning_rate"]) for r in rows] == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3], rel=1e-4)
     best = min(rows, key=lambda r: float(r["validation_loss"]))
     assert int(best["epoch"]) == spec.training["best_epoch"]
     assert float(best["validation_top1_accuracy"]) > 0.9  # shades of grey are easy
@@ -122,6 +125,16 @@ def test_trained_directory_is_complete_and_self_describing(trained_model, image_
     assert [list(e) for e in epochs] == [list(rows[0])] * 3
     assert [e["epoch"] for e in epochs] == [1, 2, 3] and all(e["validation_top5_accuracy"] is None for e in epochs)
     assert [e["validation_loss"] for e in epochs] == [float(r["validation_loss"]) for r in rows]
+
+
+def test_the_learning_rate_warms_up_then_falls_to_zero_in_a_line_or_a_cosine():
+    from imgtrain.training.train import _warmup_decay
+
+    linear, cosine = _warmup_decay(2, 12, "linear"), _warmup_decay(2, 12, "cosine")
+    assert [linear(k) for k in range(3)] == [cosine(k) for k in range(3)] == [0.5, 1.0, 1.0]  # 2 warm-up steps
+    assert [linear(k) for k in (2, 4, 7, 11, 12)] == pytest.approx([1.0, 0.8, 0.5, 0.1, 0.0])
+    assert [cosine(k) for k in (2, 7, 12)] == pytest.approx([1.0, 0.5, 0.0])
+    assert cosine(4) == pytest.approx(0.9045, abs=1e-4) and cosine(9) == pytest.approx(0.2061, abs=1e-4)
 
 
 def test_same_seed_same_weights_with_workers(tmp_path, image_dirs):

@@ -183,6 +183,7 @@ def _train(args) -> None:
     params = TrainingParameters(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         random_seed=args.random_seed, patience=args.patience, warmup_epochs=args.warmup_epochs,
+        lr_schedule=args.lr_schedule,
         image_size=args.image_size, device=args.device, precision=args.precision, optimizer=args.optimizer,
         augmentation=args.augmentation, ema=args.ema, num_workers=args.num_workers, on_bad_image=args.on_bad_image,
         cache=args.cache, threads=args.threads, lr_scaling=args.lr_scaling, sync_batchnorm=args.sync_batchnorm,
@@ -444,7 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs without a lower validation loss before stopping early, > 0")
     p.add_argument("--warmup-steps", "--warmup-epochs", dest="warmup_epochs", type=_int, default=0, metavar="EPOCHS",
                    help="the designer's 'Warmup steps', counted in epochs as there: epochs of linear "
-                        "learning-rate warm-up before the cosine decay, >= 0")
+                        "learning-rate warm-up before the decay, >= 0")
+    p.add_argument("--lr-schedule", choices=("linear", "cosine"), default="linear",
+                   help="after the warm-up, the learning rate falls to zero at the last step: in a straight line "
+                        "(linear, the default) or along a cosine (cosine: what imgtrain did before)")
     p.add_argument("--image-size", type=_int, default=None,
                    help="side of the square images the model sees, 32 to 4096 (default: the median shorter side of the "
                         "training images, rounded up to a multiple of 32, between 32 and 224)")

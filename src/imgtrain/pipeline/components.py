@@ -25,9 +25,10 @@ class Component:
 
 
 _TRAINING = {"epochs": INT, "batch_size": INT, "learning_rate": FLOAT, "random_seed": INT, "patience": INT,
-             "warmup_epochs": INT, "image_size": OPTIONAL_INT, "device": STR, "precision": STR, "optimizer": STR,
-             "augmentation": STR, "ema": BOOL, "num_workers": OPTIONAL_INT, "on_bad_image": STR, "cache": BOOL,
-             "lr_scaling": STR, "sync_batchnorm": BOOL, "compile": BOOL, "class_weights": STR, "sampler": STR}
+             "warmup_epochs": INT, "lr_schedule": STR, "image_size": OPTIONAL_INT, "device": STR, "precision": STR,
+             "optimizer": STR, "augmentation": STR, "ema": BOOL, "num_workers": OPTIONAL_INT, "on_bad_image": STR,
+             "cache": BOOL, "lr_scaling": STR, "sync_batchnorm": BOOL, "compile": BOOL, "class_weights": STR,
+             "sampler": STR}
 _TRANSFORMATION = {"resize": BOOL, "size": INT, "center_crop": BOOL, "crop_size": INT, "pad": BOOL, "padding": INT,
                    "color_jitter": BOOL, "grayscale": BOOL, "random_resized_crop": BOOL, "random_size": INT,
                    "random_crop": BOOL, "random_crop_size": INT, "random_horizontal_flip": BOOL,

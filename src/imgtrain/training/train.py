@@ -118,6 +118,7 @@ from imgtrain.training.loop import EpochMetrics, Fit, Stepper, fit
 from imgtrain.training.tracking import DEFAULT_EVERY, MLFLOW_RUN_FILE, Trackers, Tracking
 
 OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("linear", "cosine")  # the decay after the warm-up, to zero at the last step
 LR_SCALINGS = ("auto", "none", "sqrt", "linear")
 CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("uniform", "balanced")
@@ -126,7 +127,8 @@ RESUME_PREFIX = ".imgtrain-resume-"
 _FREE_PARAMETERS = ("num_workers", "device", "on_bad_image", "cache", "threads")
 # Parameters added after runs were first fingerprinted: at these defaults they are left out of the
 # fingerprint, so that a checkpoint or a finished output of an older version still matches.
-_LATER_DEFAULTS = {"class_weights": "none", "sampler": "uniform", "transformation": None, "ema": False}
+_LATER_DEFAULTS = {"class_weights": "none", "sampler": "uniform", "transformation": None, "ema": False,
+                   "lr_schedule": "cosine"}
 BAD_IMAGES_KEPT = 100  # bad images named in the spec (and the report) per data set; the rest are counted
 
 __all__ = ["EpochMetrics", "TrainResult", "TrainingParameters", "train_pytorch_model"]
@@ -142,6 +144,7 @@ class TrainingParameters:
     random_seed: int = 1
     patience: int = 3
     warmup_epochs: int = 0
+    lr_schedule: str = "linear"  # after the warm-up, the learning rate falls to zero at the last step: linear or cosine
     image_size: int | None = None  # None: chosen from the training images
     device: str = "auto"
     precision: str = "auto"
@@ -177,6 +180,7 @@ class TrainingParameters:
             check_range("num_workers", self.num_workers, low=0, high=64)
         self.threads = parse_threads(self.threads)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("augmentation", self.augmentation, AUGMENTATIONS)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("on_bad_image", self.on_bad_image, ON_BAD_IMAGE)
@@ -539,7 +543,8 @@ def _model_and_state(run: _Run, *, resume: bool, log, load: OtherLoad | None) ->
     optimizer = _make_optimizer(network, run.base, params.optimizer, run.learning_rate, device)
     average = WeightAverage(network) if params.ema else None
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch))
+        optimizer, _warmup_decay(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch,
+                                 params.lr_schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
     state = Fit(params.epochs, EarlyStopping(params.patience))
     # Every process built the same network; its dropout masks are its own. A checkpoint's streams replace these:
@@ -619,10 +624,12 @@ def _describe(run: _Run, stepper: Stepper, caches: dict, log) -> None:
         t = run.transformation
         log(f"transformation {params.transformation}: {t.describe()}")
         augmentation = "the transformation's random operations" if t.random else "none"
+    warmup = f"{params.warmup_epochs} epoch{'s' if params.warmup_epochs != 1 else ''} warm-up, then " \
+        if params.warmup_epochs else ""
     log(f"device {run.device}, precision {run.precision}, image size {run.image_size}, batch size "
-        f"{params.batch_size}, learning rate {run.learning_rate:g}, {params.optimizer}"
-        f"{' with ema' if params.ema else ''}, augmentation {augmentation}, up to {params.epochs} epochs, patience "
-        f"{params.patience}, {run.workers} data workers, decoded-image cache "
+        f"{params.batch_size}, learning rate {run.learning_rate:g} ({warmup}{params.lr_schedule} to zero), "
+        f"{params.optimizer}{' with ema' if params.ema else ''}, augmentation {augmentation}, up to {params.epochs} "
+        f"epochs, patience {params.patience}, {run.workers} data workers, decoded-image cache "
         f"{'on' if any(caches.values()) else 'off'}, {stepper.threads.describe()}")
     training, validation = run.class_counts
     log(f"{balance.describe(run.train_set.categories, training, validation)}; "
@@ -941,13 +948,15 @@ def _make_optimizer(model: nn.Module, base: ModelSpec, kind: str, learning_rate:
     return torch.optim.AdamW(param_groups, lr=learning_rate, fused=fused)
 
 
-def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to zero at the last step."""
+def _warmup_decay(warmup_steps: int, total_steps: int, shape: str = "linear") -> Callable[[int], float]:
+    """The learning rate's factor at each step: a linear warm-up, then a decay to zero at the last step, linear
+    (the default: what budgeted training found best for a fixed number of epochs, and measured here at least as
+    good as the cosine on every bench set, better after the first epoch) or cosine (imgtrain's before)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if shape == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
 
