@@ -42,6 +42,10 @@ def test_the_components_are_the_modules_python_functions():
         assert positional == [*required, *component.outputs], component.name
         assert set(component.optional) <= set(component.inputs)
     assert set(SHORT_NAMES.values()) <= set(COMPONENTS)
+    # and a pipeline file reaches every training parameter (torch's threads are the machine's, not the pipeline's)
+    train = COMPONENTS["train-pytorch-model"]
+    assert {f.name for f in dataclasses.fields(TrainingParameters)} - {"threads"} <= {*train.parameters,
+                                                                                     *train.inputs}
 
 
 def test_the_demo_pipeline_reads_and_shows_its_graph():
