@@ -110,6 +110,11 @@ QUOTED = {
     "CheckpointMismatchError: ... made with other parameters: --learning-rate 0.001 then, --learning-rate 0.01 now":
         ("CheckpointMismatchError: the checkpoint in m was made with other parameters: --learning-rate 0.001 then, "
          "--learning-rate 0.01 now", "test_reliability.py::test_resume_refuses_other_data_or_parameters"),
+    "CheckpointMismatchError: a finished run of ... waits in ... to be moved into place, made with other parameters: "
+    "--lr-schedule linear then, --lr-schedule cosine now":
+        ("CheckpointMismatchError: a finished run of m waits in .imgtrain-resume-m to be moved into place, made with "
+         "other parameters: --lr-schedule linear then, --lr-schedule cosine now",
+         "test_reliability.py::test_resume_keeps_a_finished_run_of_other_parameters_that_waits_to_be_moved_into_place"),
     "CheckpointMismatchError: ... was made by 2 process(es); this run has 4":
         ("CheckpointMismatchError: the checkpoint in m was made by 2 process(es); this run has 4",
          "test_distributed.py::test_resuming_with_another_number_of_processes_names_both"),

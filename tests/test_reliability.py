@@ -656,6 +656,23 @@ def test_killed_between_the_last_epoch_and_publishing_then_resume_publishes(tmp_
     assert not (tmp_path / ".imgtrain-resume-m").exists()
 
 
+def test_resume_keeps_a_finished_run_of_other_parameters_that_waits_to_be_moved_into_place(tmp_path, image_dirs,
+                                                                                           finished):
+    """Not leftovers to discard, as a run with no checkpoint would be: a model (as one of the version before, whose
+    schedule was a cosine, waits for the same command after an upgrade)."""
+    d, work = image_dirs, tmp_path / ".imgtrain-resume-m"
+    shutil.copytree(finished, work)
+    with speaking_command_line(), pytest.raises(CheckpointMismatchError) as refused:
+        train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, lr_schedule="cosine",
+                            **TRAIN, **QUIET)
+    assert str(refused.value) == (
+        f"a finished run of {tmp_path / 'm'} waits in {work} to be moved into place, made with other parameters: "
+        "--lr-schedule linear then, --lr-schedule cosine now. run the command that made it with --resume to move it "
+        "into place, or pass --restart to discard it and train anew")
+    assert (work / "model.safetensors").read_bytes() == (finished / "model.safetensors").read_bytes()
+    assert not (tmp_path / "m").exists()
+
+
 def test_resume_refuses_other_data_or_parameters(tmp_path, image_dirs):
     d, args = image_dirs, TRAIN
     with pytest.raises(Interrupt):

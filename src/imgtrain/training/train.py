@@ -525,10 +525,31 @@ def _take_work_directory(run: _Run, *, overwrite: bool, resume: bool, restart: b
         return "published"
     if not (resume and run.checkpoint.is_file()):
         if resume:
+            _refuse_another_finished_run(work, output, run)
             log(f"no checkpoint of {output} found: starting from scratch")
         shutil.rmtree(work, ignore_errors=True)  # nothing of value: what there was, restart discards
     make_owned_dir(work)
     return "train"
+
+
+def _refuse_another_finished_run(work: Path, output: Path, run: _Run) -> None:
+    """A finished model that waits in the work directory to be moved into place, made by other data or parameters
+    than this run's (another version's defaults, say), is a model, not leftovers: --resume does not discard it."""
+    try:
+        then = load_model_spec(work, need_trained=True).training
+    except ImgtrainError:
+        return  # no finished model there (the spec is written last)
+    now = asdict(run.params)
+    changed = [f"{option(name, then.get(name, _LATER_DEFAULTS.get(name)))} then, {option(name, now[name])} now"
+               for name in now if name not in (*_FREE_PARAMETERS, "epochs", "image_size", "precision")
+               and then.get(name, _LATER_DEFAULTS.get(name)) != now[name]]
+    if then.get("precision") != run.precision:
+        changed.append(f"precision {then.get('precision')} then, {run.precision} now")
+    raise CheckpointMismatchError(
+        f"a finished run of {output} waits in {work} to be moved into place, made with other "
+        + ("parameters: " + "; ".join(changed) if changed else "data or parameters"),
+        f"run the command that made it with {option('resume', True)} to move it into place, or pass "
+        f"{option('restart', True)} to discard it and train anew")
 
 
 def _model_and_state(run: _Run, *, resume: bool, log, load: OtherLoad | None) -> tuple[Stepper, Fit, _RunFiles]:
@@ -948,7 +969,7 @@ def _make_optimizer(model: nn.Module, base: ModelSpec, kind: str, learning_rate:
     return torch.optim.AdamW(param_groups, lr=learning_rate, fused=fused)
 
 
-def _warmup_decay(warmup_steps: int, total_steps: int, shape: str = "linear") -> Callable[[int], float]:
+def _warmup_decay(warmup_steps: int, total_steps: int, shape: str) -> Callable[[int], float]:
     """The learning rate's factor at each step: a linear warm-up, then a decay to zero at the last step, linear
     (the default: what budgeted training found best for a fixed number of epochs, and measured here at least as
     good as the cosine on every bench set, better after the first epoch) or cosine (imgtrain's before)."""
@@ -957,6 +978,8 @@ def _warmup_decay(warmup_steps: int, total_steps: int, shape: str = "linear") ->
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return 1.0 - progress if shape == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    if shape not in LR_SCHEDULES:
+        raise ValueError(f"no such learning-rate schedule: {shape!r}")
     return factor
 
 
