@@ -544,7 +544,7 @@ def _refuse_another_finished_run(work: Path, output: Path, run: _Run) -> None:
                for name in now if name not in (*_FREE_PARAMETERS, "epochs", "image_size", "precision")
                and then.get(name, _LATER_DEFAULTS.get(name)) != now[name]]
     if then.get("precision") != run.precision:
-        changed.append(f"precision {then.get('precision')} then, {run.precision} now")
+        changed.append(f"{option('precision', then.get('precision'))} then, {option('precision', run.precision)} now")
     raise CheckpointMismatchError(
         f"a finished run of {output} waits in {work} to be moved into place, made with other "
         + ("parameters: " + "; ".join(changed) if changed else "data or parameters"),
