@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgtrain import __version__
 from imgtrain.directories.atomic import (
     TMP_PREFIX,
     atomic_output_dir,
@@ -151,30 +150,25 @@ def _check_places(pipeline: Pipeline, output: Path, store: Path, *, overwrite: b
 def _key(step: Step, digests: dict[str, str], keys: dict[str, str]) -> str:
     reads = {port: digests[s.input] if s.input is not None else f"{keys[s.job]}/{s.port}"
              for port, s in sorted(step.inputs.items())}
-    what = {"component": step.component.name, "imgtrain": __version__, "code": code_digest(),
+    what = {"component": step.component.name, "code": code_digest(),
             "parameters": step.parameters, "inputs": reads}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 @functools.cache
 def code_digest() -> str:
-    """The digest of imgtrain's own source files. A step's result depends on the code as much as on what the
-    file says: a new default (the weights' average) or a new way to compute (precise BatchNorm) changes the
-    model a step gives under the same version number and the same parameters, so the cache keys on the code."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parents[1]
-    for file in sorted(package.rglob("*.py")):
-        name = file.relative_to(package).as_posix().encode()
-        data = file.read_bytes()
-        digest.update(len(name).to_bytes(8, "little") + name + len(data).to_bytes(8, "little") + data)
-    return digest.hexdigest()
+    """The digest of imgtrain's own source files (its version number among them). A step's result depends on the
+    code as much as on what the file says: a new default (the weights' average) or a new way to compute (precise
+    BatchNorm) changes the model a step gives under the same version number and the same parameters, so the cache
+    keys on the code."""
+    return _folder_digest(Path(__file__).resolve().parents[1], "*.py")
 
 
-def _folder_digest(path: Path) -> str:
-    """The digest of a folder's (or a file's) contents: every file's relative name and bytes, each prefixed by
-    its length."""
+def _folder_digest(path: Path, pattern: str = "*") -> str:
+    """The digest of a folder's (or a file's) contents: every file's (matching ``pattern``) relative name and bytes,
+    each prefixed by its length."""
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob(pattern) if p.is_file())
     for file in files:
         name = str(file.relative_to(path) if file != path else file.name).encode("utf-8", "surrogateescape")
         digest.update(len(name).to_bytes(8, "little") + name + file.stat().st_size.to_bytes(8, "little"))

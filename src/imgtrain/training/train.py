@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -539,15 +539,15 @@ def _refuse_another_finished_run(work: Path, output: Path, run: _Run) -> None:
         then = load_model_spec(work, need_trained=True).training
     except ImgtrainError:
         return  # no finished model there (the spec is written last)
-    now = asdict(run.params)
-    changed = [f"{option(name, then.get(name, _LATER_DEFAULTS.get(name)))} then, {option(name, now[name])} now"
-               for name in now if name not in (*_FREE_PARAMETERS, "epochs", "image_size", "precision")
-               and then.get(name, _LATER_DEFAULTS.get(name)) != now[name]]
-    if then.get("precision") != run.precision:
-        changed.append(f"{option('precision', then.get('precision'))} then, {option('precision', run.precision)} now")
+    # The spec's parameters in the checkpoint's shape; it holds the image size used and the transformation's
+    # path, not what the fingerprint takes: those two are not compared here.
+    names = {f.name for f in fields(TrainingParameters)} - {*_FREE_PARAMETERS, "image_size", "transformation"}
+    before = {k: then[k] for k in names if k in then and _LATER_DEFAULTS.get(k, object()) != then[k]}
+    before |= {"precision": then.get("precision")} | {
+        k: run.run_parameters[k] for k in ("image_size", "transformation") if k in run.run_parameters}
     raise CheckpointMismatchError(
-        f"a finished run of {output} waits in {work} to be moved into place, made with other "
-        + ("parameters: " + "; ".join(changed) if changed else "data or parameters"),
+        f"a finished run of {output} waits in {work} to be moved into place, made with other parameters"
+        f"{_what_differs({'parameters': before}, run)}",
         f"run the command that made it with {option('resume', True)} to move it into place, or pass "
         f"{option('restart', True)} to discard it and train anew")
 
