@@ -630,6 +630,38 @@ def test_resume_when_complete_changes_nothing(tmp_path, image_dirs, finished):
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "m").iterdir()}
 
 
+def test_a_checkpoint_written_beside_training_holds_the_tensors_as_they_were_and_its_failure_is_raised(tmp_path):
+    """BackgroundWriter: what it writes is a copy taken when asked (training goes on changing the live tensors),
+    its buffers are kept for the next write, one write waits for the one before, and a failed write (here, a
+    folder that is not there) is raised in the caller's thread by the next wait or start."""
+    from safetensors.torch import load_file
+
+    from imgtrain.directories.atomic import write_safetensors
+    from imgtrain.training.checkpoint import BackgroundWriter
+
+    live = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "m": torch.ones(4, dtype=torch.bfloat16)}
+    writer = BackgroundWriter(limit=1 << 20)
+    writer.start(lambda t: write_safetensors(t, tmp_path / "one.safetensors"), live)
+    live["w"].mul_(10)  # the next epoch's steps, while the file is written
+    writer.wait()
+    assert torch.equal(load_file(tmp_path / "one.safetensors")["w"], torch.arange(6.0).reshape(2, 3))
+    kept = writer.kept["w"]
+    writer.start(lambda t: write_safetensors(t, tmp_path / "two.safetensors"), live)
+    assert writer.kept["w"] is kept  # the same buffer, not another copy
+    writer.start(lambda t: write_safetensors(t, tmp_path / "gone" / "three.safetensors"), live)
+    assert torch.equal(load_file(tmp_path / "two.safetensors")["w"], 10 * torch.arange(6.0).reshape(2, 3))
+    with pytest.raises(OSError, match="three.safetensors"):
+        writer.wait()
+    writer.wait()  # raised once
+    writer.start(lambda t: write_safetensors(t, tmp_path / "gone" / "four.safetensors"), live)
+    with pytest.raises(OSError, match="four.safetensors"):
+        writer.start(lambda t: None, live)
+    # More than the limit: written before start returns, from the live tensors, with no copy kept
+    small = BackgroundWriter(limit=8)
+    small.start(lambda t: write_safetensors(t, tmp_path / "five.safetensors"), live)
+    assert small.thread is None and not small.kept and (tmp_path / "five.safetensors").exists()
+
+
 def test_resume_without_checkpoint_starts_from_scratch(tmp_path, image_dirs):
     logs: list[str] = []
     d = image_dirs

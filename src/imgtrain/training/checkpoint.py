@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +70,16 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     rng: list[dict[str, torch.Tensor]], average: WeightAverage | None = None) -> None:
     """Write a checkpoint atomically (temporary file, then rename); ``rng``: every process's
     ``rng_state``, in the order of their ranks; ``average``: the weights' average, if the run keeps one."""
+    tensors, metadata = checkpoint_contents(model, optimizer, scheduler, state, rng, average)
+    write_safetensors(tensors, path, metadata=metadata)
+
+
+def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict,
+                        rng: list[dict[str, torch.Tensor]], average: WeightAverage | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What a checkpoint holds, as safetensors' tensors and metadata. On the CPU the tensors are the live ones
+    (the model's, the optimizer's): copy them before training goes on if they are to be written later."""
     tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if average is not None:
         tensors.update({f"average/{k}": v.detach().to("cpu").contiguous()
@@ -95,7 +106,54 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         "rng_python": random.getstate(),
         "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
-    write_safetensors(tensors, path, metadata={"state": json.dumps(meta)})
+    return tensors, {"state": json.dumps(meta)}
+
+
+class BackgroundWriter:
+    """Writes a run's files in a thread beside the next epoch's steps, one write at a time.
+
+    ``start`` first waits for the write before it, then copies the tensors it is given into buffers kept from
+    one write to the next (training goes on changing the live ones) and writes from the copies. A failed write
+    (a full disk) is raised in the training thread by the next ``wait``: before the next epoch's files are
+    written, and before the run's output is published. Tensors of more than ``limit`` bytes in all are written
+    at once instead: a copy of them would cost that much memory more."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kept: dict[str, torch.Tensor] = {}
+        self.thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+
+    def start(self, write: Callable[[dict[str, torch.Tensor]], None], tensors: dict[str, torch.Tensor]) -> None:
+        self.wait()
+        if sum(t.numel() * t.element_size() for t in tensors.values()) > self.limit:
+            write(tensors)
+            return
+        copies = {name: self._copy(name, tensor) for name, tensor in tensors.items()}
+
+        def run() -> None:
+            try:
+                write(copies)
+            except BaseException as exc:  # raised in the training thread by wait()
+                self.failure = exc
+
+        self.thread = threading.Thread(target=run, name="imgtrain-checkpoint")
+        self.thread.start()
+
+    def _copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        kept = self.kept.get(name)
+        if kept is None or kept.shape != tensor.shape or kept.dtype != tensor.dtype:
+            kept = self.kept[name] = torch.empty_like(tensor, device="cpu", memory_format=torch.contiguous_format)
+        return kept.copy_(tensor)
+
+    def wait(self) -> None:
+        """Until the write under way is done; raise its failure, if it failed."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
 
 
 def load_checkpoint(path: Path, run_id: dict[str, str], model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -8,6 +8,7 @@ into place. Under torchrun every process runs this; only rank 0 touches files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -105,12 +106,13 @@ from imgtrain.training import balance
 from imgtrain.training.averaging import WeightAverage
 from imgtrain.training.checkpoint import (
     CHECKPOINT_FILE,
+    BackgroundWriter,
+    checkpoint_contents,
     checkpoint_epoch,
     file_digest,
     fingerprint,
     load_checkpoint,
     rng_state,
-    save_checkpoint,
 )
 from imgtrain.training.early_stopping import EarlyStopping
 from imgtrain.training.image_size import auto_image_size
@@ -120,6 +122,9 @@ from imgtrain.training.tracking import DEFAULT_EVERY, MLFLOW_RUN_FILE, Trackers,
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("linear", "cosine")  # the decay after the warm-up, to zero at the last step
 LR_SCALINGS = ("auto", "none", "sqrt", "linear")
+# A checkpoint of up to this many bytes is copied and written beside the next epoch's steps (ResNet-50's, with
+# the weights' average and AdamW's moments, is 410 MB); a larger one is written while training waits.
+BACKGROUND_LIMIT = 1 << 30
 CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("uniform", "balanced")
 RESUME_PREFIX = ".imgtrain-resume-"
@@ -329,7 +334,13 @@ def _fit_and_publish(run: _Run, stepper: Stepper, state: Fit, train_feed: Feeder
 
     try:
         with stepper.threads, denormals_flushed():
-            state = fit(stepper, state, train_feed, val_feed, bad, files, log, epoch_bar, [trackers])
+            try:
+                state = fit(stepper, state, train_feed, val_feed, bad, files, log, epoch_bar, [trackers])
+            except BaseException:
+                with contextlib.suppress(Exception):  # what stopped the run is the error, not a checkpoint's
+                    files.wait()  # the last epoch's checkpoint written: a run stopped now resumes after it
+                raise
+            files.wait()
     except torch.OutOfMemoryError:
         raise _out_of_memory(run.device, params, run.image_size) from None
     except RuntimeError as exc:
@@ -762,22 +773,36 @@ class _RunFiles:
     threads: int | None  # torch's threads (None: adapting to the load): a resumed run under auto keeps them
     average: WeightAverage | None  # the weights' average, with --ema
 
+    writer: BackgroundWriter = field(default_factory=lambda: BackgroundWriter(BACKGROUND_LIMIT))
+
     def save_best(self, network: nn.Module) -> None:
         if self.world.is_main:
+            self.writer.wait()  # the last checkpoint first: the best model is never more than an epoch ahead of it
             _save_weights(network, self.work / WEIGHTS_FILE)
 
     def save_checkpoint(self, epoch: int, stopper: EarlyStopping, history: list[EpochMetrics]) -> None:
+        """The checkpoint, then metrics.csv, written beside the next epoch's steps (``wait`` for them)."""
         generators = self.world.gather(rng_state(self.device))  # every process's, for each to resume its own
         if not self.world.is_main:
             return
-        save_checkpoint(self.work / CHECKPOINT_FILE, self.network, self.optimizer, self.schedule, {
+        tensors, metadata = checkpoint_contents(self.network, self.optimizer, self.schedule, {
             "run_id": self.run_id, "parameters": self.run_parameters, "asked": self.asked, "epoch": epoch,
             "early_stopping": asdict(stopper), "history": [asdict(m) for m in history],
             "scaler": self.scaler.state_dict(), "world_size": self.world.size, "threads": self.threads}, generators,
             self.average)
-        # Then the epoch's row: a row in metrics.csv (a point on `imgtrain ui`'s curves) always has its checkpoint,
-        # so that a run stopped as soon as the row appears resumes after that epoch, not before it.
-        _write_metrics(self.work / METRICS_FILE, history)
+        rows = list(history)
+
+        def write(tensors: dict[str, torch.Tensor]) -> None:
+            write_safetensors(tensors, self.work / CHECKPOINT_FILE, metadata=metadata)
+            # Then the epoch's row: a row in metrics.csv (a point on `imgtrain ui`'s curves) always has its
+            # checkpoint, so that a run stopped as soon as the row appears resumes after that epoch, not before it.
+            _write_metrics(self.work / METRICS_FILE, rows)
+
+        self.writer.start(write, tensors)
+
+    def wait(self) -> None:
+        """Until the last checkpoint is written (raising what failed it: a full disk)."""
+        self.writer.wait()
 
 
 def _remove_leftovers(work: Path) -> None:
