@@ -680,3 +680,39 @@ def test_names_made_of_file_names_are_plain():
                            ("a b", "a-b"), ("-.-", "x")]:
         assert plain_name(text, "x", lambda n: False) == expected
     assert plain_name("pets", "x", lambda n: n in ("pets", "pets-2")) == "pets-3"
+
+
+def test_a_run_stopped_under_earlier_defaults_resumes_from_the_page_with_them(tmp_path, image_dirs):
+    """A run the page started under an earlier version (a cosine schedule, no average of the weights: the defaults
+    then) and stopped after epoch 1: Resume passes what it was made with, which the form has no field for, and the
+    run goes on from its checkpoint (it was refused, naming --lr-schedule and --ema, and the page had no way on)."""
+    from imgtrain import train_pytorch_model
+    from imgtrain.ui import jobs
+    from imgtrain.ui.app import UI
+
+    class Stop(BaseException):
+        pass
+
+    def stop_after_epoch_1(message: str) -> None:
+        if message.startswith("epoch 1/"):
+            raise Stop
+
+    ui = UI(Workspace(tmp_path / "ws"), TOKEN, log=lambda message: None)
+    folder = ui.workspace.run_dir("before", exists=False)
+    folder.mkdir()
+    shutil.copytree(image_dirs["untrained"], folder / "untrained")
+    form = {"epochs": 2, "batch_size": 8, "image_size": 32}
+    (folder / "run.json").write_text(json.dumps({
+        "dataset": "shades", "model_name": "resnet18", "pretrained": False, "training": str(image_dirs["train"]),
+        "validation": str(image_dirs["val"]), "parameters": form}))
+    with pytest.raises(Stop):  # what the earlier version did, up to the Stop
+        train_pytorch_model(folder / "untrained", image_dirs["train"], image_dirs["val"], folder / "trained", **form,
+                            lr_schedule="cosine", ema=False, log=stop_after_epoch_1)
+    ui.resume_run("before")
+    deadline = time.monotonic() + 300
+    while (state := jobs.state(folder / "job"))["state"] == "running":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    assert state["state"] == "done", state["log"]
+    assert "--epochs 2 --batch-size 8 --image-size 32 --no-ema --lr-schedule cosine --resume" in state["log"]
+    assert "after epoch 1" in state["log"] and (folder / "trained" / "model.safetensors").is_file()

@@ -50,11 +50,20 @@ def file_digest(*paths: Path) -> str:
 def checkpoint_epoch(path: Path) -> int | None:
     """The last epoch a checkpoint holds, or None when it cannot be read."""
     try:
+        return int(checkpoint_state(path)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def checkpoint_state(path: Path) -> dict:
+    """A checkpoint's JSON state (its epoch, the parameters it was made with ...), or {} when it cannot be read."""
+    try:
         check_regular(path)
         with safe_open(str(path), framework="pt") as f:
-            return int(json.loads(f.metadata()["state"])["epoch"])
+            state = json.loads(f.metadata()["state"])
     except (SafetensorError, ValueError, KeyError, TypeError, OSError):
-        return None
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -109,6 +109,7 @@ from imgtrain.training.checkpoint import (
     BackgroundWriter,
     checkpoint_contents,
     checkpoint_epoch,
+    checkpoint_state,
     file_digest,
     fingerprint,
     load_checkpoint,
@@ -519,6 +520,25 @@ def _as_given(name: str, given: object, value: object) -> str:
         value = ", ".join(f"{op[0]} {json.dumps(op[1])}" if op[1] != {} else str(op[0]) for op in value) \
             or "no operation"
     return f"{option(name, given)} ({value})"
+
+
+def flags_of_earlier_defaults(output: Path) -> list[str]:
+    """The flags that ask for what the interrupted run of ``output`` was made with where the defaults have changed
+    since (``_LATER_DEFAULTS``: a run of an earlier version had a cosine schedule and no average of the weights):
+    ``["--no-ema", "--lr-schedule", "cosine"]``. `imgtrain ui`, whose form does not have them, resumes its runs with
+    them. [] without a readable checkpoint, or for one of this version's defaults."""
+    made_with = checkpoint_state(resume_dir_for(output) / CHECKPOINT_FILE).get("parameters")
+    if not isinstance(made_with, dict):
+        return []
+    defaults = {f.name: f.default for f in fields(TrainingParameters)}
+    flags: list[str] = []
+    for name, earlier in _LATER_DEFAULTS.items():
+        then = made_with.get(name, earlier)
+        if name == "transformation" or then == defaults[name]:
+            continue  # a transformation is a path the checkpoint does not keep; its operations are compared
+        flag = "--" + name.replace("_", "-")
+        flags += ([flag] if then is True else [f"--no-{flag[2:]}"] if then is False else [flag, str(then)])
+    return flags
 
 
 def _take_work_directory(run: _Run, *, overwrite: bool, resume: bool, restart: bool, log) -> str:

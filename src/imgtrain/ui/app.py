@@ -293,8 +293,10 @@ class UI:
                  training, "--validation-data", validation, "--output", str(folder / "trained")]
         for key, value in values.items():
             train += [f"--{key.replace('_', '-')}", str(value)]
-        if resume:
-            train.append("--resume")
+        if resume:  # with what the run was made with where this version's defaults differ: its form lacks them
+            from imgtrain.training.train import flags_of_earlier_defaults
+
+            train += [*flags_of_earlier_defaults(folder / "trained"), "--resume"]
         commands.append(train)
         commands.append(["score-image-model", "--trained-model", str(folder / "trained"), "--dataset",
                          validation, "--output", str(folder / "scored"), "--overwrite"])
