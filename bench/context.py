@@ -15,6 +15,7 @@ import fixtures
 from measure import REPO, Run, med, run_measured
 
 BENCH = Path(__file__).resolve().parent
+TTA_PEERS = ("timm", "ultralytics", "fastai")  # the `tta` section's peers (bench/tta_peers.py), --peers' names
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class Config:
     imgtrain_extra: tuple[str, ...] = ()  # more train-pytorch-model arguments for the throughput runs
     parity_seeds: tuple[int, ...] = (1,)  # training seeds of the fp32/bf16 comparison (one run each)
     compare_with: str | None = None  # a git revision whose code the start-up, shared-CPU and serve sections also run
+    peers: tuple[str, ...] = TTA_PEERS  # the peers the `tta` section runs (those available)
+    timm_train_py: Path | None = None  # timm's train.py (not in its wheel), else the cache's or downloaded
 
     @classmethod
     def full(cls) -> Config:

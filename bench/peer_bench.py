@@ -74,20 +74,44 @@ QUICK = {"batches": (8, 32), "timeouts": (0.01,), "sweep_seconds": 1.5, "seconds
 
 
 def install_peer(ctx: Context) -> Path:
-    """LitServe, pinned, in a folder of its own in the cache (installed once, by the environment's pip, from its
-    package index); CalledProcessError where pip fails."""
-    folder = ctx.cache / f"{PEER}-{PEER_VERSION}"
+    """LitServe, pinned, in a folder of its own in the cache; CalledProcessError where pip fails."""
+    return install_pinned(ctx, PEER, PEER_VERSION, PEER_EXTRAS, "[peer]")
+
+
+def install_pinned(ctx: Context, name: str, version: str, extras: tuple[str, ...], tag: str) -> Path:
+    """``name==version`` and ``extras`` (pinned requirements), without their dependencies, in the folder
+    ``<cache>/<name>-<version>`` (installed once, by the environment's pip, from its package index; ``tag``
+    starts the log line); CalledProcessError where pip fails."""
+    folder = ctx.cache / f"{name}-{version}"
     if not (folder / ".complete").is_file():
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        ctx.log(f"[peer] installing {PEER}=={PEER_VERSION} into {folder}")
+        ctx.log(f"{tag} installing {name}=={version} into {folder}")
         subprocess.run([ctx.python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--quiet",
-                        "--no-deps", "--target", str(partial), f"{PEER}=={PEER_VERSION}", *PEER_EXTRAS],
+                        "--no-deps", "--target", str(partial), f"{name}=={version}", *extras],
                        check=True, env=ctx.env, stdin=subprocess.DEVNULL)
         (partial / ".complete").touch()
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
     return folder
+
+
+_SHADOWED = """
+import importlib.util, json, sys
+from pathlib import Path
+folder = Path(sys.argv[1])
+modules = sorted({p.name.split('.')[0] for p in folder.iterdir() if not p.name.endswith(('.dist-info', '.libs'))
+                  and p.name not in ('bin', '__pycache__', '.complete')})  # packages, modules, extensions
+print(json.dumps([name for name in modules if importlib.util.find_spec(name) is not None]))
+"""
+
+
+def shadowed(ctx: Context, folder: Path) -> list[str]:
+    """The top-level modules of ``folder`` that the environment has too (looked up without the folder on the
+    path): those the folder would replace when put first on PYTHONPATH."""
+    found = subprocess.run([ctx.python, "-c", _SHADOWED, str(folder)], env=ctx.env, capture_output=True, text=True,
+                           check=True)
+    return json.loads(found.stdout)
 
 
 _CHECK = """

@@ -22,7 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
-from context import BENCH, Case, Config, Context
+from context import BENCH, TTA_PEERS, Case, Config, Context
 from measure import OtherLoad, Section, machine_details, table
 from sections import SECTIONS
 
@@ -37,6 +37,19 @@ def _cases(text: str) -> tuple[Case, ...]:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{item!r}: {exc or 'expected MODEL@PX:DATA:TRAIN:VAL'}") from None
     return tuple(cases)
+
+
+def _peers(text: str) -> tuple[str, ...]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return TTA_PEERS
+    if names == ["none"]:
+        return ()
+    unknown = [n for n in names if n not in TTA_PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer(s) {', '.join(unknown)}; choose among all, none, "
+                                         + ", ".join(TTA_PEERS))
+    return tuple(names)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--imgtrain-args", default="",
                         help="more arguments for imgtrain's throughput runs, e.g. '--precision fp32' to compare "
                              "at the baseline's precision or '--num-workers 1'")
+    parser.add_argument("--peers", type=_peers, default=TTA_PEERS, metavar="all|none|NAME[,NAME]",
+                        help="the tta section's peers, among " + ", ".join(TTA_PEERS) + " (default: all, those "
+                             "available: the others are skipped with a line)")
+    parser.add_argument("--timm-train-py", type=Path, metavar="PATH",
+                        help="timm's train.py for the tta section's timm peer (it is not in timm's wheel; default: "
+                             "<cache-dir>/timm-<version>/train.py, else downloaded there from GitHub's tag)")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.sections if s not in SECTIONS]
@@ -79,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_config(args: argparse.Namespace) -> Config:
     config = Config.smoke() if args.quick else Config.full()
     overrides = {name: getattr(args, name) for name in ("reps", "epochs", "cases", "convert_images", "score_images",
-                                                        "parity_epochs", "compare_with")
+                                                        "parity_epochs", "compare_with", "peers", "timm_train_py")
                  if getattr(args, name) is not None}
     if args.imgtrain_defaults:
         overrides["imgtrain_recipe"] = "defaults"

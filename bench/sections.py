@@ -472,7 +472,8 @@ def precision_parity(ctx: Context) -> Section:
 
 
 SECTIONS: dict[str, tuple[Callable[[Context], Section], str]] = {
-    "tta": (time_to_accuracy, "time to accuracy: imgtrain's defaults against the designer's recipe, whole commands"),
+    "tta": (time_to_accuracy, "time to accuracy: imgtrain's defaults against the designer's recipe and peers (timm, "
+                               "Ultralytics, fastai: --peers), whole commands"),
     "train": (training_throughput, "training throughput, imgtrain vs the designer's recipe"),
     "flops": (flops, "achieved FLOP/s vs the matmul peak"),
     "datawait": (data_wait, "share of step time waiting for data"),

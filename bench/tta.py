@@ -7,7 +7,9 @@ epochs, batch 16, learning rate 0.001, seed 1, patience 3). Each command's outpu
 epoch's validation top-1 is stamped with the seconds since that command started (start-up, reading the images,
 caching and every epoch before it included). Reported: the seconds until the validation top-1 first reaches the
 recipe's final (5-epoch) accuracy, and a fixed bar, for both; their ratio; the best top-1; the whole commands.
-With ``--compare-with REV``, that revision's imgtrain runs too, after this checkout's, on every set.
+With ``--compare-with REV``, that revision's imgtrain runs too, after this checkout's, on every set. Then the
+peers (``--peers``, bench/tta_peers.py: timm's train.py, Ultralytics' classify trainer, fastai), whole commands on
+the same images at the same size, from scratch: their seconds to the same two bars and imgtrain's time / theirs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,19 +71,26 @@ def sets(quick: bool) -> list[DataSet]:
             DataSet("digits, imbalanced", "imbalanced", 32, 2200, 1000, 0.95)]
 
 
-def timed(command: list[str], env: dict, pattern: re.Pattern, log) -> Timed:
-    """Run ``command``, stamping each epoch line of its output (stdout and stderr together) as it comes."""
+def timed(command: list[str], env: dict, pattern: re.Pattern | Callable[[str], float | None], log,
+          cwd: Path | None = None) -> Timed:
+    """Run ``command``, stamping each epoch line of its output (stdout and stderr together) as it comes.
+    ``pattern``: a regular expression whose group 2 is the validation top-1 in %, or a function of a line (stripped)
+    that returns it, or None for any other line."""
     started = time.perf_counter()
     epochs = []
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as proc:
+                          bufsize=1, cwd=cwd) as proc:
         tail = []
         for line in proc.stdout:
             now = time.perf_counter() - started
             tail = (tail + [line])[-20:]
-            match = pattern.match(line.strip())
-            if match:
-                epochs.append((now, float(match.group(2)) / 100))
+            if callable(pattern):
+                top1 = pattern(line.strip())
+            else:
+                match = pattern.match(line.strip())
+                top1 = float(match.group(2)) if match else None
+            if top1 is not None:
+                epochs.append((now, top1 / 100))
                 log(f"  {now:6.1f} s  {line.strip()}")
         code = proc.wait()
     if code != 0:
@@ -123,7 +133,11 @@ def directories(ctx: Context, d: DataSet) -> tuple[Path, Path]:
 
 
 def time_to_accuracy(ctx: Context) -> Section:
+    import tta_peers  # (it imports this module)
+
     rows, lines = [], []
+    peers = tta_peers.prepare(ctx)  # --peers: installed once, checked; those that cannot run say why
+    peer_rows, peer_lines = [], []
     (ctx.work / "tta").mkdir(parents=True, exist_ok=True)
     untrained = ctx.untrained("resnet18")
     old = next((c for c in codes(ctx) if c.src is not None), None)  # --compare-with's revision, if any
@@ -153,6 +167,9 @@ def time_to_accuracy(ctx: Context) -> Section:
                 c = before.reached(bar)
                 row += [_secs(c), f"{a / c:.2f}x" if a and c else "-"]
             rows.append(row)
+        runs = tta_peers.run(ctx, peers, d, train, val)
+        peer_rows += tta_peers.rows(d, target, mine, runs)
+        peer_lines += tta_peers.lines(d, runs)
         lines.append(f"- {d.name} ({d.train:,} training / {d.val:,} validation images, {d.size} px): best top-1 "
                      f"designer {100 * designer.best:.1f}% (last {100 * designer.last:.1f}%), imgtrain "
                      f"{100 * mine.best:.1f}%" + (f", imgtrain {old.name} {100 * before.best:.1f}%" if before else "")
@@ -160,7 +177,8 @@ def time_to_accuracy(ctx: Context) -> Section:
                      + (f" ({num(before.wall)} s {old.name})" if before else "") + "; epochs at (s, top-1): designer "
                      + _epochs(designer) + "; imgtrain " + _epochs(mine)
                      + (f"; imgtrain {old.name} " + _epochs(before) if before else ""))
-    return Section("Time to accuracy: imgtrain's defaults against the designer's recipe", [
+    return Section("Time to accuracy: imgtrain's defaults against the designer's recipe"
+                   + (" and peers" if peers.runners else ""), [
         "ResNet-18 from scratch, whole commands one after another, each epoch's validation top-1 stamped with the "
         "seconds since its command started. The designer's recipe: `bench/baseline_train.py` (SGD, momentum 0.9, "
         "Nesterov, no augmentation, fp32, batch 16, learning rate 0.001, 5 epochs, the last kept); imgtrain: "
@@ -171,6 +189,8 @@ def time_to_accuracy(ctx: Context) -> Section:
         table(["data set", "validation top-1 reached", "designer's recipe, s", "imgtrain defaults, s",
                "imgtrain sooner by"] + ([f"imgtrain {old.name}, s", "sooner by"] if old else []), rows),
         "\n".join(lines),
+        *tta_peers.text(peers),
+        *([table(tta_peers.HEADERS, peer_rows), "\n".join(peer_lines)] if peers.runners else []),
     ])
 
 
