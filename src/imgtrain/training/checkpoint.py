@@ -80,19 +80,19 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Write a checkpoint atomically (temporary file, then rename); ``rng``: every process's
     ``rng_state``, in the order of their ranks; ``average``: the weights' average, if the run keeps one."""
     tensors, metadata = checkpoint_contents(model, optimizer, scheduler, state, rng, average)
-    write_safetensors(tensors, path, metadata=metadata)
+    write_safetensors(on_the_cpu(tensors), path, metadata=metadata)
 
 
 def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict,
                         rng: list[dict[str, torch.Tensor]], average: WeightAverage | None = None
                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """What a checkpoint holds, as safetensors' tensors and metadata. On the CPU the tensors are the live ones
-    (the model's, the optimizer's): copy them before training goes on if they are to be written later."""
-    tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    """What a checkpoint holds, as safetensors' metadata and tensors: the live ones (the model's, the optimizer's,
+    on their device, in their layout), to be copied (``on_the_cpu``, ``BackgroundWriter``) before they are
+    written."""
+    tensors = {f"model/{k}": v.detach() for k, v in model.state_dict().items()}
     if average is not None:
-        tensors.update({f"average/{k}": v.detach().to("cpu").contiguous()
-                        for k, v in average.network.state_dict().items()})
+        tensors.update({f"average/{k}": v.detach() for k, v in average.network.state_dict().items()})
         state = {**state, "average_updates": average.updates}
     opt = optimizer.state_dict()
     skeleton: dict = {"param_groups": opt["param_groups"], "state": {}}
@@ -100,7 +100,7 @@ def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer,
         skeleton["state"][str(pid)] = {}
         for key, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer/{pid}/{key}"] = value.detach().to("cpu").contiguous()
+                tensors[f"optimizer/{pid}/{key}"] = value.detach()
                 skeleton["state"][str(pid)][key] = None
             else:
                 skeleton["state"][str(pid)][key] = value
@@ -118,14 +118,19 @@ def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer,
     return tensors, {"state": json.dumps(meta)}
 
 
+def on_the_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as safetensors writes them: on the CPU, contiguous (the very tensors where they are so already)."""
+    return {name: t.to("cpu").contiguous() for name, t in tensors.items()}
+
+
 class BackgroundWriter:
     """Writes a run's files in a thread beside the next epoch's steps, one write at a time.
 
     ``start`` first waits for the write before it, then copies the tensors it is given into buffers kept from
-    one write to the next (training goes on changing the live ones) and writes from the copies. A failed write
-    (a full disk) is raised in the training thread by the next ``wait``: before the next epoch's files are
-    written, and before the run's output is published. Tensors of more than ``limit`` bytes in all are written
-    at once instead: a copy of them would cost that much memory more."""
+    one write to the next (training goes on changing the live ones; a GPU's are copied to the CPU) and writes
+    from the copies. A failed write (a full disk) is raised in the training thread by the next ``wait``: before
+    the next epoch's files are written, and before the run's output is published. Tensors of more than ``limit``
+    bytes in all are written at once instead: a copy of them would cost that much memory more."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -136,7 +141,7 @@ class BackgroundWriter:
     def start(self, write: Callable[[dict[str, torch.Tensor]], None], tensors: dict[str, torch.Tensor]) -> None:
         self.wait()
         if sum(t.numel() * t.element_size() for t in tensors.values()) > self.limit:
-            write(tensors)
+            write(on_the_cpu(tensors))
             return
         copies = {name: self._copy(name, tensor) for name, tensor in tensors.items()}
 
