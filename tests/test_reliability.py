@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -656,6 +657,19 @@ def test_a_checkpoint_written_beside_training_holds_the_tensors_as_they_were_and
     writer.start(lambda t: write_safetensors(t, tmp_path / "gone" / "four.safetensors"), live)
     with pytest.raises(OSError, match="four.safetensors"):
         writer.start(lambda t: None, live)
+    # Ctrl-C (or SIGTERM) while waiting: the write is finished first, then the interrupt is raised. Thread.join
+    # on Python 3.11 and 3.12 took the interrupt as the thread's end and the process exited under the write.
+    def slow(t: dict) -> None:
+        time.sleep(0.6)
+        write_safetensors(t, tmp_path / "six.safetensors")
+
+    writer.start(slow, live)
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        writer.wait()
+    timer.join()
+    assert (tmp_path / "six.safetensors").exists() and writer.thread is None
     # More than the limit: written before start returns, from the live tensors, with no copy kept
     small = BackgroundWriter(limit=8)
     small.start(lambda t: write_safetensors(t, tmp_path / "five.safetensors"), live)
@@ -833,6 +847,9 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == (
         tmp_path / "reference" / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing piles up
+    # nor in the model: a write killed half-way left safetensors' own temporary file (.tmpXXXXXX) beside the checkpoint
+    names = [sorted(p.name for p in (tmp_path / model).iterdir()) for model in ("m", "reference")]
+    assert names[0] == names[1]
 
 
 def test_sigterm_to_the_process_group_with_data_workers_is_one_line(tmp_path, image_dirs):

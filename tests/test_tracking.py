@@ -141,6 +141,38 @@ def test_an_epoch_checkpointed_but_not_yet_logged_is_logged_on_resume(tmp_path, 
     assert [m.value for m in history] == pytest.approx([m.validation_loss for m in result.history], rel=1e-6)
 
 
+def test_an_epoch_logged_while_its_checkpoint_was_written_is_not_logged_again(tmp_path, image_dirs, monkeypatch):
+    """The checkpoint is written beside the next epoch, after the epoch's figures went to MLflow: a run killed while
+    epoch 2's was written resumes after epoch 1 and trains epoch 2 again, and the MLflow run keeps it once."""
+    from mlflow.tracking import MlflowClient
+
+    from imgtrain.training.train import _RunFiles
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    d, store = image_dirs, (tmp_path / "mlruns").as_uri()
+    saved = _RunFiles.save_checkpoint
+
+    def lost_at_epoch_2(self, epoch, stopper, history) -> None:  # the kill, before the file had its name
+        if epoch < 2:
+            saved(self, epoch, stopper, history)
+
+    def killed(message: str) -> None:
+        if message.startswith("epoch 2/"):
+            raise KeyboardInterrupt
+
+    args = {"epochs": 2, "batch_size": 8, "image_size": 32, "num_workers": 0, "mlflow": store}
+    with monkeypatch.context() as patched:
+        patched.setattr(_RunFiles, "save_checkpoint", lost_at_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", log=killed, **args)
+    said = []
+    train_pytorch_model(d["untrained"], d["train"], d["val"], tmp_path / "m", resume=True, log=said.append, **args)
+    assert any("after epoch 1" in line for line in said), said
+    client = MlflowClient(tracking_uri=store)
+    [run] = client.search_runs([client.get_experiment_by_name("imgtrain").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "validation_loss")) == [1, 2]
+
+
 @pytest.mark.parametrize("flag, extra", [("--mlflow", "mlflow"), ("--tensorboard", "tensorboard")])
 def test_a_missing_extra_is_one_line_before_any_work(tmp_path, image_dirs, flag, extra):
     """The package made unimportable, as on a machine without the extra: the run stops at once."""

@@ -714,5 +714,29 @@ def test_a_run_stopped_under_earlier_defaults_resumes_from_the_page_with_them(tm
         assert time.monotonic() < deadline, state
         time.sleep(0.5)
     assert state["state"] == "done", state["log"]
-    assert "--epochs 2 --batch-size 8 --image-size 32 --no-ema --lr-schedule cosine --resume" in state["log"]
+    assert "--epochs 2 --batch-size 8 --image-size 32 --no-ema --lr-schedule=cosine --resume" in state["log"]
     assert "after epoch 1" in state["log"] and (folder / "trained" / "model.safetensors").is_file()
+
+
+def test_a_crafted_checkpoint_adds_no_argument_to_the_resumed_command(tmp_path):
+    """What Resume reads from a checkpoint in the workspace becomes a flag only as a yes or no, or as one of the
+    option's choices: `ema: "--output=/elsewhere"` put that output in the command; a huge value, or one nested past
+    Python's recursion limit, made the job fail without a word."""
+    import torch
+
+    from imgtrain.directories.atomic import write_safetensors
+    from imgtrain.training.train import flags_of_earlier_defaults, resume_dir_for
+
+    output = tmp_path / "trained"
+    resume_dir_for(output).mkdir()
+
+    def made_with(state: str) -> list[str]:
+        write_safetensors({"x": torch.zeros(1)}, resume_dir_for(output) / "checkpoint.safetensors", {"state": state})
+        return flags_of_earlier_defaults(output)
+
+    assert made_with(json.dumps({"parameters": {}})) == ["--no-ema", "--lr-schedule=cosine"]  # an earlier version's
+    assert made_with(json.dumps({"parameters": {"ema": True, "lr_schedule": "linear"}})) == []  # this version's
+    for crafted in ["--output=/elsewhere", 0, None, "x" * 200_000]:
+        parameters = {"ema": crafted, "lr_schedule": crafted, "sampler": crafted, "class_weights": crafted}
+        assert made_with(json.dumps({"parameters": parameters})) == [], crafted
+    assert made_with("[" * 100_000 + "]" * 100_000) == []

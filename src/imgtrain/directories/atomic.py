@@ -199,9 +199,7 @@ def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None
     try:
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            os.chmod(tmp, 0o666 & ~_umask())
     except SafetensorError as exc:
         # "... (os error 28)" in safetensors 0.8, "IoError(Os { code: 28, ... })" in 0.4 and 0.5
         code = re.search(r"(?:os error |code: )(\d+)", str(exc))
@@ -209,6 +207,20 @@ def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None
             raise
         number = int(code.group(1))
         raise OSError(number, os.strerror(number), str(path)) from None
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (/proc/self/status): setting it for a
+    moment, from the thread that writes a checkpoint, would leave a file another thread makes then writable by all."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)  # elsewhere: set and put back, private meanwhile rather than open
+    os.umask(umask)
+    return umask
 
 
 @contextlib.contextmanager

@@ -61,7 +61,7 @@ def checkpoint_state(path: Path) -> dict:
         check_regular(path)
         with safe_open(str(path), framework="pt") as f:
             state = json.loads(f.metadata()["state"])
-    except (SafetensorError, ValueError, KeyError, TypeError, OSError):
+    except (SafetensorError, ValueError, KeyError, TypeError, OSError, RecursionError):
         return {}
     return state if isinstance(state, dict) else {}
 
@@ -136,6 +136,7 @@ class BackgroundWriter:
         self.limit = limit
         self.kept: dict[str, torch.Tensor] = {}
         self.thread: threading.Thread | None = None
+        self.done = threading.Event()
         self.failure: BaseException | None = None
 
     def start(self, write: Callable[[dict[str, torch.Tensor]], None], tensors: dict[str, torch.Tensor]) -> None:
@@ -150,7 +151,10 @@ class BackgroundWriter:
                 write(copies)
             except BaseException as exc:  # raised in the training thread by wait()
                 self.failure = exc
+            finally:
+                self.done.set()
 
+        self.done.clear()
         self.thread = threading.Thread(target=run, name="imgtrain-checkpoint")
         self.thread.start()
 
@@ -162,10 +166,21 @@ class BackgroundWriter:
 
     def wait(self) -> None:
         """Until the write under way is done; raise its failure, if it failed."""
+        interrupted: BaseException | None = None
         if self.thread is not None:
-            self.thread.join()
+            # Not Thread.join: on Python 3.11 a KeyboardInterrupt (Ctrl-C, SIGTERM) inside join() marks the thread
+            # as stopped while it still writes, and the interpreter then exits under it. The write is finished
+            # first (its epoch's line is out), then the interrupt is raised.
+            while True:
+                try:
+                    self.done.wait()
+                    break
+                except KeyboardInterrupt as exc:
+                    interrupted = exc
             self.thread = None
         failure, self.failure = self.failure, None
+        if interrupted is not None:
+            raise interrupted
         if failure is not None:
             raise failure
 

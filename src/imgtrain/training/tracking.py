@@ -78,7 +78,9 @@ class MLflow:
 
     The run's id is kept in the work directory (``MLFLOW_RUN_FILE``, in ``work``): a run resumed from its
     checkpoint goes on with the same MLflow run, first logging the epochs of the checkpoint's ``history`` it
-    lacks (a run stopped after an epoch's checkpoint, before its figures reached MLflow). An interrupted run
+    lacks (a run stopped after an epoch's checkpoint, before its figures reached MLflow), and never an epoch it
+    has (one logged while its checkpoint was being written, beside the next epoch, when the run was killed:
+    trained again, it has the same figures). An interrupted run
     ends as KILLED, a failed one as FAILED."""
 
     def __init__(self, uri: str | None, run_name: str, parameters: dict, every: int = DEFAULT_EVERY,
@@ -91,20 +93,23 @@ class MLflow:
         if uri.startswith("file:") or "://" not in uri:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store on request
         self.mlflow, self.every, self.last = mlflow, every, 0
+        self.logged: set[int] = set()  # the epochs the MLflow run has: a resumed run logs each once
         mlflow.set_tracking_uri(uri)
         if not (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
             mlflow.set_experiment("imgtrain")
+            # MLflow puts the experiment's id in MLFLOW_EXPERIMENT_ID: a second run in this process (a notebook),
+            # with another store, took it for the user's and failed ("Could not find experiment with ID ...")
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
         saved = work / MLFLOW_RUN_FILE if work is not None else None
         resumed = self._resumed(saved)
         self.run = resumed or mlflow.start_run(run_name=run_name)
         logged = self.run.data.params
         mlflow.log_params({k: str(v)[:500] for k, v in parameters.items() if k not in logged})  # MLflow's stay
-        if resumed is not None and history:
+        if resumed is not None:
             run_id = self.run.info.run_id
-            done = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "validation_loss")}
+            self.logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "validation_loss")}
             for metrics in history:
-                if metrics.epoch not in done:
-                    self.epoch(metrics)
+                self.epoch(metrics)
         if saved is not None:
             with atomic_file(saved) as tmp:
                 tmp.write_text(self.run.info.run_id + "\n", encoding="utf-8")
@@ -128,7 +133,10 @@ class MLflow:
             self.mlflow.log_metrics({"step_train_loss": loss, "step_learning_rate": learning_rate}, step=step)
 
     def epoch(self, metrics: EpochMetrics) -> None:
+        if metrics.epoch in self.logged:  # logged before the run stopped (a kill while its checkpoint was written)
+            return
         self.mlflow.log_metrics(_figures(metrics), step=metrics.epoch)
+        self.logged.add(metrics.epoch)
 
     def finish(self, model: Path | None, interrupted: bool = False) -> None:
         try:

@@ -135,6 +135,7 @@ _FREE_PARAMETERS = ("num_workers", "device", "on_bad_image", "cache", "threads")
 # fingerprint, so that a checkpoint or a finished output of an older version still matches.
 _LATER_DEFAULTS = {"class_weights": "none", "sampler": "uniform", "transformation": None, "ema": False,
                    "lr_schedule": "cosine"}
+_CHOICES = {"lr_schedule": LR_SCHEDULES, "class_weights": CLASS_WEIGHTS, "sampler": SAMPLERS}
 BAD_IMAGES_KEPT = 100  # bad images named in the spec (and the report) per data set; the rest are counted
 
 __all__ = ["EpochMetrics", "TrainResult", "TrainingParameters", "train_pytorch_model"]
@@ -525,7 +526,7 @@ def _as_given(name: str, given: object, value: object) -> str:
 def flags_of_earlier_defaults(output: Path) -> list[str]:
     """The flags that ask for what the interrupted run of ``output`` was made with where the defaults have changed
     since (``_LATER_DEFAULTS``: a run of an earlier version had a cosine schedule and no average of the weights):
-    ``["--no-ema", "--lr-schedule", "cosine"]``. `imgtrain ui`, whose form does not have them, resumes its runs with
+    ``["--no-ema", "--lr-schedule=cosine"]``. `imgtrain ui`, whose form does not have them, resumes its runs with
     them. [] without a readable checkpoint, or for one of this version's defaults."""
     made_with = checkpoint_state(resume_dir_for(output) / CHECKPOINT_FILE).get("parameters")
     if not isinstance(made_with, dict):
@@ -537,7 +538,11 @@ def flags_of_earlier_defaults(output: Path) -> list[str]:
         if name == "transformation" or then == defaults[name]:
             continue  # a transformation is a path the checkpoint does not keep; its operations are compared
         flag = "--" + name.replace("_", "-")
-        flags += ([flag] if then is True else [f"--no-{flag[2:]}"] if then is False else [flag, str(then)])
+        if isinstance(defaults[name], bool):
+            if isinstance(then, bool):  # never another value after a flag that takes none (--ema --output=...)
+                flags.append(flag if then else f"--no-{flag[2:]}")
+        elif isinstance(then, str) and then in _CHOICES.get(name, ()):
+            flags.append(f"{flag}={then}")  # one argument, one of the option's choices
     return flags
 
 
@@ -832,6 +837,9 @@ def _remove_leftovers(work: Path) -> None:
     remove_caches(work)
     for partial in work.glob(f"*{PARTIAL_SUFFIX}"):
         partial.unlink()
+    for stray in work.glob(".tmp*"):  # safetensors' own temporary file, left by a write that was killed
+        if stray.is_file():
+            stray.unlink()
 
 
 def _is_complete(path: Path, run_id: dict, epochs: int, waiting_for: Path | None = None) -> bool:
