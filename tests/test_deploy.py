@@ -597,7 +597,9 @@ def test_slow_connections_are_closed_and_their_count_is_bounded(trained_model, i
         assert set(said) <= {b"HTTP/1.1 503", b"HTTP/1.1 408", b"reset"}, set(said)
         assert sum(seconds < 0.5 for seconds, _ in closed.values()) >= 100  # beyond the 200 (2 of them the test's)
         assert len(during) >= 5 and max(counts) <= files + 200, (files, counts)
-        assert statistics.median(during) < 2 * alone, (alone, during)
+        # served meanwhile as alone: the slow connections starved requests for seconds before. 50 ms more allows
+        # for a busy machine (another test run beside it made 7 ms alone 21 ms during, with no starvation)
+        assert statistics.median(during) < 2 * alone + 0.05, (alone, during)
         time.sleep(max(0.0, answered + 3.5 - time.monotonic()))  # idle longer than the header timeout
         kept.request("POST", "/predictions/shades", blob, png)
         assert kept.getresponse().status == 200  # the same connection
